@@ -1,0 +1,22 @@
+"""cachepass: DBCache + TaylorSeer step caching compiled into the graph as a torch.cond."""
+
+from cachepass.api import compile, explain, reset, stats
+from cachepass.backend import Inner
+from cachepass.config import MaskPolicy, StepCacheConfig
+from cachepass.errors import BlockDiscoveryError, CachepassError, PassError, UnsupportedGraphError
+from cachepass.runtime import UnitStats
+
+__all__ = [
+    "BlockDiscoveryError",
+    "CachepassError",
+    "Inner",
+    "MaskPolicy",
+    "PassError",
+    "StepCacheConfig",
+    "UnitStats",
+    "UnsupportedGraphError",
+    "compile",
+    "explain",
+    "reset",
+    "stats",
+]

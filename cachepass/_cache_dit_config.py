@@ -1,0 +1,75 @@
+"""Translation of cache-dit 1.5 config objects into `StepCacheConfig` fields.
+
+Read by attribute, so cache-dit itself is not imported here. Anything cachepass does not
+implement raises ``ValueError`` naming the cache-dit field, never silently ignored.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+
+def convert_cache_dit_config(db_config: Any, calibrator_config: Any = None) -> dict[str, Any]:
+    cache_type = getattr(getattr(db_config, "cache_type", None), "name", "DBCache")
+    if cache_type != "DBCache":
+        _unsupported("cache_type", cache_type, "CacheType.DBCache")
+    if getattr(db_config, "force_refresh_step_hint", None) is not None:
+        _unsupported("force_refresh_step_hint", db_config.force_refresh_step_hint, "None")
+    if db_config.enable_separate_cfg is None:
+        _unsupported(
+            "enable_separate_cfg",
+            None,
+            "True or False (cache-dit resolves None from its pipeline registry; set it explicitly)",
+        )
+    threshold = db_config.residual_diff_threshold
+    if isinstance(threshold, torch.Tensor):
+        threshold = threshold.item()
+    max_accumulated = db_config.max_accumulated_residual_diff_threshold
+    fields = dict(
+        num_head_blocks=db_config.Fn_compute_blocks,
+        num_tail_blocks=db_config.Bn_compute_blocks,
+        # cache-dit treats every threshold <= 0 as "never cache on the threshold".
+        threshold=max(float(threshold), 0.0),
+        warmup_steps=db_config.max_warmup_steps,
+        warmup_interval=db_config.warmup_interval,
+        max_cached_steps=_limit(db_config.max_cached_steps),
+        max_continuous_cached_steps=_limit(db_config.max_continuous_cached_steps),
+        max_accumulated_residual_diff=max_accumulated if max_accumulated and max_accumulated > 0 else None,
+        separate_cfg=bool(db_config.enable_separate_cfg),
+        cfg_compute_first=bool(db_config.cfg_compute_first),
+        cfg_diff_compute_separate=bool(db_config.cfg_diff_compute_separate),
+        num_inference_steps=db_config.num_inference_steps,
+        steps_computation_mask=(
+            None if db_config.steps_computation_mask is None else tuple(db_config.steps_computation_mask)
+        ),
+        steps_computation_policy=db_config.steps_computation_policy,
+    )
+    fields.update(_taylorseer_orders(calibrator_config))
+    return fields
+
+
+def _taylorseer_orders(calibrator_config: Any) -> dict[str, int]:
+    if calibrator_config is None:
+        return {"taylorseer_order": 0, "encoder_taylorseer_order": 0}
+    kind = getattr(calibrator_config, "calibrator_type", None)
+    if kind != "taylorseer":
+        _unsupported("calibrator_type", kind, "'taylorseer'")
+    cache_type = getattr(calibrator_config, "calibrator_cache_type", "residual")
+    if cache_type != "residual":
+        _unsupported("calibrator_cache_type", cache_type, "'residual'")
+    order = int(calibrator_config.taylorseer_order)
+    return {
+        "taylorseer_order": order if calibrator_config.enable_calibrator else 0,
+        "encoder_taylorseer_order": order if calibrator_config.enable_encoder_calibrator else 0,
+    }
+
+
+def _limit(value: int) -> int | None:
+    """cache-dit spells "no limit" as a negative number; cachepass as None."""
+    return None if value is None or value < 0 else int(value)
+
+
+def _unsupported(field: str, value: Any, allowed: str) -> None:
+    raise ValueError(f"cache-dit config field {field}={value!r} is not supported by cachepass; allowed: {allowed}")

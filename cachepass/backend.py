@@ -1,0 +1,164 @@
+"""The ``stepcache`` torch.compile backend: parse options, run the passes, hand off to the inner compiler.
+
+    torch.compile(model, backend="stepcache", options={"config": cfg, "inner": "inductor", "mode": None})
+
+The backend copies Dynamo's graph, outlines each cache unit's middle blocks, rewrites them into a
+``torch.cond`` with device-resident state (see `cachepass.passes`), compiles the result with the
+inner compiler and returns a function that appends the state tensors to every call.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import logging
+from typing import Any, Callable, Mapping, Sequence
+
+import torch
+from torch import fx
+
+from cachepass.blocks import Discovery, plan_cache_units
+from cachepass.config import StepCacheConfig
+from cachepass.passes import cache_passes, outline_passes, run_passes
+from cachepass.runtime import RuntimeState, StateLayout
+from cachepass.unit import OutlinedUnit, UnitSpec
+
+log = logging.getLogger("cachepass")
+
+
+class Inner(str, enum.Enum):
+    """The compiler that receives the rewritten graph."""
+
+    INDUCTOR = "inductor"
+    AOT_EAGER = "aot_eager"
+    EAGER = "eager"
+
+
+INDUCTOR_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+OPTION_KEYS = ("config", "calibrator_config", "inner", "mode")
+
+
+@dataclasses.dataclass(frozen=True)
+class BackendOptions:
+    config: StepCacheConfig
+    inner: Inner = Inner.INDUCTOR
+    mode: str | None = None
+
+
+def parse_options(options: Mapping[str, Any] | None, mode: str | None = None) -> BackendOptions:
+    """Validate ``options`` (and torch.compile's ``mode``) into `BackendOptions`."""
+    options = dict(options or {})
+    unknown = sorted(set(options) - set(OPTION_KEYS))
+    if unknown:
+        raise ValueError(f"stepcache got unknown option(s) {unknown}; allowed options: {list(OPTION_KEYS)}")
+    config = coerce_config(options.get("config"), options.get("calibrator_config"))
+    try:
+        inner = Inner(options.get("inner", Inner.INDUCTOR))
+    except ValueError:
+        raise ValueError(
+            f"stepcache option inner={options['inner']!r} is invalid; allowed: {[i.value for i in Inner]}"
+        ) from None
+    mode = options.get("mode", mode)
+    if mode is not None:
+        if inner is not Inner.INDUCTOR:
+            raise ValueError(f"stepcache option mode={mode!r} only applies to inner='inductor' (got inner={inner.value!r})")
+        if mode not in INDUCTOR_MODES:
+            raise ValueError(f"stepcache option mode={mode!r} is invalid; allowed: {list(INDUCTOR_MODES)}")
+    return BackendOptions(config, inner, mode)
+
+
+def coerce_config(config: Any, calibrator_config: Any = None) -> StepCacheConfig:
+    """Our config, a dict of its fields, or cache-dit's ``DBCacheConfig`` (+ ``TaylorSeerCalibratorConfig``)."""
+    if config is None:
+        raise ValueError("stepcache needs options={'config': ...}: a StepCacheConfig, a dict of its fields, "
+                         "or a cache-dit DBCacheConfig")
+    if calibrator_config is not None and isinstance(config, (StepCacheConfig, Mapping)):
+        raise ValueError("stepcache option calibrator_config goes with a cache-dit DBCacheConfig only; "
+                         "set taylorseer_order on StepCacheConfig instead")
+    if isinstance(config, StepCacheConfig):
+        return config
+    if isinstance(config, Mapping):
+        return StepCacheConfig.from_dict(config)
+    if hasattr(config, "Fn_compute_blocks"):
+        return StepCacheConfig.from_cache_dit(config, calibrator_config)
+    raise ValueError(
+        f"stepcache option config has type {type(config).__name__}; allowed: StepCacheConfig, dict, "
+        "cache_dit.DBCacheConfig"
+    )
+
+
+# ---------------------------------------------------------------------------- graph building
+def copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
+    """A fresh GraphModule over a copy of ``gm``'s graph (Dynamo re-reads the original after we return)."""
+    graph = fx.Graph()
+    output = graph.graph_copy(gm.graph, {}, return_output_node=True)
+    graph.output(output[0] if isinstance(output, tuple) else output)
+    graph._codegen = gm.graph._codegen
+    return fx.GraphModule(gm, graph, class_name=type(gm).__name__)
+
+
+def outline_graph(gm: fx.GraphModule, config: StepCacheConfig) -> tuple[fx.GraphModule, list[UnitSpec], Discovery]:
+    """Find the cache units and outline their middle blocks; returns the outlined graph and the units."""
+    plans, discovery = plan_cache_units(gm, config)
+    gm = run_passes(gm, outline_passes(plans))
+    return gm, outlined_units(gm), discovery
+
+
+def outlined_units(gm: fx.GraphModule) -> list[UnitSpec]:
+    return [
+        gm.get_submodule(n.target).spec
+        for n in gm.graph.nodes
+        if n.op == "call_module" and isinstance(gm.get_submodule(n.target), OutlinedUnit)
+    ]
+
+
+def stepcache(gm: fx.GraphModule, example_inputs: Sequence[Any], *, mode: str | None = None,
+              options: Mapping[str, Any] | None = None) -> Callable:
+    """torch.compile backend: DBCache + TaylorSeer step caching as a ``torch.cond`` in one graph."""
+    opts = parse_options(options, mode)
+    if torch.is_grad_enabled() and any(getattr(t, "requires_grad", False) for t in example_inputs):
+        log.warning("stepcache: compiling with grad enabled; step caching is for inference, "
+                    "run the model under torch.no_grad() or torch.inference_mode()")
+    gm, units, discovery = outline_graph(copy_graph_module(gm), opts.config)
+    for skipped in discovery.skipped:
+        log.info("stepcache: not a cache unit: %s", skipped)
+    layout = StateLayout(units, opts.config)
+    gm = run_passes(gm, cache_passes(layout))
+    state = RuntimeState(layout, units[0].hidden.device, _anchor(example_inputs))
+    log.info("stepcache: %d cache unit(s) (%s), %.1f MiB of state, inner=%s",
+             len(units), ", ".join(u.name for u in units), layout.nbytes / 2**20, opts.inner.value)
+    compiled = _inner_compile(gm, [*example_inputs, *state.tensors], opts)
+    return _with_state(compiled, state)
+
+
+def _anchor(example_inputs: Sequence[Any]) -> torch.Tensor | None:
+    """A parameter of the compiled model: how ``cachepass.stats(model)`` finds this graph's state."""
+    return next((t for t in example_inputs if isinstance(t, torch.nn.Parameter)), None)
+
+
+def _inner_compile(gm: fx.GraphModule, inputs: list, opts: BackendOptions) -> Callable:
+    if opts.inner is Inner.EAGER:
+        return gm.forward
+    if opts.inner is Inner.AOT_EAGER:
+        return torch._dynamo.lookup_backend("aot_eager")(gm, inputs)
+    from torch._inductor import list_mode_options
+    from torch._inductor.compile_fx import compile_fx
+
+    patches = list_mode_options(opts.mode) if opts.mode else {}
+    if patches.get("triton.cudagraphs"):
+        log.warning(
+            "stepcache: mode=%r asks for CUDA graphs, but Inductor does not capture a graph that "
+            "contains torch.cond (torch 2.11-2.14); it runs without CUDA graphs", opts.mode)
+    return compile_fx(gm, inputs, config_patches=patches or None)
+
+
+def _with_state(compiled: Callable, state: RuntimeState) -> Callable:
+    """Dynamo calls the backend's function with the graph inputs; append the state tensors."""
+    tensors = state.tensors
+
+    def run(*args):
+        state.touch()
+        return compiled(*args, *tensors)
+
+    run.stepcache_state = state
+    return run

@@ -1,0 +1,51 @@
+"""The stepcache graph passes, in the order they run.
+
+``outline_passes`` turn a Dynamo graph into one where each cache unit's middle blocks are a
+submodule call (what the eager reference runs); ``cache_passes`` then rewrite those calls into the
+compiled decision + ``torch.cond`` + state update. ``run_passes`` names a failing pass and the
+passes that ran before it. The graph invariants every pass keeps are in README.md beside this file.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from typing import Callable, Sequence
+
+from torch import fx
+
+from cachepass.errors import CachepassError, PassError
+from cachepass.passes.hoist_out_of_middle import hoist_out_of_middle
+from cachepass.passes.insert_cache_cond import insert_cache_cond
+from cachepass.passes.outline_middle_blocks import outline_middle_blocks
+
+log = logging.getLogger("cachepass")
+
+Pass = Callable[[fx.GraphModule], fx.GraphModule]
+
+
+def outline_passes(plans) -> list[Pass]:
+    return [functools.partial(hoist_out_of_middle, plans=plans), functools.partial(outline_middle_blocks, plans=plans)]
+
+
+def cache_passes(layout) -> list[Pass]:
+    return [functools.partial(insert_cache_cond, layout=layout)]
+
+
+def pass_name(p: Pass) -> str:
+    return getattr(p, "func", p).__name__
+
+
+def run_passes(gm: fx.GraphModule, passes: Sequence[Pass]) -> fx.GraphModule:
+    done: list[str] = []
+    for p in passes:
+        name = pass_name(p)
+        try:
+            gm = p(gm)
+        except CachepassError as e:
+            raise type(e)(f"{e} [in pass {name}; passes run before: {done or 'none'}]") from e
+        except Exception as e:  # an internal failure: keep the original exception chained
+            raise PassError(f"pass {name} failed (passes run before: {done or 'none'}): {e!r}") from e
+        log.debug("pass %s done (%d nodes)", name, len(gm.graph.nodes))
+        done.append(name)
+    return gm

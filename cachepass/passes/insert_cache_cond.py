@@ -1,0 +1,375 @@
+"""Rewrite each outlined cache unit into the DBCache decision, a ``torch.cond`` and the state update.
+
+Input: a graph from `outline_middle_blocks` (one ``call_module(stepcache_unit_i)`` per unit).
+Output: the same graph with
+
+* one placeholder per state tensor of `cachepass.runtime.StateLayout`, appended after the
+  original placeholders (the backend's wrapper passes them on every call);
+* a clock at the top: call index in the generation (auto-reset after ``num_inference_steps``),
+  CFG stream, denoising step, and the per-step schedule lookups;
+* per unit: the head residual ``R = H_F - H_in``, the decision as tensor ops (warmup, mask,
+  budgets, ``mean|R_prev - R| / mean|R_prev| < threshold``), then
+  ``torch.ops.higher_order.cond(hit, cached, compute, operands)`` where *compute* runs the middle
+  blocks and *cached* returns ``H_F + TaylorSeer(R_M)`` per carried slot, then the state update
+  (``where``-selected new values written with ``copy_`` / ``index_copy_``);
+* the clock advance, last before the output.
+
+No ``.item()`` and no host-side branch is emitted: Dynamo never sees a changing Python value.
+The semantics are cache-dit 1.5's DBCache + TaylorSeer; `cachepass.reference` is their eager
+statement and the tests hold both to cache-dit.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import operator
+
+import torch
+from torch import fx
+from torch.multiprocessing.reductions import StorageWeakRef
+from torch._prims_common import make_contiguous_strides_for
+from torch.fx.proxy import GraphAppendingTracer, Proxy
+
+from cachepass.blocks import example_value
+from cachepass.errors import UnsupportedGraphError
+from cachepass.runtime import StateLayout
+from cachepass.unit import OutlinedUnit, UnitSpec
+
+log = logging.getLogger("cachepass")
+
+
+def insert_cache_cond(gm: fx.GraphModule, layout: StateLayout) -> fx.GraphModule:
+    """``call_module(stepcache_unit_i)`` -> decision + ``torch.cond`` + in-place state update."""
+    graph = gm.graph
+    units = [n for n in graph.nodes if n.op == "call_module" and isinstance(gm.get_submodule(n.target), OutlinedUnit)]
+    if not units:
+        raise UnsupportedGraphError("insert_cache_cond found no outlined cache unit in the graph")
+    state = _add_state_placeholders(graph, layout)
+    tracer = GraphAppendingTracer(graph)
+    first_compute = next(n for n in graph.nodes if n.op not in ("placeholder", "get_attr"))
+    with graph.inserting_before(first_compute):
+        clock = _emit_clock(layout, {k: Proxy(v, tracer) for k, v in state.items()})
+    for call in units:
+        unit = gm.get_submodule(call.target)
+        _rewrite_unit(gm, call, unit, layout, clock, state, tracer)
+        gm.delete_submodule(call.target)
+    output = next(n for n in graph.nodes if n.op == "output")
+    with graph.inserting_before(output):
+        Proxy(state["clock.calls"], tracer).copy_(clock.call + 1)
+    graph.lint()
+    gm.recompile()
+    conds = [n for n in graph.nodes if n.target is torch.ops.higher_order.cond]
+    if len(conds) != len(units):
+        raise UnsupportedGraphError(f"expected {len(units)} torch.cond nodes after the rewrite, found {len(conds)}")
+    log.debug("insert_cache_cond: %d units -> %d conds, %d state inputs", len(units), len(conds), len(state))
+    return gm
+
+
+def _at(x: Proxy, index: Proxy) -> Proxy:
+    """``x[index]`` for a 0-dim index tensor, as a gather (plain indexing would call ``.item()``)."""
+    return torch.index_select(x, 0, index.reshape(1)).squeeze(0)
+
+
+# ---------------------------------------------------------------------------- placeholders
+def _add_state_placeholders(graph: fx.Graph, layout: StateLayout) -> dict[str, fx.Node]:
+    last = [n for n in graph.nodes if n.op == "placeholder"][-1]
+    nodes = {}
+    with graph.inserting_after(last):
+        for spec in reversed(layout.specs):  # inserting_after a fixed node: reverse keeps order
+            nodes[spec.name] = graph.placeholder("stepcache_" + spec.name.replace(".", "_"))
+    return {spec.name: nodes[spec.name] for spec in layout.specs}
+
+
+# ---------------------------------------------------------------------------- clock
+@dataclasses.dataclass
+class Clock:
+    call: Proxy  # call index within the generation
+    first: Proxy  # bool: first call of a generation -> per-stream state resets
+    stream: Proxy  # 0 = conditional, 1 = unconditional (CFG) stream
+    step: Proxy  # denoising step
+    step_slot: Proxy  # step clamped to the stats capacity
+    stream_mask: Proxy  # [S] bool, the current stream
+    step_mask: Proxy  # [C+1] bool, the current step's stats column
+    forced: Proxy  # bool: warmup or mask forces a compute step
+    static_hit: Proxy  # bool: the static mask policy caches this step
+
+
+def _emit_clock(layout: StateLayout, st: dict[str, Proxy]) -> Clock:
+    cfg = layout.config
+    calls = st["clock.calls"]
+    if cfg.num_inference_steps:
+        per_generation = cfg.num_inference_steps * cfg.num_streams
+        call = torch.where(calls >= per_generation, 0, calls)
+    else:
+        call = calls + 0
+    if cfg.num_streams == 2:
+        parity = call % 2
+        stream = 1 - parity if cfg.cfg_compute_first else parity
+        step = call // 2
+    else:
+        stream = call * 0
+        step = call
+    step_slot = step.clamp(max=layout.capacity)
+    forced = _at(st["schedule.warmup"], step_slot) | _at(st["schedule.mask_compute"], step_slot)
+    return Clock(
+        call=call,
+        first=call == 0,
+        stream=stream,
+        step=step,
+        step_slot=step_slot,
+        stream_mask=st["schedule.stream_ids"] == stream,
+        step_mask=st["schedule.step_ids"] == step_slot,
+        forced=forced,
+        static_hit=_at(st["schedule.mask_static"], step_slot) & ~forced,
+    )
+
+
+# ---------------------------------------------------------------------------- one unit
+class _UnitState:
+    """Reset-adjusted views of one unit's state and the pending in-place writes."""
+
+    def __init__(self, layout: StateLayout, unit: UnitSpec, state: dict[str, fx.Node], tracer, clock: Clock):
+        self.layout, self.prefix, self.clock = layout, f"u{unit.index}.", clock
+        self.state, self.tracer = state, tracer
+        self.writes: list[tuple[str, Proxy]] = []
+        self.effective: dict[str, Proxy] = {}
+
+    def raw(self, name: str) -> Proxy:
+        return Proxy(self.state[self.prefix + name], self.tracer)
+
+    def vector(self, name: str) -> Proxy:
+        """The whole [S, ...] tensor, reset to its fill value on a generation's first call."""
+        if name not in self.effective:
+            spec = self.layout.specs[self.layout.index[self.prefix + name]]
+            self.effective[name] = torch.where(self.clock.first, spec.fill, self.raw(name))
+        return self.effective[name]
+
+    def current(self, name: str) -> Proxy:
+        return _at(self.vector(name), self.clock.stream)
+
+    def set_current(self, name: str, value) -> None:
+        """Write ``value`` into the current stream's entry (row for [S, K] tensors)."""
+        vec = self.vector(name)
+        mask = self.clock.stream_mask
+        if len(self.layout.specs[self.layout.index[self.prefix + name]].shape) == 2:
+            mask = mask.unsqueeze(1)
+            value = value.unsqueeze(0) if isinstance(value, Proxy) else value
+        self.writes.append((name, torch.where(mask, value, vec)))
+
+    def record(self, name: str, value, when: Proxy | None = None) -> None:
+        """Write ``value`` into (current stream, current step) of a [S, C+1] table (where ``when`` holds)."""
+        vec = self.vector(name)
+        cell = self.clock.stream_mask.unsqueeze(1) & self.clock.step_mask.unsqueeze(0)
+        if when is not None:
+            cell = cell & when
+        self.writes.append((name, torch.where(cell, value, vec)))
+
+    def flush(self) -> None:
+        for name, value in self.writes:
+            self.raw(name).copy_(value)
+
+
+def _rewrite_unit(gm, call: fx.Node, unit: OutlinedUnit, layout: StateLayout, clock: Clock, state, tracer) -> None:
+    spec, cfg, graph = unit.spec, layout.config, gm.graph
+    hidden = spec.hidden
+    with graph.inserting_before(call):
+        region_inputs = _without_aliases(graph, list(call.args[1:]))
+        us = _UnitState(layout, spec, state, tracer, clock)
+        h_in = Proxy(call.args[0], tracer)
+        h_f = Proxy(region_inputs[hidden.input_position], tracer)
+        residual = h_f - h_in
+        prev = _at(us.raw("prev_residual"), clock.stream)
+        hit, diff, considered = _decide(cfg, us, residual, prev)
+
+        elapsed = clock.step - us.current("last_compute_step")
+        taylor_operands = []
+        for slot in spec.slots:
+            taylor_operands += [us.raw(f"slot{slot.slot}.terms").node, us.vector(f"slot{slot.slot}.valid").node]
+        operands = (*region_inputs, *taylor_operands, clock.stream.node, elapsed.node)
+        cached_gm = _cached_branch(spec, layout, [example_value(n) for n in region_inputs])
+        compute_gm = _compute_branch(unit.compute, len(operands) - len(region_inputs))
+        gm.add_submodule(f"{spec.module_name}_cached", cached_gm)
+        gm.add_submodule(f"{spec.module_name}_compute", compute_gm)
+        cond = graph.call_function(
+            torch.ops.higher_order.cond,
+            (
+                hit.node,
+                graph.get_attr(f"{spec.module_name}_cached"),
+                graph.get_attr(f"{spec.module_name}_compute"),
+                operands,
+            ),
+        )
+        outs = [Proxy(graph.call_function(operator.getitem, (cond, i)), tracer) for i in range(len(spec.slots))]
+
+        computed = ~hit
+        _update_counters(us, clock, hit, diff, considered)
+        us.set_current("has_prev", us.current("has_prev") | computed)
+        us.set_current("last_compute_step", torch.where(computed, clock.step, us.current("last_compute_step")))
+        prev_state = us.raw("prev_residual")
+        prev_state.index_copy_(0, clock.stream.reshape(1), torch.where(computed, residual, prev).unsqueeze(0))
+        for slot, out in zip(spec.slots, outs):
+            head_out = Proxy(region_inputs[slot.input_position], tracer)
+            _update_taylor(us, slot.slot, layout.taylor_order(slot.role), out - head_out, computed, clock)
+        us.flush()
+
+    for user in list(call.users):
+        if user.op == "call_function" and user.target is operator.getitem:
+            user.replace_all_uses_with(outs[user.args[1]].node)
+            graph.erase_node(user)
+    if call.users:
+        raise UnsupportedGraphError(f"{call.name} has users other than getitem: {list(call.users)}")
+    graph.erase_node(call)
+
+
+def _decide(cfg, us: _UnitState, residual: Proxy, prev: Proxy) -> tuple[Proxy, Proxy | None, Proxy | None]:
+    """cache-dit ``CachedContextManager.can_cache``: returns (hit, diff, diff_was_recorded)."""
+    clock = us.clock
+    if cfg.threshold <= 0:  # never reaches the similarity test
+        return clock.static_hit, None, None
+    ok = ~clock.forced & ~clock.static_hit & us.current("has_prev")
+    if cfg.max_cached_steps is not None:
+        ok = ok & (us.current("cached_count") < cfg.max_cached_steps)
+    if cfg.max_continuous_cached_steps is not None:
+        ok = ok & (_streak(us) < cfg.max_continuous_cached_steps)
+    if cfg.max_accumulated_residual_diff is not None:
+        ok = ok & (us.current("accumulated_diff") < cfg.max_accumulated_residual_diff)
+    if cfg.threshold >= 1:
+        diff = torch.full_like(ok, -1.0, dtype=torch.float64)  # cache-dit records -1.0 and always caches
+        similar = ok
+    else:
+        diff = ((prev - residual).abs().mean() / prev.abs().mean()).to(torch.float64)
+        if cfg.separate_cfg and not cfg.cfg_diff_compute_separate:
+            # the unconditional stream reuses the conditional stream's diff of this step, if any
+            cond_diff = _at(us.vector("diffs")[0], clock.step_slot).to(torch.float64)
+            diff = torch.where((clock.stream == 1) & ~torch.isnan(cond_diff), cond_diff, diff)
+        similar = diff < cfg.threshold
+    return clock.static_hit | (ok & similar), diff, ok
+
+
+def _streak(us: _UnitState) -> Proxy:
+    """Cached steps in a row up to the previous step (a computed step breaks the streak)."""
+    continues = us.current("last_cached_step") == us.clock.step - 1
+    return torch.where(continues, us.current("streak"), 0)
+
+
+def _update_counters(us: _UnitState, clock: Clock, hit: Proxy, diff, considered) -> None:
+    streak = _streak(us)
+    us.set_current("cached_count", us.current("cached_count") + hit.to(torch.int64))
+    us.set_current("streak", torch.where(hit, streak + 1, streak))
+    us.set_current("last_cached_step", torch.where(hit, clock.step, us.current("last_cached_step")))
+    us.record("cached_flags", hit)
+    if diff is not None:
+        us.record("diffs", diff.to(torch.float32), considered)
+        gain = torch.where(considered & (diff > 0), diff, 0.0)
+        us.set_current("accumulated_diff", us.current("accumulated_diff") + gain)
+
+
+def _update_taylor(us: _UnitState, slot: int, order: int, y: Proxy, computed: Proxy, clock: Clock) -> None:
+    """TaylorSeer ``update`` on a computed step: dY0 = Y, dY(i+1) = (dY(i) - dY_prev(i)) / window.
+
+    cache-dit creates its Taylor state lazily at step 0, so its step counter runs one behind and
+    derivatives start at step 3 (its ``current_step > 1``); matched here.
+    """
+    terms_state = us.raw(f"slot{slot}.terms")
+    old = _at(terms_state, clock.stream)
+    old_valid = us.current(f"slot{slot}.valid")
+    window = (clock.step - us.current("last_compute_step")).clamp(min=1)
+    terms, valid = [y], [torch.ones_like(computed)]
+    for i in range(order):
+        terms.append((terms[i] - old[i]) / window)
+        valid.append(valid[i] & old_valid[i] & (clock.step > 2))
+    new = torch.stack(terms)
+    terms_state.index_copy_(0, clock.stream.reshape(1), torch.where(computed, new, old).unsqueeze(0))
+    us.set_current(f"slot{slot}.valid", torch.where(computed, torch.stack(valid), old_valid))
+
+
+# ---------------------------------------------------------------------------- cond branches
+def _without_aliases(graph: fx.Graph, inputs: list[fx.Node]) -> list[fx.Node]:
+    """cond operands may not alias each other: clone all but the largest of tensors sharing storage.
+
+    FLUX's and HunyuanVideo's single blocks split hidden and encoder states out of one tensor, so
+    the head hands the middle region two views of one buffer; the (small) encoder view is copied.
+    """
+    groups: dict[StorageWeakRef, list[int]] = {}
+    for i, node in enumerate(inputs):
+        value = example_value(node)
+        if isinstance(value, torch.Tensor):
+            groups.setdefault(StorageWeakRef(value.untyped_storage()), []).append(i)
+    result = list(inputs)
+    for members in groups.values():
+        members = sorted(members, key=lambda i: example_value(inputs[i]).numel(), reverse=True)
+        for i in members[1:]:
+            clone = graph.call_method("clone", (inputs[i],))
+            clone.meta["example_value"] = example_value(inputs[i])
+            result[i] = clone
+    return result
+
+
+def _is_standard_contiguous(value: torch.Tensor) -> bool:
+    return tuple(value.stride()) == tuple(make_contiguous_strides_for(value.shape))
+
+
+def _compute_branch(compute: fx.GraphModule, num_extra: int) -> fx.GraphModule:
+    """The middle blocks, taking (and ignoring) the cached branch's extra operands.
+
+    Outputs must have standard contiguous strides (as the cached branch's) and alias neither an
+    input nor each other: such outputs are cloned, the rest returned as computed.
+    """
+    graph = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    placeholders = [n for n in compute.graph.nodes if n.op == "placeholder"]
+    for node in placeholders:
+        env[node] = graph.placeholder(node.name)
+        env[node].meta.update(node.meta)
+    for i in range(num_extra):
+        graph.placeholder(f"unused_{i}")
+    output = None
+    for node in compute.graph.nodes:
+        if node.op == "placeholder":
+            continue
+        if node.op == "output":
+            output = node
+            continue
+        env[node] = graph.node_copy(node, lambda a: env[a])
+    taken = {StorageWeakRef(example_value(p).untyped_storage()) for p in placeholders if isinstance(example_value(p), torch.Tensor)}
+    results = []
+    for out in output.args[0]:
+        value = example_value(out)
+        storage = StorageWeakRef(value.untyped_storage())
+        if _is_standard_contiguous(value) and storage not in taken:
+            results.append(env[out])
+        else:
+            results.append(graph.call_method("clone", (env[out],), {"memory_format": torch.contiguous_format}))
+        taken.add(storage)
+    graph.output(tuple(results))
+    return fx.GraphModule(compute, graph, class_name=f"{type(compute).__name__}Compute")
+
+
+def _cached_branch(spec: UnitSpec, layout: StateLayout, region_values: list) -> fx.GraphModule:
+    """``H_F + sum_i dY(i) * elapsed^i / i!`` per carried slot (order 0: ``H_F + R_M``)."""
+    graph = fx.Graph()
+    tracer = GraphAppendingTracer(graph)
+    inputs = [Proxy(graph.placeholder(f"region_{i}"), tracer) for i in range(len(region_values))]
+    taylor = []
+    for slot in spec.slots:
+        terms = Proxy(graph.placeholder(f"slot{slot.slot}_terms"), tracer)
+        valid = Proxy(graph.placeholder(f"slot{slot.slot}_valid"), tracer)
+        taylor.append((terms, valid))
+    stream = Proxy(graph.placeholder("stream"), tracer)
+    elapsed = Proxy(graph.placeholder("elapsed"), tracer)
+    results = []
+    for slot, (terms, valid) in zip(spec.slots, taylor):
+        order = layout.taylor_order(slot.role)
+        terms, valid = _at(terms, stream), _at(valid, stream)
+        approx = terms[0]
+        for i in range(1, order + 1):
+            term = terms[i] * (1 / math.factorial(i)) * elapsed**i
+            approx = approx + torch.where(valid[i], term, 0.0)
+        out = approx + inputs[slot.input_position]
+        if not _is_standard_contiguous(region_values[slot.input_position]):
+            out = out.clone(memory_format=torch.contiguous_format)
+        results.append(out.node)
+    graph.output(tuple(results))
+    return fx.GraphModule(torch.nn.Module(), graph, class_name=f"StepcacheCached{spec.index}")

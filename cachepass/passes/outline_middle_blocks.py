@@ -1,0 +1,129 @@
+"""Outline each unit's middle region into a submodule call.
+
+After this pass the graph holds, per cache unit, one ``call_module(stepcache_unit_i)`` whose
+arguments are the hidden states entering block 0 followed by every value the middle blocks read
+(carried head outputs, side inputs such as the time embedding and rotary tables, and the middle
+blocks' parameters), and whose tuple result replaces every value leaving the middle region. The
+submodule (`cachepass.unit.OutlinedUnit`) runs the original middle nodes, so the outlined graph
+computes exactly what the input graph did.
+"""
+
+from __future__ import annotations
+
+import logging
+import operator
+
+from torch import fx
+
+from cachepass.blocks import CacheUnitPlan
+from cachepass.errors import UnsupportedGraphError
+from cachepass.unit import OutlinedUnit, SlotSpec, UnitSpec
+
+log = logging.getLogger("cachepass")
+
+_INPLACE_FUNCTIONS = {operator.setitem, operator.iadd, operator.isub, operator.imul, operator.itruediv}
+
+
+def outline_middle_blocks(gm: fx.GraphModule, plans: list[CacheUnitPlan]) -> fx.GraphModule:
+    """Middle-region nodes of each unit -> one ``call_module`` of an `OutlinedUnit` and ``getitem``s."""
+    replaced: dict[fx.Node, fx.Node] = {}
+    for plan in plans:
+        _remap_plan(plan, replaced)
+        replaced.update(_outline_unit(gm, plan))
+    gm.graph.lint()
+    gm.recompile()
+    units = [n for n in gm.graph.nodes if n.op == "call_module" and isinstance(gm.get_submodule(n.target), OutlinedUnit)]
+    if len(units) != len(plans):
+        raise UnsupportedGraphError(f"outlined {len(units)} units, expected {len(plans)}")
+    return gm
+
+
+def _outline_unit(gm: fx.GraphModule, plan: CacheUnitPlan) -> dict[fx.Node, fx.Node]:
+    region = set(plan.region)
+    inputs = _region_inputs(plan.region, region)
+    _reject_input_mutation(plan, region)
+    exits = [s.middle_output for s in plan.slots]
+
+    sub = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    for node in inputs:
+        env[node] = sub.placeholder(node.name)
+        env[node].meta.update(node.meta)
+    for node in plan.region:
+        env[node] = sub.node_copy(node, lambda a: env[a])
+    sub.output(tuple(env[e] for e in exits))
+    compute = fx.GraphModule(gm, sub, class_name=f"StepcacheMiddle{plan.index}")
+
+    spec = UnitSpec(
+        index=plan.index,
+        name=plan.list_path,
+        block_class=plan.block_class,
+        block_paths=tuple(plan.block_paths),
+        head=plan.head,
+        middle=plan.middle,
+        tail=plan.tail,
+        num_region_inputs=len(inputs),
+        slots=tuple(
+            SlotSpec(
+                slot=s.slot,
+                role=s.role,
+                input_position=inputs.index(s.middle_input),
+                shape=s.shape,
+                dtype=s.dtype,
+                device=s.device,
+                input_name=s.middle_input.name,
+                output_name=s.middle_output.name,
+            )
+            for s in plan.slots
+        ),
+    )
+    gm.add_submodule(spec.module_name, OutlinedUnit(spec, compute))
+
+    graph = gm.graph
+    with graph.inserting_before(plan.region[0]):
+        call = graph.call_module(spec.module_name, (plan.chain_input, *inputs))
+        call.meta["stepcache_unit"] = spec
+        outs = []
+        for position, exit_node in enumerate(exits):
+            out = graph.call_function(operator.getitem, (call, position))
+            out.meta.update(exit_node.meta)
+            outs.append(out)
+    call.meta["example_value"] = tuple(o.meta.get("example_value") for o in outs)
+    for exit_node, out in zip(exits, outs):
+        exit_node.replace_all_uses_with(out, delete_user_cb=lambda user: user not in region)
+    for node in reversed(plan.region):
+        graph.erase_node(node)
+    log.debug(
+        "outline_middle_blocks: %s: %d nodes -> %s(%d inputs, %d outputs)",
+        plan.name, len(plan.region), spec.module_name, len(inputs), len(exits),
+    )
+    return dict(zip(exits, outs))
+
+
+def _region_inputs(nodes: list[fx.Node], region: set[fx.Node]) -> list[fx.Node]:
+    inputs: list[fx.Node] = []
+    for node in nodes:
+        for arg in node.all_input_nodes:
+            if arg not in region and arg not in inputs:
+                inputs.append(arg)
+    return inputs
+
+
+def _reject_input_mutation(plan: CacheUnitPlan, region: set[fx.Node]) -> None:
+    """torch.cond branches may not mutate their inputs: in-place ops must target region values."""
+    for node in plan.region:
+        inplace = (node.op == "call_method" and node.target.endswith("_") and not node.target.startswith("_")) or (
+            node.op == "call_function" and node.target in _INPLACE_FUNCTIONS
+        )
+        if inplace and isinstance(node.args[0], fx.Node) and node.args[0] not in region:
+            raise UnsupportedGraphError(
+                f"{node.name} ({node.target}) in the middle region of {plan.name} mutates "
+                f"{node.args[0].name}, which is computed outside it; a cached step could not skip it"
+            )
+
+
+def _remap_plan(plan: CacheUnitPlan, replaced: dict[fx.Node, fx.Node]) -> None:
+    """Later units may read values an earlier unit's outlining replaced (FLUX single <- double)."""
+    plan.chain_input = replaced.get(plan.chain_input, plan.chain_input)
+    for slot in plan.slots:
+        slot.middle_input = replaced.get(slot.middle_input, slot.middle_input)
