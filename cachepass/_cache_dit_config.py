@@ -52,7 +52,7 @@ def convert_cache_dit_config(db_config: Any, calibrator_config: Any = None) -> d
 
 def _taylorseer_orders(calibrator_config: Any) -> dict[str, int]:
     if calibrator_config is None:
-        return {"taylorseer_order": 0, "encoder_taylorseer_order": 0}
+        return {"taylorseer_order": 0, "encoder_taylorseer_order": None}
     kind = getattr(calibrator_config, "calibrator_type", None)
     if kind != "taylorseer":
         _unsupported("calibrator_type", kind, "'taylorseer'")
@@ -60,10 +60,9 @@ def _taylorseer_orders(calibrator_config: Any) -> dict[str, int]:
     if cache_type != "residual":
         _unsupported("calibrator_cache_type", cache_type, "'residual'")
     order = int(calibrator_config.taylorseer_order)
-    return {
-        "taylorseer_order": order if calibrator_config.enable_calibrator else 0,
-        "encoder_taylorseer_order": order if calibrator_config.enable_encoder_calibrator else 0,
-    }
+    hidden = order if calibrator_config.enable_calibrator else 0
+    encoder = order if calibrator_config.enable_encoder_calibrator else 0
+    return {"taylorseer_order": hidden, "encoder_taylorseer_order": None if encoder == hidden else encoder}
 
 
 def _limit(value: int) -> int | None:

@@ -19,8 +19,9 @@ from torch import fx
 
 from cachepass.blocks import Discovery, plan_cache_units
 from cachepass.config import StepCacheConfig
+from cachepass.errors import CachepassError
 from cachepass.passes import cache_passes, outline_passes, run_passes
-from cachepass.runtime import RuntimeState, StateLayout
+from cachepass.runtime import StateLayout, StateSet
 from cachepass.unit import OutlinedUnit, UnitSpec
 
 log = logging.getLogger("cachepass")
@@ -117,23 +118,25 @@ def stepcache(gm: fx.GraphModule, example_inputs: Sequence[Any], *, mode: str | 
     """torch.compile backend: DBCache + TaylorSeer step caching as a ``torch.cond`` in one graph."""
     opts = parse_options(options, mode)
     if torch.is_grad_enabled() and any(getattr(t, "requires_grad", False) for t in example_inputs):
-        log.warning("stepcache: compiling with grad enabled; step caching is for inference, "
-                    "run the model under torch.no_grad() or torch.inference_mode()")
+        raise CachepassError(
+            "stepcache compiles inference graphs (its state is updated in place): call the model under "
+            "torch.no_grad() or torch.inference_mode(), as diffusers pipelines do"
+        )
     gm, units, discovery = outline_graph(copy_graph_module(gm), opts.config)
     for skipped in discovery.skipped:
         log.info("stepcache: not a cache unit: %s", skipped)
     layout = StateLayout(units, opts.config)
     gm = run_passes(gm, cache_passes(layout))
-    state = RuntimeState(layout, units[0].hidden.device, _anchor(example_inputs))
-    log.info("stepcache: %d cache unit(s) (%s), %.1f MiB of state, inner=%s",
+    states = StateSet(layout, units[0].hidden.device, _anchor_index(example_inputs), gm)
+    log.info("stepcache: %d cache unit(s) (%s), %.1f MiB of state per model instance, inner=%s",
              len(units), ", ".join(u.name for u in units), layout.nbytes / 2**20, opts.inner.value)
-    compiled = _inner_compile(gm, [*example_inputs, *state.tensors], opts)
-    return _with_state(compiled, state)
+    compiled = _inner_compile(gm, [*example_inputs, *states.for_call(example_inputs).tensors], opts)
+    return _with_state(compiled, states)
 
 
-def _anchor(example_inputs: Sequence[Any]) -> torch.Tensor | None:
-    """A parameter of the compiled model: how ``cachepass.stats(model)`` finds this graph's state."""
-    return next((t for t in example_inputs if isinstance(t, torch.nn.Parameter)), None)
+def _anchor_index(example_inputs: Sequence[Any]) -> int | None:
+    """Position of a model parameter among the graph inputs: it identifies the model instance."""
+    return next((i for i, t in enumerate(example_inputs) if isinstance(t, torch.nn.Parameter)), None)
 
 
 def _inner_compile(gm: fx.GraphModule, inputs: list, opts: BackendOptions) -> Callable:
@@ -152,13 +155,12 @@ def _inner_compile(gm: fx.GraphModule, inputs: list, opts: BackendOptions) -> Ca
     return compile_fx(gm, inputs, config_patches=patches or None)
 
 
-def _with_state(compiled: Callable, state: RuntimeState) -> Callable:
-    """Dynamo calls the backend's function with the graph inputs; append the state tensors."""
-    tensors = state.tensors
+def _with_state(compiled: Callable, states: StateSet) -> Callable:
+    """Dynamo calls the backend's function with the graph inputs; append the caller's state tensors."""
 
     def run(*args):
+        state = states.for_call(args)
         state.touch()
-        return compiled(*args, *tensors)
+        return compiled(*args, *state.tensors)
 
-    run.stepcache_state = state
     return run

@@ -137,15 +137,13 @@ _TICK = itertools.count(1)
 class RuntimeState:
     """The state tensors of one compiled graph plus the host-side bookkeeping for stats."""
 
-    def __init__(self, layout: StateLayout, device: torch.device, anchor: torch.Tensor | None):
+    def __init__(self, layout: StateLayout, device: torch.device, anchor: torch.Tensor | None, graph=None):
         self.layout = layout
         self.tensors = [spec.allocate(device) for spec in layout.specs]
+        self.graph = graph  # the rewritten GraphModule, for inspection
         self.last_used = 0
-        self.calls_per_generation = (
-            layout.config.num_inference_steps * layout.config.num_streams
-            if layout.config.num_inference_steps
-            else None
-        )
+        self.mid_pair = False  # separate CFG: the first call of a step ran, its partner is due
+        self.anchor_id = id(anchor) if anchor is not None else None
         if anchor is not None:
             _register(self, anchor)
 
@@ -153,11 +151,27 @@ class RuntimeState:
         return self.tensors[self.layout.index[name]]
 
     def touch(self) -> None:
+        """Host-side bookkeeping of one call (no device access)."""
         self.last_used = next(_TICK)
+        if not self.layout.config.separate_cfg:
+            return
+        previous = _LAST_CALLED.get(self.anchor_id) if self.anchor_id is not None else None
+        previous = previous() if previous is not None else None
+        if previous is not None and previous is not self and previous.mid_pair:
+            raise CachepassError(
+                "separate_cfg=True, but the two CFG calls of one step ran different compiled graphs "
+                "(their inputs differ in shape, e.g. prompt embeddings of different lengths); "
+                "each graph counts steps for itself, so give both calls the same shapes "
+                "(pad the embeddings) or call cachepass.reset(model) to start over"
+            )
+        self.mid_pair = not self.mid_pair
+        if self.anchor_id is not None:
+            _LAST_CALLED[self.anchor_id] = weakref.ref(self)
 
     def reset(self) -> None:
         """Start a new generation at the next call (the graph clears the per-stream state then)."""
         self["clock.calls"].zero_()
+        self.mid_pair = False
 
     def stats(self) -> list["UnitStats"]:
         calls = int(self["clock.calls"].item())
@@ -186,6 +200,32 @@ class RuntimeState:
         )
 
 
+class StateSet:
+    """The states of one compiled graph, one per model instance that runs it.
+
+    Dynamo reuses a graph for every instance of a model class (parameters are graph inputs), so
+    the state is picked per call by the identity of a parameter argument: two transformers of one
+    class (Wan 2.2's two experts) each get their own cache state.
+    """
+
+    def __init__(self, layout: StateLayout, device: torch.device, anchor_index: int | None, graph):
+        self.layout, self.device, self.anchor_index, self.graph = layout, device, anchor_index, graph
+        self._by_anchor: dict[int, tuple[weakref.ref, RuntimeState]] = {}
+        self._single: RuntimeState | None = None
+
+    def for_call(self, args) -> RuntimeState:
+        if self.anchor_index is None:
+            if self._single is None:
+                self._single = RuntimeState(self.layout, self.device, None, self.graph)
+            return self._single
+        anchor = args[self.anchor_index]
+        entry = self._by_anchor.get(id(anchor))
+        if entry is None or entry[0]() is not anchor:
+            entry = (weakref.ref(anchor), RuntimeState(self.layout, self.device, anchor, self.graph))
+            self._by_anchor[id(anchor)] = entry
+        return entry[1]
+
+
 @dataclasses.dataclass
 class UnitStats:
     """Per cache unit, the fields of cache-dit's ``CacheStats`` for the current (or last) generation.
@@ -205,6 +245,7 @@ class UnitStats:
 # Compiled graphs are found from the model through one of its parameters (the backend never sees
 # the module object): anchor id -> weak references to the states compiled for it.
 _REGISTRY: dict[int, list[tuple[weakref.ref, weakref.ref]]] = {}
+_LAST_CALLED: dict[int, weakref.ref] = {}  # anchor id -> state of the graph that ran last
 
 
 def _register(state: RuntimeState, anchor: torch.Tensor) -> None:

@@ -1,0 +1,22 @@
+import os
+import sys
+
+# cache-dit's default merges FLUX.1's double and single block lists into one cache unit (with
+# dummy blocks); cachepass makes each list its own unit, which is cache-dit's per-list mode.
+# Must be set before cache_dit is imported (it reads the variable at import).
+os.environ["CACHE_DIT_FLUX_ENABLE_DUMMY_BLOCKS"] = "0"
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    """Every test starts with empty Dynamo caches and counters, and leaves none behind."""
+    torch._dynamo.reset()
+    torch.compiler.set_stance("default")
+    yield
+    torch.compiler.set_stance("default")
+    torch._dynamo.reset()

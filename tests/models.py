@@ -1,0 +1,178 @@
+"""Tiny models, one per block pattern, and a flow-matching sampling loop with separate CFG.
+
+Every case builds the same weights from a seed, so two instances (one for cache-dit, one for
+cachepass) compute the same function. ``threshold`` is chosen per case so that the dynamic
+decision caches some steps and computes others (residual diffs of these random models differ).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Callable
+
+import torch
+from torch import nn
+
+
+class ToyBlock(nn.Module):
+    """AdaLN self-mixing block with cross-context, one stream (cache-dit ForwardPattern_2)."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(dim, elementwise_affine=False)
+        self.modulation = nn.Linear(dim, 2 * dim)
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.out = nn.Linear(dim, dim)
+        self.ff = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
+
+    def forward(self, hidden_states, encoder_hidden_states, temb):
+        shift, scale = self.modulation(temb).unsqueeze(1).chunk(2, dim=-1)
+        x = self.norm(hidden_states) * (1 + scale) + shift
+        q, k, v = self.qkv(x).chunk(3, dim=-1)
+        attn = torch.softmax(q @ k.transpose(1, 2) / math.sqrt(q.shape[-1]), dim=-1) @ v
+        hidden_states = hidden_states + self.out(attn + encoder_hidden_states.mean(1, keepdim=True))
+        return hidden_states + self.ff(self.norm(hidden_states))
+
+
+class ToyDiT(nn.Module):
+    def __init__(self, dim: int = 32, depth: int = 6, channels: int = 4, text_dim: int = 8):
+        super().__init__()
+        self.proj_in = nn.Linear(channels, dim)
+        self.time_embed = nn.Sequential(nn.Linear(1, dim), nn.SiLU(), nn.Linear(dim, dim))
+        self.text_embed = nn.Linear(text_dim, dim)
+        self.blocks = nn.ModuleList(ToyBlock(dim) for _ in range(depth))
+        self.proj_out = nn.Linear(dim, channels)
+
+    def forward(self, hidden_states, timestep, encoder_hidden_states):
+        x = self.proj_in(hidden_states)
+        temb = self.time_embed(timestep.float().unsqueeze(-1) / 1000)
+        context = self.text_embed(encoder_hidden_states)
+        for block in self.blocks:
+            x = block(x, context, temb)
+        return self.proj_out(x)
+
+
+@dataclasses.dataclass
+class ModelCase:
+    name: str
+    build: Callable[[], nn.Module]
+    inputs: Callable[[torch.Generator], tuple[torch.Tensor, dict, dict]]  # latents, cond kwargs, uncond kwargs
+    call: Callable[[Callable, torch.Tensor, torch.Tensor, dict], torch.Tensor]  # fn, latents, sigma, kwargs
+    depth: int  # blocks per list (the shortest list)
+    threshold: float  # caches some steps, computes others, for F1B0 on this random model
+
+    def model(self) -> nn.Module:
+        torch.manual_seed(0)
+        return self.build().eval()
+
+
+def _toy_inputs(g):
+    return (
+        torch.randn(1, 16, 4, generator=g),
+        {"encoder_hidden_states": torch.randn(1, 5, 8, generator=g)},
+        {"encoder_hidden_states": torch.randn(1, 5, 8, generator=g)},
+    )
+
+
+def _toy_call(fn, x, sigma, kw):
+    return fn(hidden_states=x, timestep=(sigma * 1000).reshape(1), **kw)
+
+
+def _wan():
+    from diffusers import WanTransformer3DModel
+
+    return WanTransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=4,
+        text_dim=16, freq_dim=16, ffn_dim=32, num_layers=5, cross_attn_norm=True,
+        qk_norm="rms_norm_across_heads", rope_max_seq_len=32,
+    )
+
+
+def _wan_inputs(g):
+    return (
+        torch.randn(1, 4, 3, 8, 8, generator=g),
+        {"encoder_hidden_states": torch.randn(1, 7, 16, generator=g)},
+        {"encoder_hidden_states": torch.randn(1, 7, 16, generator=g)},
+    )
+
+
+def _wan_call(fn, x, sigma, kw):
+    return fn(hidden_states=x, timestep=(sigma * 1000).round().long().reshape(1), return_dict=False, **kw)[0]
+
+
+def _flux():
+    from diffusers import FluxTransformer2DModel
+
+    return FluxTransformer2DModel(
+        patch_size=1, in_channels=8, num_layers=4, num_single_layers=4, attention_head_dim=8,
+        num_attention_heads=2, joint_attention_dim=16, pooled_projection_dim=8, axes_dims_rope=(2, 2, 4),
+    )
+
+
+def _flux_inputs(g):
+    shared = {"img_ids": torch.randn(16, 3, generator=g), "txt_ids": torch.randn(5, 3, generator=g)}
+    return (
+        torch.randn(1, 16, 8, generator=g),
+        {"encoder_hidden_states": torch.randn(1, 5, 16, generator=g), "pooled_projections": torch.randn(1, 8, generator=g), **shared},
+        {"encoder_hidden_states": torch.randn(1, 5, 16, generator=g), "pooled_projections": torch.randn(1, 8, generator=g), **shared},
+    )
+
+
+def _flux_call(fn, x, sigma, kw):
+    return fn(hidden_states=x, timestep=sigma.reshape(1), return_dict=False, **kw)[0]
+
+
+def _hunyuan():
+    from diffusers import HunyuanVideoTransformer3DModel
+
+    return HunyuanVideoTransformer3DModel(
+        in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=8, num_layers=4,
+        num_single_layers=4, num_refiner_layers=2, patch_size=1, patch_size_t=1, guidance_embeds=True,
+        text_embed_dim=16, pooled_projection_dim=8, rope_axes_dim=(2, 2, 4),
+    )
+
+
+def _hunyuan_inputs(g):
+    def prompt():
+        return {
+            "encoder_hidden_states": torch.randn(1, 6, 16, generator=g),
+            "encoder_attention_mask": torch.ones(1, 6),
+            "pooled_projections": torch.randn(1, 8, generator=g),
+            "guidance": torch.tensor([3500.0]),
+        }
+
+    return torch.randn(1, 4, 3, 4, 4, generator=g), prompt(), prompt()
+
+
+def _hunyuan_call(fn, x, sigma, kw):
+    return fn(hidden_states=x, timestep=(sigma * 1000).round().long().reshape(1), return_dict=False, **kw)[0]
+
+
+CASES = {
+    "toy": ModelCase("toy", ToyDiT, _toy_inputs, _toy_call, depth=6, threshold=0.025),
+    "wan": ModelCase("wan", _wan, _wan_inputs, _wan_call, depth=5, threshold=0.06),
+    "flux": ModelCase("flux", _flux, _flux_inputs, _flux_call, depth=4, threshold=0.22),
+    "hunyuan": ModelCase("hunyuan", _hunyuan, _hunyuan_inputs, _hunyuan_call, depth=4, threshold=0.2),
+}
+
+
+def generate(case: ModelCase, fn: Callable, num_steps: int, *, separate_cfg: bool = True,
+             uncond_first: bool = False, guidance: float = 3.0, seed: int = 1) -> torch.Tensor:
+    """Euler flow matching from sigma 1 to 0; two calls per step with separate CFG."""
+    latents, cond, uncond = case.inputs(torch.Generator().manual_seed(seed))
+    sigmas = torch.linspace(1.0, 0.0, num_steps + 1)
+    with torch.no_grad():
+        for i in range(num_steps):
+            if not separate_cfg:
+                velocity = case.call(fn, latents, sigmas[i], cond)
+            elif uncond_first:
+                velocity_uncond = case.call(fn, latents, sigmas[i], uncond)
+                velocity = case.call(fn, latents, sigmas[i], cond)
+            else:
+                velocity = case.call(fn, latents, sigmas[i], cond)
+                velocity_uncond = case.call(fn, latents, sigmas[i], uncond)
+            if separate_cfg:
+                velocity = velocity_uncond + guidance * (velocity - velocity_uncond)
+            latents = latents + (sigmas[i + 1] - sigmas[i]) * velocity
+    return latents

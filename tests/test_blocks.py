@@ -1,0 +1,161 @@
+"""Block discovery and outlining: what the pass finds in each model, and the errors on models it cannot cache."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import cachepass
+from cachepass import BlockDiscoveryError, StepCacheConfig, UnsupportedGraphError
+from cachepass.backend import copy_graph_module, outline_graph
+from cachepass.unit import OutlinedUnit
+from models import CASES
+
+EXPECTED_UNITS = {
+    "toy": [("blocks", 6, ["hidden"])],
+    "wan": [("blocks", 5, ["hidden"])],
+    "flux": [("transformer_blocks", 4, ["hidden", "encoder"]), ("single_transformer_blocks", 4, ["encoder", "hidden"])],
+    "hunyuan": [("transformer_blocks", 4, ["hidden", "encoder"]), ("single_transformer_blocks", 4, ["hidden", "encoder"])],
+}
+
+
+def capture(model, *args, **kwargs) -> torch.fx.GraphModule:
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    with torch.no_grad():
+        torch.compile(model, backend=backend, fullgraph=True, dynamic=False)(*args, **kwargs)
+    return graphs[-1]
+
+
+def case_args(case):
+    latents, cond, _ = case.inputs(torch.Generator().manual_seed(0))
+    calls = []
+    case.call(lambda **kw: calls.append(kw) or (torch.zeros(1),), latents, torch.tensor(0.5), cond)
+    return calls[0]
+
+
+@pytest.mark.parametrize("name", list(EXPECTED_UNITS))
+def test_explain_reports_units_ranges_and_carried_values(name):
+    case = CASES[name]
+    cfg = StepCacheConfig(num_head_blocks=1, num_tail_blocks=1, separate_cfg=True)
+    report = cachepass.explain(case.model(), config=cfg, **case_args(case))
+    got = [(u.name, len(u.block_paths), [s.role for s in u.slots]) for u in report.units]
+    assert got == EXPECTED_UNITS[name]
+    for unit in report.units:
+        n = len(unit.block_paths)
+        assert (unit.head, unit.middle, unit.tail) == (range(0, 1), range(1, n - 1), range(n - 1, n))
+        assert unit.block_paths[0] == f"{unit.name}.0"
+        hidden = unit.hidden
+        assert report.state_bytes[unit.name] >= 2 * 2 * hidden.nbytes  # prev residual + residual, 2 streams
+    text = str(report)
+    assert "middle blocks 1.." in text and "carried hidden" in text
+    if name == "hunyuan":
+        assert report.skipped == ["context_embedder.token_refiner.refiner_blocks (2 x HunyuanVideoIndividualTokenRefinerBlock): nested below the trunk"]
+
+
+def test_hidden_slot_is_the_image_stream_in_two_stream_models():
+    case = CASES["flux"]
+    cfg = StepCacheConfig(num_head_blocks=1, num_tail_blocks=1)
+    report = cachepass.explain(case.model(), config=cfg, **case_args(case))
+    for unit in report.units:
+        assert unit.hidden.shape == (1, 16, 16)  # 16 image tokens; the text stream has 5
+        assert [s.shape for s in unit.slots if s.role == "encoder"] == [(1, 5, 16)]
+
+
+@pytest.mark.parametrize("name", list(EXPECTED_UNITS))
+def test_outlined_graph_computes_what_the_model_computes(name):
+    case = CASES[name]
+    model = case.model()
+    kwargs = case_args(case)
+    gm = capture(model, **kwargs)
+    outlined, units, _ = outline_graph(copy_graph_module(gm), StepCacheConfig(num_head_blocks=1, num_tail_blocks=1))
+    assert len([m for m in outlined.modules() if isinstance(m, OutlinedUnit)]) == len(units)
+    # Re-run Dynamo with a backend that swaps in the outlined graph: same outputs as eager.
+    with torch.no_grad():
+        expected = model(**kwargs)
+        got = torch.compile(model, backend=lambda g, ex: outline_graph(copy_graph_module(g),
+                            StepCacheConfig(num_head_blocks=1, num_tail_blocks=1))[0].forward, fullgraph=True)(**kwargs)
+    torch.testing.assert_close(got, expected, atol=0, rtol=0)
+
+
+# ---------------------------------------------------------------------------- models that cannot be cached
+class Plain(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(8, 8), nn.Linear(8, 8)
+
+    def forward(self, x):
+        return self.b(torch.relu(self.a(x)))
+
+
+class Block(nn.Module):
+    def __init__(self, grow: bool = False, inplace: bool = False):
+        super().__init__()
+        self.lin, self.grow, self.inplace = nn.Linear(8, 8), grow, inplace
+
+    def forward(self, x):
+        if self.inplace:
+            x += self.lin(x)
+            return x
+        y = x + self.lin(x)
+        return torch.cat([y, y[:, :1]], dim=1) if self.grow else y
+
+
+class Stack(nn.Module):
+    def __init__(self, depth=4, collect=False, **block_kwargs):
+        super().__init__()
+        self.blocks = nn.ModuleList(Block(**block_kwargs) for _ in range(depth))
+        self.collect = collect
+
+    def forward(self, x):
+        features = []
+        for block in self.blocks:
+            x = block(x)
+            features.append(x)
+        return x + sum(features) if self.collect else x
+
+
+def compile_error(model, cfg=None, x=None):
+    cfg = cfg or StepCacheConfig(num_head_blocks=1)
+    with pytest.raises(Exception) as e, torch.no_grad():
+        cachepass.compile(model, cfg, inner="eager")(torch.randn(1, 4, 8) if x is None else x)
+    error = getattr(e.value, "inner_exception", e.value)  # Dynamo wraps backend errors
+    assert isinstance(error, cachepass.CachepassError), f"{type(e.value).__name__}: {e.value}"
+    return error
+
+
+def test_model_without_repeated_blocks():
+    error = compile_error(Plain())
+    assert isinstance(error, BlockDiscoveryError)
+    assert "no repeated block list found" in str(error) and "['a', 'b']" in str(error)
+
+
+@pytest.mark.parametrize("head,tail", [(4, 0), (3, 1), (1, 3)])
+def test_head_plus_tail_must_leave_a_middle_block(head, tail):
+    error = compile_error(Stack(depth=4), StepCacheConfig(num_head_blocks=head, num_tail_blocks=tail))
+    assert isinstance(error, BlockDiscoveryError)
+    assert f"blocks has 4 blocks but num_head_blocks={head} + num_tail_blocks={tail}" in str(error)
+    assert "<= 3" in str(error)
+
+
+def test_carried_value_that_changes_shape():
+    error = compile_error(Stack(grow=True))
+    assert isinstance(error, UnsupportedGraphError)
+    assert "changes shape" in str(error) and "blocks.1 input" in str(error) and "blocks.3 output" in str(error)
+
+
+def test_middle_blocks_whose_outputs_are_used_elsewhere():
+    error = compile_error(Stack(collect=True))
+    assert isinstance(error, UnsupportedGraphError)
+    assert "middle region of blocks (blocks 1..3) exports" in str(error)
+
+
+def test_middle_block_that_mutates_its_input_in_place():
+    error = compile_error(Stack(inplace=True))
+    assert isinstance(error, UnsupportedGraphError)
+    assert "mutates" in str(error) and "middle region of blocks" in str(error)

@@ -1,0 +1,41 @@
+"""Today's known sharp edges, pinned: each is a clear error, not a silent wrong answer."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import cachepass
+from cachepass import CachepassError, StepCacheConfig
+from models import CASES
+
+CASE = CASES["toy"]
+CFG = StepCacheConfig(num_head_blocks=1, threshold=0.04, separate_cfg=True, num_inference_steps=8)
+
+
+def backend_error(excinfo) -> BaseException:
+    return getattr(excinfo.value, "inner_exception", excinfo.value)  # Dynamo wraps backend errors
+
+
+def call_once(fn):
+    latents, cond, _ = CASE.inputs(torch.Generator().manual_seed(0))
+    return CASE.call(fn, latents, torch.tensor(1.0), cond)
+
+
+def test_dynamic_shapes_are_refused_with_a_fix():
+    model = CASE.model()
+    compiled = torch.compile(model, backend="stepcache", dynamic=True, options={"config": CFG, "inner": "eager"})
+    with pytest.raises(Exception) as e, torch.no_grad():
+        call_once(compiled)
+    error = backend_error(e)
+    assert isinstance(error, cachepass.UnsupportedGraphError)
+    assert "symbolic shape" in str(error) and "dynamic=False" in str(error)
+
+
+def test_grad_mode_is_refused():
+    """Inference only: the state is updated in place, which autograd cannot differentiate through."""
+    compiled = cachepass.compile(CASE.model(), CFG, inner="aot_eager")
+    with pytest.raises(Exception) as e:
+        call_once(compiled)
+    error = backend_error(e)
+    assert isinstance(error, CachepassError) and "torch.no_grad()" in str(error)

@@ -1,0 +1,163 @@
+"""Runtime behaviour: stats, reset, generations, shape changes, and the reference's own API."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch._dynamo.utils import counters
+
+import cachepass
+from cachepass import CachepassError, StepCacheConfig
+from cachepass.reference import StepCacheReference
+from models import CASES, generate
+
+STEPS = 12
+CASE = CASES["toy"]
+
+
+def cfg(**overrides) -> StepCacheConfig:
+    base = dict(num_head_blocks=1, threshold=0.04, warmup_steps=1, separate_cfg=True, num_inference_steps=STEPS,
+                taylorseer_order=1)
+    return StepCacheConfig(**{**base, **overrides})
+
+
+def summary(model):
+    return [(u.name, u.cached_steps, u.cfg_cached_steps, u.residual_diffs, u.cfg_residual_diffs)
+            for u in cachepass.stats(model)]
+
+
+def test_stats_before_compiling_is_a_clear_error():
+    with pytest.raises(CachepassError, match="has no stepcache state"):
+        cachepass.stats(CASE.model())
+    with pytest.raises(CachepassError, match="has no stepcache state"):
+        cachepass.reset(CASE.model())
+    with pytest.raises(TypeError, match="original nn.Module"):
+        cachepass.stats("model")
+
+
+def test_stats_match_cache_dit_fields_and_accept_compiled_or_original():
+    model = CASE.model()
+    compiled = cachepass.compile(model, cfg(), inner="aot_eager")
+    generate(CASE, compiled, STEPS)
+    (unit,) = cachepass.stats(compiled)
+    assert cachepass.stats(model) == [unit]
+    assert unit.name == "blocks"
+    assert unit.cached_steps and unit.cfg_cached_steps
+    assert set(unit.residual_diffs) == {str(s) for s in range(1, STEPS)}  # every step past warmup is tested
+    for step in unit.cached_steps:
+        assert unit.residual_diffs[str(step)] < 0.04
+    computed = set(range(1, STEPS)) - set(unit.cached_steps)
+    assert any(unit.residual_diffs[str(s)] >= 0.04 for s in computed)
+
+
+def test_each_generation_starts_at_step_zero_without_any_reset_call():
+    model = CASE.model()
+    compiled = cachepass.compile(model, cfg(), inner="aot_eager")
+    first = generate(CASE, compiled, STEPS)
+    first_stats = summary(model)
+    second = generate(CASE, compiled, STEPS)
+    assert summary(model) == first_stats
+    torch.testing.assert_close(second, first, atol=0, rtol=0)
+
+
+def test_reset_mid_generation_restarts_at_step_zero():
+    model = CASE.model()
+    compiled = cachepass.compile(model, cfg(), inner="aot_eager")
+    fresh = generate(CASE, compiled, STEPS)
+    fresh_stats = summary(model)
+    generate(CASE, compiled, 5)  # an abandoned generation
+    assert summary(model) != fresh_stats
+    cachepass.reset(model)
+    assert all(not u.cached_steps and not u.residual_diffs for u in cachepass.stats(model))
+    again = generate(CASE, compiled, STEPS)
+    assert summary(model) == fresh_stats
+    torch.testing.assert_close(again, fresh, atol=0, rtol=0)
+
+
+def test_without_num_inference_steps_generations_continue_until_reset():
+    model = CASE.model()
+    compiled = cachepass.compile(model, cfg(num_inference_steps=None), inner="aot_eager")
+    first = generate(CASE, compiled, STEPS)
+    first_stats = summary(model)
+    generate(CASE, compiled, STEPS)
+    assert summary(model) != first_stats  # steps 12..23 were counted on
+    assert max(cachepass.stats(model)[0].cached_steps) >= STEPS
+    cachepass.reset(model)
+    torch.testing.assert_close(generate(CASE, compiled, STEPS), first, atol=0, rtol=0)
+    assert summary(model) == first_stats
+
+
+def test_shape_change_recompiles_once_with_fresh_state():
+    model = CASE.model()
+    compiled = cachepass.compile(model, cfg(), inner="aot_eager")
+    counters.clear()
+    generate(CASE, compiled, STEPS)
+    small_stats = summary(model)
+    wide = lambda fn, x, sigma, kw: CASE.call(fn, torch.cat([x, x], dim=1), sigma, kw)[:, :16]  # noqa: E731
+    wide_case = type(CASE)(**{**CASE.__dict__, "call": wide})
+    wide_out = generate(wide_case, compiled, STEPS)
+    wide_stats = summary(model)
+    assert counters["stats"]["unique_graphs"] == 2
+
+    alone = CASE.model()
+    torch.testing.assert_close(generate(wide_case, cachepass.compile(alone, cfg(), inner="aot_eager"), STEPS), wide_out,
+                               atol=0, rtol=0)
+    assert summary(alone) == wide_stats  # no state leaked from the first shape
+    with torch.compiler.set_stance("fail_on_recompile"):
+        generate(CASE, compiled, STEPS)  # back to the first shape: its graph and its own state
+    assert summary(model) == small_stats
+
+
+def test_two_instances_share_the_graph_but_not_the_state():
+    """Dynamo reuses one graph for both models (Wan 2.2's two experts); each keeps its own cache state."""
+    first, second = CASE.model(), CASE.model()
+    with torch.no_grad():
+        for p in second.parameters():
+            p.mul_(1.01)
+    solo = {}
+    for name, model in (("first", first), ("second", second)):
+        solo[name] = generate(CASE, StepCacheReference(model, cfg()), STEPS)
+    compiled = {"first": cachepass.compile(first, cfg(), inner="aot_eager"),
+                "second": cachepass.compile(second, cfg(), inner="aot_eager")}
+    latents = {}
+    counters.clear()
+    # interleave the two generations call pair by call pair
+    for name in solo:
+        latents[name] = CASE.inputs(torch.Generator().manual_seed(1))
+    sigmas = torch.linspace(1.0, 0.0, STEPS + 1)
+    x = {name: latents[name][0] for name in solo}
+    with torch.no_grad():
+        for i in range(STEPS):
+            for name in solo:
+                _, cond, uncond = latents[name]
+                c = CASE.call(compiled[name], x[name], sigmas[i], cond)
+                u = CASE.call(compiled[name], x[name], sigmas[i], uncond)
+                x[name] = x[name] + (sigmas[i + 1] - sigmas[i]) * (u + 3.0 * (c - u))
+    assert counters["stats"]["unique_graphs"] == 1
+    for name in solo:
+        torch.testing.assert_close(x[name], solo[name], atol=1e-5, rtol=1e-5)
+    assert summary(first) != summary(second)
+
+
+def test_cfg_calls_with_different_shapes_are_refused():
+    model = CASE.model()
+    compiled = cachepass.compile(model, cfg(), inner="aot_eager")
+    latents, cond, _ = CASE.inputs(torch.Generator().manual_seed(0))
+    short = {"encoder_hidden_states": cond["encoder_hidden_states"][:, :3]}
+    with torch.no_grad():
+        CASE.call(compiled, latents, torch.tensor(1.0), cond)
+        with pytest.raises(CachepassError, match="two CFG calls of one step ran different compiled graphs"):
+            CASE.call(compiled, latents, torch.tensor(1.0), short)
+
+
+def test_reference_has_the_same_stats_and_reset_api():
+    model = CASE.model()
+    reference = StepCacheReference(model, cfg())
+    with pytest.raises(CachepassError, match="has not been called"):
+        cachepass.stats(reference)
+    out = generate(CASE, reference, STEPS)
+    stats = summary(reference)
+    cachepass.reset(reference)
+    assert all(not u.cached_steps for u in cachepass.stats(reference))
+    torch.testing.assert_close(generate(CASE, reference, STEPS), out, atol=0, rtol=0)
+    assert summary(reference) == stats
