@@ -1,7 +1,7 @@
-"""Translation of cache-dit 1.5 config objects into `StepCacheConfig` fields.
+"""Translation between cache-dit 1.5 config objects and `StepCacheConfig`.
 
-Read by attribute, so cache-dit itself is not imported here. Anything cachepass does not
-implement raises ``ValueError`` naming the cache-dit field, never silently ignored.
+cache-dit's objects are read by attribute (cache-dit is imported only to build them). Anything
+cachepass does not implement raises ``ValueError`` naming the cache-dit field, never silently ignored.
 """
 
 from __future__ import annotations
@@ -72,3 +72,39 @@ def _limit(value: int) -> int | None:
 
 def _unsupported(field: str, value: Any, allowed: str) -> None:
     raise ValueError(f"cache-dit config field {field}={value!r} is not supported by cachepass; allowed: {allowed}")
+
+
+def to_cache_dit_configs(cfg) -> tuple[Any, Any]:
+    """(DBCacheConfig, TaylorSeerCalibratorConfig or None) with the same semantics as ``cfg``."""
+    try:
+        from cache_dit import DBCacheConfig, TaylorSeerCalibratorConfig
+    except ImportError as e:
+        raise ImportError("StepCacheConfig.to_cache_dit needs cache-dit: pip install 'cachepass[cache-dit]'") from e
+    db = DBCacheConfig(
+        Fn_compute_blocks=cfg.num_head_blocks,
+        Bn_compute_blocks=cfg.num_tail_blocks,
+        residual_diff_threshold=cfg.threshold,
+        max_warmup_steps=cfg.warmup_steps,
+        warmup_interval=cfg.warmup_interval,
+        max_cached_steps=-1 if cfg.max_cached_steps is None else cfg.max_cached_steps,
+        max_continuous_cached_steps=-1 if cfg.max_continuous_cached_steps is None else cfg.max_continuous_cached_steps,
+        max_accumulated_residual_diff_threshold=cfg.max_accumulated_residual_diff,
+        enable_separate_cfg=cfg.separate_cfg,
+        cfg_compute_first=cfg.cfg_compute_first,
+        cfg_diff_compute_separate=cfg.cfg_diff_compute_separate,
+        num_inference_steps=cfg.num_inference_steps,
+        steps_computation_mask=None if cfg.steps_computation_mask is None else list(cfg.steps_computation_mask),
+        steps_computation_policy=cfg.steps_computation_policy.value,
+    )
+    hidden, encoder = cfg.taylorseer_order, cfg.resolved_encoder_taylorseer_order
+    if hidden == 0 and encoder == 0:
+        return db, None
+    if 0 not in (hidden, encoder) and hidden != encoder:
+        raise ValueError(
+            f"cache-dit has one TaylorSeer order; StepCacheConfig has taylorseer_order={hidden} and "
+            f"encoder_taylorseer_order={encoder}"
+        )
+    calibrator = TaylorSeerCalibratorConfig(
+        taylorseer_order=max(hidden, encoder), enable_calibrator=hidden > 0, enable_encoder_calibrator=encoder > 0
+    )
+    return db, calibrator

@@ -169,6 +169,12 @@ class StepCacheConfig:
 
         return cls(**convert_cache_dit_config(db_config, calibrator_config))
 
+    def to_cache_dit(self) -> tuple[Any, Any]:
+        """cache-dit's ``(DBCacheConfig, TaylorSeerCalibratorConfig or None)`` with the same semantics."""
+        from cachepass._cache_dit_config import to_cache_dit_configs
+
+        return to_cache_dit_configs(self)
+
 
 def _fail(field: str, value: Any, allowed: str) -> None:
     raise ValueError(f"StepCacheConfig.{field}={value!r} is invalid; allowed: {allowed}")

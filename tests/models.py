@@ -14,6 +14,8 @@ from typing import Callable
 import torch
 from torch import nn
 
+from cachepass.sampling import sample
+
 
 class ToyBlock(nn.Module):
     """AdaLN self-mixing block with cross-context, one stream (cache-dit ForwardPattern_2)."""
@@ -161,18 +163,5 @@ def generate(case: ModelCase, fn: Callable, num_steps: int, *, separate_cfg: boo
              uncond_first: bool = False, guidance: float = 3.0, seed: int = 1) -> torch.Tensor:
     """Euler flow matching from sigma 1 to 0; two calls per step with separate CFG."""
     latents, cond, uncond = case.inputs(torch.Generator().manual_seed(seed))
-    sigmas = torch.linspace(1.0, 0.0, num_steps + 1)
-    with torch.no_grad():
-        for i in range(num_steps):
-            if not separate_cfg:
-                velocity = case.call(fn, latents, sigmas[i], cond)
-            elif uncond_first:
-                velocity_uncond = case.call(fn, latents, sigmas[i], uncond)
-                velocity = case.call(fn, latents, sigmas[i], cond)
-            else:
-                velocity = case.call(fn, latents, sigmas[i], cond)
-                velocity_uncond = case.call(fn, latents, sigmas[i], uncond)
-            if separate_cfg:
-                velocity = velocity_uncond + guidance * (velocity - velocity_uncond)
-            latents = latents + (sigmas[i + 1] - sigmas[i]) * velocity
-    return latents
+    return sample(lambda x, sigma, kw: case.call(fn, x, sigma, kw), latents, cond, uncond if separate_cfg else None,
+                  num_steps, guidance=guidance, uncond_first=uncond_first)

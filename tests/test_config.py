@@ -8,7 +8,6 @@ from cache_dit import DBCacheConfig, DBPruneConfig, TaylorSeerCalibratorConfig
 import cachepass
 from cachepass import MaskPolicy, StepCacheConfig
 from cachepass.backend import Inner, parse_options
-from cache_dit_helpers import to_cache_dit
 
 
 @pytest.mark.parametrize(
@@ -90,7 +89,7 @@ def test_from_cache_dit_round_trips_every_supported_field():
         separate_cfg=True, cfg_compute_first=True, cfg_diff_compute_separate=False, num_inference_steps=6,
         steps_computation_mask=(1, 1, 0, 1, 0, 1), steps_computation_policy="static", taylorseer_order=2,
     )
-    assert StepCacheConfig.from_cache_dit(*to_cache_dit(cfg)) == cfg
+    assert StepCacheConfig.from_cache_dit(*cfg.to_cache_dit()) == cfg
 
 
 def test_from_cache_dit_maps_sentinels_and_calibrator_flags():
@@ -119,7 +118,7 @@ def test_options_accept_our_config_a_dict_or_cache_dit_objects():
     ours = StepCacheConfig(num_head_blocks=2, separate_cfg=True)
     assert parse_options({"config": ours}).config is ours
     assert parse_options({"config": {"num_head_blocks": 2, "separate_cfg": True}}).config == ours
-    db, _ = to_cache_dit(ours)
+    db, _ = ours.to_cache_dit()
     assert parse_options({"config": db}).config == ours
     taylor = parse_options({"config": db, "calibrator_config": TaylorSeerCalibratorConfig(taylorseer_order=1)})
     assert taylor.config.taylorseer_order == 1
@@ -148,3 +147,8 @@ def test_compile_checks_options_before_tracing():
 
     with pytest.raises(ValueError, match="inner='fast' is invalid"):
         cachepass.compile(torch.nn.Linear(2, 2), StepCacheConfig(), inner="fast")
+
+
+def test_to_cache_dit_refuses_two_different_taylorseer_orders():
+    with pytest.raises(ValueError, match="cache-dit has one TaylorSeer order"):
+        StepCacheConfig(taylorseer_order=1, encoder_taylorseer_order=2).to_cache_dit()

@@ -1,0 +1,212 @@
+"""Compile vs eager, cache-dit vs stepcache: every variant on one workload, in one process, on one device.
+
+    python -m bench.compare --workload wan-1.3b-33f --schedule static
+    python -m bench.compare --workload tiny --device cpu --repeats 1        # smoke test
+
+Each variant: a cold first generation (fresh Inductor / Triton caches, compile included), then
+``--repeats`` timed generations (median reported), one more under CUDA's sync debug mode to count
+host syncs, and quality of the final latents against the uncached eager run. Rows are merged into
+``bench/results/<device>-<date>.json`` (+ ``.md`` table, ``.png`` plot); a failed variant is a row
+with status "failed" and its error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import logging
+import os
+import re
+import sys
+import traceback
+
+# cachepass makes each block list its own cache unit; cache-dit does the same in this mode
+# (its default merges FLUX.1's two lists into one). Set before cache_dit is imported.
+os.environ.setdefault("CACHE_DIT_FLUX_ENABLE_DUMMY_BLOCKS", "0")
+
+import torch  # noqa: E402
+from torch._dynamo.utils import counters  # noqa: E402
+
+import cachepass  # noqa: E402
+from bench import report  # noqa: E402
+from bench.timing import count_syncs, fresh_compile_caches, median, peak_memory_gb, reset_peak_memory, timed  # noqa: E402
+from bench.variants import VARIANTS, Context, call_schedule  # noqa: E402
+from bench.workloads import STATIC_MASK, WORKLOADS  # noqa: E402
+from cachepass.quality import compare  # noqa: E402
+from cachepass.sampling import sample  # noqa: E402
+
+log = logging.getLogger("bench")
+
+
+def step_config(workload, schedule: str, threshold: float) -> cachepass.StepCacheConfig:
+    common = dict(num_head_blocks=workload.head, num_tail_blocks=workload.tail, separate_cfg=workload.separate_cfg,
+                  num_inference_steps=workload.num_steps)
+    if schedule == "static":
+        return cachepass.StepCacheConfig(**common, threshold=threshold, warmup_steps=4,
+                                         steps_computation_mask=STATIC_MASK, steps_computation_policy="static")
+    return cachepass.StepCacheConfig(**common, threshold=threshold, warmup_steps=4)
+
+
+def generation(ctx: Context, prepared, inputs, progress=None):
+    latents, cond, uncond = inputs
+    prepared.before_generation()
+
+    def velocity(x, sigma, kwargs):
+        if progress is not None:
+            progress.update(1)
+        return ctx.workload.call(prepared.fn, x, sigma, kwargs)
+
+    w = ctx.workload
+    return sample(velocity, latents, cond, uncond, w.num_steps, guidance=w.guidance, shift=w.shift)
+
+
+def run_variant(name: str, ctx: Context, inputs, reference, args, device, progress_factory) -> dict:
+    row = {"variant": name}
+    prepared = None
+    try:
+        with fresh_compile_caches():
+            counters.clear()
+            prepared = VARIANTS[name](ctx)
+            with progress_factory(f"{name} (cold)") as bar:
+                out, row["cold_start_s"] = timed(lambda: generation(ctx, prepared, inputs, bar), device)
+            graphs = counters["stats"]["unique_graphs"]
+            row["graph_count"] = graphs
+            row["graph_breaks"] = sum(counters["graph_break"].values())
+            reset_peak_memory(device)
+            times = []
+            for i in range(args.repeats):
+                with progress_factory(f"{name} ({i + 1}/{args.repeats})") as bar:
+                    out, seconds = timed(lambda: generation(ctx, prepared, inputs, bar), device)
+                times.append(seconds)
+            row["peak_mem_gb"] = peak_memory_gb(device)
+            row["median_s"], row["times_s"] = median(times), times
+            syncs = count_syncs(lambda: generation(ctx, prepared, inputs), device)
+            calls = ctx.workload.num_steps * (2 if ctx.workload.separate_cfg else 1)
+            row["syncs_per_call"] = None if syncs is None else syncs / calls
+            row["recompiles"] = counters["stats"]["unique_graphs"] - graphs
+            decisions = prepared.decisions()
+            row["cached_steps"] = None if decisions is None else sum(len(a) + len(b) for a, b in decisions)
+            row["decisions"] = decisions
+            if reference is not None and name != "ideal":  # ideal drops the middle blocks: a timing bound only
+                q = compare(ctx.workload.images(out), ctx.workload.images(reference))
+                row.update(psnr=q.psnr, ssim=q.ssim, rel_l2=q.rel_l2)
+            row["status"] = "ok"
+            row["_output"] = out
+    except Exception as e:  # a failing variant is a row, never dropped
+        log.error("variant %s failed:\n%s", name, traceback.format_exc())
+        row.update(status="failed", error=f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}")
+    finally:
+        if prepared is not None:
+            prepared.cleanup()
+        del prepared
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return row
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workload", choices=sorted(WORKLOADS), required=True)
+    parser.add_argument("--schedule", choices=["static", "dynamic"], default="static")
+    parser.add_argument("--threshold", type=float, default=0.08, help="residual diff threshold (dynamic schedule)")
+    parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset, in run order")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--compile-backend", default="inductor", help="backend of the non-stepcache torch.compile variants")
+    parser.add_argument("--out", default="bench/results")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    names = [v for v in args.variants.split(",") if v]
+    unknown = [v for v in names if v not in VARIANTS]
+    if unknown:
+        parser.error(f"unknown variant(s) {unknown}; choose from {list(VARIANTS)}")
+    if args.repeats < 1:
+        parser.error("--repeats must be >= 1")
+
+    device = torch.device(args.device)
+    workload = WORKLOADS[args.workload]
+    torch.manual_seed(0)
+    with torch.device(device), _default_dtype(workload.dtype):
+        model = workload.build()
+    model.requires_grad_(False)
+    inputs = workload.inputs(torch.Generator().manual_seed(1), device, workload.dtype)
+    ctx = Context(workload, model, step_config(workload, args.schedule, args.threshold), args.compile_backend)
+    progress_factory = _progress(workload.num_steps * (2 if workload.separate_cfg else 1))
+
+    rows, reference = [], None
+    with torch.no_grad():
+        for name in names:
+            row = run_variant(name, ctx, inputs, reference, args, device, progress_factory)
+            if name == "eager" and row["status"] == "ok":
+                reference = row["_output"]
+                row.update(psnr=None, ssim=None, rel_l2=None)
+            if row.get("decisions") is not None and "schedule" not in ctx.shared and name.startswith(("stepcache", "cache-dit")):
+                ctx.shared["decisions"] = row["decisions"]
+                ctx.shared["schedule"] = call_schedule(row["decisions"], workload.num_steps, 2 if workload.separate_cfg else 1)
+            row.pop("_output", None)
+            rows.append(row)
+            log.info("%s: %s", name, {k: v for k, v in row.items() if k not in ("decisions", "times_s")})
+
+    meta = {
+        "workload": workload.name, "schedule": args.schedule, "device": _device_name(device),
+        "torch": torch.__version__, "date": datetime.date.today().isoformat(), "note": workload.note,
+        "config": repr(ctx.config), "repeats": args.repeats,
+        "command": "python -m bench.compare " + " ".join(sys.argv[1:] if argv is None else argv),
+    }
+    rows = [report.finish_row(row, rows, meta) for row in rows]
+    paths = report.write(rows, args.out)
+    print(report.table([r for r in rows]))
+    print("wrote", ", ".join(paths))
+    return 0
+
+
+class _default_dtype:
+    def __init__(self, dtype):
+        self.dtype = dtype
+
+    def __enter__(self):
+        self.saved = torch.get_default_dtype()
+        torch.set_default_dtype(self.dtype)
+
+    def __exit__(self, *exc):
+        torch.set_default_dtype(self.saved)
+
+
+def _progress(total_calls: int):
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        tqdm = None
+
+    class Bar:
+        def __init__(self, label):
+            self.bar = tqdm(total=total_calls, desc=label, unit="call", leave=False) if tqdm else None
+
+        def __enter__(self):
+            return self
+
+        def update(self, n):
+            if self.bar is not None:
+                self.bar.update(n)
+
+        def __exit__(self, *exc):
+            if self.bar is not None:
+                self.bar.close()
+
+    return Bar
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return "cpu"
+
+
+def device_slug(name: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,65 @@
+"""Shared timing helpers: synchronised wall-clock, fresh compile caches, CUDA sync counting, peak memory."""
+
+from __future__ import annotations
+
+import contextlib
+import statistics
+import time
+import warnings
+from typing import Callable, Iterator
+
+import torch
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn: Callable, device: torch.device):
+    """(result, seconds) of ``fn()``, the device synchronised before and after."""
+    synchronize(device)
+    start = time.perf_counter()
+    result = fn()
+    synchronize(device)
+    return result, time.perf_counter() - start
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values)
+
+
+@contextlib.contextmanager
+def fresh_compile_caches() -> Iterator[None]:
+    """Empty Inductor and Triton cache dirs and in-memory caches: the next compile is a cold start."""
+    from torch._inductor import utils
+
+    fresh = getattr(utils, "fresh_cache", None) or utils.fresh_inductor_cache
+    torch._dynamo.reset()
+    with fresh():
+        yield
+    torch._dynamo.reset()
+
+
+def count_syncs(fn: Callable, device: torch.device) -> int | None:
+    """Host-device synchronisations ``fn()`` triggers (CUDA's sync debug mode); None off CUDA."""
+    if device.type != "cuda":
+        return None
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn()
+            synchronize(device)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sum("synchroniz" in str(w.message) for w in caught)
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_memory_gb(device: torch.device) -> float | None:
+    return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None

@@ -1,0 +1,135 @@
+"""The compared setups. Each builds a callable from the workload's model; cached ones report decisions.
+
+cache-dit variants follow its docs and CLI: ``enable_cache`` on the transformer, then either
+``torch.compile`` of the whole transformer or ``compile_repeated_blocks()``, both after
+``cache_dit.set_compile_configs()`` (its recommended Inductor settings, restored afterwards).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+import cachepass
+from bench.workloads import Workload
+
+
+@dataclasses.dataclass
+class Context:
+    workload: Workload
+    model: nn.Module
+    config: cachepass.StepCacheConfig
+    compile_backend: str
+    shared: dict = dataclasses.field(default_factory=dict)  # e.g. the compiled full model, decisions
+
+
+@dataclasses.dataclass
+class Prepared:
+    fn: Callable
+    before_generation: Callable[[], None] = lambda: None
+    decisions: Callable[[], list[tuple[list[int], list[int]]] | None] = lambda: None  # per unit: cached steps per stream
+    cleanup: Callable[[], None] = lambda: None
+
+
+def _compile(ctx: Context, model, mode: str | None = None, fullgraph: bool = True):
+    if mode is not None and ctx.compile_backend != "inductor":
+        raise RuntimeError(f"mode={mode!r} needs the inductor backend (got --compile-backend {ctx.compile_backend})")
+    return torch.compile(model, backend=ctx.compile_backend, mode=mode, fullgraph=fullgraph, dynamic=False)
+
+
+def eager(ctx: Context) -> Prepared:
+    return Prepared(ctx.model)
+
+
+def compiled(ctx: Context, mode: str | None = None) -> Prepared:
+    fn = _compile(ctx, ctx.model, mode)
+    if mode is None:
+        ctx.shared["compiled_full"] = fn
+    return Prepared(fn)
+
+
+def cache_dit_variant(ctx: Context, compile_how: str | None = None) -> Prepared:
+    import cache_dit
+
+    model = copy.deepcopy(ctx.model)
+    db, taylor = ctx.config.to_cache_dit()
+    cache_dit.enable_cache(model, cache_config=db, calibrator_config=taylor)
+    fn: Any = model
+    saved = None
+    if compile_how is not None:
+        saved = (torch._dynamo.config.save_config(), torch._inductor.config.save_config())
+        cache_dit.set_compile_configs()
+        if compile_how == "whole":
+            fn = torch.compile(model, backend=ctx.compile_backend)
+        else:
+            model.compile_repeated_blocks(backend=ctx.compile_backend)
+
+    def decisions():
+        manager = model._context_manager
+        return [
+            (manager.get_context(n).get_cached_steps(), manager.get_context(n).get_cfg_cached_steps())
+            for n in model._context_names
+        ]
+
+    def cleanup():
+        if saved is not None:
+            torch._dynamo.config.load_config(saved[0])
+            torch._inductor.config.load_config(saved[1])
+
+    return Prepared(fn, lambda: cache_dit.refresh_context(model), decisions, cleanup)
+
+
+def stepcache(ctx: Context, inner: str = "inductor", mode: str | None = None) -> Prepared:
+    fn = cachepass.compile(ctx.model, ctx.config, inner=inner, mode=mode)
+
+    def decisions():
+        return [(u.cached_steps, u.cfg_cached_steps) for u in cachepass.stats(ctx.model)]
+
+    return Prepared(fn, decisions=decisions)
+
+
+def ideal(ctx: Context) -> Prepared:
+    """Every computed call on the compiled full model, every cached call on the compiled head-only model."""
+    schedule = ctx.shared.get("schedule")
+    if schedule is None:
+        raise RuntimeError("no cache decisions to replay (stepcache and cache-dit variants both failed)")
+    full = ctx.shared.get("compiled_full")
+    if full is None:
+        full = _compile(ctx, ctx.model)
+    head = _compile(ctx, ctx.workload.head_only(ctx.model))
+    calls = {"n": 0}
+
+    def dispatch(*args, **kwargs):
+        cached = schedule[calls["n"] % len(schedule)]
+        calls["n"] += 1
+        return (head if cached else full)(*args, **kwargs)
+
+    return Prepared(dispatch, before_generation=lambda: calls.update(n=0), decisions=lambda: ctx.shared.get("decisions"))
+
+
+def call_schedule(decisions: list[tuple[list[int], list[int]]], num_steps: int, streams: int) -> list[bool]:
+    """Per transformer call of a generation (conditional first): cached in every unit?"""
+    schedule = []
+    for step in range(num_steps):
+        for stream in range(streams):
+            schedule.append(all(step in unit[stream] for unit in decisions))
+    return schedule
+
+
+VARIANTS: dict[str, Callable[[Context], Prepared]] = {
+    "eager": eager,
+    "compile": compiled,
+    "compile-reduce-overhead": lambda ctx: compiled(ctx, "reduce-overhead"),
+    "cache-dit": cache_dit_variant,
+    "cache-dit+compile": lambda ctx: cache_dit_variant(ctx, "whole"),
+    "cache-dit+compiled-blocks": lambda ctx: cache_dit_variant(ctx, "blocks"),
+    "stepcache": stepcache,
+    "stepcache-reduce-overhead": lambda ctx: stepcache(ctx, mode="reduce-overhead"),
+    "stepcache-aot_eager": lambda ctx: stepcache(ctx, inner="aot_eager"),
+    "stepcache-eager": lambda ctx: stepcache(ctx, inner="eager"),
+    "ideal": ideal,
+}

@@ -1,0 +1,147 @@
+"""Benchmark workloads: real model configurations with random bf16 weights (nothing downloaded).
+
+A workload knows how to build its transformer, make deterministic inputs, call the model for one
+velocity, turn final latents into images for quality metrics, and which block lists a head-only
+model keeps.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from typing import Callable
+
+import torch
+from torch import nn
+
+# Wan2.1-T2V-1.3B, transformer/config.json
+WAN_1_3B = dict(
+    patch_size=(1, 2, 2), num_attention_heads=12, attention_head_dim=128, in_channels=16, out_channels=16,
+    text_dim=4096, freq_dim=256, ffn_dim=8960, num_layers=30, cross_attn_norm=True,
+    qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024,
+)
+# FLUX.1-dev, transformer/config.json
+FLUX_DEV = dict(
+    patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
+    num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
+    axes_dims_rope=(16, 56, 56),
+)
+# the tests' tiny Wan: the smoke-test workload of this script
+WAN_TINY = dict(
+    patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=4,
+    text_dim=16, freq_dim=16, ffn_dim=32, num_layers=5, cross_attn_norm=True,
+    qk_norm="rms_norm_across_heads", rope_max_seq_len=32,
+)
+
+STATIC_MASK = (1, 1, 1, 1, 0, 0, 1, 0, 0, 1, 0, 0, 1, 0, 0, 1)
+
+
+@dataclasses.dataclass
+class Workload:
+    name: str
+    build: Callable[[], nn.Module]  # on the current default device and dtype
+    inputs: Callable[[torch.Generator, torch.device, torch.dtype], tuple[torch.Tensor, dict, dict | None]]
+    call: Callable  # (fn, latents, sigma, kwargs) -> velocity
+    images: Callable[[torch.Tensor], torch.Tensor]  # latents -> [N, 1, H, W] channel images
+    block_lists: tuple[str, ...]
+    num_steps: int = 16
+    head: int = 8
+    tail: int = 0
+    shift: float = 1.0
+    guidance: float = 5.0
+    dtype: torch.dtype = torch.bfloat16
+    note: str = ""
+
+    @property
+    def separate_cfg(self) -> bool:
+        return self.name.startswith(("wan", "tiny"))
+
+    def head_only(self, model: nn.Module) -> nn.Module:
+        """The model with each block list cut to its head and tail blocks: the cost of a cached call."""
+        trimmed = copy.copy(model)
+        trimmed._modules = dict(model._modules)
+        for name in self.block_lists:
+            blocks = getattr(model, name)
+            keep = list(blocks[: self.head]) + (list(blocks[len(blocks) - self.tail:]) if self.tail else [])
+            trimmed._modules[name] = nn.ModuleList(keep)
+        return trimmed
+
+
+def _wan_inputs(frames: int, height: int, width: int, text_dim: int, channels: int = 16, text_len: int = 512):
+    latent_frames = (frames - 1) // 4 + 1
+
+    def make(g, device, dtype):
+        latents = torch.randn(1, channels, latent_frames, height // 8, width // 8, generator=g).to(device, dtype)
+        prompt = lambda: {"encoder_hidden_states": torch.randn(1, text_len, text_dim, generator=g).to(device, dtype)}  # noqa: E731
+        return latents, prompt(), prompt()
+
+    return make
+
+
+def _wan_call(fn, latents, sigma, kwargs):
+    timestep = (sigma * 1000).to(latents.device, torch.float32).reshape(1)
+    return fn(hidden_states=latents, timestep=timestep, return_dict=False, **kwargs)[0]
+
+
+def _video_channels(latents: torch.Tensor) -> torch.Tensor:
+    _, c, f, h, w = latents.shape
+    return latents.float().permute(0, 2, 1, 3, 4).reshape(f * c, 1, h, w)
+
+
+def _flux_inputs(g, device, dtype):
+    side = 1024 // 16  # 1024 px -> 128 latent px -> 64 x 64 packed 2x2 patches = 4096 tokens
+    rows, cols = torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij")
+    img_ids = torch.stack([torch.zeros_like(rows), rows, cols], dim=-1).reshape(-1, 3).to(device, dtype)
+    cond = {
+        "encoder_hidden_states": torch.randn(1, 512, 4096, generator=g).to(device, dtype),
+        "pooled_projections": torch.randn(1, 768, generator=g).to(device, dtype),
+        "img_ids": img_ids,
+        "txt_ids": torch.zeros(512, 3, device=device, dtype=dtype),
+        "guidance": torch.tensor([3.5], device=device, dtype=torch.float32),
+    }
+    return torch.randn(1, side * side, 64, generator=g).to(device, dtype), cond, None
+
+
+def _flux_call(fn, latents, sigma, kwargs):
+    timestep = sigma.to(latents.device, torch.float32).reshape(1)
+    return fn(hidden_states=latents, timestep=timestep, return_dict=False, **kwargs)[0]
+
+
+def _flux_images(latents: torch.Tensor) -> torch.Tensor:
+    side = int(latents.shape[1] ** 0.5)
+    packed = latents.float().reshape(1, side, side, 16, 2, 2).permute(0, 3, 1, 4, 2, 5)
+    return packed.reshape(16, 1, side * 2, side * 2)
+
+
+def _diffusers(cls_name: str, config: dict):
+    def build():
+        import diffusers
+
+        return getattr(diffusers, cls_name)(**config).eval()
+
+    return build
+
+
+WORKLOADS = {
+    "wan-1.3b-33f": Workload(
+        "wan-1.3b-33f", _diffusers("WanTransformer3DModel", WAN_1_3B), _wan_inputs(33, 480, 832, 4096),
+        _wan_call, _video_channels, ("blocks",), shift=3.0,
+        note="Wan2.1-T2V-1.3B config, 480x832, 33 frames (9 latent frames, 14040 tokens)",
+    ),
+    "wan-1.3b-1f": Workload(
+        "wan-1.3b-1f", _diffusers("WanTransformer3DModel", WAN_1_3B), _wan_inputs(1, 480, 832, 4096),
+        _wan_call, _video_channels, ("blocks",), shift=3.0,
+        note="Wan2.1-T2V-1.3B config, 480x832, 1 frame (1560 tokens)",
+    ),
+    "flux-1024": Workload(
+        "flux-1024", _diffusers("FluxTransformer2DModel", FLUX_DEV), _flux_inputs, _flux_call, _flux_images,
+        ("transformer_blocks", "single_transformer_blocks"), shift=3.0,
+        note="FLUX.1-dev config (19 double + 38 single blocks, full depth), 1024x1024 (4096 tokens), "
+             "guidance-distilled: one call per step",
+    ),
+    "tiny": Workload(
+        "tiny", _diffusers("WanTransformer3DModel", WAN_TINY), _wan_inputs(9, 64, 64, 16, channels=4, text_len=16),
+        _wan_call, _video_channels, ("blocks",), head=2, dtype=torch.float32,
+        note="tiny Wan (5 blocks), fp32: smoke test of the script",
+    ),
+}

@@ -1,0 +1,41 @@
+"""Smoke test of bench/compare.py on the tiny workload (CPU): rows, files, failed rows, decisions."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+from bench.report import REQUIRED
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_compare_writes_json_table_and_plot(tmp_path):
+    variants = "eager,cache-dit,stepcache-aot_eager,compile-reduce-overhead,ideal"
+    command = [sys.executable, "-m", "bench.compare", "--workload", "tiny", "--device", "cpu", "--repeats", "1",
+               "--compile-backend", "aot_eager", "--variants", variants, "--out", str(tmp_path)]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (json_path,) = tmp_path.glob("cpu-*.json")
+    rows = {r["variant"]: r for r in json.loads(json_path.read_text())}
+    assert list(rows) == variants.split(",")
+    for row in rows.values():
+        assert set(REQUIRED) <= set(row), set(REQUIRED) - set(row)
+        assert row["workload"] == "tiny" and row["device"] == "cpu"
+    # a variant that cannot run is a failed row with its error, not a missing one
+    assert rows["compile-reduce-overhead"]["status"] == "failed"
+    assert "needs the inductor backend" in rows["compile-reduce-overhead"]["error"]
+    ok = [r for name, r in rows.items() if name != "compile-reduce-overhead"]
+    assert all(r["status"] == "ok" and r["median_s"] > 0 for r in ok)
+    assert rows["eager"]["speedup_vs_eager"] == 1.0
+    assert rows["ideal"]["ratio_to_ideal"] == 1.0
+    # static mask: 8 of 16 steps cached in each CFG stream, identical in cache-dit and stepcache
+    assert rows["cache-dit"]["cached_steps"] == rows["stepcache-aot_eager"]["cached_steps"] == 16
+    assert rows["stepcache-aot_eager"]["matches_cache_dit"] is True
+    assert rows["stepcache-aot_eager"]["graph_breaks"] == 0 and rows["stepcache-aot_eager"]["recompiles"] == 0
+    assert 20 < rows["stepcache-aot_eager"]["psnr"] and rows["stepcache-aot_eager"]["rel_l2"] < 0.1
+    table = json_path.with_suffix(".md").read_text()
+    assert "| stepcache-aot_eager | ok |" in table and "failed: RuntimeError" in table
+    assert json_path.with_suffix(".png").stat().st_size > 10_000
