@@ -135,7 +135,13 @@ def main(argv=None) -> int:
     ctx = Context(workload, model, step_config(workload, args.schedule, args.threshold), args.compile_backend)
     progress_factory = _progress(workload.num_steps * (2 if workload.separate_cfg else 1))
 
-    rows, reference = [], None
+    meta = {
+        "workload": workload.name, "schedule": args.schedule, "device": _device_name(device),
+        "torch": torch.__version__, "date": datetime.date.today().isoformat(), "note": workload.note,
+        "config": repr(ctx.config), "repeats": args.repeats,
+        "command": "python -m bench.compare " + " ".join(sys.argv[1:] if argv is None else argv),
+    }
+    rows, reference, paths = [], None, []
     with torch.no_grad():
         for name in names:
             row = run_variant(name, ctx, inputs, reference, args, device, progress_factory)
@@ -148,16 +154,9 @@ def main(argv=None) -> int:
             row.pop("_output", None)
             rows.append(row)
             log.info("%s: %s", name, {k: v for k, v in row.items() if k not in ("decisions", "times_s")})
-
-    meta = {
-        "workload": workload.name, "schedule": args.schedule, "device": _device_name(device),
-        "torch": torch.__version__, "date": datetime.date.today().isoformat(), "note": workload.note,
-        "config": repr(ctx.config), "repeats": args.repeats,
-        "command": "python -m bench.compare " + " ".join(sys.argv[1:] if argv is None else argv),
-    }
-    rows = [report.finish_row(row, rows, meta) for row in rows]
-    paths = report.write(rows, args.out)
-    print(report.table([r for r in rows]))
+            finished = [report.finish_row(r, rows, meta) for r in rows]
+            paths = report.write(finished, args.out)  # after every variant: a cut-off run keeps its rows
+    print(report.table(finished))
     print("wrote", ", ".join(paths))
     return 0
 

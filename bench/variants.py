@@ -45,11 +45,21 @@ def eager(ctx: Context) -> Prepared:
     return Prepared(ctx.model)
 
 
+def _cloning(fn):
+    """CUDA-graph outputs are overwritten by the next replay; the CFG loop keeps one across a call."""
+
+    def call(*args, **kwargs):
+        return tuple(t.clone() for t in fn(*args, **kwargs))
+
+    return call
+
+
 def compiled(ctx: Context, mode: str | None = None) -> Prepared:
     fn = _compile(ctx, ctx.model, mode)
     if mode is None:
         ctx.shared["compiled_full"] = fn
-    return Prepared(fn)
+        return Prepared(fn)
+    return Prepared(_cloning(fn))
 
 
 def cache_dit_variant(ctx: Context, compile_how: str | None = None) -> Prepared:
@@ -89,7 +99,7 @@ def stepcache(ctx: Context, inner: str = "inductor", mode: str | None = None) ->
     def decisions():
         return [(u.cached_steps, u.cfg_cached_steps) for u in cachepass.stats(ctx.model)]
 
-    return Prepared(fn, decisions=decisions)
+    return Prepared(fn if mode is None else _cloning(fn), decisions=decisions)
 
 
 def ideal(ctx: Context) -> Prepared:

@@ -130,8 +130,22 @@ def stepcache(gm: fx.GraphModule, example_inputs: Sequence[Any], *, mode: str | 
     states = StateSet(layout, units[0].hidden.device, _anchor_index(example_inputs), gm)
     log.info("stepcache: %d cache unit(s) (%s), %.1f MiB of state per model instance, inner=%s",
              len(units), ", ".join(u.name for u in units), layout.nbytes / 2**20, opts.inner.value)
-    compiled = _inner_compile(gm, [*example_inputs, *states.for_call(example_inputs).tensors], opts)
+    state_inputs = _static_example_inputs(example_inputs, states.for_call(example_inputs).tensors)
+    compiled = _inner_compile(gm, [*example_inputs, *state_inputs], opts)
     return _with_state(compiled, states)
+
+
+def _static_example_inputs(example_inputs: Sequence[Any], state: list[torch.Tensor]) -> list:
+    """The state as fake tensors with static shapes, from Dynamo's fake mode.
+
+    AOTAutograd gives real example inputs it has no Dynamo context for symbolic sizes (torch 2.11),
+    and the guards Inductor then emits on them have no source: Dynamo fails building its guards.
+    """
+    fake_mode = torch._guards.detect_fake_mode(example_inputs)
+    if fake_mode is None:
+        return state
+    with fake_mode:
+        return [fake_mode.from_tensor(t, static_shapes=True) for t in state]
 
 
 def _anchor_index(example_inputs: Sequence[Any]) -> int | None:

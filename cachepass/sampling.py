@@ -24,7 +24,7 @@ def flow_sigmas(num_steps: int, shift: float = 1.0) -> torch.Tensor:
 def sample(velocity: Velocity, latents: torch.Tensor, cond: Mapping, uncond: Mapping | None, num_steps: int, *,
            guidance: float = 5.0, shift: float = 1.0, uncond_first: bool = False) -> torch.Tensor:
     """Integrate dx/dsigma = v from sigma 1 (noise) to 0; ``uncond=None`` means one call per step."""
-    sigmas = flow_sigmas(num_steps, shift)
+    sigmas = flow_sigmas(num_steps, shift).to(latents.device)  # on device: no host sync per call
     for i in range(num_steps):
         sigma = sigmas[i]
         if uncond is None:

@@ -11,7 +11,7 @@ Output: the same graph with
   budgets, ``mean|R_prev - R| / mean|R_prev| < threshold``), then
   ``torch.ops.higher_order.cond(hit, cached, compute, operands)`` where *compute* runs the middle
   blocks and *cached* returns ``H_F + TaylorSeer(R_M)`` per carried slot, then the state update
-  (``where``-selected new values written with ``copy_`` / ``index_copy_``);
+  (``where``-selected new values written back with ``copy_``);
 * the clock advance, last before the output.
 
 No ``.item()`` and no host-side branch is emitted: Dynamo never sees a changing Python value.
@@ -72,6 +72,24 @@ def _at(x: Proxy, index: Proxy) -> Proxy:
     return torch.index_select(x, 0, index.reshape(1)).squeeze(0)
 
 
+def _pick_stream(x: Proxy, stream: Proxy, num_streams: int) -> Proxy:
+    """``x[stream]`` over the (at most two) CFG streams by ``where`` on static slices.
+
+    No indirect indexing into the large buffers: elementwise kernels read them directly (and
+    Inductor 2.11's CPU codegen mishandles a gather inside a transposed tile).
+    """
+    picked = x[0]
+    for s in range(1, num_streams):
+        picked = torch.where(stream == s, x[s], picked)
+    return picked
+
+
+def _write_stream(state: Proxy, clock: "Clock", value: Proxy, when: Proxy) -> None:
+    """``state[stream] = value`` where ``when`` holds, as one masked full-buffer ``copy_``."""
+    mask = clock.stream_mask.reshape(-1, *([1] * (len(state.node.meta["stepcache_shape"]) - 1))) & when
+    state.copy_(torch.where(mask, value.unsqueeze(0), state))
+
+
 # ---------------------------------------------------------------------------- placeholders
 def _add_state_placeholders(graph: fx.Graph, layout: StateLayout) -> dict[str, fx.Node]:
     last = [n for n in graph.nodes if n.op == "placeholder"][-1]
@@ -79,6 +97,7 @@ def _add_state_placeholders(graph: fx.Graph, layout: StateLayout) -> dict[str, f
     with graph.inserting_after(last):
         for spec in reversed(layout.specs):  # inserting_after a fixed node: reverse keeps order
             nodes[spec.name] = graph.placeholder("stepcache_" + spec.name.replace(".", "_"))
+            nodes[spec.name].meta["stepcache_shape"] = spec.shape
     return {spec.name: nodes[spec.name] for spec in layout.specs}
 
 
@@ -147,7 +166,7 @@ class _UnitState:
         return self.effective[name]
 
     def current(self, name: str) -> Proxy:
-        return _at(self.vector(name), self.clock.stream)
+        return _pick_stream(self.vector(name), self.clock.stream, self.layout.config.num_streams)
 
     def set_current(self, name: str, value) -> None:
         """Write ``value`` into the current stream's entry (row for [S, K] tensors)."""
@@ -180,7 +199,7 @@ def _rewrite_unit(gm, call: fx.Node, unit: OutlinedUnit, layout: StateLayout, cl
         h_in = Proxy(call.args[0], tracer)
         h_f = Proxy(region_inputs[hidden.input_position], tracer)
         residual = h_f - h_in
-        prev = _at(us.raw("prev_residual"), clock.stream)
+        prev = _pick_stream(us.raw("prev_residual"), clock.stream, cfg.num_streams)
         hit, diff, considered = _decide(cfg, us, residual, prev)
 
         elapsed = clock.step - us.current("last_compute_step")
@@ -207,8 +226,7 @@ def _rewrite_unit(gm, call: fx.Node, unit: OutlinedUnit, layout: StateLayout, cl
         _update_counters(us, clock, hit, diff, considered)
         us.set_current("has_prev", us.current("has_prev") | computed)
         us.set_current("last_compute_step", torch.where(computed, clock.step, us.current("last_compute_step")))
-        prev_state = us.raw("prev_residual")
-        prev_state.index_copy_(0, clock.stream.reshape(1), torch.where(computed, residual, prev).unsqueeze(0))
+        _write_stream(us.raw("prev_residual"), clock, residual, computed)
         for slot, out in zip(spec.slots, outs):
             head_out = Proxy(region_inputs[slot.input_position], tracer)
             _update_taylor(us, slot.slot, layout.taylor_order(slot.role), out - head_out, computed, clock)
@@ -273,7 +291,7 @@ def _update_taylor(us: _UnitState, slot: int, order: int, y: Proxy, computed: Pr
     derivatives start at step 3 (its ``current_step > 1``); matched here.
     """
     terms_state = us.raw(f"slot{slot}.terms")
-    old = _at(terms_state, clock.stream)
+    old = _pick_stream(terms_state, clock.stream, us.layout.config.num_streams)
     old_valid = us.current(f"slot{slot}.valid")
     window = (clock.step - us.current("last_compute_step")).clamp(min=1)
     terms, valid = [y], [torch.ones_like(computed)]
@@ -281,7 +299,7 @@ def _update_taylor(us: _UnitState, slot: int, order: int, y: Proxy, computed: Pr
         terms.append((terms[i] - old[i]) / window)
         valid.append(valid[i] & old_valid[i] & (clock.step > 2))
     new = torch.stack(terms)
-    terms_state.index_copy_(0, clock.stream.reshape(1), torch.where(computed, new, old).unsqueeze(0))
+    _write_stream(terms_state, clock, new, computed)
     us.set_current(f"slot{slot}.valid", torch.where(computed, torch.stack(valid), old_valid))
 
 
@@ -362,7 +380,7 @@ def _cached_branch(spec: UnitSpec, layout: StateLayout, region_values: list) -> 
     results = []
     for slot, (terms, valid) in zip(spec.slots, taylor):
         order = layout.taylor_order(slot.role)
-        terms, valid = _at(terms, stream), _at(valid, stream)
+        terms, valid = _pick_stream(terms, stream, layout.config.num_streams), _pick_stream(valid, stream, layout.config.num_streams)
         approx = terms[0]
         for i in range(1, order + 1):
             term = terms[i] * (1 / math.factorial(i)) * elapsed**i

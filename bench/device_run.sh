@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Run bench.compare on the lent GPU as one detached process that outlives a 10-minute device call,
+# and collect its results from the next calls (the machine stays held while calls follow each other).
+#   bash bench/device_run.sh start "--workload wan-1.3b-33f --schedule static;--workload wan-1.3b-1f"
+#   bash bench/device_run.sh wait 560      # repeat until it prints "done"; copies results to $OUT
+set -u
+dir=/tmp/stepcache-bench
+case "$1" in
+  start)
+    mkdir -p "$dir/results" && rm -f "$dir/done"
+    setsid nohup bash -c 'IFS=";"; for run in $1; do eval "python3 -m bench.compare $run --out $2/results"; done; touch $2/done' \
+      _ "$2" "$dir" > "$dir/log" 2>&1 < /dev/null &
+    echo "started: $2" ;;
+  wait)
+    end=$((SECONDS + $2))
+    while [ ! -f "$dir/done" ] && [ $SECONDS -lt $end ]; do sleep 5; done
+    grep -v "call/s\|it/s\]" "$dir/log" | grep -E "^\||INFO bench|ERROR|wrote|Traceback" | tail -n 60
+    cp "$dir"/results/* "${OUT:?}/" 2>/dev/null; cp "$dir/log" "$OUT/bench.log"
+    if [ -f "$dir/done" ]; then echo done; else echo running; fi ;;
+esac
