@@ -88,6 +88,8 @@ def run_variant(name: str, ctx: Context, inputs, reference, args, device, progre
             decisions = prepared.decisions()
             row["cached_steps"] = None if decisions is None else sum(len(a) + len(b) for a, b in decisions)
             row["decisions"] = decisions
+            if name.startswith("stepcache"):
+                row["residual_diffs"] = ctx.shared.get("residual_diffs")
             if reference is not None and name != "ideal":  # ideal drops the middle blocks: a timing bound only
                 q = compare(ctx.workload.images(out), ctx.workload.images(reference))
                 row.update(psnr=q.psnr, ssim=q.ssim, rel_l2=q.rel_l2)

@@ -5,6 +5,7 @@
 #   bash bench/device_run.sh wait 560      # repeat until it prints "done"; copies results to $OUT
 set -u
 dir=/tmp/stepcache-bench
+export PYTHONPATH=/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}  # wheels carried in .whl, installed to /tmp/site
 case "$1" in
   start)
     mkdir -p "$dir/results" && rm -f "$dir/done"

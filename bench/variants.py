@@ -65,7 +65,11 @@ def compiled(ctx: Context, mode: str | None = None) -> Prepared:
 def cache_dit_variant(ctx: Context, compile_how: str | None = None) -> Prepared:
     import cache_dit
 
-    model = copy.deepcopy(ctx.model)
+    # cache-dit patches the module it caches: run it on a copy, with the original off the device
+    # so that peak memory counts one set of weights
+    device = next(ctx.model.parameters()).device
+    ctx.model.to("cpu")
+    model = copy.deepcopy(ctx.model).to(device)
     db, taylor = ctx.config.to_cache_dit()
     cache_dit.enable_cache(model, cache_config=db, calibrator_config=taylor)
     fn: Any = model
@@ -86,6 +90,8 @@ def cache_dit_variant(ctx: Context, compile_how: str | None = None) -> Prepared:
         ]
 
     def cleanup():
+        model.to("cpu")
+        ctx.model.to(device)
         if saved is not None:
             torch._dynamo.config.load_config(saved[0])
             torch._inductor.config.load_config(saved[1])
@@ -97,7 +103,9 @@ def stepcache(ctx: Context, inner: str = "inductor", mode: str | None = None) ->
     fn = cachepass.compile(ctx.model, ctx.config, inner=inner, mode=mode)
 
     def decisions():
-        return [(u.cached_steps, u.cfg_cached_steps) for u in cachepass.stats(ctx.model)]
+        stats = cachepass.stats(ctx.model)
+        ctx.shared.setdefault("residual_diffs", [(u.residual_diffs, u.cfg_residual_diffs) for u in stats])
+        return [(u.cached_steps, u.cfg_cached_steps) for u in stats]
 
     return Prepared(fn if mode is None else _cloning(fn), decisions=decisions)
 
