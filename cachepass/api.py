@@ -71,10 +71,11 @@ class Explanation:
         return "\n".join(lines)
 
 
-def explain(model: nn.Module, *example_args, config: StepCacheConfig | None = None,
-            **example_kwargs) -> Explanation:
-    """Trace ``model`` once (it runs eagerly) and report the cache units the pass would build."""
-    config = config or StepCacheConfig()
+def capture_graph(model: nn.Module, *args, **kwargs) -> torch.fx.GraphModule:
+    """The Dynamo graph of ``model(*args, **kwargs)`` (fullgraph, static shapes), as a backend sees it.
+
+    The call runs once, eagerly; the returned graph is a copy the caller may rewrite.
+    """
     captured = []
 
     def capture(gm, example_inputs):
@@ -82,10 +83,17 @@ def explain(model: nn.Module, *example_args, config: StepCacheConfig | None = No
         return gm.forward
 
     with torch.no_grad():
-        torch.compile(model, backend=capture, fullgraph=True, dynamic=False)(*example_args, **example_kwargs)
+        torch.compile(model, backend=capture, fullgraph=True, dynamic=False)(*args, **kwargs)
     if not captured:
         raise CachepassError("Dynamo produced no graph for this call")
-    gm, units, discovery = outline_graph(copy_graph_module(captured[-1]), config)
+    return copy_graph_module(captured[-1])
+
+
+def explain(model: nn.Module, *example_args, config: StepCacheConfig | None = None,
+            **example_kwargs) -> Explanation:
+    """Trace ``model`` once (it runs eagerly) and report the cache units the pass would build."""
+    config = config or StepCacheConfig()
+    gm, units, discovery = outline_graph(capture_graph(model, *example_args, **example_kwargs), config)
     layout = StateLayout(units, config)
     report = Explanation(units, discovery.skipped, {u.name: layout.unit_nbytes(u) for u in units}, config)
     log.debug("%s", report)

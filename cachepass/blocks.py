@@ -120,7 +120,7 @@ def find_block_lists(gm: fx.GraphModule) -> Discovery:
     for bl in lists:
         _resolve_slots(bl, position)
     for later, bl in reversed(list(zip(lists[1:] + [None], lists))):
-        bl.hidden_slot = _hidden_slot(bl, later, position)
+        bl.hidden_slot = _hidden_slot(bl, later)
     return Discovery(lists, skipped)
 
 
@@ -180,10 +180,12 @@ def _resolve_slots(bl: BlockList, position: dict[fx.Node, int]) -> None:
     for block, own in zip(bl.blocks, members):
         block.inputs = _outside_inputs(block.nodes, own)
     for i in range(1, len(bl.blocks)):
-        prev_end = position[bl.blocks[i - 1].nodes[0]]
+        previous_start = position[bl.blocks[i - 1].nodes[0]]
         block = bl.blocks[i]
+        # carried: computed by the previous block (or between the two), not a parameter or shared input
         block.carried = [
-            n for n in block.inputs if position[n] > prev_end and n.op != "placeholder" and n.op != "get_attr"
+            n for n in block.inputs
+            if position[n] > previous_start and n.op not in ("placeholder", "get_attr")
         ]
     first, second = bl.blocks[0], bl.blocks[1]
     if len(first.inputs) != len(second.inputs):
@@ -295,7 +297,7 @@ def _signatures(block: Block) -> dict[fx.Node, int]:
     return sig
 
 
-def _hidden_slot(bl: BlockList, later: BlockList | None, position) -> int:
+def _hidden_slot(bl: BlockList, later: BlockList | None) -> int:
     """The slot that carries the hidden states: the one whose final value reaches the output."""
     if bl.num_slots == 1:
         return 0

@@ -8,6 +8,7 @@ from torch import nn
 
 import cachepass
 from cachepass import BlockDiscoveryError, StepCacheConfig, UnsupportedGraphError
+from cachepass.api import capture_graph
 from cachepass.backend import copy_graph_module, outline_graph
 from cachepass.unit import OutlinedUnit
 from models import CASES
@@ -18,18 +19,6 @@ EXPECTED_UNITS = {
     "flux": [("transformer_blocks", 4, ["hidden", "encoder"]), ("single_transformer_blocks", 4, ["encoder", "hidden"])],
     "hunyuan": [("transformer_blocks", 4, ["hidden", "encoder"]), ("single_transformer_blocks", 4, ["hidden", "encoder"])],
 }
-
-
-def capture(model, *args, **kwargs) -> torch.fx.GraphModule:
-    graphs = []
-
-    def backend(gm, example_inputs):
-        graphs.append(gm)
-        return gm.forward
-
-    with torch.no_grad():
-        torch.compile(model, backend=backend, fullgraph=True, dynamic=False)(*args, **kwargs)
-    return graphs[-1]
 
 
 def case_args(case):
@@ -72,8 +61,7 @@ def test_outlined_graph_computes_what_the_model_computes(name):
     case = CASES[name]
     model = case.model()
     kwargs = case_args(case)
-    gm = capture(model, **kwargs)
-    outlined, units, _ = outline_graph(copy_graph_module(gm), StepCacheConfig(num_head_blocks=1, num_tail_blocks=1))
+    outlined, units, _ = outline_graph(capture_graph(model, **kwargs), StepCacheConfig(num_head_blocks=1, num_tail_blocks=1))
     assert len([m for m in outlined.modules() if isinstance(m, OutlinedUnit)]) == len(units)
     # Re-run Dynamo with a backend that swaps in the outlined graph: same outputs as eager.
     with torch.no_grad():

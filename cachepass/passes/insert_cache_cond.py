@@ -159,10 +159,11 @@ class _UnitState:
         return Proxy(self.state[self.prefix + name], self.tracer)
 
     def vector(self, name: str) -> Proxy:
-        """The whole [S, ...] tensor, reset to its fill value on a generation's first call."""
+        """The whole [S, ...] tensor; per-generation state reads as its fill value on the first call."""
         if name not in self.effective:
             spec = self.layout.specs[self.layout.index[self.prefix + name]]
-            self.effective[name] = torch.where(self.clock.first, spec.fill, self.raw(name))
+            raw = self.raw(name)
+            self.effective[name] = torch.where(self.clock.first, spec.fill, raw) if spec.reset_each_generation else raw
         return self.effective[name]
 
     def current(self, name: str) -> Proxy:
