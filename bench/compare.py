@@ -17,7 +17,6 @@ import datetime
 import gc
 import logging
 import os
-import re
 import sys
 import traceback
 
@@ -101,7 +100,6 @@ def run_variant(name: str, ctx: Context, inputs, reference, args, device, progre
     finally:
         if prepared is not None:
             prepared.cleanup()
-        del prepared
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -203,10 +201,6 @@ def _device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     return "cpu"
-
-
-def device_slug(name: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
 
 
 if __name__ == "__main__":

@@ -358,10 +358,6 @@ class CacheUnitPlan:
     slots: list[SlotPlan]  # slots leaving the middle region (its outputs), in slot order
 
     @property
-    def hidden(self) -> SlotPlan:
-        return next(s for s in self.slots if s.role == "hidden")
-
-    @property
     def name(self) -> str:
         return self.list_path
 

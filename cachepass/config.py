@@ -146,9 +146,6 @@ class StepCacheConfig:
             limit = min(limit, leading_ones)
         return tuple(range(0, limit, self.warmup_interval))
 
-    def replace(self, **changes: Any) -> "StepCacheConfig":
-        return dataclasses.replace(self, **changes)
-
     # ------------------------------------------------------------------ constructors
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> "StepCacheConfig":

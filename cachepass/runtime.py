@@ -99,7 +99,7 @@ class StateLayout:
         ]
 
     def _unit_specs(self, unit: UnitSpec) -> list[TensorSpec]:
-        cfg, cap, s, u = self.config, self.capacity, self.config.num_streams, f"u{unit.index}"
+        cap, s, u = self.capacity, self.config.num_streams, f"u{unit.index}"
         hidden = unit.hidden
         specs = [
             TensorSpec(f"{u}.prev_residual", (s, *hidden.shape), hidden.dtype, 0),

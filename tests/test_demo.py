@@ -44,7 +44,7 @@ def test_generated_clips_show_the_captioned_colour_and_motion(model):
     assert directions >= MIN_DIRECTION
 
 
-def test_unconditional_and_conditional_clips_differ(model):
+def test_each_caption_gets_its_own_colour_from_the_same_noise(model):
     cond = model.generate(["a blue square moving down"], seed=3, steps=12)
     other = model.generate(["a orange circle moving up"], seed=3, steps=12)
     assert describe(cond[0])[0] == "blue" and describe(other[0])[0] == "orange"

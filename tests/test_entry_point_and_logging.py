@@ -7,8 +7,6 @@ import subprocess
 import sys
 from importlib.metadata import entry_points
 
-import torch
-
 import cachepass
 from models import CASES, generate
 
