@@ -30,7 +30,7 @@ from torch._dynamo.utils import counters  # noqa: E402
 import cachepass  # noqa: E402
 from bench import report  # noqa: E402
 from bench.timing import count_syncs, fresh_compile_caches, median, peak_memory_gb, reset_peak_memory, timed  # noqa: E402
-from bench.variants import VARIANTS, Context, call_schedule  # noqa: E402
+from bench.variants import VARIANTS, Context, cache_dit_compile_settings, call_schedule  # noqa: E402
 from bench.workloads import STATIC_MASK, WORKLOADS  # noqa: E402
 from cachepass.quality import compare  # noqa: E402
 from cachepass.sampling import sample  # noqa: E402
@@ -115,6 +115,9 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--compile-backend", default="inductor", help="backend of the non-stepcache torch.compile variants")
+    parser.add_argument("--inductor-config", choices=["default", "cache-dit"], default="default",
+                        help="Inductor settings of every compiled variant: PyTorch's defaults (cache-dit's compiled "
+                             "variants still apply their own), or cache_dit.set_compile_configs() for all")
     parser.add_argument("--out", default="bench/results")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -138,10 +141,22 @@ def main(argv=None) -> int:
     meta = {
         "workload": workload.name, "schedule": args.schedule, "device": _device_name(device),
         "torch": torch.__version__, "date": datetime.date.today().isoformat(), "note": workload.note,
-        "config": repr(ctx.config), "repeats": args.repeats,
+        "config": repr(ctx.config), "repeats": args.repeats, "inductor_config": args.inductor_config,
         "command": "python -m bench.compare " + " ".join(sys.argv[1:] if argv is None else argv),
     }
-    rows, reference, paths = [], None, []
+    restore_settings = cache_dit_compile_settings() if args.inductor_config == "cache-dit" else lambda: None
+    try:
+        finished = _run_all(names, ctx, inputs, args, device, progress_factory, meta)
+    finally:
+        restore_settings()
+    print(report.table(finished))
+    print("wrote", ", ".join(report.write(finished, args.out)))
+    return 0
+
+
+def _run_all(names, ctx, inputs, args, device, progress_factory, meta) -> list[dict]:
+    """Every variant in order; the files are rewritten after each so a cut-off run keeps its rows."""
+    workload, rows, reference, finished = ctx.workload, [], None, []
     with torch.no_grad():
         for name in names:
             row = run_variant(name, ctx, inputs, reference, args, device, progress_factory)
@@ -155,10 +170,8 @@ def main(argv=None) -> int:
             rows.append(row)
             log.info("%s: %s", name, {k: v for k, v in row.items() if k not in ("decisions", "times_s")})
             finished = [report.finish_row(r, rows, meta) for r in rows]
-            paths = report.write(finished, args.out)  # after every variant: a cut-off run keeps its rows
-    print(report.table(finished))
-    print("wrote", ", ".join(paths))
-    return 0
+            report.write(finished, args.out)
+    return finished
 
 
 class _default_dtype:

@@ -44,21 +44,26 @@ def finish_row(row: dict, rows: list[dict], meta: dict) -> dict:
     return out
 
 
+def group_key(row: dict) -> tuple[str, str, str]:
+    """Rows of one run: workload, schedule and Inductor settings (rows older than the setting used defaults)."""
+    return row["workload"], row.get("schedule"), row.get("inductor_config", "default")
+
+
 def results_stem(rows: list[dict]) -> str:
     device = re.sub(r"[^a-z0-9]+", "-", rows[0]["device"].lower()).strip("-")
     return f"{device}-{rows[0]['date']}"
 
 
 def write(rows: list[dict], out_dir: str) -> list[str]:
-    """Merge into <device>-<date>.json (replacing this workload + schedule's rows), then redraw."""
+    """Merge into <device>-<date>.json (replacing the rows of this workload, schedule and settings), then redraw."""
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, results_stem(rows) + ".json")
     existing = []
     if os.path.exists(path):
         with open(path) as f:
             existing = json.load(f)
-    keys = {(r["workload"], r["schedule"]) for r in rows}
-    merged = [r for r in existing if (r["workload"], r.get("schedule")) not in keys] + rows
+    keys = {group_key(r) for r in rows}
+    merged = [r for r in existing if group_key(r) not in keys] + rows
     with open(path, "w") as f:
         json.dump(merged, f, indent=1, default=str)
     return [path, *render(path)]
@@ -76,6 +81,13 @@ def render(json_path: str) -> list[str]:
     except ImportError:
         log.warning("matplotlib is not installed: no plot; run `python -m bench.report %s` where it is", json_path)
     return written
+
+
+def _groups(rows: list[dict]) -> dict[tuple, list[dict]]:
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault(group_key(r), []).append(r)
+    return groups
 
 
 def _fmt(value, digits=2):
@@ -107,12 +119,12 @@ def table(rows: list[dict]) -> str:
 
 def markdown(rows: list[dict]) -> str:
     parts = []
-    groups: dict[tuple, list[dict]] = {}
-    for r in rows:
-        groups.setdefault((r["workload"], r.get("schedule")), []).append(r)
-    for (workload, schedule), group in groups.items():
+    for (workload, schedule, settings), group in _groups(rows).items():
         first = group[0]
-        parts.append(f"### {workload}, {schedule} schedule\n")
+        title = f"### {workload}, {schedule} schedule"
+        if settings == "cache-dit":
+            title += ", every variant under cache_dit.set_compile_configs()"
+        parts.append(title + "\n")
         parts.append(f"{first.get('note', '')}. Device: {first['device']}, torch {first['torch']}, {first['date']}, "
                      f"{first.get('repeats')} timed repeats (median). Config: `{first.get('config')}`.\n")
         parts.append(f"Command: `{first.get('command')}`\n")
@@ -126,19 +138,18 @@ def plot(rows: list[dict], path: str) -> str:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    groups: dict[tuple, list[dict]] = {}
-    for r in rows:
-        groups.setdefault((r["workload"], r.get("schedule")), []).append(r)
+    groups = _groups(rows)
     fig, axes = plt.subplots(len(groups), 2, figsize=(13, 3.6 * len(groups)), squeeze=False)
-    for (workload, schedule), (ax_speed, ax_cold) in zip(groups, axes):
-        group = [r for r in groups[(workload, schedule)]]
+    for (workload, schedule, settings), (ax_speed, ax_cold) in zip(groups, axes):
+        group = groups[(workload, schedule, settings)]
         names = [r["variant"] for r in group]
         speed = [r.get("speedup_vs_eager") or 0 for r in group]
         cold = [r.get("cold_start_s") or 0 for r in group]
         colors = ["tab:red" if r["status"] != "ok" else "tab:green" if r["variant"].startswith("stepcache")
                   else "tab:blue" if r["variant"].startswith("cache-dit") else "tab:gray" for r in group]
         ax_speed.barh(names, speed, color=colors)
-        ax_speed.set_title(f"{workload} ({schedule}): speedup vs eager (red: failed)")
+        label = f"{schedule}" + (", cache-dit Inductor settings" if settings == "cache-dit" else "")
+        ax_speed.set_title(f"{workload} ({label}): speedup vs eager (red: failed)")
         ax_speed.invert_yaxis()
         ax_cold.barh(names, cold, color=colors)
         ax_cold.set_title("cold start: first generation incl. compile (s)")

@@ -3,6 +3,8 @@
 cache-dit variants follow its docs and CLI: ``enable_cache`` on the transformer, then either
 ``torch.compile`` of the whole transformer or ``compile_repeated_blocks()``, both after
 ``cache_dit.set_compile_configs()`` (its recommended Inductor settings, restored afterwards).
+The other variants compile under the run's Inductor settings (``compare.py --inductor-config``):
+PyTorch's defaults, or cache-dit's for every variant, to compare like for like.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ class Context:
     model: nn.Module
     config: cachepass.StepCacheConfig
     compile_backend: str
-    shared: dict = dataclasses.field(default_factory=dict)  # e.g. the compiled full model, decisions
+    shared: dict = dataclasses.field(default_factory=dict)  # decisions to replay, residual diffs
 
 
 @dataclasses.dataclass
@@ -56,10 +58,21 @@ def _cloning(fn):
 
 def compiled(ctx: Context, mode: str | None = None) -> Prepared:
     fn = _compile(ctx, ctx.model, mode)
-    if mode is None:
-        ctx.shared["compiled_full"] = fn
-        return Prepared(fn)
-    return Prepared(_cloning(fn))
+    return Prepared(fn if mode is None else _cloning(fn))
+
+
+def cache_dit_compile_settings() -> Callable[[], None]:
+    """Apply ``cache_dit.set_compile_configs()`` (its Dynamo and Inductor settings); returns the undo."""
+    import cache_dit
+
+    saved = (torch._dynamo.config.save_config(), torch._inductor.config.save_config())
+    cache_dit.set_compile_configs()
+
+    def restore():
+        torch._dynamo.config.load_config(saved[0])
+        torch._inductor.config.load_config(saved[1])
+
+    return restore
 
 
 def cache_dit_variant(ctx: Context, compile_how: str | None = None) -> Prepared:
@@ -73,10 +86,9 @@ def cache_dit_variant(ctx: Context, compile_how: str | None = None) -> Prepared:
     db, taylor = ctx.config.to_cache_dit()
     cache_dit.enable_cache(model, cache_config=db, calibrator_config=taylor)
     fn: Any = model
-    saved = None
+    restore_settings = None
     if compile_how is not None:
-        saved = (torch._dynamo.config.save_config(), torch._inductor.config.save_config())
-        cache_dit.set_compile_configs()
+        restore_settings = cache_dit_compile_settings()
         if compile_how == "whole":
             fn = torch.compile(model, backend=ctx.compile_backend)
         else:
@@ -92,9 +104,8 @@ def cache_dit_variant(ctx: Context, compile_how: str | None = None) -> Prepared:
     def cleanup():
         model.to("cpu")
         ctx.model.to(device)
-        if saved is not None:
-            torch._dynamo.config.load_config(saved[0])
-            torch._inductor.config.load_config(saved[1])
+        if restore_settings is not None:
+            restore_settings()
 
     return Prepared(fn, lambda: cache_dit.refresh_context(model), decisions, cleanup)
 
@@ -115,9 +126,7 @@ def ideal(ctx: Context) -> Prepared:
     schedule = ctx.shared.get("schedule")
     if schedule is None:
         raise RuntimeError("no cache decisions to replay (stepcache and cache-dit variants both failed)")
-    full = ctx.shared.get("compiled_full")
-    if full is None:
-        full = _compile(ctx, ctx.model)
+    full = _compile(ctx, ctx.model)
     head = _compile(ctx, ctx.workload.head_only(ctx.model))
     calls = {"n": 0}
 
