@@ -142,6 +142,7 @@ def main(argv=None) -> int:
         "workload": workload.name, "schedule": args.schedule, "device": _device_name(device),
         "torch": torch.__version__, "date": datetime.date.today().isoformat(), "note": workload.note,
         "config": repr(ctx.config), "repeats": args.repeats, "inductor_config": args.inductor_config,
+        "threshold": args.threshold,
         "command": "python -m bench.compare " + " ".join(sys.argv[1:] if argv is None else argv),
     }
     restore_settings = cache_dit_compile_settings() if args.inductor_config == "cache-dit" else lambda: None

@@ -44,9 +44,10 @@ def finish_row(row: dict, rows: list[dict], meta: dict) -> dict:
     return out
 
 
-def group_key(row: dict) -> tuple[str, str, str]:
-    """Rows of one run: workload, schedule and Inductor settings (rows older than the setting used defaults)."""
-    return row["workload"], row.get("schedule"), row.get("inductor_config", "default")
+def group_key(row: dict) -> tuple:
+    """Rows of one run: workload, schedule, Inductor settings, and the threshold of a dynamic schedule."""
+    threshold = row.get("threshold") if row.get("schedule") == "dynamic" else None
+    return row["workload"], row.get("schedule"), row.get("inductor_config", "default"), threshold
 
 
 def results_stem(rows: list[dict]) -> str:
@@ -119,9 +120,9 @@ def table(rows: list[dict]) -> str:
 
 def markdown(rows: list[dict]) -> str:
     parts = []
-    for (workload, schedule, settings), group in _groups(rows).items():
+    for (workload, schedule, settings, threshold), group in _groups(rows).items():
         first = group[0]
-        title = f"### {workload}, {schedule} schedule"
+        title = f"### {workload}, {schedule} schedule" + (f" (threshold {threshold})" if threshold is not None else "")
         if settings == "cache-dit":
             title += ", every variant under cache_dit.set_compile_configs()"
         parts.append(title + "\n")
@@ -140,15 +141,17 @@ def plot(rows: list[dict], path: str) -> str:
 
     groups = _groups(rows)
     fig, axes = plt.subplots(len(groups), 2, figsize=(13, 3.6 * len(groups)), squeeze=False)
-    for (workload, schedule, settings), (ax_speed, ax_cold) in zip(groups, axes):
-        group = groups[(workload, schedule, settings)]
+    for key, (ax_speed, ax_cold) in zip(groups, axes):
+        group = groups[key]
+        workload, schedule, settings, threshold = key
         names = [r["variant"] for r in group]
         speed = [r.get("speedup_vs_eager") or 0 for r in group]
         cold = [r.get("cold_start_s") or 0 for r in group]
         colors = ["tab:red" if r["status"] != "ok" else "tab:green" if r["variant"].startswith("stepcache")
                   else "tab:blue" if r["variant"].startswith("cache-dit") else "tab:gray" for r in group]
         ax_speed.barh(names, speed, color=colors)
-        label = f"{schedule}" + (", cache-dit Inductor settings" if settings == "cache-dit" else "")
+        label = schedule + (f" {threshold}" if threshold is not None else "")
+        label += ", cache-dit Inductor settings" if settings == "cache-dit" else ""
         ax_speed.set_title(f"{workload} ({label}): speedup vs eager (red: failed)")
         ax_speed.invert_yaxis()
         ax_cold.barh(names, cold, color=colors)
