@@ -8,14 +8,18 @@ dir=/tmp/stepcache-bench
 export PYTHONPATH=/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}  # wheels carried in .whl, installed to /tmp/site
 case "$1" in
   start)
+    if [ -f "$dir/pid" ] && kill -0 "$(cat "$dir/pid")" 2>/dev/null; then
+      echo "a run is still going (pid $(cat "$dir/pid")): wait for it; two runs at once spoil each other's timings"; exit 1
+    fi
     mkdir -p "$dir/results" && rm -f "$dir/done"
     setsid nohup bash -c 'IFS=";"; for run in $1; do eval "python3 -m bench.compare $run --out $2/results"; done; touch $2/done' \
       _ "$2" "$dir" > "$dir/log" 2>&1 < /dev/null &
+    echo $! > "$dir/pid"
     echo "started: $2" ;;
   wait)
     end=$((SECONDS + $2))
     while [ ! -f "$dir/done" ] && [ $SECONDS -lt $end ]; do sleep 5; done
-    grep -v "call/s\|it/s\]" "$dir/log" | grep -E "^\||INFO bench|ERROR|wrote|Traceback" | tail -n 60
+    grep -av "call/s\|it/s\]" "$dir/log" | grep -E "^\||INFO bench|ERROR|wrote|Traceback" | tail -n 60
     cp "$dir"/results/* "${OUT:?}/" 2>/dev/null; cp "$dir/log" "$OUT/bench.log"
     if [ -f "$dir/done" ]; then echo done; else echo running; fi ;;
 esac
