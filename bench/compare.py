@@ -1,6 +1,8 @@
 """Compile vs eager, cache-dit vs stepcache: every variant on one workload, in one process, on one device.
 
     python -m bench.compare --workload wan-1.3b-33f --schedule static
+    python -m bench.compare --workload wan-1.3b-1f --schedule dynamic --threshold 0.3
+    python -m bench.compare --workload wan-1.3b-33f --inductor-config cache-dit   # all under cache-dit's settings
     python -m bench.compare --workload tiny --device cpu --repeats 1        # smoke test
 
 Each variant: a cold first generation (fresh Inductor / Triton caches, compile included), then
@@ -30,7 +32,7 @@ from torch._dynamo.utils import counters  # noqa: E402
 import cachepass  # noqa: E402
 from bench import report  # noqa: E402
 from bench.timing import count_syncs, fresh_compile_caches, median, peak_memory_gb, reset_peak_memory, timed  # noqa: E402
-from bench.variants import VARIANTS, Context, cache_dit_compile_settings, call_schedule  # noqa: E402
+from bench.variants import VARIANTS, Context, cache_dit_compile_settings, remember_decisions  # noqa: E402
 from bench.workloads import STATIC_MASK, WORKLOADS  # noqa: E402
 from cachepass.quality import compare  # noqa: E402
 from cachepass.sampling import sample  # noqa: E402
@@ -157,16 +159,15 @@ def main(argv=None) -> int:
 
 def _run_all(names, ctx, inputs, args, device, progress_factory, meta) -> list[dict]:
     """Every variant in order; the files are rewritten after each so a cut-off run keeps its rows."""
-    workload, rows, reference, finished = ctx.workload, [], None, []
+    rows, reference, finished = [], None, []
     with torch.no_grad():
         for name in names:
             row = run_variant(name, ctx, inputs, reference, args, device, progress_factory)
             if name == "eager" and row["status"] == "ok":
                 reference = row["_output"]
                 row.update(psnr=None, ssim=None, rel_l2=None)
-            if row.get("decisions") is not None and "schedule" not in ctx.shared and name.startswith(("stepcache", "cache-dit")):
-                ctx.shared["decisions"] = row["decisions"]
-                ctx.shared["schedule"] = call_schedule(row["decisions"], workload.num_steps, 2 if workload.separate_cfg else 1)
+            if row.get("decisions") is not None and name.startswith(("stepcache", "cache-dit")):
+                remember_decisions(ctx, row["decisions"])
             row.pop("_output", None)
             rows.append(row)
             log.info("%s: %s", name, {k: v for k, v in row.items() if k not in ("decisions", "times_s")})

@@ -107,6 +107,8 @@ def table(rows: list[dict]) -> str:
         status = r["status"] if r["status"] == "ok" else f"failed: {r.get('error', '')[:120]}"
         if r.get("matches_cache_dit") is False:
             status += " (decisions differ from cache-dit)"
+        if r.get("caveat"):
+            status += f" ({r['caveat']})"
         cells = (
             r["variant"], status, _fmt(r.get("median_s")), _fmt(r.get("speedup_vs_eager")), _fmt(r.get("ratio_to_ideal"), 3),
             _fmt(r.get("cold_start_s"), 1), _fmt(r.get("cached_steps")),

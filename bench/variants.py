@@ -138,6 +138,14 @@ def ideal(ctx: Context) -> Prepared:
     return Prepared(dispatch, before_generation=lambda: calls.update(n=0), decisions=lambda: ctx.shared.get("decisions"))
 
 
+def remember_decisions(ctx: Context, decisions: list[tuple[list[int], list[int]]]) -> None:
+    """Keep the first cached variant's decisions: the ideal replays them call by call."""
+    if "schedule" not in ctx.shared:
+        w = ctx.workload
+        ctx.shared["decisions"] = decisions
+        ctx.shared["schedule"] = call_schedule(decisions, w.num_steps, 2 if w.separate_cfg else 1)
+
+
 def call_schedule(decisions: list[tuple[list[int], list[int]]], num_steps: int, streams: int) -> list[bool]:
     """Per transformer call of a generation (conditional first): cached in every unit?"""
     schedule = []

@@ -39,3 +39,20 @@ def test_compare_writes_json_table_and_plot(tmp_path):
     table = json_path.with_suffix(".md").read_text()
     assert "| stepcache-aot_eager | ok |" in table and "failed: RuntimeError" in table
     assert json_path.with_suffix(".png").stat().st_size > 10_000
+
+
+def test_profile_gap_reports_busy_and_idle_time_per_variant(tmp_path):
+    out = tmp_path / "gap.json"
+    command = [sys.executable, "-m", "bench.profile_gap", "--workload", "tiny", "--device", "cpu",
+               "--variants", "stepcache-aot_eager,ideal", "--out", str(out)]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["workload"] == "tiny" and report["device"] == "cpu"
+    rows = {r["variant"]: r for r in report["rows"]}
+    assert list(rows) == ["stepcache-aot_eager", "ideal"]  # the ideal replays stepcache's decisions
+    for row in rows.values():
+        assert row["calls"] == 32 and row["wall_s"] > 0
+        assert row["device_busy_s"] == 0  # no device kernels on CPU: all of the wall is host time
+        assert row["device_idle_s"] == row["profiled_wall_s"] > 0
+    assert "| stepcache-aot_eager |" in result.stdout

@@ -1,0 +1,81 @@
+"""Where a generation's time goes: device-busy vs idle time of stepcache and the ideal, side by side.
+
+    python -m bench.profile_gap --workload wan-1.3b-1f
+
+Each variant is compiled and warmed up with one generation, then one generation runs under
+torch.profiler. Busy = the summed time of device kernels and copies (one stream, so they do not
+overlap); idle = profiled wall - busy: time the device waits for the host (launches, syncs,
+Python), inflated by the profiler's own overhead, so compare idle between variants, not with
+``wall_s`` (one unprofiled generation; use bench.compare for timings). A variant slower than the
+ideal with the same busy time loses on the host side.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import sys
+
+import torch
+from torch.autograd import DeviceType
+
+from bench.compare import _default_dtype, generation, step_config
+from bench.timing import count_syncs, timed
+from bench.variants import VARIANTS, Context, remember_decisions
+from bench.workloads import WORKLOADS
+
+
+def profile(ctx: Context, name: str, inputs, device: torch.device) -> dict:
+    prepared = VARIANTS[name](ctx)
+    generation(ctx, prepared, inputs)  # compile and warm up
+    _, wall = timed(lambda: generation(ctx, prepared, inputs), device)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]) as prof:
+        _, profiled_wall = timed(lambda: generation(ctx, prepared, inputs), device)
+    busy_us = sum(e.self_device_time_total for e in prof.key_averages() if e.device_type == DeviceType.CUDA)
+    decisions = prepared.decisions()
+    calls = ctx.workload.num_steps * (2 if ctx.workload.separate_cfg else 1)
+    if name.startswith("stepcache"):
+        remember_decisions(ctx, decisions)
+    syncs = count_syncs(lambda: generation(ctx, prepared, inputs), device)
+    prepared.cleanup()
+    return {
+        "variant": name, "wall_s": wall, "profiled_wall_s": profiled_wall, "device_busy_s": busy_us / 1e6,
+        "device_idle_s": profiled_wall - busy_us / 1e6, "calls": calls,
+        "syncs_per_call": None if syncs is None else syncs / calls,
+    }
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workload", choices=sorted(WORKLOADS), required=True)
+    parser.add_argument("--variants", default="stepcache,ideal", help="comma-separated; a stepcache variant first")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--out", default=None, help="write the rows as JSON here")
+    args = parser.parse_args(argv)
+    device, workload = torch.device(args.device), WORKLOADS[args.workload]
+    torch.manual_seed(0)
+    with torch.device(device), _default_dtype(workload.dtype):
+        model = workload.build()
+    model.requires_grad_(False)
+    inputs = workload.inputs(torch.Generator().manual_seed(1), device, workload.dtype)
+    ctx = Context(workload, model, step_config(workload, "static", 0.08), "inductor")
+    with torch.no_grad():
+        rows = [profile(ctx, name, inputs, device) for name in args.variants.split(",")]
+    meta = {"workload": workload.name, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+            "torch": torch.__version__, "date": datetime.date.today().isoformat(), "command": "python -m bench.profile_gap " + " ".join(argv or sys.argv[1:])}
+    print("| variant | wall s | device busy s | device idle s | idle ms/call | syncs/call |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['variant']} | {r['wall_s']:.3f} | {r['device_busy_s']:.3f} | {r['device_idle_s']:.3f} | "
+              f"{1e3 * r['device_idle_s'] / r['calls']:.2f} | {r['syncs_per_call']} |")
+    if args.out:
+        os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+        with open(args.out, "w") as f:
+            json.dump({**meta, "rows": rows}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
