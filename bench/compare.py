@@ -83,14 +83,13 @@ def run_variant(name: str, ctx: Context, inputs, reference, args, device, progre
             row["peak_mem_gb"] = peak_memory_gb(device)
             row["median_s"], row["times_s"] = median(times), times
             syncs = count_syncs(lambda: generation(ctx, prepared, inputs), device)
-            calls = ctx.workload.num_steps * (2 if ctx.workload.separate_cfg else 1)
-            row["syncs_per_call"] = None if syncs is None else syncs / calls
+            row["syncs_per_call"] = None if syncs is None else syncs / ctx.workload.calls_per_generation
             row["recompiles"] = counters["stats"]["unique_graphs"] - graphs
             decisions = prepared.decisions()
             row["cached_steps"] = None if decisions is None else sum(len(a) + len(b) for a, b in decisions)
             row["decisions"] = decisions
             if name.startswith("stepcache"):
-                row["residual_diffs"] = ctx.shared.get("residual_diffs")
+                row["residual_diffs"] = [(u.residual_diffs, u.cfg_residual_diffs) for u in cachepass.stats(ctx.model)]
             if reference is not None and name != "ideal":  # ideal drops the middle blocks: a timing bound only
                 q = compare(ctx.workload.images(out), ctx.workload.images(reference))
                 row.update(psnr=q.psnr, ssim=q.ssim, rel_l2=q.rel_l2)
@@ -132,16 +131,12 @@ def main(argv=None) -> int:
 
     device = torch.device(args.device)
     workload = WORKLOADS[args.workload]
-    torch.manual_seed(0)
-    with torch.device(device), _default_dtype(workload.dtype):
-        model = workload.build()
-    model.requires_grad_(False)
-    inputs = workload.inputs(torch.Generator().manual_seed(1), device, workload.dtype)
+    model, inputs = workload.setup(device)
     ctx = Context(workload, model, step_config(workload, args.schedule, args.threshold), args.compile_backend)
-    progress_factory = _progress(workload.num_steps * (2 if workload.separate_cfg else 1))
+    progress_factory = _progress(workload.calls_per_generation)
 
     meta = {
-        "workload": workload.name, "schedule": args.schedule, "device": _device_name(device),
+        "workload": workload.name, "schedule": args.schedule, "device": device_name(device),
         "torch": torch.__version__, "date": datetime.date.today().isoformat(), "note": workload.note,
         "config": repr(ctx.config), "repeats": args.repeats, "inductor_config": args.inductor_config,
         "threshold": args.threshold,
@@ -176,18 +171,6 @@ def _run_all(names, ctx, inputs, args, device, progress_factory, meta) -> list[d
     return finished
 
 
-class _default_dtype:
-    def __init__(self, dtype):
-        self.dtype = dtype
-
-    def __enter__(self):
-        self.saved = torch.get_default_dtype()
-        torch.set_default_dtype(self.dtype)
-
-    def __exit__(self, *exc):
-        torch.set_default_dtype(self.saved)
-
-
 def _progress(total_calls: int):
     try:
         from tqdm import tqdm
@@ -212,7 +195,7 @@ def _progress(total_calls: int):
     return Bar
 
 
-def _device_name(device: torch.device) -> str:
+def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     return "cpu"

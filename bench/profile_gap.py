@@ -21,7 +21,7 @@ import sys
 import torch
 from torch.autograd import DeviceType
 
-from bench.compare import _default_dtype, generation, step_config
+from bench.compare import device_name, generation, step_config
 from bench.timing import count_syncs, timed
 from bench.variants import VARIANTS, Context, remember_decisions
 from bench.workloads import WORKLOADS
@@ -34,10 +34,9 @@ def profile(ctx: Context, name: str, inputs, device: torch.device) -> dict:
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]) as prof:
         _, profiled_wall = timed(lambda: generation(ctx, prepared, inputs), device)
     busy_us = sum(e.self_device_time_total for e in prof.key_averages() if e.device_type == DeviceType.CUDA)
-    decisions = prepared.decisions()
-    calls = ctx.workload.num_steps * (2 if ctx.workload.separate_cfg else 1)
     if name.startswith("stepcache"):
-        remember_decisions(ctx, decisions)
+        remember_decisions(ctx, prepared.decisions())
+    calls = ctx.workload.calls_per_generation
     syncs = count_syncs(lambda: generation(ctx, prepared, inputs), device)
     prepared.cleanup()
     return {
@@ -55,16 +54,13 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default=None, help="write the rows as JSON here")
     args = parser.parse_args(argv)
     device, workload = torch.device(args.device), WORKLOADS[args.workload]
-    torch.manual_seed(0)
-    with torch.device(device), _default_dtype(workload.dtype):
-        model = workload.build()
-    model.requires_grad_(False)
-    inputs = workload.inputs(torch.Generator().manual_seed(1), device, workload.dtype)
+    model, inputs = workload.setup(device)
     ctx = Context(workload, model, step_config(workload, "static", 0.08), "inductor")
     with torch.no_grad():
         rows = [profile(ctx, name, inputs, device) for name in args.variants.split(",")]
-    meta = {"workload": workload.name, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-            "torch": torch.__version__, "date": datetime.date.today().isoformat(), "command": "python -m bench.profile_gap " + " ".join(argv or sys.argv[1:])}
+    meta = {"workload": workload.name, "device": device_name(device), "torch": torch.__version__,
+            "date": datetime.date.today().isoformat(),
+            "command": "python -m bench.profile_gap " + " ".join(argv or sys.argv[1:])}
     print("| variant | wall s | device busy s | device idle s | idle ms/call | syncs/call |")
     print("|---|---|---|---|---|---|")
     for r in rows:

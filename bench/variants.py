@@ -26,7 +26,7 @@ class Context:
     model: nn.Module
     config: cachepass.StepCacheConfig
     compile_backend: str
-    shared: dict = dataclasses.field(default_factory=dict)  # decisions to replay, residual diffs
+    shared: dict = dataclasses.field(default_factory=dict)  # the decisions the ideal replays
 
 
 @dataclasses.dataclass
@@ -37,10 +37,10 @@ class Prepared:
     cleanup: Callable[[], None] = lambda: None
 
 
-def _compile(ctx: Context, model, mode: str | None = None, fullgraph: bool = True):
+def _compile(ctx: Context, model, mode: str | None = None):
     if mode is not None and ctx.compile_backend != "inductor":
         raise RuntimeError(f"mode={mode!r} needs the inductor backend (got --compile-backend {ctx.compile_backend})")
-    return torch.compile(model, backend=ctx.compile_backend, mode=mode, fullgraph=fullgraph, dynamic=False)
+    return torch.compile(model, backend=ctx.compile_backend, mode=mode, fullgraph=True, dynamic=False)
 
 
 def eager(ctx: Context) -> Prepared:
@@ -114,9 +114,7 @@ def stepcache(ctx: Context, inner: str = "inductor", mode: str | None = None) ->
     fn = cachepass.compile(ctx.model, ctx.config, inner=inner, mode=mode)
 
     def decisions():
-        stats = cachepass.stats(ctx.model)
-        ctx.shared.setdefault("residual_diffs", [(u.residual_diffs, u.cfg_residual_diffs) for u in stats])
-        return [(u.cached_steps, u.cfg_cached_steps) for u in stats]
+        return [(u.cached_steps, u.cfg_cached_steps) for u in cachepass.stats(ctx.model)]
 
     return Prepared(fn if mode is None else _cloning(fn), decisions=decisions)
 
@@ -141,9 +139,8 @@ def ideal(ctx: Context) -> Prepared:
 def remember_decisions(ctx: Context, decisions: list[tuple[list[int], list[int]]]) -> None:
     """Keep the first cached variant's decisions: the ideal replays them call by call."""
     if "schedule" not in ctx.shared:
-        w = ctx.workload
         ctx.shared["decisions"] = decisions
-        ctx.shared["schedule"] = call_schedule(decisions, w.num_steps, 2 if w.separate_cfg else 1)
+        ctx.shared["schedule"] = call_schedule(decisions, ctx.workload.num_steps, ctx.workload.streams)
 
 
 def call_schedule(decisions: list[tuple[list[int], list[int]]], num_steps: int, streams: int) -> list[bool]:

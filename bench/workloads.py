@@ -56,6 +56,28 @@ class Workload:
     def separate_cfg(self) -> bool:
         return self.name.startswith(("wan", "tiny"))
 
+    @property
+    def streams(self) -> int:
+        """Transformer calls per denoising step: 2 with separate CFG."""
+        return 2 if self.separate_cfg else 1
+
+    @property
+    def calls_per_generation(self) -> int:
+        return self.num_steps * self.streams
+
+    def setup(self, device: torch.device) -> tuple[nn.Module, tuple]:
+        """The model (seed 0, random weights, no grad) and its inputs (seed 1) on ``device``."""
+        torch.manual_seed(0)
+        saved = torch.get_default_dtype()
+        torch.set_default_dtype(self.dtype)
+        try:
+            with torch.device(device):
+                model = self.build()
+        finally:
+            torch.set_default_dtype(saved)
+        model.requires_grad_(False)
+        return model, self.inputs(torch.Generator().manual_seed(1), device, self.dtype)
+
     def head_only(self, model: nn.Module) -> nn.Module:
         """The model with each block list cut to its head and tail blocks: the cost of a cached call."""
         trimmed = copy.copy(model)

@@ -9,7 +9,6 @@ into the compiled decision + ``torch.cond``.
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import torch
 from torch import fx, nn
@@ -28,10 +27,6 @@ class SlotSpec:
     input_name: str
     output_name: str
 
-    @property
-    def nbytes(self) -> int:
-        return math.prod(self.shape) * torch.empty((), dtype=self.dtype).element_size()
-
 
 @dataclasses.dataclass(frozen=True)
 class UnitSpec:
@@ -44,7 +39,6 @@ class UnitSpec:
     head: range
     middle: range
     tail: range
-    num_region_inputs: int
     slots: tuple[SlotSpec, ...]
 
     @property

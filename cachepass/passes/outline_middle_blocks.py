@@ -62,7 +62,6 @@ def _outline_unit(gm: fx.GraphModule, plan: CacheUnitPlan) -> dict[fx.Node, fx.N
         head=plan.head,
         middle=plan.middle,
         tail=plan.tail,
-        num_region_inputs=len(inputs),
         slots=tuple(
             SlotSpec(
                 slot=s.slot,
