@@ -32,7 +32,7 @@ from torch import nn
 
 from cachepass.config import MaskPolicy, StepCacheConfig
 from cachepass.errors import CachepassError
-from cachepass.unit import UnitSpec
+from cachepass.unit import UnitSpec, tensor_nbytes
 
 DEFAULT_STEP_CAPACITY = 1024
 
@@ -48,7 +48,7 @@ class TensorSpec:
 
     @property
     def nbytes(self) -> int:
-        return math.prod(self.shape) * torch.empty((), dtype=self.dtype).element_size()
+        return tensor_nbytes(self.shape, self.dtype)
 
     def allocate(self, device: torch.device) -> torch.Tensor:
         if self.values is not None:

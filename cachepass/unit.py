@@ -9,9 +9,14 @@ into the compiled decision + ``torch.cond``.
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import torch
 from torch import fx, nn
+
+
+def tensor_nbytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
+    return math.prod(shape) * torch.empty((), dtype=dtype).element_size()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -26,6 +31,10 @@ class SlotSpec:
     device: torch.device
     input_name: str
     output_name: str
+
+    @property
+    def nbytes(self) -> int:
+        return tensor_nbytes(self.shape, self.dtype)
 
 
 @dataclasses.dataclass(frozen=True)
