@@ -9,46 +9,103 @@ from typing import Any
 import torch
 from torch import nn
 
-from cachepass.backend import copy_graph_module, outline_graph, parse_options, stepcache
+from cachepass.backend import BackendOptions, copy_graph_module, outline_graph, parse_options, stepcache
 from cachepass.config import StepCacheConfig
 from cachepass.errors import CachepassError
-from cachepass.runtime import StateLayout, UnitStats, current_state, states_of
+from cachepass.runtime import RuntimeState, StateLayout, UnitStats, current_state, states_of
+from cachepass.timestep import TimestepInput, find_timestep_input
 from cachepass.unit import UnitSpec
 
 log = logging.getLogger("cachepass")
 
 
-def compile(model: nn.Module, config: Any, *, inner: str = "inductor", mode: str | None = None,
-            fullgraph: bool = True) -> nn.Module:
+def compile(model: nn.Module, config: Any, *, calibrator_config: Any = None, inner: str = "inductor",
+            mode: str | None = None, fullgraph: bool = True, max_shapes: int | None = None) -> nn.Module:
     """``torch.compile(model, backend="stepcache", dynamic=False, ...)`` with the options checked up front.
 
-    ``config`` is a `StepCacheConfig`, a dict of its fields, or a cache-dit ``DBCacheConfig``.
-    Shapes are static: a new resolution or batch size compiles once more, with fresh state.
+    ``config`` is a `StepCacheConfig`, a dict of its fields, or a cache-dit ``DBCacheConfig``
+    (then ``calibrator_config`` may be its ``TaylorSeerCalibratorConfig``). Shapes are static: a new
+    resolution or batch size compiles once more, with its own state. Dynamo allows
+    ``torch._dynamo.config.recompile_limit`` (8) graphs per function, shared by every compile of
+    the model's class in the process; ``max_shapes`` raises that limit (process-wide) when larger.
     """
+    if max_shapes is not None:
+        if isinstance(max_shapes, bool) or not isinstance(max_shapes, int) or max_shapes < 1:
+            raise ValueError(f"cachepass.compile max_shapes={max_shapes!r} is invalid; allowed: an integer >= 1 or None")
+        if max_shapes > torch._dynamo.config.recompile_limit:
+            log.info("stepcache: torch._dynamo.config.recompile_limit %d -> %d (max_shapes)",
+                     torch._dynamo.config.recompile_limit, max_shapes)
+            torch._dynamo.config.recompile_limit = max_shapes
+    _reject_compiler_disabled(model)
     options = {"config": config, "inner": inner}
+    if calibrator_config is not None:
+        options["calibrator_config"] = calibrator_config
     if mode is not None:
         options["mode"] = mode
     parse_options(options)
     return torch.compile(model, backend=stepcache, fullgraph=fullgraph, dynamic=False, options=options)
 
 
+def _reject_compiler_disabled(model: nn.Module) -> None:
+    """A ``torch.compiler.disable``d forward is a graph break: name it before tracing fails on it."""
+    for path, module in model.named_modules():
+        forward = module.__dict__.get("forward", type(module).forward)
+        if getattr(forward, "_torchdynamo_disable", False):
+            raise CachepassError(
+                f"{path or 'the model'} ({type(module).__name__}).forward is wrapped in torch.compiler.disable, "
+                "a graph break; stepcache needs the whole model in one graph. Remove the wrapper. FastVideo wraps "
+                "its attention unless FASTVIDEO_DISABLE_ATTENTION_COMPILE=0 is set before fastvideo is imported "
+                "(or call fastvideo's _enable_regional_attention_compile(transformer) first)"
+            )
+
+
 def stats(model: Any) -> list[UnitStats]:
-    """Per cache unit, the cached steps and residual diffs of each CFG stream (reads device state)."""
+    """Per cache unit, the cached steps and residual diffs of each CFG stream (reads device state).
+
+    ``model`` is the compiled module (its own compile's state only) or the original module (the
+    state used last). A stepcache-compiled module that has not run yet has no units: ``[]``.
+    """
     if hasattr(model, "stepcache_stats"):
         return model.stepcache_stats()
-    return current_state(model).stats()
+    states = _scoped_states(model)
+    return states[-1].stats() if states else []
 
 
 def reset(model: Any) -> None:
-    """Make the next call start a new generation at step 0 (every compiled shape of ``model``)."""
+    """Make the next call start a new generation at step 0 (every compiled shape of ``model``).
+
+    Before the first call there is nothing to reset (the state starts fresh): a no-op.
+    """
     if hasattr(model, "stepcache_reset"):
         model.stepcache_reset()
         return
-    states = states_of(model)
-    if not states:
-        current_state(model)  # raises the "never compiled" error
-    for state in states:
+    for state in _scoped_states(model):
         state.reset()
+
+
+def _scoped_states(model: Any) -> list[RuntimeState]:
+    """The states a stats / reset call on ``model`` means, least recently used first.
+
+    A module compiled with the stepcache backend has its compile's config: only states of that
+    config count (one model compiled twice keeps two scopes). The original module: all its states,
+    and an error if it has none (it was never compiled with stepcache, or never called).
+    """
+    options = compile_options(model)
+    if options is None:
+        current_state(model)  # raises the "no stepcache state" error if there is none
+        return states_of(model)
+    return [s for s in states_of(model) if s.layout.config == options.config]
+
+
+def compile_options(model: Any) -> BackendOptions | None:
+    """The stepcache options of a ``torch.compile``d module, or None if it is not one."""
+    ctx = getattr(model, "dynamo_ctx", None)
+    backend = getattr(ctx, "callback", None)
+    while backend is not None and not hasattr(backend, "compiler_fn"):
+        backend = getattr(backend, "_torchdynamo_orig_backend", None)
+    if backend is None or backend.compiler_fn is not stepcache:
+        return None
+    return parse_options(backend.kwargs.get("options"), backend.kwargs.get("mode"))
 
 
 @dataclasses.dataclass
@@ -59,9 +116,12 @@ class Explanation:
     skipped: list[str]
     state_bytes: dict[str, int]
     config: StepCacheConfig
+    timestep: TimestepInput | None  # the input that tells steps and generations apart (None: calls are counted)
 
     def __str__(self) -> str:
-        lines = [f"stepcache: {len(self.units)} cache unit(s)"]
+        lines = [f"stepcache: {len(self.units)} cache unit(s)",
+                 self.timestep.describe() + " (a timestep that does not decrease starts a new generation)"
+                 if self.timestep else "no timestep input: generations are counted in calls"]
         for unit in self.units:
             lines.append(unit.describe())
             lines.append(f"  state  {self.state_bytes[unit.name] / 2**20:.2f} MiB "
@@ -95,6 +155,7 @@ def explain(model: nn.Module, *example_args, config: StepCacheConfig | None = No
     config = config or StepCacheConfig()
     gm, units, discovery = outline_graph(capture_graph(model, *example_args, **example_kwargs), config)
     layout = StateLayout(units, config)
-    report = Explanation(units, discovery.skipped, {u.name: layout.unit_nbytes(u) for u in units}, config)
+    report = Explanation(units, discovery.skipped, {u.name: layout.unit_nbytes(u) for u in units}, config,
+                         find_timestep_input(gm, config))
     log.debug("%s", report)
     return report

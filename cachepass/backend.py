@@ -19,9 +19,10 @@ from torch import fx
 
 from cachepass.blocks import Discovery, plan_cache_units
 from cachepass.config import StepCacheConfig
-from cachepass.errors import CachepassError
+from cachepass.errors import CachepassError, UnsupportedGraphError
 from cachepass.passes import cache_passes, outline_passes, run_passes
 from cachepass.runtime import StateLayout, StateSet
+from cachepass.timestep import find_timestep_input
 from cachepass.unit import OutlinedUnit, UnitSpec
 
 log = logging.getLogger("cachepass")
@@ -117,35 +118,63 @@ def stepcache(gm: fx.GraphModule, example_inputs: Sequence[Any], *, mode: str | 
               options: Mapping[str, Any] | None = None) -> Callable:
     """torch.compile backend: DBCache + TaylorSeer step caching as a ``torch.cond`` in one graph."""
     opts = parse_options(options, mode)
+    _warn_if_never_caches(opts.config)
     if torch.is_grad_enabled() and any(getattr(t, "requires_grad", False) for t in example_inputs):
         raise CachepassError(
             "stepcache compiles inference graphs (its state is updated in place): call the model under "
             "torch.no_grad() or torch.inference_mode(), as diffusers pipelines do"
         )
+    _require_static_shapes(example_inputs)
     gm, units, discovery = outline_graph(copy_graph_module(gm), opts.config)
     for skipped in discovery.skipped:
         log.info("stepcache: not a cache unit: %s", skipped)
     layout = StateLayout(units, opts.config)
-    gm = run_passes(gm, cache_passes(layout))
-    states = StateSet(layout, units[0].hidden.device, _anchor_index(example_inputs), gm)
-    log.info("stepcache: %d cache unit(s) (%s), %.1f MiB of state per model instance, inner=%s",
-             len(units), ", ".join(u.name for u in units), layout.nbytes / 2**20, opts.inner.value)
-    state_inputs = _static_example_inputs(example_inputs, states.for_call(example_inputs).tensors)
+    timestep = find_timestep_input(gm, opts.config)
+    gm = run_passes(gm, cache_passes(layout, timestep))
+    device = units[0].hidden.device
+    states = StateSet(layout, device, _anchor_index(example_inputs), gm)
+    log.info("stepcache: %d cache unit(s) (%s), %.1f MiB of state per model instance, inner=%s, %s",
+             len(units), ", ".join(u.name for u in units), layout.nbytes / 2**20, opts.inner.value,
+             timestep.describe() if timestep else "no timestep input: generations counted in calls")
+    state_inputs = _static_example_state(example_inputs, layout, device)
     compiled = _inner_compile(gm, [*example_inputs, *state_inputs], opts)
     return _with_state(compiled, states)
 
 
-def _static_example_inputs(example_inputs: Sequence[Any], state: list[torch.Tensor]) -> list:
-    """The state as fake tensors with static shapes, from Dynamo's fake mode.
+def _require_static_shapes(example_inputs: Sequence[Any]) -> None:
+    symbolic = [str(t) for t in example_inputs if isinstance(t, torch.SymInt)]
+    symbolic += [str(tuple(t.shape)) for t in example_inputs
+                 if isinstance(t, torch.Tensor) and any(isinstance(d, torch.SymInt) for d in t.shape)]
+    if symbolic:
+        raise UnsupportedGraphError(
+            f"torch.compile traced this call with symbolic sizes ({', '.join(symbolic[:3])}): dynamic=True, or "
+            "torch.compile's default dynamic=None after a shape change, makes sizes symbolic. stepcache compiles one "
+            "static graph, with its own state, per shape: use cachepass.compile(model, config), or pass "
+            "dynamic=False to torch.compile"
+        )
+
+
+_WARNED_NEVER_CACHES: set[StepCacheConfig] = set()
+
+
+def _warn_if_never_caches(config: StepCacheConfig) -> None:
+    reason = config.never_caches
+    if reason is not None and config not in _WARNED_NEVER_CACHES:
+        _WARNED_NEVER_CACHES.add(config)
+        log.warning("stepcache: this config never caches a step (%s); every call runs all blocks", reason)
+
+
+def _static_example_state(example_inputs: Sequence[Any], layout: StateLayout, device: torch.device) -> list:
+    """Example state inputs: fake tensors with static shapes in Dynamo's fake mode (real ones without it).
 
     AOTAutograd gives real example inputs it has no Dynamo context for symbolic sizes (torch 2.11),
     and the guards Inductor then emits on them have no source: Dynamo fails building its guards.
     """
     fake_mode = torch._guards.detect_fake_mode(example_inputs)
     if fake_mode is None:
-        return state
+        return [spec.allocate(device) for spec in layout.specs]
     with fake_mode:
-        return [fake_mode.from_tensor(t, static_shapes=True) for t in state]
+        return [torch.empty(spec.shape, dtype=spec.dtype, device=device) for spec in layout.specs]
 
 
 def _anchor_index(example_inputs: Sequence[Any]) -> int | None:
@@ -174,7 +203,9 @@ def _with_state(compiled: Callable, states: StateSet) -> Callable:
 
     def run(*args):
         state = states.for_call(args)
-        state.touch()
-        return compiled(*args, *state.tensors)
+        state.before_call()
+        out = compiled(*args, *state.tensors)
+        state.after_call()
+        return out
 
     return run

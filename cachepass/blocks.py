@@ -88,6 +88,7 @@ class BlockList:
     block_class: str
     blocks: list[Block]
     hidden_slot: int = 0
+    odd_last: bool = False  # the last block is built differently (fewer outputs, or another class)
 
     @property
     def num_slots(self) -> int:
@@ -125,14 +126,18 @@ def find_block_lists(gm: fx.GraphModule) -> Discovery:
 
 
 def _candidate_lists(nodes: Iterable[fx.Node]) -> dict[str, str]:
-    """list path -> block class, for lists with >= 2 items of a single class."""
-    indices: dict[str, set[int]] = {}
-    classes: dict[str, set[str]] = {}
+    """list path -> block class, for lists with >= 2 items of one class (the last item may be another)."""
+    classes: dict[str, dict[int, str]] = {}
     for node in nodes:
         for path, index, cls in _list_items(node):
-            indices.setdefault(path, set()).add(index)
-            classes.setdefault(path, set()).add(cls)
-    return {p: next(iter(classes[p])) for p in indices if len(indices[p]) >= 2 and len(classes[p]) == 1}
+            classes.setdefault(path, {})[index] = cls
+    candidates = {}
+    for path, by_index in classes.items():
+        ordered = [by_index[i] for i in sorted(by_index)]
+        core = set(ordered[:-1]) if len(ordered) > 2 else set(ordered)
+        if len(ordered) >= 2 and len(core) == 1:
+            candidates[path] = next(iter(core))
+    return candidates
 
 
 def _assign_blocks(nodes: list[fx.Node], candidates: dict[str, str]) -> dict[fx.Node, tuple[str, int]]:
@@ -168,9 +173,10 @@ def _group_blocks(gm, owner, candidates) -> list[BlockList]:
     for path, blocks in by_list.items():
         if len(blocks) < 2:
             continue
-        result.append(
-            BlockList(path, candidates[path], [Block(f"{path}.{i}", ns) for i, ns in blocks.items()])
-        )
+        block_list = BlockList(path, candidates[path], [Block(f"{path}.{i}", ns) for i, ns in blocks.items()])
+        last_class = next((cls for p, i, cls in _list_items(block_list.blocks[-1].nodes[0]) if p == path), None)
+        block_list.odd_last = last_class != block_list.block_class
+        result.append(block_list)
     return result
 
 
@@ -252,7 +258,12 @@ def _reaches(src: fx.Node, dst: fx.Node, stop: set[fx.Node]) -> bool:
 
 
 def _map_last_block_outputs(bl: BlockList) -> None:
-    """The last block feeds no next block: match its live outputs to the previous block's by structure."""
+    """The last block feeds no next block: match its live outputs to the previous block's slots.
+
+    By structure first; a last block built differently (SD3's ``context_pre_only`` block consumes
+    the text stream and returns only the hidden states) is matched by shape and dtype, and marked
+    odd. A slot it does not return ends inside the list.
+    """
     last, before = bl.blocks[-1], bl.blocks[-2]
     own = set(last.nodes)
     live = [n for n in last.nodes if any(u not in own for u in n.users)]
@@ -262,10 +273,27 @@ def _map_last_block_outputs(bl: BlockList) -> None:
     for node in live:
         slot = by_signature.get(signature_last[node])
         if slot is None:
+            slot = _slot_by_meta(node, before)
+            bl.odd_last = True
+        if slot is None or slot in last.outputs:
             raise UnsupportedGraphError(
-                f"{last.path} exports {describe_value(node)}, which matches no carried value of {before.path}"
+                f"{last.path} exports {describe_value(node)}, which matches no carried value of {before.path} "
+                f"(by structure, or by shape and dtype: {', '.join(describe_value(n) for n in before.outputs.values())})"
             )
         last.outputs[slot] = node
+    if len(last.outputs) < bl.num_slots:
+        bl.odd_last = True
+
+
+def _slot_by_meta(node: fx.Node, before: Block) -> int | None:
+    """The one slot of ``before`` whose value has ``node``'s shape and dtype, if exactly one has."""
+    value = example_value(node)
+    if not isinstance(value, torch.Tensor):
+        return None
+    same = [slot for slot, out in before.outputs.items()
+            if isinstance(example_value(out), torch.Tensor)
+            and (example_value(out).shape, example_value(out).dtype) == (value.shape, value.dtype)]
+    return same[0] if len(same) == 1 else None
 
 
 def _signatures(block: Block) -> dict[fx.Node, int]:
@@ -366,21 +394,36 @@ def plan_cache_units(gm: fx.GraphModule, config: StepCacheConfig) -> tuple[list[
     """Find the block lists and split each into head / middle / tail per the config."""
     discovery = find_block_lists(gm)
     if not discovery.block_lists:
-        modules = sorted(
-            {
-                normalize_module_path(path).split(".")[0]
-                for n in gm.graph.nodes
-                for path, _ in (n.meta.get("nn_module_stack") or {}).values()
-                if normalize_module_path(path)
-            }
-        )
-        raise BlockDiscoveryError(
-            "no repeated block list found in the graph (a ModuleList with >= 2 blocks of one class, "
-            f"each called once in order); top-level modules seen: {modules or 'none'}"
-        )
+        raise BlockDiscoveryError(_why_no_block_list(gm))
     position = {n: i for i, n in enumerate(gm.graph.nodes)}
     plans = [_plan_unit(i, bl, config, position) for i, bl in enumerate(discovery.block_lists)]
     return plans, discovery
+
+
+def _why_no_block_list(gm: fx.GraphModule) -> str:
+    """What the graph holds instead of a whole block list: a cut list (a graph break), mixed classes, or none."""
+    nodes = [n for n in gm.graph.nodes if _is_computation(n)]
+    lists: dict[str, dict[int, str]] = {}
+    for node in nodes:
+        for path, index, cls in _list_items(node):
+            lists.setdefault(path, {})[index] = cls
+    cut = "; a graph break cut the model (compile with fullgraph=True, cachepass.compile's default, to see where)"
+    for path, by_index in lists.items():
+        if len(by_index) == 1:
+            (index,) = by_index
+            return f"only block {path}.{index} of the list {path} is in this graph{cut}"
+        mixed = sorted(set(by_index.values()))
+        if len(mixed) > 1:
+            kinds = ", ".join(f"{path}.{i}: {c}" for i, c in sorted(by_index.items()))
+            return (f"the blocks of {path} are of different classes ({kinds}); cachepass caches lists whose blocks "
+                    "share one class (only the last block may differ)")
+    modules = sorted({normalize_module_path(p).split(".")[0] for n in gm.graph.nodes
+                      for p, _ in (n.meta.get("nn_module_stack") or {}).values() if normalize_module_path(p)})
+    if not modules:
+        return f"no repeated block list found: this graph calls no submodule{cut}, or the model has no ModuleList of blocks"
+    return ("no repeated block list found in the graph (a ModuleList with >= 2 blocks of one class, each called "
+            f"once in order); top-level modules seen: {modules}. If torch.compile ran with fullgraph=False, a graph "
+            "break may have cut the model (compile with fullgraph=True, cachepass.compile's default, to see where)")
 
 
 def _plan_unit(index: int, bl: BlockList, config: StepCacheConfig, position) -> CacheUnitPlan:
@@ -430,6 +473,9 @@ def _plan_unit(index: int, bl: BlockList, config: StepCacheConfig, position) -> 
         hoisted=hoisted,
         slots=slots,
     )
+    if bl.odd_last:
+        log.info("%s is built differently from the other blocks of %s; it runs in the %s", bl.blocks[-1].path,
+                 bl.path, "tail" if bn else "middle (its outputs are carried slots)")
     log.debug(
         "cache unit %s: %d blocks, head %s middle %s tail %s, %d region nodes, %d hoisted",
         bl.path, n, plan.head, plan.middle, plan.tail, len(region), len(hoisted),

@@ -11,6 +11,7 @@ import argparse
 import dataclasses
 import json
 import os
+import statistics
 import sys
 import time
 
@@ -48,7 +49,7 @@ def parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="uncached vs stepcache on the bundled demo model", description=__doc__,
                           formatter_class=argparse.RawDescriptionHelpFormatter)
-    demo.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    demo.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
     demo.add_argument("--steps", type=_positive_int(2), default=40, help="denoising steps (default 40)")
     demo.add_argument("--threshold", type=_non_negative_float, default=0.08, help="residual diff threshold (default 0.08)")
     demo.add_argument("--taylorseer-order", type=_positive_int(0), default=1, help="TaylorSeer order, 0 = off (default 1)")
@@ -59,6 +60,8 @@ def parser() -> argparse.ArgumentParser:
                            "eager; aot_eager compiles in seconds but adds Python overhead per call)")
     demo.add_argument("--captions", nargs="+", default=list(DEFAULT_CAPTIONS), help="e.g. 'a red circle moving left'")
     demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--repeats", type=_positive_int(1), default=3,
+                      help="timed runs per caption and variant, interleaved; the table shows medians (default 3)")
     demo.add_argument("--out", default="cachepass-demo", help="output folder (default ./cachepass-demo)")
     return p
 
@@ -91,31 +94,35 @@ def demo(args) -> int:
     from cachepass.models.demo import load_default
     from cachepass.quality import compare
 
-    if args.device not in ("cpu", "cuda"):
-        raise ValueError(f"--device {args.device!r}: allowed cpu or cuda")
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda: no CUDA device is available")
+    device = _parse_device(args.device)
+    _prepare_out(args.out)
     inner = args.inner
     cfg = cachepass.StepCacheConfig(num_head_blocks=args.head, threshold=args.threshold, warmup_steps=args.warmup,
                                     taylorseer_order=args.taylorseer_order, separate_cfg=True,
                                     num_inference_steps=args.steps)
-    model = load_default(args.device)
+    model = load_default(device)
     model.encode(args.captions)  # rejects unknown words before any work
     compiled = cachepass.compile(model.transformer, cfg, inner=inner)
     print(f"demo model: {model.card['parameters'] / 1e6:.2f}M parameters, trained {model.card['steps']} steps; "
-          f"device {args.device}, stepcache inner={inner}, {cfg.num_head_blocks} head blocks, "
+          f"device {device}, stepcache inner={inner}, {cfg.num_head_blocks} head blocks, "
           f"threshold {cfg.threshold}, TaylorSeer order {cfg.taylorseer_order}")
 
     with _progress(2 * args.steps, "compile (first stepcache generation)") as bar:
         compile_s = _timed(lambda: model.generate(args.captions[:1], seed=args.seed, steps=args.steps,
-                                                  transformer=compiled, progress=bar), args.device)[1]
+                                                  transformer=compiled, progress=bar), device)[1]
     rows, uncached_clips, cached_clips = [], [], []
     for text in args.captions:
-        with _progress(2 * args.steps, f"uncached   {text}") as bar:
-            plain, plain_s = _timed(lambda: model.generate([text], seed=args.seed, steps=args.steps, progress=bar), args.device)
-        with _progress(2 * args.steps, f"stepcache  {text}") as bar:
-            fast, fast_s = _timed(lambda: model.generate([text], seed=args.seed, steps=args.steps,
-                                                         transformer=compiled, progress=bar), args.device)
+        plain_times, fast_times = [], []
+        for _ in range(args.repeats):  # interleaved, so a busy machine slows both alike
+            with _progress(2 * args.steps, f"uncached   {text}") as bar:
+                plain, seconds = _timed(lambda: model.generate([text], seed=args.seed, steps=args.steps, progress=bar),
+                                        device)
+                plain_times.append(seconds)
+            with _progress(2 * args.steps, f"stepcache  {text}") as bar:
+                fast, seconds = _timed(lambda: model.generate([text], seed=args.seed, steps=args.steps,
+                                                              transformer=compiled, progress=bar), device)
+                fast_times.append(seconds)
+        plain_s, fast_s = statistics.median(plain_times), statistics.median(fast_times)
         (unit,) = cachepass.stats(model.transformer)
         q = compare(_frames(fast[0]), _frames(plain[0]))
         rows.append(Row(text, plain_s, fast_s, plain_s / fast_s, len(unit.cached_steps), len(unit.cfg_cached_steps),
@@ -123,13 +130,13 @@ def demo(args) -> int:
         uncached_clips.append(plain[0])
         cached_clips.append(fast[0])
 
-    os.makedirs(args.out, exist_ok=True)
     gif = os.path.join(args.out, "demo.gif")
     write_gif(uncached_clips, cached_clips, gif)
     summary = {
-        "device": args.device, "inner": inner, "config": dataclasses.asdict(cfg) | {
+        "device": str(device), "inner": inner, "repeats": args.repeats, "config": dataclasses.asdict(cfg) | {
             "steps_computation_policy": cfg.steps_computation_policy.value},
         "compile_s": compile_s, "steps": args.steps, "torch": torch.__version__,
+        "timing": "median of the repeats per caption and variant, summed over captions",
         "uncached_s": sum(r.uncached_s for r in rows), "stepcache_s": sum(r.stepcache_s for r in rows),
         "rows": [_json_safe(dataclasses.asdict(r)) for r in rows],
     }
@@ -140,6 +147,35 @@ def demo(args) -> int:
     print(format_table(rows, summary))
     print(f"wrote {gif} (uncached | stepcache | |difference| x{DIFF_GAIN}) and {table}")
     return 0
+
+
+def _parse_device(text: str):
+    import torch
+
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device {text!r}: allowed cpu, cuda or cuda:N")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {text}: no CUDA device is available")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {text}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return device
+
+
+def _prepare_out(path: str) -> None:
+    """Create the output folder and check it is writable before any generation work."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ValueError(f"--out {path!r} is an existing file; give a folder to write demo.gif and table.json into")
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"--out {path!r}: cannot create the folder ({e.strerror})") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise ValueError(f"--out {path!r}: the folder is not writable")
 
 
 def format_table(rows: list[Row], summary: dict) -> str:
@@ -159,15 +195,15 @@ def _json_safe(row: dict) -> dict:
     return {k: None if isinstance(v, float) and v == float("inf") else v for k, v in row.items()}
 
 
-def _timed(fn, device: str):
+def _timed(fn, device):
     import torch
 
-    if device == "cuda":
-        torch.cuda.synchronize()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
     start = time.perf_counter()
     out = fn()
-    if device == "cuda":
-        torch.cuda.synchronize()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
     return out, time.perf_counter() - start
 
 
@@ -176,8 +212,12 @@ def _frames(clip):
     return ((clip.float().cpu().permute(1, 0, 2, 3) + 1) / 2).clamp(0, 1)
 
 
+GIF_COLUMNS = ("uncached", "stepcache", f"|difference| x{DIFF_GAIN}")
+GIF_HEADER = 16  # pixels above the panels for the column labels
+
+
 def write_gif(uncached, cached, path: str) -> None:
-    """One row per caption: uncached | stepcache | amplified absolute difference, every frame."""
+    """One row per caption: uncached | stepcache | amplified absolute difference, every frame, columns labelled."""
     import torch
     from PIL import Image
 
@@ -192,8 +232,21 @@ def write_gif(uncached, cached, path: str) -> None:
         image = torch.cat([torch.cat([r, torch.ones(3, 2, r.shape[2])], dim=1) for r in rows], dim=1)
         array = (image.permute(1, 2, 0).numpy() * 255).astype("uint8")
         picture = Image.fromarray(array)
-        frames.append(picture.resize((picture.width * GIF_SCALE, picture.height * GIF_SCALE), Image.NEAREST))
+        picture = picture.resize((picture.width * GIF_SCALE, picture.height * GIF_SCALE), Image.NEAREST)
+        frames.append(_with_column_labels(picture, panel_width=uncached[0].shape[-1] * GIF_SCALE, gap=2 * GIF_SCALE))
     frames[0].save(path, save_all=True, append_images=frames[1:], duration=180, loop=0)
+
+
+def _with_column_labels(picture, panel_width: int, gap: int):
+    from PIL import Image, ImageDraw
+
+    canvas = Image.new("RGB", (picture.width, picture.height + GIF_HEADER), "white")
+    canvas.paste(picture, (0, GIF_HEADER))
+    draw = ImageDraw.Draw(canvas)
+    for i, label in enumerate(GIF_COLUMNS):
+        width = draw.textlength(label)
+        draw.text((i * (panel_width + gap) + (panel_width - width) / 2, 2), label, fill="black")
+    return canvas
 
 
 def _progress(total: int, label: str):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import math
+import numbers
 from typing import Any, Mapping, Sequence
 
 
@@ -40,8 +41,15 @@ class StepCacheConfig:
         cfg_compute_first: with ``separate_cfg``, the unconditional call comes first.
         cfg_diff_compute_separate: False lets the unconditional stream reuse the conditional
             stream's diff of the same step (cache-dit requires ``cfg_compute_first=False`` when True).
-        num_inference_steps: denoising steps per generation; state resets to step 0 after this many
-            steps (per stream). None: call ``cachepass.reset(model)`` between generations.
+        num_inference_steps: denoising steps per generation, the length the step mask, warmup and
+            the stats tables are laid out for. A generation that runs more or fewer steps is
+            reported (a warning and ``UnitStats.warnings``). None: any length.
+        timestep_input: the model input that marks denoising progress. A call whose timestep does
+            not decrease starts a new generation at step 0 (with ``separate_cfg``, the second call
+            of a step at the same timestep is its CFG partner). ``"auto"``: the input named
+            ``timestep``, ``timesteps``, ``sigma`` or ``sigmas``, else counting calls. A name: that
+            input (the forward's argument name). None: count calls (a new generation after
+            ``num_inference_steps`` steps per stream, or at ``cachepass.reset``).
         steps_computation_mask: one 0/1 per step; 1 forces a compute step, 0 defers to ``steps_computation_policy``.
         steps_computation_policy: ``MaskPolicy.DYNAMIC`` or ``MaskPolicy.STATIC`` (strings accepted).
         taylorseer_order: TaylorSeer order applied to the hidden-state residual (0 = plain reuse).
@@ -61,12 +69,14 @@ class StepCacheConfig:
     cfg_compute_first: bool = False
     cfg_diff_compute_separate: bool = True
     num_inference_steps: int | None = None
+    timestep_input: str | None = "auto"
     steps_computation_mask: tuple[int, ...] | None = None
     steps_computation_policy: MaskPolicy = MaskPolicy.DYNAMIC
     taylorseer_order: int = 0
     encoder_taylorseer_order: int | None = None
 
     def __post_init__(self) -> None:
+        self._normalize_numbers()
         _require_int("num_head_blocks", self.num_head_blocks, minimum=1)
         _require_int("num_tail_blocks", self.num_tail_blocks, minimum=0)
         _require_number("threshold", self.threshold, ">= 0 (0 disables threshold caching, >= 1 always caches)")
@@ -93,10 +103,23 @@ class StepCacheConfig:
             )
         if self.num_inference_steps is not None:
             _require_int("num_inference_steps", self.num_inference_steps, minimum=1)
+        if self.timestep_input is not None and (not isinstance(self.timestep_input, str) or not self.timestep_input):
+            _fail("timestep_input", self.timestep_input, "'auto', the name of a model input, or None")
         self._validate_mask()
         _require_int("taylorseer_order", self.taylorseer_order, minimum=0)
         if self.encoder_taylorseer_order is not None:
             _require_int("encoder_taylorseer_order", self.encoder_taylorseer_order, minimum=0)
+
+    def _normalize_numbers(self) -> None:
+        """numpy and other ``numbers`` scalars become Python ints and floats (numpy bools are no Integral: rejected)."""
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if type(value) in (bool, int, float):  # numpy.float64 subclasses float: converted below
+                continue
+            if isinstance(value, numbers.Integral):
+                object.__setattr__(self, f.name, int(value))
+            elif isinstance(value, numbers.Real):
+                object.__setattr__(self, f.name, float(value))
 
     def _validate_mask(self) -> None:
         try:
@@ -145,6 +168,23 @@ class StepCacheConfig:
                 leading_ones += 1
             limit = min(limit, leading_ones)
         return tuple(range(0, limit, self.warmup_interval))
+
+    @property
+    def never_caches(self) -> str | None:
+        """Why no step can ever be cached under this config, or None if some can."""
+        static = self.steps_computation_policy is MaskPolicy.STATIC and self.steps_computation_mask is not None
+        if self.max_cached_steps == 0:
+            return "max_cached_steps=0"
+        if self.threshold <= 0 and not static:
+            return "threshold=0 disables threshold caching and no static mask caches steps"
+        if self.num_inference_steps is not None:
+            forced = set(self.warmup_step_indices)
+            if self.steps_computation_mask is not None:
+                forced |= {t for t, m in enumerate(self.steps_computation_mask) if m == 1}
+            if len(forced) >= self.num_inference_steps:
+                return (f"warmup (warmup_steps={self.warmup_steps}, warmup_interval={self.warmup_interval}) and "
+                        f"steps_computation_mask force all num_inference_steps={self.num_inference_steps} steps to compute")
+        return None
 
     # ------------------------------------------------------------------ constructors
     @classmethod

@@ -24,6 +24,7 @@ from cachepass.backend import copy_graph_module, coerce_config, outline_graph
 from cachepass.config import MaskPolicy, StepCacheConfig
 from cachepass.errors import CachepassError
 from cachepass.runtime import UnitStats
+from cachepass.timestep import find_timestep_input
 from cachepass.unit import UnitSpec
 
 
@@ -51,9 +52,12 @@ class StepCacheReference(nn.Module):
             reference_units.append(unit)
         graph_state = _GraphState(clock, reference_units)
         self._graphs.append(graph_state)
+        timestep = find_timestep_input(gm, self.config)
+        placeholders = [n.target for n in gm.graph.nodes if n.op == "placeholder"]
+        timestep_index = placeholders.index(timestep.placeholder) if timestep else None
 
         def run(*args):
-            clock.advance()
+            clock.advance(None if timestep_index is None else float(args[timestep_index].double().amax()))
             self._last = graph_state
             return gm(*args)
 
@@ -78,28 +82,36 @@ class _GraphState:
 
 
 class GenerationClock:
-    """Call index -> (step, stream); a new generation starts after num_inference_steps steps."""
+    """Which generation, step and CFG stream a call is: the compiled clock's rule (see insert_cache_cond).
+
+    A call whose timestep is below the last one is the next step; with separate CFG, a call at the
+    same timestep right after a step's first call is its partner; any other call starts a new
+    generation. Without a timestep, the position in a run of ``num_inference_steps`` steps counts.
+    """
 
     def __init__(self, config: StepCacheConfig):
         self.config = config
-        self.calls = 0
-        self.call = self.step = self.stream = 0
+        self.calls = 0  # since reset
+        self.step = self.stream = 0
+        self.first_call = True
+        self.pending = False
+        self.last_t = 0.0
 
-    def advance(self) -> None:
+    def advance(self, timestep: float | None) -> None:
         cfg = self.config
-        if cfg.num_inference_steps and self.calls == cfg.num_inference_steps * cfg.num_streams:
-            self.calls = 0
-        self.call, self.calls = self.calls, self.calls + 1
-        if cfg.separate_cfg:
-            self.step = self.call // 2
-            # calls 0, 2, 4, ... are the conditional stream unless the CFG call comes first
-            self.stream = (self.call + int(cfg.cfg_compute_first)) % 2
-        else:
-            self.step, self.stream = self.call, 0
-
-    @property
-    def first_call(self) -> bool:
-        return self.call == 0
+        if timestep is None:
+            position = self.calls % (cfg.num_inference_steps * cfg.num_streams) if cfg.num_inference_steps else self.calls
+            timestep = -float(position // cfg.num_streams)
+        fresh = self.calls == 0
+        same = not fresh and timestep == self.last_t
+        partner = cfg.separate_cfg and self.pending and same
+        self.first_call = fresh or timestep > self.last_t or (same and not partner)
+        self.step = 0 if self.first_call else self.step if partner else self.step + 1
+        # the first call of a step is the conditional stream unless the CFG call comes first
+        self.stream = int(partner) ^ int(cfg.cfg_compute_first)
+        self.pending = cfg.separate_cfg and not partner
+        self.last_t = timestep
+        self.calls += 1
 
 
 class TaylorSeer:

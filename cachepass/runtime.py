@@ -6,7 +6,9 @@ Python value Dynamo could guard on. Per CFG stream state is stacked along a lead
 
 Layout (S streams, C = step capacity = num_inference_steps, or 1024 without it):
 
-    clock.calls                  []            calls made in the current generation
+    clock.calls                  []            calls since the state was made or reset (0: fresh)
+    clock.{step,pending,last_t}  []            step, CFG partner due, timestep of the last call
+    clock.report                 [2]           [Mismatch flags (sticky), steps of the last generation that ended early]
     schedule.{warmup,mask_compute,mask_static}  [C+1]  per-step constants from the config
     schedule.{stream_ids,step_ids}              [S], [C+1]
     u{i}.prev_residual           [S, *hidden]  head residual of the last computed step
@@ -16,13 +18,17 @@ Layout (S streams, C = step capacity = num_inference_steps, or 1024 without it):
     u{i}.slot{k}.valid           [S, K+1]      which terms exist yet
 
 The small per-stream values are reset inside the graph on the first call of a generation; the
-large buffers are never cleared, their ``has_prev`` / ``valid`` flags are.
+large buffers are never cleared, their ``has_prev`` / ``valid`` flags are. Calls that do not fit the
+config set sticky `Mismatch` bits in ``clock.report``; the host reads them without a sync (a
+non-blocking copy checked on a later call) and warns once per state.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import enum
 import itertools
+import logging
 import math
 import weakref
 from typing import Any, Iterable
@@ -34,7 +40,40 @@ from cachepass.config import MaskPolicy, StepCacheConfig
 from cachepass.errors import CachepassError
 from cachepass.unit import UnitSpec, tensor_nbytes
 
+log = logging.getLogger("cachepass")
+
 DEFAULT_STEP_CAPACITY = 1024
+
+
+class Mismatch(enum.IntFlag):
+    """Calls that do not fit the compiled config, detected in the graph (bits of ``clock.report[0]``)."""
+
+    MISSING_CFG_PARTNER = 1  # separate_cfg, but a step had one call (CFG off, or batched CFG)
+    SHARED_TIMESTEP = 2  # one stream, but two calls at one timestep (separate CFG on a separate_cfg=False compile)
+    MORE_STEPS = 4  # a generation ran past num_inference_steps
+    FEWER_STEPS = 8  # a generation ended before num_inference_steps (interrupted, or a shorter schedule)
+
+
+MISMATCH_MESSAGES = {
+    Mismatch.MISSING_CFG_PARTNER: (
+        "separate_cfg=True, but a denoising step made one call (CFG off, e.g. guidance <= 1, or both CFG "
+        "branches batched into one call): each such call ran as the conditional stream of its step. Compile "
+        "with separate_cfg=False for this pipeline"
+    ),
+    Mismatch.SHARED_TIMESTEP: (
+        "separate_cfg=False, but two calls shared one timestep (separate CFG calls?): each started a new "
+        "generation and nothing was cached. Compile with separate_cfg=True"
+    ),
+    Mismatch.MORE_STEPS: (
+        "a generation ran more than num_inference_steps={steps} steps: steps past it used no warmup or mask "
+        "entry and are not in stats(). Set num_inference_steps to the pipeline's step count"
+    ),
+    Mismatch.FEWER_STEPS: (
+        "a generation ended after {ended} of num_inference_steps={steps} steps (interrupted, a shorter "
+        "schedule, or one of two experts running part of the steps); the next one started at step 0. "
+        "If the pipeline runs {ended} steps, set num_inference_steps={ended}"
+    ),
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,6 +110,8 @@ class StateLayout:
         for unit in self.units:
             self.specs.extend(self._unit_specs(unit))
         self.index = {s.name: i for i, s in enumerate(self.specs)}
+        # equal keys: equal state tensors and semantics, so compiled graphs may share a state
+        self.key = (config, tuple((s.name, s.shape, s.dtype) for s in self.specs))
 
     def _model_specs(self) -> list[TensorSpec]:
         cfg, cap, s = self.config, self.capacity, self.config.num_streams
@@ -80,6 +121,10 @@ class StateLayout:
         static = cfg.steps_computation_policy is MaskPolicy.STATIC and cfg.steps_computation_mask is not None
         return [
             TensorSpec("clock.calls", (), torch.int64, 0),
+            TensorSpec("clock.step", (), torch.int64, 0),
+            TensorSpec("clock.pending", (), torch.bool, False),
+            TensorSpec("clock.last_t", (), torch.float64, 0.0),
+            TensorSpec("clock.report", (2,), torch.int64, 0),
             TensorSpec("schedule.warmup", (cap + 1,), torch.bool, values=tuple(t in warmup for t in steps)),
             TensorSpec(
                 "schedule.mask_compute",
@@ -135,38 +180,76 @@ _TICK = itertools.count(1)
 
 
 class RuntimeState:
-    """The state tensors of one compiled graph plus the host-side bookkeeping for stats."""
+    """The state tensors of one model instance for one state layout, plus host-side bookkeeping.
 
-    def __init__(self, layout: StateLayout, device: torch.device, anchor: torch.Tensor | None, graph=None):
+    Shared by every compiled graph with the same layout (a recompile for another dispatch key,
+    or the two prompt lengths of a model that carries no text state), so a generation continues
+    across them. Freed with the model: the registry drops it when its anchor parameter dies.
+    """
+
+    def __init__(self, layout: StateLayout, device: torch.device, anchor_id: int | None, graph=None):
         self.layout = layout
         self.tensors = [spec.allocate(device) for spec in layout.specs]
-        self.graph = graph  # the rewritten GraphModule, for inspection
+        self.graph = graph  # the rewritten GraphModule that made it, for inspection
         self.last_used = 0
         self.mid_pair = False  # separate CFG: the first call of a step ran, its partner is due
-        self.anchor_id = id(anchor) if anchor is not None else None
-        if anchor is not None:
-            _register(self, anchor)
+        self.anchor_id = anchor_id
+        self.reported: dict[Mismatch, str] = {}  # mismatch -> its message when first seen
+        self._report = _ReportReader(self["clock.report"])
 
     def __getitem__(self, name: str) -> torch.Tensor:
         return self.tensors[self.layout.index[name]]
 
-    def touch(self) -> None:
-        """Host-side bookkeeping of one call (no device access)."""
+    def before_call(self) -> None:
+        """Host-side bookkeeping of one call (no device sync)."""
         self.last_used = next(_TICK)
+        self._warn_new_mismatches(self._report.latest())
         if not self.layout.config.separate_cfg:
             return
         previous = _LAST_CALLED.get(self.anchor_id) if self.anchor_id is not None else None
         previous = previous() if previous is not None else None
         if previous is not None and previous is not self and previous.mid_pair:
-            raise CachepassError(
-                "separate_cfg=True, but the two CFG calls of one step ran different compiled graphs "
-                "(their inputs differ in shape, e.g. prompt embeddings of different lengths); "
-                "each graph counts steps for itself, so give both calls the same shapes "
-                "(pad the embeddings) or call cachepass.reset(model) to start over"
-            )
+            self._check_cfg_partner(previous)
         self.mid_pair = not self.mid_pair
         if self.anchor_id is not None:
             _LAST_CALLED[self.anchor_id] = weakref.ref(self)
+
+    def after_call(self) -> None:
+        self._report.post()
+
+    def _check_cfg_partner(self, previous: "RuntimeState") -> None:
+        """The previous call began a CFG pair in another state: a new resolution, or CFG calls of different shapes."""
+        previous.mid_pair = False
+        hidden = [u.hidden.shape for u in self.layout.units]
+        if [u.hidden.shape for u in previous.layout.units] != hidden:
+            log.info("stepcache: a call at a new resolution (%s) followed an unpaired CFG call; "
+                     "the new shape starts its own generation", hidden)
+            return
+        differing = sorted(
+            f"{a.name} {list(a.shape)} vs {list(b.shape)}"
+            for a, b in zip(previous.layout.specs, self.layout.specs) if a.shape != b.shape
+        )
+        raise CachepassError(
+            "separate_cfg=True, but the two CFG calls of one step have inputs of different shapes, so they ran "
+            f"different compiled graphs whose carried state differs ({'; '.join(differing) or 'other units'}): "
+            "e.g. prompt embeddings of different lengths. Give both calls the same shapes (pad the embeddings), "
+            "or call cachepass.reset(model) if the previous generation was abandoned after an odd call"
+        )
+
+    def _warn_new_mismatches(self, report: list[int] | None) -> None:
+        if report is None:
+            return
+        flags, ended_early = Mismatch(report[0]), report[1]
+        for flag in Mismatch:
+            if flag in flags and flag not in self.reported:
+                self.reported[flag] = MISMATCH_MESSAGES[flag].format(
+                    steps=self.layout.config.num_inference_steps, ended=ended_early)
+                log.warning("stepcache: %s", self.reported[flag])
+
+    def warnings(self) -> list[str]:
+        """Every mismatch seen so far, as first reported (reads the device state)."""
+        self._warn_new_mismatches(self["clock.report"].tolist())
+        return [self.reported[flag] for flag in Mismatch if flag in self.reported]
 
     def reset(self) -> None:
         """Start a new generation at the next call (the graph clears the per-stream state then)."""
@@ -174,11 +257,11 @@ class RuntimeState:
         self.mid_pair = False
 
     def stats(self) -> list["UnitStats"]:
-        calls = int(self["clock.calls"].item())
-        fresh = calls == 0
-        return [self._unit_stats(unit, fresh) for unit in self.layout.units]
+        fresh = int(self["clock.calls"].item()) == 0
+        warnings = self.warnings()
+        return [self._unit_stats(unit, fresh, warnings) for unit in self.layout.units]
 
-    def _unit_stats(self, unit: UnitSpec, fresh: bool) -> "UnitStats":
+    def _unit_stats(self, unit: UnitSpec, fresh: bool, warnings: list[str]) -> "UnitStats":
         cap = self.layout.capacity
         flags = self[f"u{unit.index}.cached_flags"].cpu()
         diffs = self[f"u{unit.index}.diffs"].cpu()
@@ -197,20 +280,49 @@ class RuntimeState:
             residual_diffs=per_stream[0][1],
             cfg_cached_steps=cfg_cached,
             cfg_residual_diffs=cfg_diffs,
+            warnings=warnings,
         )
 
 
+class _ReportReader:
+    """Reads ``clock.report`` without a host sync: a non-blocking copy after a call, read once it landed.
+
+    On the CPU the graph has finished when the call returns, so the tensor is read directly.
+    """
+
+    def __init__(self, report: torch.Tensor):
+        self.report = report
+        self.on_device = report.device.type != "cpu"
+        self.host = torch.empty(report.shape, dtype=report.dtype, pin_memory=self.on_device)
+        self.copied = torch.Event(device=report.device) if self.on_device else None
+        self.posted = False
+
+    def post(self) -> None:
+        if self.on_device:
+            self.host.copy_(self.report, non_blocking=True)
+            self.copied.record()
+        self.posted = True
+
+    def latest(self) -> list[int] | None:
+        """The report as of the last posted call, if it has landed (never waits)."""
+        if not self.posted or (self.on_device and not self.copied.query()):
+            return None
+        self.posted = False
+        return (self.host if self.on_device else self.report).tolist()
+
+
 class StateSet:
-    """The states of one compiled graph, one per model instance that runs it.
+    """Picks, per call of one compiled graph, the state of the model instance that runs it.
 
     Dynamo reuses a graph for every instance of a model class (parameters are graph inputs), so
     the state is picked per call by the identity of a parameter argument: two transformers of one
-    class (Wan 2.2's two experts) each get their own cache state.
+    class (Wan 2.2's two experts) each get their own cache state. Graphs with equal layouts share
+    the instance's state (see `RuntimeState`).
     """
 
     def __init__(self, layout: StateLayout, device: torch.device, anchor_index: int | None, graph):
         self.layout, self.device, self.anchor_index, self.graph = layout, device, anchor_index, graph
-        self._by_anchor: dict[int, tuple[weakref.ref, RuntimeState]] = {}
+        self.key = (layout.key, str(device))
         self._single: RuntimeState | None = None
 
     def for_call(self, args) -> RuntimeState:
@@ -219,11 +331,13 @@ class StateSet:
                 self._single = RuntimeState(self.layout, self.device, None, self.graph)
             return self._single
         anchor = args[self.anchor_index]
-        entry = self._by_anchor.get(id(anchor))
-        if entry is None or entry[0]() is not anchor:
-            entry = (weakref.ref(anchor), RuntimeState(self.layout, self.device, anchor, self.graph))
-            self._by_anchor[id(anchor)] = entry
-        return entry[1]
+        entry = _REGISTRY.get(id(anchor))
+        if entry is None or entry.anchor() is not anchor:
+            entry = _REGISTRY[id(anchor)] = _AnchorStates(anchor)
+        state = entry.states.get(self.key)
+        if state is None:
+            state = entry.states[self.key] = RuntimeState(self.layout, self.device, id(anchor), self.graph)
+        return state
 
 
 @dataclasses.dataclass
@@ -232,6 +346,7 @@ class UnitStats:
 
     ``cached_steps`` / ``residual_diffs`` belong to the conditional stream, ``cfg_*`` to the
     unconditional one (empty without separate CFG). Diffs are keyed by ``str(step)`` as in cache-dit.
+    ``warnings`` lists the `Mismatch` messages seen by this state (the same for every unit).
     """
 
     name: str
@@ -239,34 +354,45 @@ class UnitStats:
     residual_diffs: dict[str, float]
     cfg_cached_steps: list[int]
     cfg_residual_diffs: dict[str, float]
+    warnings: list[str] = dataclasses.field(default_factory=list)  # calls that did not fit the config
 
 
 # ---------------------------------------------------------------------------- registry
+class _AnchorStates:
+    """The states of one model instance, keyed by layout; dropped when the anchor parameter dies."""
+
+    def __init__(self, anchor: torch.Tensor):
+        self.anchor = weakref.ref(anchor)
+        self.states: dict[tuple, RuntimeState] = {}
+        weakref.finalize(anchor, _drop_anchor, id(anchor), self)
+
+
+def _drop_anchor(anchor_id: int, entry: _AnchorStates) -> None:
+    if _REGISTRY.get(anchor_id) is entry:
+        del _REGISTRY[anchor_id]
+    _LAST_CALLED.pop(anchor_id, None)
+
+
 # Compiled graphs are found from the model through one of its parameters (the backend never sees
-# the module object): anchor id -> weak references to the states compiled for it.
-_REGISTRY: dict[int, list[tuple[weakref.ref, weakref.ref]]] = {}
+# the module object): anchor id -> the states of that model instance.
+_REGISTRY: dict[int, _AnchorStates] = {}
 _LAST_CALLED: dict[int, weakref.ref] = {}  # anchor id -> state of the graph that ran last
 
 
-def _register(state: RuntimeState, anchor: torch.Tensor) -> None:
-    entries = _REGISTRY.setdefault(id(anchor), [])
-    entries[:] = [(a, s) for a, s in entries if a() is not None and s() is not None]
-    entries.append((weakref.ref(anchor), weakref.ref(state)))
-
-
 def states_of(model: Any) -> list[RuntimeState]:
-    """Every live stepcache state compiled for ``model`` (compiled module or original), newest use last."""
+    """Every live stepcache state of ``model`` (compiled module or original), least recently used first."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"expected the compiled module or the original nn.Module, got {type(model).__name__}")
     found = []
     for param in itertools.chain(model.parameters(), model.buffers()):
-        for anchor, state in _REGISTRY.get(id(param), []):
-            if anchor() is param and state() is not None and state() not in found:
-                found.append(state())
+        entry = _REGISTRY.get(id(param))
+        if entry is not None and entry.anchor() is param:
+            found.extend(s for s in entry.states.values() if s not in found)
     return sorted(found, key=lambda s: s.last_used)
 
 
 def current_state(model: Any) -> RuntimeState:
+    """The most recently used state of ``model``."""
     states = states_of(model)
     if not states:
         raise CachepassError(

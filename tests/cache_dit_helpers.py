@@ -13,6 +13,9 @@ def enable(case_name: str, model, cfg: StepCacheConfig):
     target = model
     if case_name == "toy":
         target = BlockAdapter(transformer=model, blocks=model.blocks, forward_pattern=ForwardPattern.Pattern_2)
+    elif case_name == "sd3":  # cache-dit's own StableDiffusion3 adapter, for a bare transformer
+        target = BlockAdapter(transformer=model, blocks=model.transformer_blocks, forward_pattern=ForwardPattern.Pattern_1,
+                              check_forward_pattern=True)
     cache_dit.enable_cache(target, cache_config=db, calibrator_config=calibrator)
 
 

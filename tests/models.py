@@ -151,12 +151,39 @@ def _hunyuan_call(fn, x, sigma, kw):
     return fn(hidden_states=x, timestep=(sigma * 1000).round().long().reshape(1), return_dict=False, **kw)[0]
 
 
+def _sd3():
+    from diffusers import SD3Transformer2DModel
+
+    # the last block is built with context_pre_only=True: it consumes the text stream and returns only hidden states
+    return SD3Transformer2DModel(
+        sample_size=8, patch_size=2, in_channels=4, num_layers=4, attention_head_dim=8, num_attention_heads=2,
+        joint_attention_dim=16, caption_projection_dim=16, pooled_projection_dim=8, out_channels=4, pos_embed_max_size=16,
+    )
+
+
+def _sd3_inputs(g):
+    def prompt():
+        return {"encoder_hidden_states": torch.randn(1, 5, 16, generator=g), "pooled_projections": torch.randn(1, 8, generator=g)}
+
+    return torch.randn(1, 4, 8, 8, generator=g), prompt(), prompt()
+
+
 CASES = {
     "toy": ModelCase("toy", ToyDiT, _toy_inputs, _toy_call, depth=6, threshold=0.025),
     "wan": ModelCase("wan", _wan, _wan_inputs, _wan_call, depth=5, threshold=0.06),
     "flux": ModelCase("flux", _flux, _flux_inputs, _flux_call, depth=4, threshold=0.22),
     "hunyuan": ModelCase("hunyuan", _hunyuan, _hunyuan_inputs, _hunyuan_call, depth=4, threshold=0.2),
+    "sd3": ModelCase("sd3", _sd3, _sd3_inputs, _flux_call, depth=4, threshold=0.1),
 }
+
+
+def toy_config(**overrides):
+    """The runtime tests' config for the toy: 12 steps, separate CFG, TaylorSeer 1; caches about a third of the steps."""
+    from cachepass import StepCacheConfig
+
+    base = dict(num_head_blocks=1, threshold=0.04, warmup_steps=1, separate_cfg=True, num_inference_steps=12,
+                taylorseer_order=1)
+    return StepCacheConfig(**{**base, **overrides})
 
 
 def generate(case: ModelCase, fn: Callable, num_steps: int, *, separate_cfg: bool = True,

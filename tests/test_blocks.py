@@ -18,6 +18,7 @@ EXPECTED_UNITS = {
     "wan": [("blocks", 5, ["hidden"])],
     "flux": [("transformer_blocks", 4, ["hidden", "encoder"]), ("single_transformer_blocks", 4, ["encoder", "hidden"])],
     "hunyuan": [("transformer_blocks", 4, ["hidden", "encoder"]), ("single_transformer_blocks", 4, ["hidden", "encoder"])],
+    "sd3": [("transformer_blocks", 4, ["hidden", "encoder"])],
 }
 
 
@@ -43,6 +44,7 @@ def test_explain_reports_units_ranges_and_carried_values(name):
         assert report.state_bytes[unit.name] >= 2 * 2 * hidden.nbytes  # prev residual + residual, 2 streams
     text = str(report)
     assert "middle blocks 1.." in text and "carried hidden" in text
+    assert report.timestep.name == "timestep" and "timestep input: timestep (" in text
     if name == "hunyuan":
         assert report.skipped == ["context_embedder.token_refiner.refiner_blocks (2 x HunyuanVideoIndividualTokenRefinerBlock): nested below the trunk"]
 
@@ -147,3 +149,37 @@ def test_middle_block_that_mutates_its_input_in_place():
     error = compile_error(Stack(inplace=True))
     assert isinstance(error, UnsupportedGraphError)
     assert "mutates" in str(error) and "middle region of blocks" in str(error)
+
+
+class LastBlock(Block):
+    """A subclass for the last block only, computing the same thing."""
+
+
+def test_a_last_block_of_a_subclass_is_cached():
+    model = Stack()
+    model.blocks[3] = LastBlock()
+    report = cachepass.explain(model, torch.randn(1, 4, 8), config=StepCacheConfig(num_head_blocks=1))
+    assert [(u.name, u.block_class, len(u.block_paths)) for u in report.units] == [("blocks", "Block", 4)]
+
+
+def test_blocks_of_different_classes_in_the_middle_are_named():
+    model = Stack()
+    model.blocks[1] = LastBlock()
+    error = compile_error(model)
+    assert "blocks.0: Block, blocks.1: LastBlock, blocks.2: Block" in str(error)
+
+
+class BreaksInBlocks(Stack):
+    def forward(self, x):
+        for block in self.blocks:
+            x = block(x)
+            torch._dynamo.graph_break()
+        return x
+
+
+def test_a_graph_break_is_named_as_the_cause():
+    compiled = torch.compile(BreaksInBlocks(), backend="stepcache", dynamic=False,
+                             options={"config": StepCacheConfig(num_head_blocks=1), "inner": "eager"})
+    with pytest.raises(Exception) as e, torch.no_grad():
+        compiled(torch.randn(1, 4, 8))
+    assert "a graph break may have cut the model (compile with fullgraph=True" in str(e.value)

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import logging
+
+import numpy
 import pytest
+import torch
 from cache_dit import DBCacheConfig, DBPruneConfig, TaylorSeerCalibratorConfig
 
 import cachepass
@@ -30,6 +34,8 @@ from cachepass.backend import Inner, parse_options
         ("steps_computation_policy", "sometimes", "'dynamic' or 'static'"),
         ("taylorseer_order", -1, "integer >= 0"),
         ("encoder_taylorseer_order", -2, "integer >= 0"),
+        ("timestep_input", "", "'auto', the name of a model input, or None"),
+        ("separate_cfg", numpy.bool_(True), "True or False"),
     ],
 )
 def test_invalid_value_names_field_value_and_allowed(field, value, allowed):
@@ -152,3 +158,55 @@ def test_compile_checks_options_before_tracing():
 def test_to_cache_dit_refuses_two_different_taylorseer_orders():
     with pytest.raises(ValueError, match="cache-dit has one TaylorSeer order"):
         StepCacheConfig(taylorseer_order=1, encoder_taylorseer_order=2).to_cache_dit()
+
+
+def test_numpy_scalars_are_accepted_as_numbers():
+    cfg = StepCacheConfig(threshold=numpy.float64(0.1), num_head_blocks=numpy.int64(2), num_inference_steps=numpy.int32(8))
+    assert cfg == StepCacheConfig(threshold=0.1, num_head_blocks=2, num_inference_steps=8)
+    assert type(cfg.threshold) is float and type(cfg.num_head_blocks) is int
+
+
+def test_compile_keeps_a_cache_dit_calibrator(monkeypatch):
+    db, calibrator = StepCacheConfig(num_head_blocks=1, taylorseer_order=2).to_cache_dit()
+    compiled = cachepass.compile(torch.nn.Linear(2, 2), db, calibrator_config=calibrator)
+    assert cachepass.api.compile_options(compiled).config.taylorseer_order == 2
+
+
+class Residual(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(4, 4)
+
+    def forward(self, x):
+        return x + self.lin(x)
+
+
+class Chain(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.blocks = torch.nn.ModuleList(Residual() for _ in range(3))
+
+    def forward(self, x):
+        for block in self.blocks:
+            x = block(x)
+        return x
+
+
+@pytest.mark.parametrize(
+    "overrides,reason",
+    [
+        (dict(max_cached_steps=0), "max_cached_steps=0"),
+        (dict(warmup_steps=10, num_inference_steps=8), "force all num_inference_steps=8 steps"),
+        (dict(threshold=0.0), "threshold=0 disables"),
+    ],
+)
+def test_configs_that_never_cache_say_so_once(overrides, reason, caplog):
+    cfg = StepCacheConfig(num_head_blocks=1, **overrides)
+    assert reason in cfg.never_caches
+    compiled = cachepass.compile(Chain(), cfg, inner="eager")
+    with torch.no_grad(), caplog.at_level(logging.WARNING, logger="cachepass"):
+        compiled(torch.randn(2, 4))
+        compiled(torch.randn(3, 4))  # a second shape compiles again: no second warning
+    assert [r.getMessage() for r in caplog.records if "never caches" in r.getMessage()] == [
+        f"stepcache: this config never caches a step ({cfg.never_caches}); every call runs all blocks"]
+    assert StepCacheConfig(num_head_blocks=1).never_caches is None

@@ -8,7 +8,7 @@ from importlib import resources
 
 import pytest
 
-from cachepass.cli import main
+from cachepass.cli import GIF_HEADER, main
 from cachepass.models.demo import WEIGHTS, load_default
 from cachepass.models.shapes import COLORS, DIRECTIONS, SHAPES, caption, describe
 
@@ -52,7 +52,7 @@ def test_each_caption_gets_its_own_colour_from_the_same_noise(model):
 
 def test_demo_writes_gif_and_a_consistent_table(tmp_path, capsys):
     out = tmp_path / "demo"
-    code = main(["demo", "--steps", "12", "--threshold", "0.15", "--inner", "aot_eager",
+    code = main(["demo", "--steps", "12", "--threshold", "0.15", "--inner", "aot_eager", "--repeats", "2",
                  "--captions", "a red circle moving right", "a green triangle moving down", "--out", str(out)])
     assert code == 0
     table = json.loads((out / "table.json").read_text())
@@ -66,7 +66,10 @@ def test_demo_writes_gif_and_a_consistent_table(tmp_path, capsys):
     from PIL import Image
 
     gif = Image.open(out / "demo.gif")
-    assert gif.n_frames == 8 and gif.size == (3 * 32 * 4 + 16, 2 * 32 * 4 + 16)
+    assert gif.n_frames == 8 and gif.size == (3 * 32 * 4 + 16, 2 * 32 * 4 + 16 + GIF_HEADER)
+    header = gif.convert("RGB").crop((0, 0, gif.size[0], GIF_HEADER))
+    assert len(header.getcolors(1 << 16)) > 1  # the column labels are drawn
+    assert table["repeats"] == 2 and table["timing"].startswith("median")
     printed = capsys.readouterr().out
     assert "a green triangle moving down" in printed and "speedup" in printed
 
@@ -90,7 +93,7 @@ def test_bad_arguments_exit_2_with_a_message(args, message, capsys):
 @pytest.mark.parametrize(
     "args,message",
     [
-        (["--device", "tpu"], "--device 'tpu': allowed cpu or cuda"),
+        (["--device", "tpu"], "--device 'tpu': allowed cpu, cuda or cuda:N"),
         (["--captions", "a purple circle moving left"], "unknown: ['purple']"),
     ],
 )
@@ -104,3 +107,12 @@ def test_help_exits_0(capsys):
         main(["demo", "--help"])
     assert e.value.code == 0
     assert "--taylorseer-order" in capsys.readouterr().out
+
+
+def test_unusable_out_is_refused_before_any_work(tmp_path, capsys):
+    existing = tmp_path / "file"
+    existing.write_text("")
+    assert main(["demo", "--out", str(existing)]) == 2
+    assert "is an existing file" in capsys.readouterr().err
+    assert main(["demo", "--out", str(existing / "below")]) == 2
+    assert "cannot create the folder" in capsys.readouterr().err

@@ -69,6 +69,9 @@ PARITY = [
     ("flux", "deep-head-taylor1"),
     ("hunyuan", "F2B1-taylor2"),
     ("hunyuan", "limits-dynamic-mask"),
+    # SD3's last block (context_pre_only) returns only the hidden states: in the tail, then in the middle
+    ("sd3", "F2B1-taylor2"),
+    ("sd3", "F1B0"),
 ]
 
 

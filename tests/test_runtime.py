@@ -2,23 +2,20 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from torch._dynamo.utils import counters
 
 import cachepass
-from cachepass import CachepassError, StepCacheConfig
+from cachepass import CachepassError
 from cachepass.reference import StepCacheReference
-from models import CASES, generate
+from cache_dit_helpers import enable, unit_stats
+from models import CASES, generate, toy_config as cfg
 
 STEPS = 12
 CASE = CASES["toy"]
-
-
-def cfg(**overrides) -> StepCacheConfig:
-    base = dict(num_head_blocks=1, threshold=0.04, warmup_steps=1, separate_cfg=True, num_inference_steps=STEPS,
-                taylorseer_order=1)
-    return StepCacheConfig(**{**base, **overrides})
 
 
 def summary(model):
@@ -74,9 +71,18 @@ def test_reset_mid_generation_restarts_at_step_zero():
     torch.testing.assert_close(again, fresh, atol=0, rtol=0)
 
 
-def test_without_num_inference_steps_generations_continue_until_reset():
+def test_without_num_inference_steps_the_timestep_starts_each_generation():
     model = CASE.model()
     compiled = cachepass.compile(model, cfg(num_inference_steps=None), inner="aot_eager")
+    first = generate(CASE, compiled, STEPS)
+    first_stats = summary(model)
+    torch.testing.assert_close(generate(CASE, compiled, STEPS), first, atol=0, rtol=0)
+    assert summary(model) == first_stats
+
+
+def test_counting_calls_without_a_timestep_continues_until_reset():
+    model = CASE.model()
+    compiled = cachepass.compile(model, cfg(num_inference_steps=None, timestep_input=None), inner="aot_eager")
     first = generate(CASE, compiled, STEPS)
     first_stats = summary(model)
     generate(CASE, compiled, STEPS)
@@ -139,15 +145,50 @@ def test_two_instances_share_the_graph_but_not_the_state():
     assert summary(first) != summary(second)
 
 
-def test_cfg_calls_with_different_shapes_are_refused():
+def _short_uncond_prompt(case):
+    """The case with an unconditional prompt two tokens shorter than the conditional one."""
+    def inputs(g):
+        latents, cond, uncond = case.inputs(g)
+        shorter = {k: uncond[k][..., :-2, :] for k in ("encoder_hidden_states", "txt_ids") if k in uncond}
+        return latents, cond, {**uncond, **shorter}
+
+    return dataclasses.replace(case, inputs=inputs)
+
+
+def test_cfg_prompts_of_different_lengths_share_the_state_when_no_text_state_is_carried():
+    """The toy (like Wan) carries no text state: both prompt lengths run one state, as cache-dit decides."""
+    case = _short_uncond_prompt(CASE)
+    config = cfg()
+    model = CASE.model()
+    counters.clear()
+    out = generate(case, cachepass.compile(model, config, inner="aot_eager"), STEPS)
+    assert counters["stats"]["unique_graphs"] == 2
+    theirs = CASE.model()
+    enable("toy", theirs, config)
+    expected = generate(case, theirs, STEPS)
+    ours = cachepass.stats(model)[0]
+    assert (ours.cached_steps, ours.cfg_cached_steps) == unit_stats(theirs)[0][:2]
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_cfg_prompts_of_different_lengths_are_refused_when_text_state_is_carried():
+    case = _short_uncond_prompt(CASES["flux"])
+    compiled = cachepass.compile(case.model(), cfg(), inner="eager")
+    with pytest.raises(CachepassError, match=r"two CFG calls of one step have inputs of different shapes.*"
+                                             r"u0.slot1.terms \[2, 2, 1, 5, 16\] vs \[2, 2, 1, 3, 16\].*pad the embeddings"):
+        generate(case, compiled, 1)
+
+
+def test_a_new_resolution_after_an_unpaired_call_is_a_new_generation_not_a_prompt_error():
     model = CASE.model()
     compiled = cachepass.compile(model, cfg(), inner="aot_eager")
     latents, cond, _ = CASE.inputs(torch.Generator().manual_seed(0))
-    short = {"encoder_hidden_states": cond["encoder_hidden_states"][:, :3]}
     with torch.no_grad():
-        CASE.call(compiled, latents, torch.tensor(1.0), cond)
-        with pytest.raises(CachepassError, match="two CFG calls of one step ran different compiled graphs"):
-            CASE.call(compiled, latents, torch.tensor(1.0), short)
+        CASE.call(compiled, latents, torch.tensor(1.0), cond)  # interrupted after one call
+    wide = dataclasses.replace(CASE, call=lambda fn, x, sigma, kw: CASE.call(fn, torch.cat([x, x], dim=1), sigma, kw)[:, :16])
+    out = generate(wide, compiled, STEPS)
+    torch.testing.assert_close(out, generate(wide, cachepass.compile(CASE.model(), cfg(), inner="aot_eager"), STEPS),
+                               atol=0, rtol=0)
 
 
 def test_reference_has_the_same_stats_and_reset_api():

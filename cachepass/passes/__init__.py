@@ -28,8 +28,8 @@ def outline_passes(plans) -> list[Pass]:
     return [functools.partial(hoist_out_of_middle, plans=plans), functools.partial(outline_middle_blocks, plans=plans)]
 
 
-def cache_passes(layout) -> list[Pass]:
-    return [functools.partial(insert_cache_cond, layout=layout)]
+def cache_passes(layout, timestep) -> list[Pass]:
+    return [functools.partial(insert_cache_cond, layout=layout, timestep=timestep)]
 
 
 def pass_name(p: Pass) -> str:

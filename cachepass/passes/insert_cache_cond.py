@@ -5,14 +5,15 @@ Output: the same graph with
 
 * one placeholder per state tensor of `cachepass.runtime.StateLayout`, appended after the
   original placeholders (the backend's wrapper passes them on every call);
-* a clock at the top: call index in the generation (auto-reset after ``num_inference_steps``),
-  CFG stream, denoising step, and the per-step schedule lookups;
+* a clock at the top: generation start, denoising step and CFG stream, told apart by the
+  timestep input (a timestep that does not decrease starts a generation), the per-step schedule
+  lookups, and `Mismatch` flags for calls that do not fit the config;
 * per unit: the head residual ``R = H_F - H_in``, the decision as tensor ops (warmup, mask,
   budgets, ``mean|R_prev - R| / mean|R_prev| < threshold``), then
   ``torch.ops.higher_order.cond(hit, cached, compute, operands)`` where *compute* runs the middle
   blocks and *cached* returns ``H_F + TaylorSeer(R_M)`` per carried slot, then the state update
   (``where``-selected new values written back with ``copy_``);
-* the clock advance, last before the output.
+* the clock's state update, last before the output.
 
 No ``.item()`` and no host-side branch is emitted: Dynamo never sees a changing Python value.
 The semantics are cache-dit 1.5's DBCache + TaylorSeer; `cachepass.reference` is their eager
@@ -34,14 +35,19 @@ from torch.fx.proxy import GraphAppendingTracer, Proxy
 
 from cachepass.blocks import example_value
 from cachepass.errors import UnsupportedGraphError
-from cachepass.runtime import StateLayout
+from cachepass.runtime import Mismatch, StateLayout
+from cachepass.timestep import TimestepInput
 from cachepass.unit import OutlinedUnit, UnitSpec
 
 log = logging.getLogger("cachepass")
 
 
-def insert_cache_cond(gm: fx.GraphModule, layout: StateLayout) -> fx.GraphModule:
-    """``call_module(stepcache_unit_i)`` -> decision + ``torch.cond`` + in-place state update."""
+def insert_cache_cond(gm: fx.GraphModule, layout: StateLayout, timestep: TimestepInput | None) -> fx.GraphModule:
+    """``call_module(stepcache_unit_i)`` -> decision + ``torch.cond`` + in-place state update.
+
+    ``timestep`` names the placeholder the clock reads to tell steps and generations apart
+    (None: the clock counts calls).
+    """
     graph = gm.graph
     units = [n for n in graph.nodes if n.op == "call_module" and isinstance(gm.get_submodule(n.target), OutlinedUnit)]
     if not units:
@@ -49,15 +55,20 @@ def insert_cache_cond(gm: fx.GraphModule, layout: StateLayout) -> fx.GraphModule
     state = _add_state_placeholders(graph, layout)
     tracer = GraphAppendingTracer(graph)
     first_compute = next(n for n in graph.nodes if n.op not in ("placeholder", "get_attr"))
+    timestep_node = None
+    if timestep is not None:
+        timestep_node = next(n for n in graph.nodes if n.op == "placeholder" and n.target == timestep.placeholder)
     with graph.inserting_before(first_compute):
-        clock = _emit_clock(layout, {k: Proxy(v, tracer) for k, v in state.items()})
+        proxies = {k: Proxy(v, tracer) for k, v in state.items()}
+        clock = _emit_clock(layout, proxies, Proxy(timestep_node, tracer) if timestep_node is not None else None)
     for call in units:
         unit = gm.get_submodule(call.target)
         _rewrite_unit(gm, call, unit, layout, clock, state, tracer)
         gm.delete_submodule(call.target)
     output = next(n for n in graph.nodes if n.op == "output")
     with graph.inserting_before(output):
-        Proxy(state["clock.calls"], tracer).copy_(clock.call + 1)
+        for name, value in clock.updates.items():
+            Proxy(state[name], tracer).copy_(value)
     graph.lint()
     gm.recompile()
     conds = [n for n in graph.nodes if n.target is torch.ops.higher_order.cond]
@@ -104,7 +115,6 @@ def _add_state_placeholders(graph: fx.Graph, layout: StateLayout) -> dict[str, f
 # ---------------------------------------------------------------------------- clock
 @dataclasses.dataclass
 class Clock:
-    call: Proxy  # call index within the generation
     first: Proxy  # bool: first call of a generation -> per-stream state resets
     stream: Proxy  # 0 = conditional, 1 = unconditional (CFG) stream
     step: Proxy  # denoising step
@@ -113,28 +123,59 @@ class Clock:
     step_mask: Proxy  # [C+1] bool, the current step's stats column
     forced: Proxy  # bool: warmup or mask forces a compute step
     static_hit: Proxy  # bool: the static mask policy caches this step
+    updates: dict[str, Proxy]  # clock state written back after the units
 
 
-def _emit_clock(layout: StateLayout, st: dict[str, Proxy]) -> Clock:
+def _progress(layout: StateLayout, calls: Proxy, timestep: Proxy | None) -> Proxy:
+    """A float64 scalar that decreases from one denoising step to the next within a generation.
+
+    The timestep input itself (its largest entry) when the graph has one; else one derived from the
+    call count, which restarts after ``num_inference_steps`` steps per stream.
+    """
+    if timestep is not None:
+        return timestep.detach().to(torch.float64).amax()
     cfg = layout.config
-    calls = st["clock.calls"]
-    if cfg.num_inference_steps:
-        per_generation = cfg.num_inference_steps * cfg.num_streams
-        call = torch.where(calls >= per_generation, 0, calls)
+    position = calls % (cfg.num_inference_steps * cfg.num_streams) if cfg.num_inference_steps else calls
+    return -(position // cfg.num_streams).to(torch.float64)
+
+
+def _emit_clock(layout: StateLayout, st: dict[str, Proxy], timestep: Proxy | None) -> Clock:
+    """Which generation, step and CFG stream this call is, decided on the device from the timestep.
+
+    A call whose timestep is below the last one is the next step; with separate CFG, a call at the
+    same timestep right after a step's first call is that step's second (CFG partner) call; any
+    other call starts a new generation at step 0. Calls that do not fit the config set `Mismatch`
+    bits.
+    """
+    cfg = layout.config
+    steps = cfg.num_inference_steps
+    calls, last_step, pending, last_t = st["clock.calls"], st["clock.step"], st["clock.pending"], st["clock.last_t"]
+    t = _progress(layout, calls, timestep)
+    fresh = calls == 0
+    same_t = ~fresh & (t == last_t)
+    partner = pending & same_t if cfg.separate_cfg else torch.zeros_like(same_t)
+    first = fresh | (t > last_t) | (same_t & ~partner)
+    step = torch.where(first, 0, torch.where(partner, last_step, last_step + 1))
+    stream = partner.to(torch.int64)
+    if cfg.cfg_compute_first:
+        stream = 1 - stream
+
+    flags = st["clock.report"][0]
+    ended = st["clock.report"][1]
+    if cfg.separate_cfg:
+        flags = flags | torch.where(pending & ~first & ~partner, int(Mismatch.MISSING_CFG_PARTNER), 0)
     else:
-        call = calls + 0
-    if cfg.num_streams == 2:
-        parity = call % 2
-        stream = 1 - parity if cfg.cfg_compute_first else parity
-        step = call // 2
-    else:
-        stream = call * 0
-        step = call
+        flags = flags | torch.where(same_t, int(Mismatch.SHARED_TIMESTEP), 0)
+    if steps:
+        ended_early = first & ~fresh & (last_step + 1 < steps)
+        flags = flags | torch.where(step >= steps, int(Mismatch.MORE_STEPS), 0)
+        flags = flags | torch.where(ended_early, int(Mismatch.FEWER_STEPS), 0)
+        ended = torch.where(ended_early, last_step + 1, ended)
+
     step_slot = step.clamp(max=layout.capacity)
     forced = _at(st["schedule.warmup"], step_slot) | _at(st["schedule.mask_compute"], step_slot)
     return Clock(
-        call=call,
-        first=call == 0,
+        first=first,
         stream=stream,
         step=step,
         step_slot=step_slot,
@@ -142,6 +183,13 @@ def _emit_clock(layout: StateLayout, st: dict[str, Proxy]) -> Clock:
         step_mask=st["schedule.step_ids"] == step_slot,
         forced=forced,
         static_hit=_at(st["schedule.mask_static"], step_slot) & ~forced,
+        updates={
+            "clock.calls": calls + 1,
+            "clock.step": step,
+            "clock.pending": ~partner if cfg.separate_cfg else partner,
+            "clock.last_t": t,
+            "clock.report": torch.stack([flags, ended]),
+        },
     )
 
 
@@ -195,7 +243,7 @@ def _rewrite_unit(gm, call: fx.Node, unit: OutlinedUnit, layout: StateLayout, cl
     spec, cfg, graph = unit.spec, layout.config, gm.graph
     hidden = spec.hidden
     with graph.inserting_before(call):
-        region_inputs = _without_aliases(graph, list(call.args[1:]))
+        region_inputs = _contiguous(graph, _without_aliases(graph, list(call.args[1:])))
         us = _UnitState(layout, spec, state, tracer, clock)
         h_in = Proxy(call.args[0], tracer)
         h_f = Proxy(region_inputs[hidden.input_position], tracer)
@@ -323,6 +371,24 @@ def _without_aliases(graph: fx.Graph, inputs: list[fx.Node]) -> list[fx.Node]:
             clone = graph.call_method("clone", (inputs[i],))
             clone.meta["example_value"] = example_value(inputs[i])
             result[i] = clone
+    return result
+
+
+def _contiguous(graph: fx.Graph, inputs: list[fx.Node]) -> list[fx.Node]:
+    """Give non-contiguous cond operands standard strides (FastVideo's ``flatten(2).transpose(1, 2)`` tokens).
+
+    Inductor stores such a head output contiguously but compiles the branches for the strides in
+    the example value, and the cond then fails its stride assertion (torch 2.11-2.13); a copy
+    whose example value is contiguous keeps both sides in agreement.
+    """
+    result = []
+    for node in inputs:
+        value = example_value(node)
+        if isinstance(value, torch.Tensor) and not _is_standard_contiguous(value):
+            copy = graph.call_method("contiguous", (node,))
+            copy.meta["example_value"] = value.contiguous()
+            node = copy
+        result.append(node)
     return result
 
 

@@ -1,0 +1,68 @@
+"""Find the graph input that carries the timestep: it tells one denoising step, and one generation, from the next.
+
+Dynamo names a placeholder after the forward argument it stands for (``L_timestep_``, or
+``L_kwargs_timestep_`` when the argument arrives through ``**kwargs``); module parameters and buffers
+are ``L_self_...``. The compiled clock reads the timestep on the device (no host sync): a call
+whose timestep does not decrease starts a new generation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+
+import torch
+from torch import fx
+
+from cachepass.blocks import example_value
+from cachepass.config import StepCacheConfig
+from cachepass.errors import CachepassError
+
+AUTO_NAMES = ("timestep", "timesteps", "sigma", "sigmas")
+_ARGUMENT = re.compile(r"^L_(?:kwargs_)?(?P<name>.+)_$")
+
+
+@dataclasses.dataclass(frozen=True)
+class TimestepInput:
+    name: str  # the forward's argument name
+    placeholder: str  # the graph placeholder's target
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    def describe(self) -> str:
+        return f"timestep input: {self.name} ({str(self.dtype).removeprefix('torch.')}{list(self.shape)})"
+
+
+def argument_inputs(gm: fx.GraphModule) -> dict[str, fx.Node]:
+    """Forward argument name -> placeholder, for the tensor inputs that are not module state."""
+    found = {}
+    for node in gm.graph.nodes:
+        if node.op != "placeholder" or not isinstance(example_value(node), torch.Tensor):
+            continue
+        match = _ARGUMENT.match(str(node.target))
+        if match and not match.group("name").startswith("self_"):
+            found[match.group("name")] = node
+    return found
+
+
+def find_timestep_input(gm: fx.GraphModule, config: StepCacheConfig) -> TimestepInput | None:
+    """The placeholder named by ``config.timestep_input`` ("auto": a conventional name), or None to count calls."""
+    if config.timestep_input is None:
+        return None
+    inputs = argument_inputs(gm)
+    if config.timestep_input == "auto":
+        name = next((n for n in AUTO_NAMES if n in inputs), None)
+        if name is None:
+            return None
+    else:
+        name = config.timestep_input
+        if name not in inputs:
+            raise CachepassError(
+                f"StepCacheConfig.timestep_input={name!r} is not a tensor input of the model; its tensor inputs "
+                f"are {sorted(inputs)} (or use 'auto', or None to count calls)"
+            )
+    node = inputs[name]
+    value = example_value(node)
+    if value.dtype.is_complex or value.dtype == torch.bool:
+        raise CachepassError(f"timestep input {name!r} has dtype {value.dtype}; it must be a real number tensor")
+    return TimestepInput(name, str(node.target), tuple(value.shape), value.dtype)

@@ -1,0 +1,88 @@
+"""Patterns from FastVideo's own Wan DiT: a carried state that stays transposed, and attention behind
+``torch.compiler.disable``."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import cachepass
+from cachepass import CachepassError, StepCacheConfig
+from cachepass.reference import StepCacheReference
+from cachepass.sampling import sample
+
+STEPS = 8
+
+
+class Block(nn.Module):
+    def __init__(self, dim: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+        self.lin = nn.Linear(dim, dim)
+        self.mod = nn.Linear(dim, dim)
+
+    def forward(self, x, temb):
+        return x + torch.tanh(self.lin(self.norm(x))) * self.mod(temb)[:, None]
+
+
+class TransposedTokens(nn.Module):
+    """Tokens are ``patch(x).transpose(1, 2)``, never made contiguous (FastVideo's ``flatten(2).transpose(1, 2)``):
+    every block keeps the transposed layout of the carried hidden state."""
+
+    def __init__(self, dim: int = 32, depth: int = 4):
+        super().__init__()
+        self.patch = nn.Conv1d(4, dim, 1)
+        self.time = nn.Linear(1, dim)
+        self.blocks = nn.ModuleList(Block(dim) for _ in range(depth))
+        self.out = nn.Linear(dim, 4)
+
+    def forward(self, hidden_states, timestep):
+        x = self.patch(hidden_states).transpose(1, 2)
+        temb = self.time(timestep[:, None] / 1000)
+        for block in self.blocks:
+            x = block(x, temb)
+        return self.out(x).transpose(1, 2)
+
+
+def run(fn):
+    latents = torch.randn(1, 4, 16, generator=torch.Generator().manual_seed(0))
+    return sample(lambda x, sigma, kw: fn(x, (sigma * 1000).reshape(1)), latents, {}, None, STEPS)
+
+
+def test_transposed_carried_state_compiles_under_inductor():
+    """Inductor used to fail the cond's stride assertion on the transposed operand (expected stride 32==1)."""
+    cfg = StepCacheConfig(num_head_blocks=1, threshold=0.3, warmup_steps=1, num_inference_steps=STEPS)
+    torch.manual_seed(0)
+    model = TransposedTokens().eval()
+    out = run(cachepass.compile(model, cfg, inner="inductor"))
+    reference = StepCacheReference(model, cfg)
+    torch.testing.assert_close(out, run(reference), atol=1e-4, rtol=1e-4)
+    assert cachepass.stats(model)[0].cached_steps == cachepass.stats(reference)[0].cached_steps != []
+
+
+class DisabledAttention(nn.Module):
+    def __init__(self, dim: int):
+        super().__init__()
+        self.proj = nn.Linear(dim, dim)
+
+    @torch.compiler.disable
+    def forward(self, x):
+        return torch.softmax(x @ x.transpose(1, 2), dim=-1) @ self.proj(x)
+
+
+class AttentionBlock(Block):
+    def __init__(self, dim: int):
+        super().__init__(dim)
+        self.attn = DisabledAttention(dim)
+
+    def forward(self, x, temb):
+        return super().forward(x + self.attn(x), temb)
+
+
+def test_compiler_disabled_attention_is_named_with_the_fix():
+    model = TransposedTokens()
+    model.blocks = nn.ModuleList(AttentionBlock(32) for _ in range(4))
+    with pytest.raises(CachepassError, match=r"blocks\.0\.attn \(DisabledAttention\)\.forward is wrapped in "
+                                             r"torch\.compiler\.disable.*FASTVIDEO_DISABLE_ATTENTION_COMPILE=0"):
+        cachepass.compile(model, StepCacheConfig(num_head_blocks=1))
