@@ -55,9 +55,12 @@ class StepCacheReference(nn.Module):
         timestep = find_timestep_input(gm, self.config)
         placeholders = [n.target for n in gm.graph.nodes if n.op == "placeholder"]
         timestep_index = placeholders.index(timestep.placeholder) if timestep else None
+        latents_index = placeholders.index(timestep.latents) if timestep and timestep.latents else None
 
         def run(*args):
-            clock.advance(None if timestep_index is None else float(args[timestep_index].double().amax()))
+            t = None if timestep_index is None else float(args[timestep_index].double().amax())
+            latents = None if latents_index is None else args[latents_index].double()
+            clock.advance(t, None if latents is None else (float(latents.sum()), float((latents * latents).sum())))
             self._last = graph_state
             return gm(*args)
 
@@ -85,8 +88,8 @@ class GenerationClock:
     """Which generation, step and CFG stream a call is: the compiled clock's rule (see insert_cache_cond).
 
     A call whose timestep is below the last one is the next step; with separate CFG, a call at the
-    same timestep right after a step's first call is its partner; any other call starts a new
-    generation. Without a timestep, the position in a run of ``num_inference_steps`` steps counts.
+    same timestep and with the same latents right after a step's first call is its partner; any
+    other call starts a new generation. Without a timestep, the position in a run of ``num_inference_steps`` steps counts.
     """
 
     def __init__(self, config: StepCacheConfig):
@@ -96,15 +99,17 @@ class GenerationClock:
         self.first_call = True
         self.pending = False
         self.last_t = 0.0
+        self.last_latents: tuple[float, float] | None = None  # sum and sum of squares: CFG partners share them
 
-    def advance(self, timestep: float | None) -> None:
+    def advance(self, timestep: float | None, latents: tuple[float, float] | None) -> None:
         cfg = self.config
         if timestep is None:
             position = self.calls % (cfg.num_inference_steps * cfg.num_streams) if cfg.num_inference_steps else self.calls
             timestep = -float(position // cfg.num_streams)
         fresh = self.calls == 0
         same = not fresh and timestep == self.last_t
-        partner = cfg.separate_cfg and self.pending and same
+        partner = cfg.separate_cfg and self.pending and same and (latents is None or latents == self.last_latents)
+        self.last_latents = latents
         self.first_call = fresh or timestep > self.last_t or (same and not partner)
         self.step = 0 if self.first_call else self.step if partner else self.step + 1
         # the first call of a step is the conditional stream unless the CFG call comes first

@@ -1,9 +1,10 @@
-"""Find the graph input that carries the timestep: it tells one denoising step, and one generation, from the next.
+"""Find the graph inputs that carry the timestep and the latents: they tell steps, CFG calls and generations apart.
 
 Dynamo names a placeholder after the forward argument it stands for (``L_timestep_``, or
 ``L_kwargs_timestep_`` when the argument arrives through ``**kwargs``); module parameters and buffers
-are ``L_self_...``. The compiled clock reads the timestep on the device (no host sync): a call
-whose timestep does not decrease starts a new generation.
+are ``L_self_...``. The compiled clock reads both on the device (no host sync): a call whose
+timestep does not decrease starts a new generation, unless it is the second CFG call of a step,
+which has the first call's timestep and latents.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from cachepass.config import StepCacheConfig
 from cachepass.errors import CachepassError
 
 AUTO_NAMES = ("timestep", "timesteps", "sigma", "sigmas")
+LATENT_NAMES = ("hidden_states", "latents", "latent_model_input", "sample", "x")
 _ARGUMENT = re.compile(r"^L_(?:kwargs_)?(?P<name>.+)_$")
 
 
@@ -28,9 +30,12 @@ class TimestepInput:
     placeholder: str  # the graph placeholder's target
     shape: tuple[int, ...]
     dtype: torch.dtype
+    latents: str | None = None  # the latents input's placeholder: CFG partners share its values
+    latents_name: str | None = None
 
     def describe(self) -> str:
-        return f"timestep input: {self.name} ({str(self.dtype).removeprefix('torch.')}{list(self.shape)})"
+        pairing = f", CFG pairs share {self.latents_name}" if self.latents else ""
+        return f"timestep input: {self.name} ({str(self.dtype).removeprefix('torch.')}{list(self.shape)}){pairing}"
 
 
 def argument_inputs(gm: fx.GraphModule) -> dict[str, fx.Node]:
@@ -65,4 +70,6 @@ def find_timestep_input(gm: fx.GraphModule, config: StepCacheConfig) -> Timestep
     value = example_value(node)
     if value.dtype.is_complex or value.dtype == torch.bool:
         raise CachepassError(f"timestep input {name!r} has dtype {value.dtype}; it must be a real number tensor")
-    return TimestepInput(name, str(node.target), tuple(value.shape), value.dtype)
+    latents = next((n for n in LATENT_NAMES if n in inputs and n != name), None)
+    return TimestepInput(name, str(node.target), tuple(value.shape), value.dtype,
+                         str(inputs[latents].target) if latents else None, latents)

@@ -116,3 +116,18 @@ def test_unusable_out_is_refused_before_any_work(tmp_path, capsys):
     assert "is an existing file" in capsys.readouterr().err
     assert main(["demo", "--out", str(existing / "below")]) == 2
     assert "cannot create the folder" in capsys.readouterr().err
+
+
+def test_device_takes_an_index():
+    import torch
+
+    from cachepass.cli import _parse_device
+
+    assert _parse_device("cpu") == torch.device("cpu")
+    if torch.cuda.is_available():
+        assert _parse_device("cuda:0") == torch.device("cuda:0")
+    else:
+        with pytest.raises(ValueError, match="--device cuda:0: no CUDA device is available"):
+            _parse_device("cuda:0")
+    with pytest.raises(ValueError, match="allowed cpu, cuda or cuda:N"):
+        _parse_device("cuda:x")
