@@ -1,7 +1,8 @@
 """cachepass: DBCache + TaylorSeer step caching compiled into the graph as a torch.cond."""
 
 from cachepass.api import compile, explain, reset, stats
-from cachepass.backend import Inner
+from cachepass.backend import Form
+from cachepass.inner import Inner
 from cachepass.config import MaskPolicy, StepCacheConfig
 from cachepass.errors import BlockDiscoveryError, CachepassError, PassError, UnsupportedGraphError
 from cachepass.runtime import UnitStats
@@ -9,6 +10,7 @@ from cachepass.runtime import UnitStats
 __all__ = [
     "BlockDiscoveryError",
     "CachepassError",
+    "Form",
     "Inner",
     "MaskPolicy",
     "PassError",

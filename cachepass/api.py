@@ -20,11 +20,14 @@ log = logging.getLogger("cachepass")
 
 
 def compile(model: nn.Module, config: Any, *, calibrator_config: Any = None, inner: str = "inductor",
-            mode: str | None = None, fullgraph: bool = True, max_shapes: int | None = None) -> nn.Module:
+            mode: str | None = None, form: str = "one-graph", fullgraph: bool = True,
+            max_shapes: int | None = None) -> nn.Module:
     """``torch.compile(model, backend="stepcache", dynamic=False, ...)`` with the options checked up front.
 
     ``config`` is a `StepCacheConfig`, a dict of its fields, or a cache-dit ``DBCacheConfig``
-    (then ``calibrator_config`` may be its ``TaylorSeerCalibratorConfig``). Shapes are static: a new
+    (then ``calibrator_config`` may be its ``TaylorSeerCalibratorConfig``). ``form`` is
+    ``"one-graph"`` (the rewritten graph with its ``torch.cond`` to the inner compiler) or
+    ``"piecewise"`` (each distinct block compiled once, conds run by an executor). Shapes are static: a new
     resolution or batch size compiles once more, with its own state. Dynamo allows
     ``torch._dynamo.config.recompile_limit`` (8) graphs per function, shared by every compile of
     the model's class in the process; ``max_shapes`` raises that limit (process-wide) when larger.
@@ -37,7 +40,7 @@ def compile(model: nn.Module, config: Any, *, calibrator_config: Any = None, inn
                      torch._dynamo.config.recompile_limit, max_shapes)
             torch._dynamo.config.recompile_limit = max_shapes
     _reject_compiler_disabled(model)
-    options = {"config": config, "inner": inner}
+    options = {"config": config, "inner": inner, "form": form}
     if calibrator_config is not None:
         options["calibrator_config"] = calibrator_config
     if mode is not None:

@@ -20,7 +20,10 @@ from torch import fx
 from cachepass.blocks import Discovery, plan_cache_units
 from cachepass.config import StepCacheConfig
 from cachepass.errors import CachepassError, UnsupportedGraphError
+from cachepass.inner import INDUCTOR_MODES, Inner, inner_compile
 from cachepass.passes import cache_passes, outline_passes, run_passes
+from cachepass.piecewise.compile import PieceCompiler
+from cachepass.piecewise.execute import build_program
 from cachepass.runtime import StateLayout, StateSet
 from cachepass.timestep import find_timestep_input
 from cachepass.unit import OutlinedUnit, UnitSpec
@@ -28,16 +31,14 @@ from cachepass.unit import OutlinedUnit, UnitSpec
 log = logging.getLogger("cachepass")
 
 
-class Inner(str, enum.Enum):
-    """The compiler that receives the rewritten graph."""
-
-    INDUCTOR = "inductor"
-    AOT_EAGER = "aot_eager"
-    EAGER = "eager"
+OPTION_KEYS = ("config", "calibrator_config", "inner", "mode", "form")
 
 
-INDUCTOR_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
-OPTION_KEYS = ("config", "calibrator_config", "inner", "mode")
+class Form(str, enum.Enum):
+    """How the rewritten graph runs."""
+
+    ONE_GRAPH = "one-graph"  # the whole graph, with its torch.cond, to the inner compiler (the export form)
+    PIECEWISE = "piecewise"  # split at blocks and conds; each distinct piece compiled once; conds run by the executor
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,6 +46,7 @@ class BackendOptions:
     config: StepCacheConfig
     inner: Inner = Inner.INDUCTOR
     mode: str | None = None
+    form: Form = Form.ONE_GRAPH
 
 
 def parse_options(options: Mapping[str, Any] | None, mode: str | None = None) -> BackendOptions:
@@ -60,13 +62,19 @@ def parse_options(options: Mapping[str, Any] | None, mode: str | None = None) ->
         raise ValueError(
             f"stepcache option inner={options['inner']!r} is invalid; allowed: {[i.value for i in Inner]}"
         ) from None
+    try:
+        form = Form(options.get("form", Form.ONE_GRAPH))
+    except ValueError:
+        raise ValueError(
+            f"stepcache option form={options['form']!r} is invalid; allowed: {[f.value for f in Form]}"
+        ) from None
     mode = options.get("mode", mode)
     if mode is not None:
         if inner is not Inner.INDUCTOR:
             raise ValueError(f"stepcache option mode={mode!r} only applies to inner='inductor' (got inner={inner.value!r})")
         if mode not in INDUCTOR_MODES:
             raise ValueError(f"stepcache option mode={mode!r} is invalid; allowed: {list(INDUCTOR_MODES)}")
-    return BackendOptions(config, inner, mode)
+    return BackendOptions(config, inner, mode, form)
 
 
 def coerce_config(config: Any, calibrator_config: Any = None) -> StepCacheConfig:
@@ -136,9 +144,13 @@ def stepcache(gm: fx.GraphModule, example_inputs: Sequence[Any], *, mode: str | 
     log.info("stepcache: %d cache unit(s) (%s), %.1f MiB of state per model instance, inner=%s, %s",
              len(units), ", ".join(u.name for u in units), layout.nbytes / 2**20, opts.inner.value,
              timestep.describe() if timestep else "no timestep input: generations counted in calls")
-    state_inputs = _static_example_state(example_inputs, layout, device)
-    compiled = _inner_compile(gm, [*example_inputs, *state_inputs], opts)
-    return _with_state(compiled, states)
+    inputs = [*example_inputs, *_static_example_state(example_inputs, layout, device)]
+    if opts.form is Form.PIECEWISE:
+        compiler = PieceCompiler(lambda piece, piece_inputs: inner_compile(piece, piece_inputs, opts.inner, opts.mode))
+        program, states.plan = build_program(gm, inputs, compiler, {u.name for u in units})
+        log.info("stepcache: piecewise, %d block pieces; %s", len(states.plan.blocks), compiler.count)
+        return _with_state(program.forward, states)
+    return _with_state(_compile_one_graph(gm, inputs, opts), states)
 
 
 def _require_static_shapes(example_inputs: Sequence[Any]) -> None:
@@ -182,20 +194,12 @@ def _anchor_index(example_inputs: Sequence[Any]) -> int | None:
     return next((i for i, t in enumerate(example_inputs) if isinstance(t, torch.nn.Parameter)), None)
 
 
-def _inner_compile(gm: fx.GraphModule, inputs: list, opts: BackendOptions) -> Callable:
-    if opts.inner is Inner.EAGER:
-        return gm.forward
-    if opts.inner is Inner.AOT_EAGER:
-        return torch._dynamo.lookup_backend("aot_eager")(gm, inputs)
-    from torch._inductor import list_mode_options
-    from torch._inductor.compile_fx import compile_fx
-
-    patches = list_mode_options(opts.mode) if opts.mode else {}
-    if patches.get("triton.cudagraphs"):
+def _compile_one_graph(gm: fx.GraphModule, inputs: list, opts: BackendOptions) -> Callable:
+    if opts.inner is Inner.INDUCTOR and opts.mode in ("reduce-overhead", "max-autotune"):
         log.warning(
             "stepcache: mode=%r asks for CUDA graphs, but Inductor does not capture a graph that "
             "contains torch.cond (torch 2.11-2.14); it runs without CUDA graphs", opts.mode)
-    return compile_fx(gm, inputs, config_patches=patches or None)
+    return inner_compile(gm, inputs, opts.inner, opts.mode)
 
 
 def _with_state(compiled: Callable, states: StateSet) -> Callable:

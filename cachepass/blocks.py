@@ -44,7 +44,7 @@ def normalize_module_path(dynamo_path: str) -> str:
     return path.strip(".")
 
 
-def _list_items(node: fx.Node) -> list[tuple[str, int, str]]:
+def list_items(node: fx.Node) -> list[tuple[str, int, str]]:
     """(list path, index, block class) for every list item on the node's module stack, outermost first."""
     stack = node.meta.get("nn_module_stack") or {}
     items = []
@@ -129,7 +129,7 @@ def _candidate_lists(nodes: Iterable[fx.Node]) -> dict[str, str]:
     """list path -> block class, for lists with >= 2 items of one class (the last item may be another)."""
     classes: dict[str, dict[int, str]] = {}
     for node in nodes:
-        for path, index, cls in _list_items(node):
+        for path, index, cls in list_items(node):
             classes.setdefault(path, {})[index] = cls
     candidates = {}
     for path, by_index in classes.items():
@@ -143,7 +143,7 @@ def _candidate_lists(nodes: Iterable[fx.Node]) -> dict[str, str]:
 def _assign_blocks(nodes: list[fx.Node], candidates: dict[str, str]) -> dict[fx.Node, tuple[str, int]]:
     owner = {}
     for node in nodes:
-        for path, index, _ in _list_items(node):
+        for path, index, _ in list_items(node):
             if path in candidates:
                 owner[node] = (path, index)
                 break
@@ -174,7 +174,7 @@ def _group_blocks(gm, owner, candidates) -> list[BlockList]:
         if len(blocks) < 2:
             continue
         block_list = BlockList(path, candidates[path], [Block(f"{path}.{i}", ns) for i, ns in blocks.items()])
-        last_class = next((cls for p, i, cls in _list_items(block_list.blocks[-1].nodes[0]) if p == path), None)
+        last_class = next((cls for p, i, cls in list_items(block_list.blocks[-1].nodes[0]) if p == path), None)
         block_list.odd_last = last_class != block_list.block_class
         result.append(block_list)
     return result
@@ -405,7 +405,7 @@ def _why_no_block_list(gm: fx.GraphModule) -> str:
     nodes = [n for n in gm.graph.nodes if _is_computation(n)]
     lists: dict[str, dict[int, str]] = {}
     for node in nodes:
-        for path, index, cls in _list_items(node):
+        for path, index, cls in list_items(node):
             lists.setdefault(path, {})[index] = cls
     cut = "; a graph break cut the model (compile with fullgraph=True, cachepass.compile's default, to see where)"
     for path, by_index in lists.items():

@@ -190,10 +190,11 @@ class RuntimeState:
     across them. Freed with the model: the registry drops it when its anchor parameter dies.
     """
 
-    def __init__(self, layout: StateLayout, device: torch.device, anchor_id: int | None, graph=None):
+    def __init__(self, layout: StateLayout, device: torch.device, anchor_id: int | None, graph=None, plan=None):
         self.layout = layout
         self.tensors = [spec.allocate(device) for spec in layout.specs]
         self.graph = graph  # the rewritten GraphModule that made it, for inspection
+        self.plan = plan  # the piecewise executor's plan (None: the one-graph form)
         self.last_used = 0
         self.mid_pair = False  # separate CFG: the first call of a step ran, its partner is due
         self.anchor_id = anchor_id
@@ -331,13 +332,14 @@ class StateSet:
 
     def __init__(self, layout: StateLayout, device: torch.device, anchor_index: int | None, graph):
         self.layout, self.device, self.anchor_index, self.graph = layout, device, anchor_index, graph
+        self.plan = None  # set by the backend for the piecewise form
         self.key = (layout.key, str(device))
         self._single: RuntimeState | None = None
 
     def for_call(self, args) -> RuntimeState:
         if self.anchor_index is None:
             if self._single is None:
-                self._single = RuntimeState(self.layout, self.device, None, self.graph)
+                self._single = RuntimeState(self.layout, self.device, None, self.graph, self.plan)
             return self._single
         anchor = args[self.anchor_index]
         entry = _REGISTRY.get(id(anchor))
@@ -345,7 +347,7 @@ class StateSet:
             entry = _REGISTRY[id(anchor)] = _AnchorStates(anchor)
         state = entry.states.get(self.key)
         if state is None:
-            state = entry.states[self.key] = RuntimeState(self.layout, self.device, id(anchor), self.graph)
+            state = entry.states[self.key] = RuntimeState(self.layout, self.device, id(anchor), self.graph, self.plan)
         return state
 
 

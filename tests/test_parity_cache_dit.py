@@ -148,3 +148,21 @@ def test_uncached_steps_match_the_plain_model_exactly():
     out = generate(case, cachepass.compile(model, cfg, inner="aot_eager"), STEPS)
     torch.testing.assert_close(out, plain, atol=ATOL, rtol=RTOL)
     assert all(u.cached_steps == [] and u.residual_diffs == {} for u in cachepass.stats(model))
+
+
+PIECEWISE = [
+    ("toy", "F2B1-taylor2"),
+    ("wan", "static-mask-taylor1"),
+    ("flux", "F1B0"),
+    ("hunyuan", "limits-dynamic-mask"),
+    ("sd3", "F2B1-taylor2"),
+]
+
+
+@pytest.mark.parametrize("model_name,config_name", PIECEWISE, ids=[f"{m}-{c}" for m, c in PIECEWISE])
+def test_piecewise_form_matches_cache_dit(model_name, config_name):
+    case = CASES[model_name]
+    cfg = config(config_name, case)
+    expected = run_cache_dit(case, cfg)
+    piecewise = run_cachepass(case, cfg, lambda m: cachepass.compile(m, cfg, inner="aot_eager", form="piecewise"))
+    assert_same(expected, piecewise, label="piecewise")

@@ -1,0 +1,108 @@
+"""Cold and warm start: stepcache (one-graph, piecewise) vs diffusers' compile_repeated_blocks, fresh Inductor caches.
+
+    python -m bench.cold_start --blocks 12 --device cpu --out bench/results
+
+Every variant runs in its own process twice over one new cache folder (TORCHINDUCTOR_CACHE_DIR and
+TRITON_CACHE_DIR): the first process starts cold, the second warm. Each process times its first
+call (trace + compile + run) and a second call; the model is a diffusers Wan transformer with
+``--blocks`` blocks and random weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+VARIANTS = ("stepcache-one-graph", "stepcache-piecewise", "regional-compile")
+
+
+def child(variant: str, blocks: int, device: str) -> dict:
+    import torch
+    from diffusers import WanTransformer3DModel
+
+    import cachepass
+
+    torch.manual_seed(0)
+    model = WanTransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=4, attention_head_dim=32, in_channels=16, out_channels=16,
+        text_dim=64, freq_dim=64, ffn_dim=512, num_layers=blocks, cross_attn_norm=True,
+        qk_norm="rms_norm_across_heads", rope_max_seq_len=64,
+    ).to(device).eval()
+    g = torch.Generator().manual_seed(1)
+    latents = torch.randn(1, 16, 4, 16, 16, generator=g).to(device)
+    text = torch.randn(1, 16, 64, generator=g).to(device)
+    if variant == "regional-compile":
+        model.compile_repeated_blocks(fullgraph=True)
+        fn = model
+    else:
+        cfg = cachepass.StepCacheConfig(num_head_blocks=1, threshold=0.1, warmup_steps=1, num_inference_steps=8)
+        fn = cachepass.compile(model, cfg, form=variant.removeprefix("stepcache-"))
+    times = []
+    with torch.no_grad():
+        for t in (999, 874):
+            start = time.perf_counter()
+            fn(hidden_states=latents, timestep=torch.tensor([t], device=device), encoder_hidden_states=text,
+               return_dict=False)
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - start)
+    return {"variant": variant, "first_call_s": times[0], "second_call_s": times[1]}
+
+
+def run(variant: str, blocks: int, device: str, cache: str) -> dict:
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache, "TRITON_CACHE_DIR": os.path.join(cache, "triton")}
+    command = [sys.executable, "-m", "bench.cold_start", "--child", variant, "--blocks", str(blocks), "--device", device]
+    out = subprocess.run(command, env=env, capture_output=True, text=True, check=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--blocks", type=int, default=12)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--variants", default=",".join(VARIANTS))
+    p.add_argument("--out", default="bench/results")
+    p.add_argument("--child", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.child:
+        print(json.dumps(child(args.child, args.blocks, args.device)))
+        return 0
+    import torch
+
+    rows = []
+    for variant in args.variants.split(","):
+        with tempfile.TemporaryDirectory() as cache:
+            cold = run(variant, args.blocks, args.device, cache)
+            warm = run(variant, args.blocks, args.device, cache)
+        rows.append({"variant": variant, "cold_start_s": cold["first_call_s"], "warm_start_s": warm["first_call_s"],
+                     "second_call_s": cold["second_call_s"]})
+        print(f"{variant:<22} cold {rows[-1]['cold_start_s']:7.1f} s   warm {rows[-1]['warm_start_s']:7.1f} s   "
+              f"second call {rows[-1]['second_call_s'] * 1e3:7.1f} ms", flush=True)
+    regional = next((r["cold_start_s"] for r in rows if r["variant"] == "regional-compile"), None)
+    for row in rows:
+        row["cold_vs_regional"] = row["cold_start_s"] / regional if regional else None
+    device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"cpu ({os.cpu_count()} cores)"
+    result = {
+        "question": "cold start (first call, fresh Inductor caches) and warm start (second process, same caches)",
+        "device": device_name, "torch": torch.__version__, "date": datetime.date.today().isoformat(),
+        "command": f"python -m bench.cold_start --blocks {args.blocks} --device {args.device}",
+        "model": f"diffusers WanTransformer3DModel, {args.blocks} blocks, dim 128, 256 tokens, random weights",
+        "rows": rows,
+    }
+    os.makedirs(args.out, exist_ok=True)
+    slug = "cpu" if args.device == "cpu" else device_name.lower().replace(" ", "-")
+    path = os.path.join(args.out, f"cold_start-{slug}-{result['date']}.json")
+    with open(path, "w") as f:
+        json.dump(result, f, indent=1)
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

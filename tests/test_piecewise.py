@@ -1,0 +1,124 @@
+"""The piecewise form: pieces split at blocks and conds, each distinct piece compiled once, conds run by the executor."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch._dynamo.utils import counters
+
+import cachepass
+from cachepass.piecewise.split import PieceKind, is_cond, split_pieces
+from cachepass.reference import StepCacheReference
+from cachepass.runtime import current_state
+from models import CASES, generate, toy_config
+
+STEPS = 10
+LISTS = {"toy": {"blocks"}, "wan": {"blocks"}, "flux": {"transformer_blocks", "single_transformer_blocks"}}
+
+
+def compile_case(name, model=None, **overrides):
+    case = CASES[name]
+    cfg = toy_config(num_head_blocks=1, num_tail_blocks=1, threshold=case.threshold * 3, num_inference_steps=STEPS,
+                     **overrides)
+    model = model or case.model()
+    return case, cfg, model, cachepass.compile(model, cfg, inner="aot_eager", form="piecewise")
+
+
+def artifacts_per_list(plan) -> dict[str, set[int]]:
+    found: dict[str, set[int]] = {}
+
+    def visit(p):
+        for step in p.steps:
+            if step.kind is PieceKind.BLOCK:
+                found.setdefault(step.owner.rsplit(".", 1)[0], set()).add(step.artifact)
+            for branch in step.branches or ():
+                visit(branch)
+
+    visit(plan)
+    return found
+
+
+@pytest.mark.parametrize("name", ["toy", "wan", "flux"])
+def test_matches_the_reference_with_one_graph_and_no_recompiles(name):
+    case, cfg, model, compiled = compile_case(name)
+    counters.clear()
+    out = generate(case, compiled, STEPS)
+    assert counters["stats"]["unique_graphs"] == 1 and dict(counters["graph_break"]) == {}
+    reference = StepCacheReference(case.model(), cfg)
+    torch.testing.assert_close(out, generate(case, reference, STEPS), atol=1e-5, rtol=1e-5)
+    ours = [(u.cached_steps, u.cfg_cached_steps) for u in cachepass.stats(model)]
+    assert ours == [(u.cached_steps, u.cfg_cached_steps) for u in cachepass.stats(reference)]
+    assert any(steps for unit in ours for steps in unit)
+    with torch.compiler.set_stance("fail_on_recompile"):
+        generate(case, compiled, STEPS, seed=2)
+        generate(case, compiled, STEPS, seed=3)
+
+
+def test_identical_blocks_share_one_compiled_piece():
+    _, _, model, compiled = compile_case("wan")
+    generate(CASES["wan"], compiled, 1)
+    plan = current_state(model).plan
+    assert plan.blocks == [f"blocks.{i}" for i in range(5)]  # head, middle (in the compute branch), tail
+    assert artifacts_per_list(plan) == {"blocks": {artifacts_per_list(plan)["blocks"].pop()}}
+    assert sum(step.kind is PieceKind.COND for step in plan.steps) == 1
+    text = plan.describe()
+    assert "if cached:" in text and "if compute:" in text and "blocks.2" in text
+
+
+def test_flux_double_blocks_share_one_piece():
+    """FLUX's single blocks return views of one buffer, so their pieces differ in input strides (a known gap)."""
+    _, _, model, compiled = compile_case("flux")
+    generate(CASES["flux"], compiled, 1)
+    per_list = artifacts_per_list(current_state(model).plan)
+    assert len(per_list["transformer_blocks"]) == 1
+    assert 1 <= len(per_list["single_transformer_blocks"]) <= 3
+
+
+def test_only_cond_pieces_hold_a_cond():
+    case = CASES["flux"]
+    graphs = []
+    original = cachepass.backend.build_program
+
+    def spy(gm, inputs, compiler, block_lists):
+        graphs.append((gm, block_lists))
+        return original(gm, inputs, compiler, block_lists)
+
+    cachepass.backend.build_program = spy
+    try:
+        generate(case, compile_case("flux")[3], 1)
+    finally:
+        cachepass.backend.build_program = original
+    (gm, block_lists), = graphs
+    split, infos = split_pieces(gm, block_lists)
+    for name, info in infos.items():
+        conds = [n for n in split.get_submodule(name).graph.nodes if is_cond(n)]
+        assert len(conds) == (1 if info.kind is PieceKind.COND else 0), name
+    assert sum(info.kind is PieceKind.COND for info in infos.values()) == 2
+
+
+def test_two_instances_keep_their_own_state():
+    case = CASES["toy"]
+    first, second = case.model(), case.model()
+    with torch.no_grad():
+        for p in second.parameters():
+            p.mul_(1.01)
+    outs = {}
+    for name, model in (("first", first), ("second", second)):
+        _, cfg, _, compiled = compile_case("toy", model=model)
+        outs[name] = generate(case, compiled, STEPS)
+        torch.testing.assert_close(outs[name], generate(case, StepCacheReference(model, cfg), STEPS), atol=1e-5, rtol=1e-5)
+    assert not torch.equal(outs["first"], outs["second"])
+
+
+def test_inductor_pieces_match_the_reference():
+    case = CASES["toy"]
+    cfg = toy_config(num_head_blocks=1, num_tail_blocks=1, num_inference_steps=STEPS)
+    model = case.model()
+    out = generate(case, cachepass.compile(model, cfg, inner="inductor", form="piecewise"), STEPS)
+    torch.testing.assert_close(out, generate(case, StepCacheReference(case.model(), cfg), STEPS), atol=1e-4, rtol=1e-4)
+    assert cachepass.stats(model)[0].cached_steps
+
+
+def test_form_is_checked():
+    with pytest.raises(ValueError, match=r"form='pieces' is invalid; allowed: \['one-graph', 'piecewise'\]"):
+        cachepass.compile(torch.nn.Linear(2, 2), toy_config(), form="pieces")
