@@ -110,8 +110,8 @@ def cache_dit_variant(ctx: Context, compile_how: str | None = None) -> Prepared:
     return Prepared(fn, lambda: cache_dit.refresh_context(model), decisions, cleanup)
 
 
-def stepcache(ctx: Context, inner: str = "inductor", mode: str | None = None) -> Prepared:
-    fn = cachepass.compile(ctx.model, ctx.config, inner=inner, mode=mode)
+def stepcache(ctx: Context, inner: str = "inductor", mode: str | None = None, form: str = "one-graph") -> Prepared:
+    fn = cachepass.compile(ctx.model, ctx.config, inner=inner, mode=mode, form=form)
 
     def decisions():
         return [(u.cached_steps, u.cfg_cached_steps) for u in cachepass.stats(ctx.model)]
@@ -160,6 +160,7 @@ VARIANTS: dict[str, Callable[[Context], Prepared]] = {
     "cache-dit+compile": lambda ctx: cache_dit_variant(ctx, "whole"),
     "cache-dit+compiled-blocks": lambda ctx: cache_dit_variant(ctx, "blocks"),
     "stepcache": stepcache,
+    "stepcache-piecewise": lambda ctx: stepcache(ctx, form="piecewise"),
     "stepcache-reduce-overhead": lambda ctx: stepcache(ctx, mode="reduce-overhead"),
     "stepcache-aot_eager": lambda ctx: stepcache(ctx, inner="aot_eager"),
     "stepcache-eager": lambda ctx: stepcache(ctx, inner="eager"),

@@ -13,6 +13,10 @@ from cachepass.backend import BackendOptions, copy_graph_module, outline_graph, 
 from cachepass.config import StepCacheConfig
 from cachepass.errors import CachepassError
 from cachepass.runtime import RuntimeState, StateLayout, UnitStats, current_state, states_of
+from cachepass.blocks import example_value
+from cachepass.passes import cache_passes, run_passes
+from cachepass.piecewise.compile import CompileCount, PieceCompiler
+from cachepass.piecewise.execute import Plan, build_program
 from cachepass.timestep import TimestepInput, find_timestep_input
 from cachepass.unit import UnitSpec
 
@@ -120,6 +124,8 @@ class Explanation:
     state_bytes: dict[str, int]
     config: StepCacheConfig
     timestep: TimestepInput | None  # the input that tells steps and generations apart (None: calls are counted)
+    plan: Plan  # what the piecewise executor runs per call
+    compiles: CompileCount  # pieces and distinct compiled pieces of the piecewise form
 
     def __str__(self) -> str:
         lines = [f"stepcache: {len(self.units)} cache unit(s)",
@@ -131,7 +137,21 @@ class Explanation:
                          f"({self.config.num_streams} stream(s))")
         for skipped in self.skipped:
             lines.append(f"not cached: {skipped}")
+        lines.append(f"piecewise plan ({self.compiles}):")
+        lines.append(self.plan.describe("  "))
         return "\n".join(lines)
+
+
+def _piecewise_plan(outlined: torch.fx.GraphModule, layout: StateLayout, timestep) -> tuple[Plan, CompileCount]:
+    """The plan the piecewise form would run, from the outlined graph (pieces are not compiled)."""
+    inputs = [example_value(n) for n in outlined.graph.nodes if n.op == "placeholder"]
+    fake_mode = torch._guards.detect_fake_mode(inputs)
+    gm = run_passes(outlined, cache_passes(layout, timestep))
+    with fake_mode:
+        state = [torch.empty(spec.shape, dtype=spec.dtype, device=layout.units[0].hidden.device) for spec in layout.specs]
+    compiler = PieceCompiler(lambda piece, piece_inputs: piece.forward)
+    _, plan = build_program(gm, [*inputs, *state], compiler, {u.name for u in layout.units})
+    return plan, compiler.count
 
 
 def capture_graph(model: nn.Module, *args, **kwargs) -> torch.fx.GraphModule:
@@ -158,7 +178,9 @@ def explain(model: nn.Module, *example_args, config: StepCacheConfig | None = No
     config = config or StepCacheConfig()
     gm, units, discovery = outline_graph(capture_graph(model, *example_args, **example_kwargs), config)
     layout = StateLayout(units, config)
+    timestep = find_timestep_input(gm, config)
+    plan, compiles = _piecewise_plan(gm, layout, timestep)
     report = Explanation(units, discovery.skipped, {u.name: layout.unit_nbytes(u) for u in units}, config,
-                         find_timestep_input(gm, config))
+                         timestep, plan, compiles)
     log.debug("%s", report)
     return report

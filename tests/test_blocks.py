@@ -45,6 +45,8 @@ def test_explain_reports_units_ranges_and_carried_values(name):
     text = str(report)
     assert "middle blocks 1.." in text and "carried hidden" in text
     assert report.timestep.name == "timestep" and "timestep input: timestep (" in text
+    assert report.plan.blocks == [path for unit in report.units for path in unit.block_paths]
+    assert "piecewise plan (block: " in text and "if compute:" in text
     if name == "hunyuan":
         assert report.skipped == ["context_embedder.token_refiner.refiner_blocks (2 x HunyuanVideoIndividualTokenRefinerBlock): nested below the trunk"]
 

@@ -1,0 +1,2 @@
+"""The piecewise executor: the one-graph form split at blocks and conds (`split`), each distinct piece
+compiled once (`compile`), and a program that runs the pieces with an explicit per-call `Plan` (`execute`)."""

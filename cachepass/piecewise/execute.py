@@ -27,7 +27,7 @@ class Step:
 
     piece: str
     kind: PieceKind
-    owner: str | None  # block path for block pieces
+    owner: str | None  # block path for block pieces, the unit's module name for conds
     artifact: int | None  # pieces with the same number share one compiled artifact (None: a cond)
     branches: tuple["Plan", "Plan"] | None = None  # cond: (cached, compute)
 
