@@ -86,9 +86,9 @@ def cache_dit_variant(ctx: Context, compile_how: str | None = None) -> Prepared:
     db, taylor = ctx.config.to_cache_dit()
     cache_dit.enable_cache(model, cache_config=db, calibrator_config=taylor)
     fn: Any = model
-    restore_settings = None
     if compile_how is not None:
-        restore_settings = cache_dit_compile_settings()
+        # Inductor settings are the run's (--inductor-config), the same for every variant: cache-dit's own
+        # set_compile_configs() turns on coordinate-descent tuning, which inflated this variant's cold start
         if compile_how == "whole":
             fn = torch.compile(model, backend=ctx.compile_backend)
         else:
@@ -104,8 +104,6 @@ def cache_dit_variant(ctx: Context, compile_how: str | None = None) -> Prepared:
     def cleanup():
         model.to("cpu")
         ctx.model.to(device)
-        if restore_settings is not None:
-            restore_settings()
 
     return Prepared(fn, lambda: cache_dit.refresh_context(model), decisions, cleanup)
 
