@@ -56,18 +56,8 @@ def parse_options(options: Mapping[str, Any] | None, mode: str | None = None) ->
     if unknown:
         raise ValueError(f"stepcache got unknown option(s) {unknown}; allowed options: {list(OPTION_KEYS)}")
     config = coerce_config(options.get("config"), options.get("calibrator_config"))
-    try:
-        inner = Inner(options.get("inner", Inner.INDUCTOR))
-    except ValueError:
-        raise ValueError(
-            f"stepcache option inner={options['inner']!r} is invalid; allowed: {[i.value for i in Inner]}"
-        ) from None
-    try:
-        form = Form(options.get("form", Form.ONE_GRAPH))
-    except ValueError:
-        raise ValueError(
-            f"stepcache option form={options['form']!r} is invalid; allowed: {[f.value for f in Form]}"
-        ) from None
+    inner = _enum_option(options, "inner", Inner.INDUCTOR)
+    form = _enum_option(options, "form", Form.ONE_GRAPH)
     mode = options.get("mode", mode)
     if mode is not None:
         if inner is not Inner.INDUCTOR:
@@ -75,6 +65,16 @@ def parse_options(options: Mapping[str, Any] | None, mode: str | None = None) ->
         if mode not in INDUCTOR_MODES:
             raise ValueError(f"stepcache option mode={mode!r} is invalid; allowed: {list(INDUCTOR_MODES)}")
     return BackendOptions(config, inner, mode, form)
+
+
+def _enum_option(options: Mapping[str, Any], key: str, default: enum.Enum) -> Any:
+    kind = type(default)
+    try:
+        return kind(options.get(key, default))
+    except ValueError:
+        raise ValueError(
+            f"stepcache option {key}={options[key]!r} is invalid; allowed: {[k.value for k in kind]}"
+        ) from None
 
 
 def coerce_config(config: Any, calibrator_config: Any = None) -> StepCacheConfig:
