@@ -141,8 +141,8 @@ def stepcache(gm: fx.GraphModule, example_inputs: Sequence[Any], *, mode: str | 
     gm = run_passes(gm, cache_passes(layout, timestep))
     device = units[0].hidden.device
     states = StateSet(layout, device, _anchor_index(example_inputs), gm)
-    log.info("stepcache: %d cache unit(s) (%s), %.1f MiB of state per model instance, inner=%s, %s",
-             len(units), ", ".join(u.name for u in units), layout.nbytes / 2**20, opts.inner.value,
+    log.info("stepcache: %d cache unit(s) (%s), %.1f MiB of state per model instance, form=%s, inner=%s, %s",
+             len(units), ", ".join(u.name for u in units), layout.nbytes / 2**20, opts.form.value, opts.inner.value,
              timestep.describe() if timestep else "no timestep input: generations counted in calls")
     inputs = [*example_inputs, *_static_example_state(example_inputs, layout, device)]
     if opts.form is Form.PIECEWISE:
