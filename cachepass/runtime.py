@@ -333,7 +333,8 @@ class StateSet:
     def __init__(self, layout: StateLayout, device: torch.device, anchor_index: int | None, graph):
         self.layout, self.device, self.anchor_index, self.graph = layout, device, anchor_index, graph
         self.plan = None  # set by the backend for the piecewise form
-        self.key = (layout.key, str(device))
+        # graphs with equal layouts share states; the number stands for the (large) key in per-call lookups
+        self.key = _LAYOUT_NUMBERS.setdefault((layout.key, str(device)), len(_LAYOUT_NUMBERS))
         self._single: RuntimeState | None = None
 
     def for_call(self, args) -> RuntimeState:
@@ -374,7 +375,7 @@ class _AnchorStates:
 
     def __init__(self, anchor: torch.Tensor):
         self.anchor = weakref.ref(anchor)
-        self.states: dict[tuple, RuntimeState] = {}
+        self.states: dict[int, RuntimeState] = {}  # StateSet.key -> state
         weakref.finalize(anchor, _drop_anchor, id(anchor), self)
 
 
@@ -383,6 +384,8 @@ def _drop_anchor(anchor_id: int, entry: _AnchorStates) -> None:
         del _REGISTRY[anchor_id]
     _LAST_CALLED.pop(anchor_id, None)
 
+
+_LAYOUT_NUMBERS: dict[tuple, int] = {}  # (layout key, device) -> a number, for StateSet.key
 
 # Compiled graphs are found from the model through one of its parameters (the backend never sees
 # the module object): anchor id -> the states of that model instance.
