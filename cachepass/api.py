@@ -9,7 +9,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from cachepass.backend import BackendOptions, copy_graph_module, outline_graph, parse_options, stepcache
+from cachepass.backend import (BackendOptions, copy_graph_module, outline_graph, parse_options,
+                               static_example_state, stepcache)
 from cachepass.config import StepCacheConfig
 from cachepass.errors import CachepassError
 from cachepass.runtime import RuntimeState, StateLayout, UnitStats, current_state, states_of
@@ -145,10 +146,8 @@ class Explanation:
 def _piecewise_plan(outlined: torch.fx.GraphModule, layout: StateLayout, timestep) -> tuple[Plan, CompileCount]:
     """The plan the piecewise form would run, from the outlined graph (pieces are not compiled)."""
     inputs = [example_value(n) for n in outlined.graph.nodes if n.op == "placeholder"]
-    fake_mode = torch._guards.detect_fake_mode(inputs)
     gm = run_passes(outlined, cache_passes(layout, timestep))
-    with fake_mode:
-        state = [torch.empty(spec.shape, dtype=spec.dtype, device=layout.units[0].hidden.device) for spec in layout.specs]
+    state = static_example_state(inputs, layout, layout.units[0].hidden.device)
     compiler = PieceCompiler(lambda piece, piece_inputs: piece.forward)
     _, plan = build_program(gm, [*inputs, *state], compiler, {u.name for u in layout.units})
     return plan, compiler.count

@@ -144,7 +144,7 @@ def stepcache(gm: fx.GraphModule, example_inputs: Sequence[Any], *, mode: str | 
     log.info("stepcache: %d cache unit(s) (%s), %.1f MiB of state per model instance, form=%s, inner=%s, %s",
              len(units), ", ".join(u.name for u in units), layout.nbytes / 2**20, opts.form.value, opts.inner.value,
              timestep.describe() if timestep else "no timestep input: generations counted in calls")
-    inputs = [*example_inputs, *_static_example_state(example_inputs, layout, device)]
+    inputs = [*example_inputs, *static_example_state(example_inputs, layout, device)]
     if opts.form is Form.PIECEWISE:
         compiler = PieceCompiler(lambda piece, piece_inputs: inner_compile(piece, piece_inputs, opts.inner, opts.mode))
         program, states.plan = build_program(gm, inputs, compiler, {u.name for u in units})
@@ -176,7 +176,7 @@ def _warn_if_never_caches(config: StepCacheConfig) -> None:
         log.warning("stepcache: this config never caches a step (%s); every call runs all blocks", reason)
 
 
-def _static_example_state(example_inputs: Sequence[Any], layout: StateLayout, device: torch.device) -> list:
+def static_example_state(example_inputs: Sequence[Any], layout: StateLayout, device: torch.device) -> list:
     """Example state inputs: fake tensors with static shapes in Dynamo's fake mode (real ones without it).
 
     AOTAutograd gives real example inputs it has no Dynamo context for symbolic sizes (torch 2.11),

@@ -125,14 +125,19 @@ def find_block_lists(gm: fx.GraphModule) -> Discovery:
     return Discovery(lists, skipped)
 
 
-def _candidate_lists(nodes: Iterable[fx.Node]) -> dict[str, str]:
-    """list path -> block class, for lists with >= 2 items of one class (the last item may be another)."""
+def _list_classes(nodes: Iterable[fx.Node]) -> dict[str, dict[int, str]]:
+    """list path -> {item index: class name} over the module stacks of ``nodes``."""
     classes: dict[str, dict[int, str]] = {}
     for node in nodes:
         for path, index, cls in list_items(node):
             classes.setdefault(path, {})[index] = cls
+    return classes
+
+
+def _candidate_lists(nodes: Iterable[fx.Node]) -> dict[str, str]:
+    """list path -> block class, for lists with >= 2 items of one class (the last item may be another)."""
     candidates = {}
-    for path, by_index in classes.items():
+    for path, by_index in _list_classes(nodes).items():
         ordered = [by_index[i] for i in sorted(by_index)]
         core = set(ordered[:-1]) if len(ordered) > 2 else set(ordered)
         if len(ordered) >= 2 and len(core) == 1:
@@ -402,11 +407,7 @@ def plan_cache_units(gm: fx.GraphModule, config: StepCacheConfig) -> tuple[list[
 
 def _why_no_block_list(gm: fx.GraphModule) -> str:
     """What the graph holds instead of a whole block list: a cut list (a graph break), mixed classes, or none."""
-    nodes = [n for n in gm.graph.nodes if _is_computation(n)]
-    lists: dict[str, dict[int, str]] = {}
-    for node in nodes:
-        for path, index, cls in list_items(node):
-            lists.setdefault(path, {})[index] = cls
+    lists = _list_classes(n for n in gm.graph.nodes if _is_computation(n))
     cut = "; a graph break cut the model (compile with fullgraph=True, cachepass.compile's default, to see where)"
     for path, by_index in lists.items():
         if len(by_index) == 1:

@@ -274,6 +274,7 @@ def _rewrite_unit(gm, call: fx.Node, unit: OutlinedUnit, layout: StateLayout, cl
                 operands,
             ),
         )
+        cond.meta["stepcache_unit"] = spec  # as on the outlined call: the piecewise splitter names cond pieces by it
         outs = [Proxy(graph.call_function(operator.getitem, (cond, i)), tracer) for i in range(len(spec.slots))]
 
         computed = ~hit

@@ -27,7 +27,7 @@ class Step:
 
     piece: str
     kind: PieceKind
-    owner: str | None  # block path for block pieces, the unit's module name for conds
+    owner: str | None  # block path for block pieces, the cache unit (block list) for conds
     artifact: int | None  # pieces with the same number share one compiled artifact (None: a cond)
     branches: tuple["Plan", "Plan"] | None = None  # cond: (cached, compute)
 

@@ -30,7 +30,7 @@ class PieceKind(str, enum.Enum):
 class PieceInfo:
     name: str  # attribute of the split graph (``submod_3``)
     kind: PieceKind
-    owner: str | None  # block path for block pieces, the unit's module name for conds
+    owner: str | None  # block path for block pieces, the cache unit (block list) for conds
 
 
 def block_owner(node: fx.Node, block_lists: set[str]) -> str | None:
@@ -54,7 +54,7 @@ def split_pieces(gm: fx.GraphModule, block_lists: set[str]) -> tuple[fx.GraphMod
         if node.op not in ("call_function", "call_method", "call_module"):
             continue
         if is_cond(node):
-            key = (PieceKind.COND, node.args[2].target.removesuffix("_compute"))  # the unit's branch modules
+            key = (PieceKind.COND, node.meta["stepcache_unit"].name)  # the UnitSpec insert_cache_cond left
         else:
             owner = block_owner(node, block_lists)
             key = (PieceKind.BLOCK, owner) if owner else (PieceKind.GLUE, None)
