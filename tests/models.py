@@ -68,6 +68,14 @@ class ModelCase:
         torch.manual_seed(0)
         return self.build().eval()
 
+    def two_experts(self) -> tuple[nn.Module, nn.Module]:
+        """Two instances of the model class with different weights (Wan 2.2's two experts)."""
+        first, second = self.model(), self.model()
+        with torch.no_grad():
+            for p in second.parameters():
+                p.mul_(1.01)
+        return first, second
+
 
 def _toy_inputs(g):
     return (

@@ -114,10 +114,7 @@ def test_separate_cfg_calls_on_a_one_stream_compile_compute_everything_and_are_r
 
 def test_two_experts_sharing_one_schedule_repeat_exactly():
     """Wan 2.2: expert A runs the first half of the steps, expert B the rest; each has its own state."""
-    experts = [CASE.model(), CASE.model()]
-    with torch.no_grad():
-        for p in experts[1].parameters():
-            p.mul_(1.01)
+    experts = CASE.two_experts()
     config = cfg(warmup_steps=0)  # the pipeline's step count, as users write it
     compiled = [cachepass.compile(e, config, inner="aot_eager") for e in experts]
     calls = 0

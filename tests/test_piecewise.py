@@ -98,10 +98,7 @@ def test_only_cond_pieces_hold_a_cond():
 
 def test_two_instances_keep_their_own_state():
     case = CASES["toy"]
-    first, second = case.model(), case.model()
-    with torch.no_grad():
-        for p in second.parameters():
-            p.mul_(1.01)
+    first, second = case.two_experts()
     outs = {}
     for name, model in (("first", first), ("second", second)):
         _, cfg, _, compiled = compile_case("toy", model=model)

@@ -116,10 +116,7 @@ def test_shape_change_recompiles_once_with_fresh_state():
 
 def test_two_instances_share_the_graph_but_not_the_state():
     """Dynamo reuses one graph for both models (Wan 2.2's two experts); each keeps its own cache state."""
-    first, second = CASE.model(), CASE.model()
-    with torch.no_grad():
-        for p in second.parameters():
-            p.mul_(1.01)
+    first, second = CASE.two_experts()
     solo = {}
     for name, model in (("first", first), ("second", second)):
         solo[name] = generate(CASE, StepCacheReference(model, cfg()), STEPS)
