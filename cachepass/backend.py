@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import logging
+import time
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
@@ -125,6 +126,7 @@ def outlined_units(gm: fx.GraphModule) -> list[UnitSpec]:
 def stepcache(gm: fx.GraphModule, example_inputs: Sequence[Any], *, mode: str | None = None,
               options: Mapping[str, Any] | None = None) -> Callable:
     """torch.compile backend: DBCache + TaylorSeer step caching as a ``torch.cond`` in one graph."""
+    start = time.perf_counter()
     opts = parse_options(options, mode)
     _warn_if_never_caches(opts.config)
     if torch.is_grad_enabled() and any(getattr(t, "requires_grad", False) for t in example_inputs):
@@ -145,12 +147,17 @@ def stepcache(gm: fx.GraphModule, example_inputs: Sequence[Any], *, mode: str | 
              len(units), ", ".join(u.name for u in units), layout.nbytes / 2**20, opts.form.value, opts.inner.value,
              timestep.describe() if timestep else "no timestep input: generations counted in calls")
     inputs = [*example_inputs, *static_example_state(example_inputs, layout, device)]
+    passes_done = time.perf_counter()
     if opts.form is Form.PIECEWISE:
         compiler = PieceCompiler(lambda piece, piece_inputs: inner_compile(piece, piece_inputs, opts.inner, opts.mode))
         program, states.plan = build_program(gm, inputs, compiler, {u.name for u in units})
-        log.info("stepcache: piecewise, %d block pieces; %s", len(states.plan.blocks), compiler.count)
+        log.info("stepcache: piecewise, %d block pieces; %s; backend %.1f s (passes %.1f s, compiles: %s)",
+                 len(states.plan.blocks), compiler.count, time.perf_counter() - start, passes_done - start,
+                 compiler.count.timings())
         return _with_state(program.forward, states)
-    return _with_state(_compile_one_graph(gm, inputs, opts), states)
+    compiled = _compile_one_graph(gm, inputs, opts)
+    log.info("stepcache: one graph; backend %.1f s (passes %.1f s)", time.perf_counter() - start, passes_done - start)
+    return _with_state(compiled, states)
 
 
 def _require_static_shapes(example_inputs: Sequence[Any]) -> None:

@@ -4,12 +4,19 @@ A piece's key is its graph (ops, targets, constants, the wiring between nodes) p
 dtype, stride and device of each input; ``get_attr`` constants key by identity, so two pieces
 only share a compiled callable when it computes the same function of its inputs. The weights
 are inputs, so one compiled block serves every block of its list.
+
+The last block of a list can lose an output nobody reads after it (FLUX's last single block
+drops its text tokens, Dynamo removes the dead slice): such a piece reuses its list's artifact and
+keeps the outputs it has (`PieceCompiler._reuse_with_fewer_outputs`).
 """
 
 from __future__ import annotations
 
 import collections
+import copy
 import dataclasses
+import itertools
+import time
 from typing import Any, Callable
 
 import torch
@@ -18,13 +25,17 @@ from torch import fx
 
 @dataclasses.dataclass
 class CompileCount:
-    """How many pieces asked for a compile, and how many compiles ran, per kind of piece."""
+    """How many pieces asked for a compile, how many compiles ran, and their seconds, per kind of piece."""
 
     pieces: collections.Counter = dataclasses.field(default_factory=collections.Counter)
     compiled: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+    seconds: collections.Counter = dataclasses.field(default_factory=collections.Counter)
 
     def __str__(self) -> str:
         return ", ".join(f"{kind}: {self.compiled[kind]} compiled for {n} pieces" for kind, n in sorted(self.pieces.items()))
+
+    def timings(self) -> str:
+        return ", ".join(f"{kind} {self.seconds[kind]:.1f} s" for kind in sorted(self.compiled))
 
 
 class PieceCompiler:
@@ -34,19 +45,61 @@ class PieceCompiler:
         self.compile_fn = compile_fn
         self.artifacts: dict[str, Callable] = {}
         self.numbers: dict[int, int] = {}  # id(artifact) -> its number, in compile order
+        self.compiled: list[tuple[fx.GraphModule, list, Callable]] = []  # (piece, example inputs, artifact)
         self.count = CompileCount()
 
     def __call__(self, piece: fx.GraphModule, example_inputs: list, kind: str) -> Callable:
         key = structural_key(piece, example_inputs)
         self.count.pieces[kind] += 1
         if key not in self.artifacts:
-            self.artifacts[key] = self.compile_fn(piece, example_inputs)
-            self.numbers[id(self.artifacts[key])] = len(self.numbers)
-            self.count.compiled[kind] += 1
+            self.artifacts[key] = self._reuse_with_fewer_outputs(key, piece) or self._compile(piece, example_inputs, kind)
         return self.artifacts[key]
 
     def number(self, artifact: Callable) -> int:
         return self.numbers[id(artifact)]
+
+    def _compile(self, piece: fx.GraphModule, example_inputs: list, kind: str) -> Callable:
+        start = time.perf_counter()
+        artifact = self.compile_fn(piece, example_inputs)
+        self.count.seconds[kind] += time.perf_counter() - start
+        self.count.compiled[kind] += 1
+        self.numbers[id(artifact)] = len(self.numbers)
+        self.compiled.append((piece, example_inputs, artifact))
+        return artifact
+
+    def _reuse_with_fewer_outputs(self, key: str, piece: fx.GraphModule) -> Callable | None:
+        """A compiled piece that computes ``piece``'s outputs and more, wrapped to return just those."""
+        wanted = len(_outputs(piece))
+        for compiled, example_inputs, artifact in self.compiled:
+            outputs = _outputs(compiled)
+            if len(outputs) <= wanted or len(outputs) - wanted > 3:
+                continue
+            for kept in itertools.combinations(range(len(outputs)), wanted):
+                if structural_key(_keep_outputs(compiled, kept), example_inputs) == key:
+                    return self._selecting(artifact, kept)
+        return None
+
+    def _selecting(self, artifact: Callable, kept: tuple[int, ...]) -> Callable:
+        def selected(*args):
+            out = artifact(*args)
+            return tuple(out[i] for i in kept)
+
+        self.numbers[id(selected)] = self.number(artifact)
+        return selected
+
+
+def _outputs(piece: fx.GraphModule) -> tuple:
+    return next(n for n in piece.graph.nodes if n.op == "output").args[0]
+
+
+def _keep_outputs(piece: fx.GraphModule, kept: tuple[int, ...]) -> fx.GraphModule:
+    """A copy of ``piece`` returning only the outputs at ``kept``, its dead code removed."""
+    trimmed = copy.deepcopy(piece)
+    output = next(n for n in trimmed.graph.nodes if n.op == "output")
+    values = output.args[0]
+    output.args = (tuple(values[i] for i in kept),)
+    trimmed.graph.eliminate_dead_code()
+    return trimmed
 
 
 def structural_key(gm: fx.GraphModule, example_inputs: list) -> str:
@@ -66,10 +119,21 @@ def structural_key(gm: fx.GraphModule, example_inputs: list) -> str:
 
 def _value_key(value: Any) -> Any:
     if isinstance(value, torch.Tensor):
-        return (tuple(value.shape), value.dtype, tuple(value.stride()), str(value.device))
+        return (tuple(value.shape), value.dtype, _significant_strides(value), str(value.device))
     if isinstance(value, (list, tuple)):
         return (type(value).__name__, tuple(_value_key(v) for v in value))
     return repr(value)
+
+
+def _significant_strides(value: torch.Tensor) -> tuple:
+    """Strides with those of size-1 dimensions left out: no index ever moves along them.
+
+    FLUX's single blocks return views of their joint text+image buffer, shaped [1, tokens, dim]
+    with the batch stride of the whole buffer; the blocks after a glue piece or a cond get
+    contiguous tensors of the same shape. Inductor's input checks (``assert_size_stride``) skip
+    size-1 dimensions too, so one compiled block serves both.
+    """
+    return tuple(s if n != 1 else None for n, s in zip(value.shape, value.stride()))
 
 
 def _arg_key(arg: Any, index: dict[fx.Node, int]) -> Any:
