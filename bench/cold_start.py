@@ -1,11 +1,14 @@
-"""Cold and warm start: stepcache (one-graph, piecewise) vs diffusers' compile_repeated_blocks, fresh Inductor caches.
+"""Cold and warm start: stepcache (piecewise, one-graph) vs diffusers' compile_repeated_blocks, fresh Inductor caches.
 
     python -m bench.cold_start --blocks 12 --device cpu --out bench/results
 
 Every variant runs in its own process twice over one new cache folder (TORCHINDUCTOR_CACHE_DIR and
 TRITON_CACHE_DIR): the first process starts cold, the second warm. Each process times its first
 call (trace + compile + run) and a second call; the model is a diffusers Wan transformer with
-``--blocks`` blocks and random weights.
+``--blocks`` blocks and random weights. Two reference rows bound what a whole-model capture costs:
+``compile`` (plain ``torch.compile``, fullgraph) and ``dynamo-trace`` (Dynamo's trace of the whole
+model with ``backend="eager"``: no compiler at all). stepcache rows also give the backend's own
+seconds (passes, split and piece compiles), read from its log.
 """
 
 from __future__ import annotations
@@ -13,13 +16,15 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import logging
 import os
+import re
 import subprocess
 import sys
 import tempfile
 import time
 
-VARIANTS = ("stepcache-one-graph", "stepcache-piecewise", "regional-compile")
+VARIANTS = ("stepcache-piecewise", "stepcache-one-graph", "regional-compile", "compile", "dynamo-trace")
 
 
 def child(variant: str, blocks: int, device: str) -> dict:
@@ -37,9 +42,14 @@ def child(variant: str, blocks: int, device: str) -> dict:
     g = torch.Generator().manual_seed(1)
     latents = torch.randn(1, 16, 4, 16, 16, generator=g).to(device)
     text = torch.randn(1, 16, 64, generator=g).to(device)
+    backend_log = _BackendLog()
+    logging.getLogger("cachepass").addHandler(backend_log)
+    logging.getLogger("cachepass").setLevel(logging.INFO)
     if variant == "regional-compile":
         model.compile_repeated_blocks(fullgraph=True)
         fn = model
+    elif variant in ("compile", "dynamo-trace"):
+        fn = torch.compile(model, fullgraph=True, backend="inductor" if variant == "compile" else "eager")
     else:
         cfg = cachepass.StepCacheConfig(num_head_blocks=1, threshold=0.1, warmup_steps=1, num_inference_steps=8)
         fn = cachepass.compile(model, cfg, form=variant.removeprefix("stepcache-"))
@@ -52,7 +62,21 @@ def child(variant: str, blocks: int, device: str) -> dict:
             if device.startswith("cuda"):
                 torch.cuda.synchronize()
             times.append(time.perf_counter() - start)
-    return {"variant": variant, "first_call_s": times[0], "second_call_s": times[1]}
+    return {"variant": variant, "first_call_s": times[0], "second_call_s": times[1], **backend_log.found}
+
+
+class _BackendLog(logging.Handler):
+    """Keeps the stepcache backend's timing line (``backend 12.3 s (passes ...)``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.found: dict = {}
+
+    def emit(self, record):
+        text = record.getMessage()
+        seconds = re.search(r"backend ([0-9.]+) s", text)
+        if seconds:
+            self.found = {"backend_s": float(seconds.group(1)), "backend_log": text}
 
 
 def run(variant: str, blocks: int, device: str, cache: str) -> dict:
@@ -81,9 +105,11 @@ def main(argv=None) -> int:
             cold = run(variant, args.blocks, args.device, cache)
             warm = run(variant, args.blocks, args.device, cache)
         rows.append({"variant": variant, "cold_start_s": cold["first_call_s"], "warm_start_s": warm["first_call_s"],
-                     "second_call_s": cold["second_call_s"]})
+                     "second_call_s": cold["second_call_s"], "cold_backend_s": cold.get("backend_s"),
+                     "warm_backend_s": warm.get("backend_s"), "cold_backend_log": cold.get("backend_log")})
+        backend = "" if cold.get("backend_s") is None else f"   backend cold {cold['backend_s']:.1f} s warm {warm['backend_s']:.1f} s"
         print(f"{variant:<22} cold {rows[-1]['cold_start_s']:7.1f} s   warm {rows[-1]['warm_start_s']:7.1f} s   "
-              f"second call {rows[-1]['second_call_s'] * 1e3:7.1f} ms", flush=True)
+              f"second call {rows[-1]['second_call_s'] * 1e3:7.1f} ms{backend}", flush=True)
     regional = next((r["cold_start_s"] for r in rows if r["variant"] == "regional-compile"), None)
     for row in rows:
         row["cold_vs_regional"] = row["cold_start_s"] / regional if regional else None

@@ -3,6 +3,7 @@
 # and collect its results from the next calls (the machine stays held while calls follow each other).
 #   bash bench/device_run.sh start "--workload wan-1.3b-33f --schedule static;--workload wan-1.3b-1f"
 #   bash bench/device_run.sh wait 560      # repeat until it prints "done"; copies results to $OUT
+# A run's own --out (a folder under /tmp/stepcache-bench/results) keeps two runs of one workload apart.
 set -u
 dir=/tmp/stepcache-bench
 export PYTHONPATH=/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}  # wheels carried in .whl, installed to /tmp/site
@@ -12,7 +13,7 @@ case "$1" in
       echo "a run is still going (pid $(cat "$dir/pid")): wait for it; two runs at once spoil each other's timings"; exit 1
     fi
     mkdir -p "$dir/results" && rm -f "$dir/done"
-    setsid nohup bash -c 'IFS=";"; for run in $1; do eval "python3 -m bench.compare $run --out $2/results"; done; touch $2/done' \
+    setsid nohup bash -c 'IFS=";"; for run in $1; do eval "python3 -m bench.compare --out $2/results $run"; done; touch $2/done' \
       _ "$2" "$dir" > "$dir/log" 2>&1 < /dev/null &
     echo $! > "$dir/pid"
     echo "started: $2" ;;
@@ -20,6 +21,6 @@ case "$1" in
     end=$((SECONDS + $2))
     while [ ! -f "$dir/done" ] && [ $SECONDS -lt $end ]; do sleep 5; done
     grep -av "call/s\|it/s\]" "$dir/log" | grep -E "^\||INFO bench|ERROR|wrote|Traceback" | tail -n 60
-    cp "$dir"/results/* "${OUT:?}/" 2>/dev/null; cp "$dir/log" "$OUT/bench.log"
+    cp -r "$dir"/results/* "${OUT:?}/" 2>/dev/null; cp "$dir/log" "$OUT/bench.log"
     if [ -f "$dir/done" ]; then echo done; else echo running; fi ;;
 esac

@@ -99,8 +99,12 @@ def _fmt(value, digits=2):
     return str(value)
 
 
+def _spread(times: list[float] | None) -> str:
+    return "-" if not times else f"{min(times):.3f}-{max(times):.3f}"
+
+
 def table(rows: list[dict]) -> str:
-    header = ("variant", "status", "median s", "speedup", "/ideal", "cold s", "cached", "graphs/breaks",
+    header = ("variant", "status", "median s", "min-max s", "speedup", "/ideal", "cold s", "cached", "graphs/breaks",
               "recomp", "syncs/call", "peak GB", "PSNR", "SSIM", "rel L2")
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in rows:
@@ -110,7 +114,7 @@ def table(rows: list[dict]) -> str:
         if r.get("caveat"):
             status += f" ({r['caveat']})"
         cells = (
-            r["variant"], status, _fmt(r.get("median_s")), _fmt(r.get("speedup_vs_eager")), _fmt(r.get("ratio_to_ideal"), 3),
+            r["variant"], status, _fmt(r.get("median_s")), _spread(r.get("times_s")), _fmt(r.get("speedup_vs_eager")), _fmt(r.get("ratio_to_ideal"), 3),
             _fmt(r.get("cold_start_s"), 1), _fmt(r.get("cached_steps")),
             f"{_fmt(r.get('graph_count'))}/{_fmt(r.get('graph_breaks'))}", _fmt(r.get("recompiles")),
             _fmt(r.get("syncs_per_call")), _fmt(r.get("peak_mem_gb"), 1), _fmt(r.get("psnr"), 1),

@@ -108,7 +108,7 @@ def cache_dit_variant(ctx: Context, compile_how: str | None = None) -> Prepared:
     return Prepared(fn, lambda: cache_dit.refresh_context(model), decisions, cleanup)
 
 
-def stepcache(ctx: Context, inner: str = "inductor", mode: str | None = None, form: str = "one-graph") -> Prepared:
+def stepcache(ctx: Context, inner: str = "inductor", mode: str | None = None, form: str = "piecewise") -> Prepared:
     fn = cachepass.compile(ctx.model, ctx.config, inner=inner, mode=mode, form=form)
 
     def decisions():
@@ -158,7 +158,7 @@ VARIANTS: dict[str, Callable[[Context], Prepared]] = {
     "cache-dit+compile": lambda ctx: cache_dit_variant(ctx, "whole"),
     "cache-dit+compiled-blocks": lambda ctx: cache_dit_variant(ctx, "blocks"),
     "stepcache": stepcache,
-    "stepcache-piecewise": lambda ctx: stepcache(ctx, form="piecewise"),
+    "stepcache-one-graph": lambda ctx: stepcache(ctx, form="one-graph"),
     "stepcache-reduce-overhead": lambda ctx: stepcache(ctx, mode="reduce-overhead"),
     "stepcache-aot_eager": lambda ctx: stepcache(ctx, inner="aot_eager"),
     "stepcache-eager": lambda ctx: stepcache(ctx, inner="eager"),

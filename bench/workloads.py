@@ -26,6 +26,11 @@ FLUX_DEV = dict(
     num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
     axes_dims_rope=(16, 56, 56),
 )
+# LTX-Video 2B (0.9.x), transformer/config.json
+LTX_2B = dict(
+    in_channels=128, out_channels=128, num_attention_heads=32, attention_head_dim=64, cross_attention_dim=2048,
+    num_layers=28, caption_channels=4096,
+)
 # the tests' tiny Wan: the smoke-test workload of this script
 WAN_TINY = dict(
     patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=4,
@@ -135,6 +140,37 @@ def _flux_images(latents: torch.Tensor) -> torch.Tensor:
     return packed.reshape(16, 1, side * 2, side * 2)
 
 
+def _ltx_inputs(frames: int, height: int, width: int):
+    """Packed latents as LTXPipeline feeds them: 8x temporal and 32x spatial compression, patch size 1."""
+    grid = ((frames - 1) // 8 + 1, height // 32, width // 32)
+
+    def make(g, device, dtype):
+        cond = {
+            "encoder_hidden_states": torch.randn(1, 128, 4096, generator=g).to(device, dtype),
+            "encoder_attention_mask": torch.ones(1, 128, device=device),
+            "num_frames": grid[0], "height": grid[1], "width": grid[2],
+            "rope_interpolation_scale": (8 / 25, 32, 32),  # LTXPipeline at 25 fps
+        }
+        return torch.randn(1, grid[0] * grid[1] * grid[2], 128, generator=g).to(device, dtype), cond, None
+
+    return make
+
+
+def _ltx_call(fn, latents, sigma, kwargs):
+    timestep = (sigma * 1000).to(latents.device, torch.float32).reshape(1)
+    return fn(hidden_states=latents, timestep=timestep, return_dict=False, **kwargs)[0]
+
+
+def _ltx_images(frames: int, height: int, width: int):
+    grid = ((frames - 1) // 8 + 1, height // 32, width // 32)
+
+    def images(latents: torch.Tensor) -> torch.Tensor:
+        video = latents.float().reshape(*grid, 128)[..., :16]  # 16 of 128 channels per latent frame
+        return video.permute(0, 3, 1, 2).reshape(grid[0] * 16, 1, grid[1], grid[2])
+
+    return images
+
+
 def _diffusers(cls_name: str, config: dict):
     def build():
         import diffusers
@@ -160,6 +196,12 @@ WORKLOADS = {
         ("transformer_blocks", "single_transformer_blocks"), shift=3.0,
         note="FLUX.1-dev config (19 double + 38 single blocks, full depth), 1024x1024 (4096 tokens), "
              "guidance-distilled: one call per step",
+    ),
+    "ltx-2b": Workload(
+        "ltx-2b", _diffusers("LTXVideoTransformer3DModel", LTX_2B), _ltx_inputs(25, 512, 768), _ltx_call,
+        _ltx_images(25, 512, 768), ("transformer_blocks",), head=1, shift=3.0,
+        note="LTX-Video 2B config (28 blocks), 512x768, 25 frames (4x16x24 = 1536 tokens), one call per step "
+             "(batch 1, no CFG): host-bound",
     ),
     "tiny": Workload(
         "tiny", _diffusers("WanTransformer3DModel", WAN_TINY), _wan_inputs(9, 64, 64, 16, channels=4, text_len=16),

@@ -25,14 +25,14 @@ log = logging.getLogger("cachepass")
 
 
 def compile(model: nn.Module, config: Any, *, calibrator_config: Any = None, inner: str = "inductor",
-            mode: str | None = None, form: str = "one-graph", fullgraph: bool = True,
+            mode: str | None = None, form: str = "piecewise", fullgraph: bool = True,
             max_shapes: int | None = None) -> nn.Module:
     """``torch.compile(model, backend="stepcache", dynamic=False, ...)`` with the options checked up front.
 
     ``config`` is a `StepCacheConfig`, a dict of its fields, or a cache-dit ``DBCacheConfig``
     (then ``calibrator_config`` may be its ``TaylorSeerCalibratorConfig``). ``form`` is
-    ``"one-graph"`` (the rewritten graph with its ``torch.cond`` to the inner compiler) or
-    ``"piecewise"`` (each distinct block compiled once, conds run by an executor). Shapes are static: a new
+    ``"piecewise"`` (the default: each distinct block compiled once, conds run by an executor) or
+    ``"one-graph"`` (the rewritten graph with its ``torch.cond`` to the inner compiler, as export sees it). Shapes are static: a new
     resolution or batch size compiles once more, with its own state. Dynamo allows
     ``torch._dynamo.config.recompile_limit`` (8) graphs per function, shared by every compile of
     the model's class in the process; ``max_shapes`` raises that limit (process-wide) when larger.

@@ -38,8 +38,8 @@ OPTION_KEYS = ("config", "calibrator_config", "inner", "mode", "form")
 class Form(str, enum.Enum):
     """How the rewritten graph runs."""
 
+    PIECEWISE = "piecewise"  # the default: split at blocks and conds; each distinct piece compiled once; conds run by the executor
     ONE_GRAPH = "one-graph"  # the whole graph, with its torch.cond, to the inner compiler (the export form)
-    PIECEWISE = "piecewise"  # split at blocks and conds; each distinct piece compiled once; conds run by the executor
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,7 +47,7 @@ class BackendOptions:
     config: StepCacheConfig
     inner: Inner = Inner.INDUCTOR
     mode: str | None = None
-    form: Form = Form.ONE_GRAPH
+    form: Form = Form.PIECEWISE
 
 
 def parse_options(options: Mapping[str, Any] | None, mode: str | None = None) -> BackendOptions:
@@ -58,7 +58,7 @@ def parse_options(options: Mapping[str, Any] | None, mode: str | None = None) ->
         raise ValueError(f"stepcache got unknown option(s) {unknown}; allowed options: {list(OPTION_KEYS)}")
     config = coerce_config(options.get("config"), options.get("calibrator_config"))
     inner = _enum_option(options, "inner", Inner.INDUCTOR)
-    form = _enum_option(options, "form", Form.ONE_GRAPH)
+    form = _enum_option(options, "form", Form.PIECEWISE)
     mode = options.get("mode", mode)
     if mode is not None:
         if inner is not Inner.INDUCTOR:
@@ -149,7 +149,9 @@ def stepcache(gm: fx.GraphModule, example_inputs: Sequence[Any], *, mode: str | 
     inputs = [*example_inputs, *static_example_state(example_inputs, layout, device)]
     passes_done = time.perf_counter()
     if opts.form is Form.PIECEWISE:
-        compiler = PieceCompiler(lambda piece, piece_inputs: inner_compile(piece, piece_inputs, opts.inner, opts.mode))
+        _warn_if_cudagraphs_asked(opts, "the piecewise executor does not capture CUDA graphs yet")
+        compiler = PieceCompiler(lambda piece, piece_inputs: inner_compile(piece, piece_inputs, opts.inner, opts.mode,
+                                                                           cudagraphs=False))
         program, states.plan = build_program(gm, inputs, compiler, {u.name for u in units})
         log.info("stepcache: piecewise, %d block pieces; %s; backend %.1f s (passes %.1f s, compiles: %s)",
                  len(states.plan.blocks), compiler.count, time.perf_counter() - start, passes_done - start,
@@ -202,11 +204,14 @@ def _anchor_index(example_inputs: Sequence[Any]) -> int | None:
 
 
 def _compile_one_graph(gm: fx.GraphModule, inputs: list, opts: BackendOptions) -> Callable:
-    if opts.inner is Inner.INDUCTOR and opts.mode in ("reduce-overhead", "max-autotune"):
-        log.warning(
-            "stepcache: mode=%r asks for CUDA graphs, but Inductor does not capture a graph that "
-            "contains torch.cond (torch 2.11-2.14); it runs without CUDA graphs", opts.mode)
+    _warn_if_cudagraphs_asked(opts, "Inductor does not capture a graph that contains torch.cond (torch 2.11-2.14)")
     return inner_compile(gm, inputs, opts.inner, opts.mode)
+
+
+def _warn_if_cudagraphs_asked(opts: BackendOptions, why: str) -> None:
+    if opts.inner is Inner.INDUCTOR and opts.mode in ("reduce-overhead", "max-autotune"):
+        log.warning("stepcache: mode=%r asks for CUDA graphs, but %s; it runs without CUDA graphs (form=%s)",
+                    opts.mode, why, opts.form.value)
 
 
 def _with_state(compiled: Callable, states: StateSet) -> Callable:

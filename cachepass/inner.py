@@ -21,8 +21,12 @@ class Inner(str, enum.Enum):
 INDUCTOR_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
-def inner_compile(gm: fx.GraphModule, inputs: list, inner: Inner, mode: str | None = None) -> Callable:
-    """Compile ``gm`` for ``inputs`` (fake tensors under Dynamo's fake mode); ``gm`` itself is left as it was."""
+def inner_compile(gm: fx.GraphModule, inputs: list, inner: Inner, mode: str | None = None,
+                  cudagraphs: bool = True) -> Callable:
+    """Compile ``gm`` for ``inputs`` (fake tensors under Dynamo's fake mode); ``gm`` itself is left as it was.
+
+    ``cudagraphs=False`` keeps Inductor from capturing CUDA graphs even where ``mode`` asks for them.
+    """
     if inner is Inner.EAGER:
         return gm.forward
     if inner is Inner.AOT_EAGER:
@@ -30,5 +34,7 @@ def inner_compile(gm: fx.GraphModule, inputs: list, inner: Inner, mode: str | No
     from torch._inductor import list_mode_options
     from torch._inductor.compile_fx import compile_fx
 
-    patches = list_mode_options(mode) if mode else {}
+    patches = dict(list_mode_options(mode)) if mode else {}
+    if not cudagraphs:
+        patches["triton.cudagraphs"] = False
     return compile_fx(copy.deepcopy(gm), inputs, config_patches=patches or None)  # compile_fx rewrites its graph

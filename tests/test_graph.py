@@ -14,18 +14,21 @@ STEPS = 10
 UNITS = {"toy": 1, "wan": 1, "flux": 2, "hunyuan": 2}
 
 
-def compile_case(name, **overrides):
+def compile_case(name, form="piecewise", **overrides):
     case = CASES[name]
     cfg = cachepass.StepCacheConfig(**{"num_head_blocks": 1, "threshold": case.threshold * 3, "warmup_steps": 1,
                                        "separate_cfg": True, "num_inference_steps": STEPS, "taylorseer_order": 1,
                                        **overrides})
     model = case.model()
-    return case, model, cachepass.compile(model, cfg, inner="aot_eager")
+    return case, model, cachepass.compile(model, cfg, inner="aot_eager", form=form)
 
 
-@pytest.mark.parametrize("name", list(UNITS))
-def test_one_graph_no_breaks_no_recompiles_over_two_generations(name):
-    case, model, compiled = compile_case(name)
+FORMS = [(name, "piecewise") for name in UNITS] + [("flux", "one-graph")]
+
+
+@pytest.mark.parametrize("name,form", FORMS, ids=[f"{n}-{f}" for n, f in FORMS])
+def test_one_graph_no_breaks_no_recompiles_over_two_generations(name, form):
+    case, model, compiled = compile_case(name, form)
     counters.clear()
     generate(case, compiled, STEPS)  # first generation compiles
     assert counters["stats"]["unique_graphs"] == 1

@@ -131,12 +131,13 @@ def test_compiled_and_reference_match_cache_dit(model_name, config_name):
     assert_same(expected, reference, label="reference")
 
 
-def test_inductor_matches_cache_dit():
+@pytest.mark.parametrize("form", ["piecewise", "one-graph"])
+def test_inductor_matches_cache_dit(form):
     case = CASES["wan"]
     cfg = config("F2B1-taylor2", case)
     expected = run_cache_dit(case, cfg)
-    compiled = run_cachepass(case, cfg, lambda m: cachepass.compile(m, cfg, inner="inductor"))
-    assert_same(expected, compiled, atol=INDUCTOR_ATOL, rtol=INDUCTOR_RTOL, label="inductor")
+    compiled = run_cachepass(case, cfg, lambda m: cachepass.compile(m, cfg, inner="inductor", form=form))
+    assert_same(expected, compiled, atol=INDUCTOR_ATOL, rtol=INDUCTOR_RTOL, label=f"inductor {form}")
 
 
 def test_uncached_steps_match_the_plain_model_exactly():
@@ -150,7 +151,7 @@ def test_uncached_steps_match_the_plain_model_exactly():
     assert all(u.cached_steps == [] and u.residual_diffs == {} for u in cachepass.stats(model))
 
 
-PIECEWISE = [
+ONE_GRAPH = [
     ("toy", "F2B1-taylor2"),
     ("wan", "static-mask-taylor1"),
     ("flux", "F1B0"),
@@ -159,10 +160,11 @@ PIECEWISE = [
 ]
 
 
-@pytest.mark.parametrize("model_name,config_name", PIECEWISE, ids=[f"{m}-{c}" for m, c in PIECEWISE])
-def test_piecewise_form_matches_cache_dit(model_name, config_name):
+@pytest.mark.parametrize("model_name,config_name", ONE_GRAPH, ids=[f"{m}-{c}" for m, c in ONE_GRAPH])
+def test_one_graph_form_matches_cache_dit(model_name, config_name):
+    """The form export consumes: the whole rewritten graph, cond included, to the inner compiler."""
     case = CASES[model_name]
     cfg = config(config_name, case)
     expected = run_cache_dit(case, cfg)
-    piecewise = run_cachepass(case, cfg, lambda m: cachepass.compile(m, cfg, inner="aot_eager", form="piecewise"))
-    assert_same(expected, piecewise, label="piecewise")
+    one_graph = run_cachepass(case, cfg, lambda m: cachepass.compile(m, cfg, inner="aot_eager", form="one-graph"))
+    assert_same(expected, one_graph, label="one-graph")

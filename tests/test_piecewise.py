@@ -119,15 +119,18 @@ def test_two_instances_keep_their_own_state():
     assert not torch.equal(outs["first"], outs["second"])
 
 
-def test_inductor_pieces_match_the_reference():
+def test_inductor_pieces_match_the_reference_and_say_they_skip_cuda_graphs(caplog):
     case = CASES["toy"]
     cfg = toy_config(num_head_blocks=1, num_tail_blocks=1, num_inference_steps=STEPS)
     model = case.model()
-    out = generate(case, cachepass.compile(model, cfg, inner="inductor", form="piecewise"), STEPS)
+    with caplog.at_level("INFO", logger="cachepass"):
+        out = generate(case, cachepass.compile(model, cfg, inner="inductor", mode="reduce-overhead"), STEPS)
     torch.testing.assert_close(out, generate(case, StepCacheReference(case.model(), cfg), STEPS), atol=1e-4, rtol=1e-4)
     assert cachepass.stats(model)[0].cached_steps
+    assert "the piecewise executor does not capture CUDA graphs yet; it runs without CUDA graphs" in caplog.text
+    assert "block: 1 compiled for 6 pieces" in caplog.text
 
 
 def test_form_is_checked():
-    with pytest.raises(ValueError, match=r"form='pieces' is invalid; allowed: \['one-graph', 'piecewise'\]"):
+    with pytest.raises(ValueError, match=r"form='pieces' is invalid; allowed: \['piecewise', 'one-graph'\]"):
         cachepass.compile(torch.nn.Linear(2, 2), toy_config(), form="pieces")

@@ -21,6 +21,7 @@ from typing import Any, Callable
 
 import torch
 from torch import fx
+from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
 
 @dataclasses.dataclass
@@ -30,12 +31,18 @@ class CompileCount:
     pieces: collections.Counter = dataclasses.field(default_factory=collections.Counter)
     compiled: collections.Counter = dataclasses.field(default_factory=collections.Counter)
     seconds: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+    each: list[tuple[str, float]] = dataclasses.field(default_factory=list)  # (kind, seconds) per compile, in order
 
     def __str__(self) -> str:
         return ", ".join(f"{kind}: {self.compiled[kind]} compiled for {n} pieces" for kind, n in sorted(self.pieces.items()))
 
     def timings(self) -> str:
-        return ", ".join(f"{kind} {self.seconds[kind]:.1f} s" for kind in sorted(self.compiled))
+        """Seconds per kind, and each compile's: ``glue 10.7 s (6.1 + 1.9 + 1.6 + 1.1)``."""
+        parts = []
+        for kind in sorted(self.compiled):
+            each = " + ".join(f"{s:.1f}" for k, s in self.each if k == kind)
+            parts.append(f"{kind} {self.seconds[kind]:.1f} s ({each})")
+        return ", ".join(parts)
 
 
 class PieceCompiler:
@@ -60,8 +67,11 @@ class PieceCompiler:
 
     def _compile(self, piece: fx.GraphModule, example_inputs: list, kind: str) -> Callable:
         start = time.perf_counter()
+        _give_example_values(piece, example_inputs)
         artifact = self.compile_fn(piece, example_inputs)
-        self.count.seconds[kind] += time.perf_counter() - start
+        seconds = time.perf_counter() - start
+        self.count.seconds[kind] += seconds
+        self.count.each.append((kind, seconds))
         self.count.compiled[kind] += 1
         self.numbers[id(artifact)] = len(self.numbers)
         self.compiled.append((piece, example_inputs, artifact))
@@ -86,6 +96,22 @@ class PieceCompiler:
 
         self.numbers[id(selected)] = self.number(artifact)
         return selected
+
+
+def _give_example_values(piece: fx.GraphModule, example_inputs: list) -> None:
+    """Give the nodes the passes created the ``example_value`` Dynamo's own nodes carry.
+
+    AOTAutograd's cache refuses a graph with a method call on a node without one ("Unsupported
+    call_method target"), and a second process then traces every such piece again.
+    """
+    fake_mode = torch._guards.detect_fake_mode(example_inputs)
+    if fake_mode is None:
+        return
+    with torch.no_grad():
+        FakeTensorProp(piece, mode=fake_mode).propagate(*example_inputs)
+    for node in piece.graph.nodes:
+        if "example_value" not in node.meta and "val" in node.meta:
+            node.meta["example_value"] = node.meta["val"]
 
 
 def _outputs(piece: fx.GraphModule) -> tuple:
