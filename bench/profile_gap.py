@@ -7,15 +7,19 @@ torch.profiler. Busy = the summed time of device kernels and copies (one stream,
 overlap); idle = profiled wall - busy: time the device waits for the host (launches, syncs,
 Python), inflated by the profiler's own overhead, so compare idle between variants, not with
 ``wall_s`` (one unprofiled generation; use bench.compare for timings). A variant slower than the
-ideal with the same busy time loses on the host side.
+ideal with the same busy time loses on the host side. ``--host`` adds where the host's time goes:
+one more generation under cProfile, its top functions by own time (``host_top``).
 """
 
 from __future__ import annotations
 
 import argparse
+import cProfile
 import datetime
+import io
 import json
 import os
+import pstats
 import sys
 
 import torch
@@ -27,7 +31,7 @@ from bench.variants import VARIANTS, Context, remember_decisions
 from bench.workloads import WORKLOADS
 
 
-def profile(ctx: Context, name: str, inputs, device: torch.device) -> dict:
+def profile(ctx: Context, name: str, inputs, device: torch.device, host: bool = False) -> dict:
     prepared = VARIANTS[name](ctx)
     generation(ctx, prepared, inputs)  # compile and warm up
     _, wall = timed(lambda: generation(ctx, prepared, inputs), device)
@@ -38,12 +42,26 @@ def profile(ctx: Context, name: str, inputs, device: torch.device) -> dict:
         remember_decisions(ctx, prepared.decisions())
     calls = ctx.workload.calls_per_generation
     syncs = count_syncs(lambda: generation(ctx, prepared, inputs), device)
+    host_top = _host_profile(lambda: generation(ctx, prepared, inputs), device) if host else None
     prepared.cleanup()
     return {
+        "host_top": host_top,
         "variant": name, "wall_s": wall, "profiled_wall_s": profiled_wall, "device_busy_s": busy_us / 1e6,
         "device_idle_s": profiled_wall - busy_us / 1e6, "calls": calls,
         "syncs_per_call": None if syncs is None else syncs / calls,
     }
+
+
+def _host_profile(fn, device: torch.device, top: int = 25) -> str:
+    profiler = cProfile.Profile()
+    profiler.enable()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    profiler.disable()
+    text = io.StringIO()
+    pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(top)
+    return text.getvalue()
 
 
 def main(argv=None) -> int:
@@ -52,12 +70,13 @@ def main(argv=None) -> int:
     parser.add_argument("--variants", default="stepcache,ideal", help="comma-separated; a stepcache variant first")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", default=None, help="write the rows as JSON here")
+    parser.add_argument("--host", action="store_true", help="also profile one generation's host time with cProfile")
     args = parser.parse_args(argv)
     device, workload = torch.device(args.device), WORKLOADS[args.workload]
     model, inputs = workload.setup(device)
     ctx = Context(workload, model, step_config(workload, "static", 0.08), "inductor")
     with torch.no_grad():
-        rows = [profile(ctx, name, inputs, device) for name in args.variants.split(",")]
+        rows = [profile(ctx, name, inputs, device, args.host) for name in args.variants.split(",")]
     meta = {"workload": workload.name, "device": device_name(device), "torch": torch.__version__,
             "date": datetime.date.today().isoformat(),
             "command": "python -m bench.profile_gap " + " ".join(argv or sys.argv[1:])}
@@ -66,6 +85,8 @@ def main(argv=None) -> int:
     for r in rows:
         print(f"| {r['variant']} | {r['wall_s']:.3f} | {r['device_busy_s']:.3f} | {r['device_idle_s']:.3f} | "
               f"{1e3 * r['device_idle_s'] / r['calls']:.2f} | {r['syncs_per_call']} |")
+    for r in rows if args.host else ():
+        print(f"host time of {r['variant']}, one generation:\n{r['host_top']}")
     if args.out:
         os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
         with open(args.out, "w") as f:

@@ -145,13 +145,13 @@ def structural_key(gm: fx.GraphModule, example_inputs: list) -> str:
 
 def _value_key(value: Any) -> Any:
     if isinstance(value, torch.Tensor):
-        return (tuple(value.shape), value.dtype, _significant_strides(value), str(value.device))
+        return (tuple(value.shape), value.dtype, significant_strides(value), str(value.device))
     if isinstance(value, (list, tuple)):
         return (type(value).__name__, tuple(_value_key(v) for v in value))
     return repr(value)
 
 
-def _significant_strides(value: torch.Tensor) -> tuple:
+def significant_strides(value: torch.Tensor) -> tuple:
     """Strides with those of size-1 dimensions left out: no index ever moves along them.
 
     FLUX's single blocks return views of their joint text+image buffer, shaped [1, tokens, dim]

@@ -11,13 +11,13 @@ the two branch plans of every cond. CUDA graphs, offload and context parallel at
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 from torch import fx
 from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
-from cachepass.piecewise.compile import PieceCompiler
+from cachepass.piecewise.compile import PieceCompiler, significant_strides
 from cachepass.piecewise.split import PieceKind, is_cond, split_pieces
 
 
@@ -125,4 +125,56 @@ def _propagate(program: fx.GraphModule, example_inputs: list) -> None:
     """Fake values for every node of the split graph (each piece's example inputs)."""
     fake_mode = torch._guards.detect_fake_mode(example_inputs)
     with torch.no_grad():
-        FakeTensorProp(program, mode=fake_mode).propagate(*example_inputs)
+        _PieceValues(program, mode=fake_mode).propagate(*example_inputs)
+
+
+class _PieceValues(FakeTensorProp):
+    """Fake propagation over the split graph that runs only what Dynamo's fake values don't cover.
+
+    A cond piece returns its cached branch's outputs (the compute branch's blocks get their values
+    when that branch is split in turn). A piece that gets exactly the inputs Dynamo traced it with
+    (same shapes, strides, offsets) and whose outputs are nodes Dynamo traced (blocks, most glue)
+    returns their ``example_value``, remade in the backend's fake mode (Dynamo hands backends a
+    fresh one). Anything else runs, so a layout that differs from eager's (a cond's output,
+    a ``contiguous`` the passes added) reaches every piece downstream.
+    """
+
+    def call_module(self, target, args, kwargs):
+        piece = self.fetch_attr(target)
+        if any(is_cond(n) for n in piece.graph.nodes):
+            return _CachedBranchOnly(piece).run(*args)
+        outputs = next(n for n in piece.graph.nodes if n.op == "output").args[0]
+        placeholders = [n for n in piece.graph.nodes if n.op == "placeholder"]
+        if (isinstance(outputs, tuple) and all(_traced_value(n) is not None for n in outputs)
+                and all(_same_as_traced(p, a) for p, a in zip(placeholders, args))):
+            return tuple(_same_layout(_traced_value(n)) for n in outputs)
+        return super().call_module(target, args, kwargs)
+
+
+def _traced_value(node: Any) -> torch.Tensor | None:
+    value = node.meta.get("example_value") if isinstance(node, fx.Node) else None
+    return value if isinstance(value, torch.Tensor) else None
+
+
+def _same_as_traced(placeholder: fx.Node, value: Any) -> bool:
+    if not isinstance(value, torch.Tensor):
+        return True
+    traced = _traced_value(placeholder)
+    layout = lambda t: (t.shape, significant_strides(t), t.storage_offset(), t.dtype)  # noqa: E731
+    return traced is not None and layout(traced) == layout(value)
+
+
+def _same_layout(value: torch.Tensor) -> torch.Tensor:
+    """A tensor of the current (fake) mode with ``value``'s shape, strides, storage offset, dtype and device."""
+    extent = value.storage_offset() + sum((n - 1) * s for n, s in zip(value.shape, value.stride())) + 1
+    storage = torch.empty(extent if value.numel() else value.storage_offset(), dtype=value.dtype, device=value.device)
+    return storage.as_strided(value.shape, value.stride(), value.storage_offset())
+
+
+class _CachedBranchOnly(fx.Interpreter):
+    """Runs a cond piece with the cond replaced by its cached (true) branch: the cond's output values."""
+
+    def call_function(self, target, args, kwargs):
+        if target is torch.ops.higher_order.cond:
+            return args[1](*args[3])
+        return super().call_function(target, args, kwargs)
