@@ -117,7 +117,7 @@ def main(argv=None) -> int:
     result = {
         "question": "cold start (first call, fresh Inductor caches) and warm start (second process, same caches)",
         "device": device_name, "torch": torch.__version__, "date": datetime.date.today().isoformat(),
-        "command": f"python -m bench.cold_start --blocks {args.blocks} --device {args.device}",
+        "command": f"python -m bench.cold_start --blocks {args.blocks} --device {args.device} --variants {args.variants}",
         "model": f"diffusers WanTransformer3DModel, {args.blocks} blocks, dim 128, 256 tokens, random weights",
         "rows": rows,
     }
