@@ -16,6 +16,7 @@ from typing import Any, Callable
 import torch
 from torch import fx
 from torch.fx.passes.fake_tensor_prop import FakeTensorProp
+from torch.multiprocessing.reductions import StorageWeakRef
 
 from cachepass.piecewise.compile import PieceCompiler, significant_strides
 from cachepass.piecewise.split import PieceKind, is_cond, split_pieces
@@ -135,7 +136,8 @@ class _PieceValues(FakeTensorProp):
     when that branch is split in turn). A piece that gets exactly the inputs Dynamo traced it with
     (same shapes, strides, offsets) and whose outputs are nodes Dynamo traced (blocks, most glue)
     returns their ``example_value``, remade in the backend's fake mode (Dynamo hands backends a
-    fresh one). Anything else runs, so a layout that differs from eager's (a cond's output,
+    fresh one) with the same storage sharing: views of an input stay views of it, outputs of one
+    buffer share one. Anything else runs, so a layout that differs from eager's (a cond's output,
     a ``contiguous`` the passes added) reaches every piece downstream.
     """
 
@@ -147,7 +149,9 @@ class _PieceValues(FakeTensorProp):
         placeholders = [n for n in piece.graph.nodes if n.op == "placeholder"]
         if (isinstance(outputs, tuple) and all(_traced_value(n) is not None for n in outputs)
                 and all(_same_as_traced(p, a) for p, a in zip(placeholders, args))):
-            return tuple(_same_layout(_traced_value(n)) for n in outputs)
+            remade = _remade([_traced_value(n) for n in outputs], placeholders, args)
+            if remade is not None:
+                return remade
         return super().call_module(target, args, kwargs)
 
 
@@ -164,11 +168,31 @@ def _same_as_traced(placeholder: fx.Node, value: Any) -> bool:
     return traced is not None and layout(traced) == layout(value)
 
 
-def _same_layout(value: torch.Tensor) -> torch.Tensor:
-    """A tensor of the current (fake) mode with ``value``'s shape, strides, storage offset, dtype and device."""
-    extent = value.storage_offset() + sum((n - 1) * s for n, s in zip(value.shape, value.stride())) + 1
-    storage = torch.empty(extent if value.numel() else value.storage_offset(), dtype=value.dtype, device=value.device)
-    return storage.as_strided(value.shape, value.stride(), value.storage_offset())
+def _remade(traced: list[torch.Tensor], placeholders: list[fx.Node], args: tuple) -> tuple | None:
+    """``traced`` (Dynamo's fake outputs) as tensors of the current fake mode, storage sharing kept.
+
+    None where a storage is shared by tensors of different dtypes (a dtype view): the piece then runs.
+    """
+    bases: dict[StorageWeakRef, torch.Tensor] = {}
+    for placeholder, arg in zip(placeholders, args):
+        if isinstance(arg, torch.Tensor):
+            bases.setdefault(StorageWeakRef(_traced_value(placeholder).untyped_storage()), arg)
+    for value in traced:
+        key = StorageWeakRef(value.untyped_storage())
+        if key not in bases:
+            extent = max(_extent(v) for v in traced if StorageWeakRef(v.untyped_storage()) == key)
+            bases[key] = torch.empty(extent, dtype=value.dtype, device=value.device)
+    pairs = [(bases[StorageWeakRef(v.untyped_storage())], v) for v in traced]
+    if any(base.dtype != v.dtype for base, v in pairs):
+        return None
+    return tuple(base.as_strided(v.shape, v.stride(), v.storage_offset()) for base, v in pairs)
+
+
+def _extent(value: torch.Tensor) -> int:
+    """Elements of storage ``value`` reaches."""
+    if value.numel() == 0:
+        return value.storage_offset()
+    return value.storage_offset() + sum((n - 1) * s for n, s in zip(value.shape, value.stride())) + 1
 
 
 class _CachedBranchOnly(fx.Interpreter):
