@@ -120,15 +120,19 @@ def test_two_instances_keep_their_own_state():
 
 
 def test_inductor_pieces_match_the_reference_and_say_they_skip_cuda_graphs(caplog):
+    """Also: AOTAutograd's cache takes every piece (a second process loads them instead of tracing again)."""
     case = CASES["toy"]
     cfg = toy_config(num_head_blocks=1, num_tail_blocks=1, num_inference_steps=STEPS)
     model = case.model()
+    counters.clear()
     with caplog.at_level("INFO", logger="cachepass"):
         out = generate(case, cachepass.compile(model, cfg, inner="inductor", mode="reduce-overhead"), STEPS)
     torch.testing.assert_close(out, generate(case, StepCacheReference(case.model(), cfg), STEPS), atol=1e-4, rtol=1e-4)
     assert cachepass.stats(model)[0].cached_steps
     assert "the piecewise executor does not capture CUDA graphs yet; it runs without CUDA graphs" in caplog.text
     assert "block: 1 compiled for 6 pieces" in caplog.text
+    aot = counters["aot_autograd"]
+    assert aot["autograd_cache_bypass"] == 0 and aot["autograd_cache_miss"] + aot["autograd_cache_hit"] == aot["total"] > 0
 
 
 def test_form_is_checked():
