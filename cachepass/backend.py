@@ -21,7 +21,7 @@ from torch import fx
 from cachepass.blocks import Discovery, plan_cache_units
 from cachepass.config import StepCacheConfig
 from cachepass.errors import CachepassError, UnsupportedGraphError
-from cachepass.inner import INDUCTOR_MODES, Inner, inner_compile
+from cachepass.inner import INDUCTOR_MODES, Inner, asks_for_cudagraphs, inner_compile
 from cachepass.passes import cache_passes, outline_passes, run_passes
 from cachepass.piecewise.compile import PieceCompiler
 from cachepass.piecewise.execute import build_program
@@ -209,7 +209,7 @@ def _compile_one_graph(gm: fx.GraphModule, inputs: list, opts: BackendOptions) -
 
 
 def _warn_if_cudagraphs_asked(opts: BackendOptions, why: str) -> None:
-    if opts.inner is Inner.INDUCTOR and opts.mode in ("reduce-overhead", "max-autotune"):
+    if opts.inner is Inner.INDUCTOR and asks_for_cudagraphs(opts.mode):
         log.warning("stepcache: mode=%r asks for CUDA graphs, but %s; it runs without CUDA graphs (form=%s)",
                     opts.mode, why, opts.form.value)
 

@@ -21,6 +21,13 @@ class Inner(str, enum.Enum):
 INDUCTOR_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
+def asks_for_cudagraphs(mode: str | None) -> bool:
+    """Whether Inductor's ``mode`` turns CUDA graphs on (``reduce-overhead``, ``max-autotune``)."""
+    from torch._inductor import list_mode_options
+
+    return bool(mode) and bool(list_mode_options(mode).get("triton.cudagraphs"))
+
+
 def inner_compile(gm: fx.GraphModule, inputs: list, inner: Inner, mode: str | None = None,
                   cudagraphs: bool = True) -> Callable:
     """Compile ``gm`` for ``inputs`` (fake tensors under Dynamo's fake mode); ``gm`` itself is left as it was.

@@ -13,7 +13,6 @@ from cachepass.runtime import current_state
 from models import CASES, generate, toy_config
 
 STEPS = 10
-LISTS = {"toy": {"blocks"}, "wan": {"blocks"}, "flux": {"transformer_blocks", "single_transformer_blocks"}}
 
 
 def compile_case(name, model=None, **overrides):

@@ -115,15 +115,14 @@ def _give_example_values(piece: fx.GraphModule, example_inputs: list) -> None:
 
 
 def _outputs(piece: fx.GraphModule) -> tuple:
-    return next(n for n in piece.graph.nodes if n.op == "output").args[0]
+    return piece.graph.output_node().args[0]
 
 
 def _keep_outputs(piece: fx.GraphModule, kept: tuple[int, ...]) -> fx.GraphModule:
     """A copy of ``piece`` returning only the outputs at ``kept``, its dead code removed."""
     trimmed = copy.deepcopy(piece)
-    output = next(n for n in trimmed.graph.nodes if n.op == "output")
-    values = output.args[0]
-    output.args = (tuple(values[i] for i in kept),)
+    output = trimmed.graph.output_node()
+    output.args = (tuple(output.args[0][i] for i in kept),)
     trimmed.graph.eliminate_dead_code()
     return trimmed
 

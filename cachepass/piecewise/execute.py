@@ -145,7 +145,7 @@ class _PieceValues(FakeTensorProp):
         piece = self.fetch_attr(target)
         if any(is_cond(n) for n in piece.graph.nodes):
             return _CachedBranchOnly(piece).run(*args)
-        outputs = next(n for n in piece.graph.nodes if n.op == "output").args[0]
+        outputs = piece.graph.output_node().args[0]
         placeholders = [n for n in piece.graph.nodes if n.op == "placeholder"]
         if (isinstance(outputs, tuple) and all(_traced_value(n) is not None for n in outputs)
                 and all(_same_as_traced(p, a) for p, a in zip(placeholders, args))):

@@ -86,7 +86,7 @@ def _return_tuple(split: fx.GraphModule, call: fx.Node) -> None:
     blocks identical pieces. The getitems after the call are renumbered to match.
     """
     piece = split.get_submodule(call.target)
-    output = next(n for n in piece.graph.nodes if n.op == "output")
+    output = piece.graph.output_node()
     value = output.args[0]
     values = list(value) if isinstance(value, (tuple, list)) else ([] if value is None else [value])
     position = {n: i for i, n in enumerate(piece.graph.nodes)}
