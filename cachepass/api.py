@@ -25,14 +25,18 @@ log = logging.getLogger("cachepass")
 
 
 def compile(model: nn.Module, config: Any, *, calibrator_config: Any = None, inner: str = "inductor",
-            mode: str | None = None, form: str = "piecewise", fullgraph: bool = True,
-            max_shapes: int | None = None) -> nn.Module:
+            mode: str | None = None, form: str = "piecewise", cudagraphs: str | None = None,
+            fullgraph: bool = True, max_shapes: int | None = None) -> nn.Module:
     """``torch.compile(model, backend="stepcache", dynamic=False, ...)`` with the options checked up front.
 
     ``config`` is a `StepCacheConfig`, a dict of its fields, or a cache-dit ``DBCacheConfig``
     (then ``calibrator_config`` may be its ``TaylorSeerCalibratorConfig``). ``form`` is
     ``"piecewise"`` (the default: each distinct block compiled once, conds run by an executor) or
-    ``"one-graph"`` (the rewritten graph with its ``torch.cond`` to the inner compiler, as export sees it). Shapes are static: a new
+    ``"one-graph"`` (the rewritten graph with its ``torch.cond`` to the inner compiler, as export sees it).
+    ``cudagraphs`` (piecewise form, CUDA): ``"piecewise"`` captures the pieces between cache
+    decisions as CUDA graphs and reads each decision on the host; ``"conditional"`` joins them with
+    IF/ELSE nodes into one graph launch with no host sync (needs cuda-bindings); ``"off"``. The
+    default follows ``mode`` (``"reduce-overhead"``: piecewise). Shapes are static: a new
     resolution or batch size compiles once more, with its own state. Dynamo allows
     ``torch._dynamo.config.recompile_limit`` (8) graphs per function, shared by every compile of
     the model's class in the process; ``max_shapes`` raises that limit (process-wide) when larger.
@@ -50,6 +54,8 @@ def compile(model: nn.Module, config: Any, *, calibrator_config: Any = None, inn
         options["calibrator_config"] = calibrator_config
     if mode is not None:
         options["mode"] = mode
+    if cudagraphs is not None:
+        options["cudagraphs"] = cudagraphs
     parse_options(options)
     return torch.compile(model, backend=stepcache, fullgraph=fullgraph, dynamic=False, options=options)
 

@@ -1,10 +1,13 @@
 """The ``stepcache`` torch.compile backend: parse options, run the passes, hand off to the inner compiler.
 
-    torch.compile(model, backend="stepcache", options={"config": cfg, "inner": "inductor", "mode": None})
+    torch.compile(model, backend="stepcache", options={"config": cfg, "inner": "inductor", "mode": None,
+                                                      "form": "piecewise", "cudagraphs": None})
 
 The backend copies Dynamo's graph, outlines each cache unit's middle blocks, rewrites them into a
 ``torch.cond`` with device-resident state (see `cachepass.passes`), compiles the result with the
-inner compiler and returns a function that appends the state tensors to every call.
+inner compiler and returns a function that appends the state tensors to every call. The piecewise
+form (the default) splits the graph and compiles each distinct piece once (`cachepass.piecewise`);
+on CUDA its program may run as CUDA graphs (``cudagraphs``, or ``mode="reduce-overhead"``).
 """
 
 from __future__ import annotations
@@ -24,6 +27,8 @@ from cachepass.errors import CachepassError, UnsupportedGraphError
 from cachepass.inner import INDUCTOR_MODES, Inner, asks_for_cudagraphs, inner_compile
 from cachepass.passes import cache_passes, outline_passes, run_passes
 from cachepass.piecewise.compile import PieceCompiler
+from cachepass.piecewise.conditional_nodes import unavailable_reason as conditional_nodes_unavailable
+from cachepass.piecewise.cudagraphs import CudaGraphs, GraphedProgram
 from cachepass.piecewise.execute import build_program
 from cachepass.runtime import StateLayout, StateSet
 from cachepass.timestep import find_timestep_input
@@ -32,7 +37,7 @@ from cachepass.unit import OutlinedUnit, UnitSpec
 log = logging.getLogger("cachepass")
 
 
-OPTION_KEYS = ("config", "calibrator_config", "inner", "mode", "form")
+OPTION_KEYS = ("config", "calibrator_config", "inner", "mode", "form", "cudagraphs")
 
 
 class Form(str, enum.Enum):
@@ -48,6 +53,25 @@ class BackendOptions:
     inner: Inner = Inner.INDUCTOR
     mode: str | None = None
     form: Form = Form.PIECEWISE
+    cudagraphs: CudaGraphs | None = None  # None: as ``mode`` asks (reduce-overhead, max-autotune: piecewise)
+
+    def cudagraphs_on(self, device: torch.device) -> CudaGraphs:
+        """What the piecewise program runs with on ``device``; an explicit request that cannot run raises."""
+        if self.cudagraphs is None:
+            asked = self.inner is Inner.INDUCTOR and asks_for_cudagraphs(self.mode)
+            if asked and device.type != "cuda":
+                log.info("stepcache: mode=%r asks for CUDA graphs; the model runs on %s, so it runs without them",
+                         self.mode, device.type)
+            return CudaGraphs.PIECEWISE if asked and device.type == "cuda" else CudaGraphs.OFF
+        if self.cudagraphs is not CudaGraphs.OFF and device.type != "cuda":
+            raise CachepassError(f"stepcache option cudagraphs={self.cudagraphs.value!r} needs a CUDA device; "
+                                 f"the model runs on {device.type}. Use cudagraphs='off'")
+        if self.cudagraphs is CudaGraphs.CONDITIONAL:
+            reason = conditional_nodes_unavailable(device)
+            if reason is not None:
+                raise CachepassError(f"stepcache option cudagraphs='conditional' cannot run here: {reason}. "
+                                     "cudagraphs='piecewise' needs none of it (one host sync per cache unit)")
+        return self.cudagraphs
 
 
 def parse_options(options: Mapping[str, Any] | None, mode: str | None = None) -> BackendOptions:
@@ -60,12 +84,16 @@ def parse_options(options: Mapping[str, Any] | None, mode: str | None = None) ->
     inner = _enum_option(options, "inner", Inner.INDUCTOR)
     form = _enum_option(options, "form", Form.PIECEWISE)
     mode = options.get("mode", mode)
+    cudagraphs = _enum_option(options, "cudagraphs", CudaGraphs.OFF) if "cudagraphs" in options else None
+    if form is Form.ONE_GRAPH and cudagraphs not in (None, CudaGraphs.OFF):
+        raise ValueError(f"stepcache option cudagraphs={cudagraphs.value!r} needs form='piecewise': Inductor does not "
+                         "capture a graph that contains torch.cond (torch 2.11-2.14)")
     if mode is not None:
         if inner is not Inner.INDUCTOR:
             raise ValueError(f"stepcache option mode={mode!r} only applies to inner='inductor' (got inner={inner.value!r})")
         if mode not in INDUCTOR_MODES:
             raise ValueError(f"stepcache option mode={mode!r} is invalid; allowed: {list(INDUCTOR_MODES)}")
-    return BackendOptions(config, inner, mode, form)
+    return BackendOptions(config, inner, mode, form, cudagraphs)
 
 
 def _enum_option(options: Mapping[str, Any], key: str, default: enum.Enum) -> Any:
@@ -149,14 +177,17 @@ def stepcache(gm: fx.GraphModule, example_inputs: Sequence[Any], *, mode: str | 
     inputs = [*example_inputs, *static_example_state(example_inputs, layout, device)]
     passes_done = time.perf_counter()
     if opts.form is Form.PIECEWISE:
-        _warn_if_cudagraphs_asked(opts, "the piecewise executor does not capture CUDA graphs yet")
+        cudagraphs = opts.cudagraphs_on(device)
+        # the executor captures CUDA graphs over whole stretches of pieces; Inductor must not capture each piece
         compiler = PieceCompiler(lambda piece, piece_inputs: inner_compile(piece, piece_inputs, opts.inner, opts.mode,
                                                                            cudagraphs=False))
         program, states.plan = build_program(gm, inputs, compiler, {u.name for u in units})
-        log.info("stepcache: piecewise, %d block pieces; %s; backend %.1f s (passes %.1f s, compiles: %s)",
-                 len(states.plan.blocks), compiler.count, time.perf_counter() - start, passes_done - start,
-                 compiler.count.timings())
-        return _with_state(program.forward, states)
+        log.info("stepcache: piecewise, %d block pieces, cudagraphs=%s; %s; backend %.1f s (passes %.1f s, compiles: %s)",
+                 len(states.plan.blocks), cudagraphs.value, compiler.count, time.perf_counter() - start,
+                 passes_done - start, compiler.count.timings())
+        if cudagraphs is CudaGraphs.OFF:
+            return _with_state(program.forward, states)
+        return _with_state(GraphedProgram(program, device, cudagraphs, len(layout.specs)), states)
     compiled = _compile_one_graph(gm, inputs, opts)
     log.info("stepcache: one graph; backend %.1f s (passes %.1f s)", time.perf_counter() - start, passes_done - start)
     return _with_state(compiled, states)

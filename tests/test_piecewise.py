@@ -118,7 +118,7 @@ def test_two_instances_keep_their_own_state():
     assert not torch.equal(outs["first"], outs["second"])
 
 
-def test_inductor_pieces_match_the_reference_and_say_they_skip_cuda_graphs(caplog):
+def test_inductor_pieces_match_the_reference_and_say_a_cpu_model_runs_without_cuda_graphs(caplog):
     """Also: AOTAutograd's cache takes every piece (a second process loads them instead of tracing again)."""
     case = CASES["toy"]
     cfg = toy_config(num_head_blocks=1, num_tail_blocks=1, num_inference_steps=STEPS)
@@ -128,7 +128,8 @@ def test_inductor_pieces_match_the_reference_and_say_they_skip_cuda_graphs(caplo
         out = generate(case, cachepass.compile(model, cfg, inner="inductor", mode="reduce-overhead"), STEPS)
     torch.testing.assert_close(out, generate(case, StepCacheReference(case.model(), cfg), STEPS), atol=1e-4, rtol=1e-4)
     assert cachepass.stats(model)[0].cached_steps
-    assert "the piecewise executor does not capture CUDA graphs yet; it runs without CUDA graphs" in caplog.text
+    assert "mode='reduce-overhead' asks for CUDA graphs; the model runs on cpu, so it runs without them" in caplog.text
+    assert "cudagraphs=off" in caplog.text
     assert "block: 1 compiled for 6 pieces" in caplog.text
     aot = counters["aot_autograd"]
     assert aot["autograd_cache_bypass"] == 0 and aot["autograd_cache_miss"] + aot["autograd_cache_hit"] == aot["total"] > 0

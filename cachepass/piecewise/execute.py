@@ -73,6 +73,17 @@ class CondStep:
         branch = self.cached if bool(args[self.pred_index]) else self.compute
         return branch(*operands)
 
+    def run_both(self, *args):
+        """``self(*args)``, after running the other branch on the same operands with its outputs dropped.
+
+        Branches are pure (state updates happen after the cond), so this only warms the branch the
+        call did not take: CUDA-graph capture needs every kernel launched once beforehand.
+        """
+        taken = bool(args[self.pred_index])
+        operands = [args[i] for i in self.operand_indices]
+        (self.compute if taken else self.cached)(*operands)
+        return (self.cached if taken else self.compute)(*operands)
+
 
 def build_program(gm: fx.GraphModule, example_inputs: list, compiler: PieceCompiler,
                   block_lists: set[str]) -> tuple[fx.GraphModule, Plan]:
@@ -100,11 +111,12 @@ def build_program(gm: fx.GraphModule, example_inputs: list, compiler: PieceCompi
 
 
 def _named(fn: Callable, name: str) -> Callable:
-    """A plain function calling ``fn``, named for the generated program's code."""
+    """A plain function calling ``fn``, named for the generated program's code; ``.step`` is ``fn``."""
     def piece(*args):
         return fn(*args)
 
     piece.__name__ = piece.__qualname__ = name
+    piece.step = fn  # what CUDA-graph capture looks for: a compiled piece, or a CondStep
     return piece
 
 

@@ -1,0 +1,279 @@
+"""CUDA graphs over the piecewise program: one graph per stretch between cache decisions, one pool.
+
+Per model state (the state tensors are graph inputs, read and written in place) the program is
+captured as, per cache unit,
+
+    before the cond | cached branch | compute branch | after the cond
+
+The graphs read the weights and the state where they live, and the call's other inputs (latents,
+timestep, text) from static buffers the call copies them into. Values passed between graphs stay in
+the pool at the addresses of the capture; both branches write their outputs to the same buffers, so
+what follows the cond reads one place. A call is then: copy the inputs in, replay, read the unit's
+predicate (the one host sync per unit) and replay one branch, replay the rest, and clone the outputs
+(a CFG loop keeps the first call's output while the second call runs). With ``conditional`` the
+graphs are joined by IF/ELSE nodes into one graph (`conditional_nodes`): one launch, no host sync.
+
+The first call for a state runs the program as it is, on the capture stream, with both branches of
+every cond (the not-taken one's outputs dropped: branches are pure), which warms every kernel; then
+it captures, which runs nothing. An input that first call changed in place is written by the model:
+replays copy its static buffer back into the caller's tensor. Capture needs the weights and state at fixed addresses: a call
+whose weights or state moved (the model was offloaded and brought back, its weights replaced)
+captures again, and says so.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import time
+import weakref
+from typing import Any, Callable
+
+import torch
+from torch import fx
+from torch.utils import _pytree as pytree
+
+from cachepass.errors import CachepassError
+from cachepass.piecewise.conditional_nodes import ConditionalGraph
+from cachepass.piecewise.execute import CondStep
+
+log = logging.getLogger("cachepass")
+
+
+class CudaGraphs(str, enum.Enum):
+    """How the piecewise program runs on a CUDA device."""
+
+    OFF = "off"
+    PIECEWISE = "piecewise"  # one graph per stretch between decisions; the host reads each predicate
+    CONDITIONAL = "conditional"  # those graphs joined by IF/ELSE nodes: one launch, no host sync
+
+
+_POOLS: dict[int, tuple] = {}  # device index -> the memory pool every capture on it shares
+_STREAMS: dict[int, torch.cuda.Stream] = {}  # device index -> the stream warm-up and capture run on
+
+
+def _pool_and_stream(device: torch.device) -> tuple[tuple, torch.cuda.Stream]:
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _POOLS:
+        _POOLS[index] = torch.cuda.graph_pool_handle()
+        _STREAMS[index] = torch.cuda.Stream(index)
+    return _POOLS[index], _STREAMS[index]
+
+
+class GraphedProgram:
+    """The piecewise program run through CUDA graphs; one set of graphs per model state.
+
+    Called like the program: graph inputs, then the ``state_count`` state tensors of the state the
+    call belongs to (its first tensor keys the state's graphs).
+    """
+
+    def __init__(self, program: fx.GraphModule, device: torch.device, mode: CudaGraphs, state_count: int):
+        if mode is CudaGraphs.OFF:
+            raise ValueError("GraphedProgram needs cudagraphs='piecewise' or 'conditional'")
+        self.program, self.device, self.mode, self.state_count = program, device, mode, state_count
+        # id of the state's first tensor -> (a weak reference to it, the state's graphs). Not a WeakKeyDictionary:
+        # its lookups compare keys with ==, which on tensors is an elementwise op and a host sync
+        self._runners: dict[int, tuple[weakref.ref, _Runner]] = {}
+        self.captures = 0  # graph sets captured (one per state, more when weights or state moved)
+
+    def __call__(self, *args):
+        key = args[len(args) - self.state_count]
+        entry = self._runners.get(id(key))
+        runner = entry[1] if entry is not None and entry[0]() is key else None
+        if runner is not None:
+            moved = runner.moved(args)
+            if moved is None:
+                return runner.replay(args)
+            log.warning("stepcache: %s moved since the CUDA graphs were captured (the model was offloaded, or its "
+                        "weights replaced); capturing them again (capture %d)", moved, self.captures + 1)
+            del self._runners[id(key)]
+        start = time.perf_counter()
+        static, copied = _split_inputs(args, self.state_count)
+        before = [args[i].clone() for i in copied]
+        out = self._warm(args)
+        warmed = time.perf_counter()
+        mutated = [i for i, value in zip(copied, before) if not torch.equal(value, args[i])]
+        if mutated:
+            log.info("stepcache: the model writes graph input(s) %s in place; CUDA graphs copy them back after "
+                     "each replay", mutated)
+        runner = _Runner(self.program, args, static, copied, mutated, self.device, self.mode)
+        runners = self._runners
+        runners[id(key)] = (weakref.ref(key, lambda _, k=id(key): runners.pop(k, None)), runner)  # freed with the state
+        self.captures += 1
+        log.info("stepcache: captured CUDA graphs (%s) in %.2f s after a %.2f s warm-up call: %s", self.mode.value,
+                 time.perf_counter() - warmed, warmed - start, runner.describe())
+        return out
+
+    def _warm(self, args) -> Any:
+        """The call itself, run as the program is on the capture stream, with both branches of every cond."""
+        _, stream = _pool_and_stream(self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream):
+            out = _BothBranches(self.program).run(*args)
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+        return out
+
+
+class _BothBranches(fx.Interpreter):
+    """Runs the program, each cond running both its branches (see `CondStep.run_both`)."""
+
+    def call_function(self, target, args, kwargs):
+        step = getattr(target, "step", None)
+        if isinstance(step, CondStep):
+            return step.run_both(*args)
+        return super().call_function(target, args, kwargs)
+
+
+class _Runner:
+    """The captured graphs of one model state, with the static buffers they read their inputs from."""
+
+    def __init__(self, program: fx.GraphModule, args: tuple, static: list[int], copied: list[int],
+                 mutated: list[int], device: torch.device, mode: CudaGraphs):
+        self.static, self.copied = static, copied
+        self.pointers: list[int | None] = [None] * len(args)
+        for i in self.static:
+            self.pointers[i] = args[i].data_ptr()
+        self.buffers = [torch.empty_strided(args[i].shape, args[i].stride(), dtype=args[i].dtype, device=device)
+                        for i in self.copied]
+        inputs = list(args)
+        for i, buffer in zip(self.copied, self.buffers):
+            inputs[i] = buffer
+        self.written_back = [(i, inputs[i]) for i in mutated]  # inputs the model writes: their buffers
+        recorder = _Recorder(program, device, keep_graphs=mode is CudaGraphs.CONDITIONAL)
+        self.outputs = recorder.record(inputs)
+        self.parts, self._live = recorder.parts, recorder.live  # _live: the pool memory between graphs stays theirs
+        self.joined = ConditionalGraph(self.parts, device) if mode is CudaGraphs.CONDITIONAL else None
+
+    def moved(self, args) -> str | None:
+        """Which weight or state input is not where the graphs read it (None: all in place)."""
+        if _pointers_equal(list(args), self.pointers, self.static):
+            return None
+        index = next(i for i in self.static if args[i].data_ptr() != self.pointers[i])
+        return f"graph input {index} (a weight or state tensor of shape {list(args[index].shape)})"
+
+    def replay(self, args) -> Any:
+        if self.copied:
+            torch._foreach_copy_(self.buffers, [args[i] for i in self.copied])
+        if self.joined is not None:
+            self.joined.launch()
+        else:
+            for part in self.parts:
+                if isinstance(part, tuple):
+                    pred, cached, compute = part
+                    (cached if bool(pred) else compute).replay()  # the host sync of this cache unit
+                else:
+                    part.replay()
+        if self.written_back:
+            torch._foreach_copy_([args[i] for i, _ in self.written_back], [b for _, b in self.written_back])
+        return pytree.tree_map_only(torch.Tensor, torch.clone, self.outputs)
+
+    def describe(self) -> str:
+        decisions = sum(isinstance(p, tuple) for p in self.parts)
+        graphs = sum(2 if isinstance(p, tuple) else 1 for p in self.parts)  # a decision: its two branches
+        if self.joined is not None:
+            return f"one graph per call ({graphs} captured graphs joined by {decisions} IF/ELSE node(s)); " \
+                   f"{len(self.copied)} input(s) copied in"
+        return f"{graphs} graphs, {decisions} decision(s) read on the host per call; {len(self.copied)} input(s) copied in"
+
+
+def _pointers_equal(args: list, pointers: list[int | None], indices: list[int]) -> bool:
+    """Whether ``args[i].data_ptr() == pointers[i]`` for every ``i`` in ``indices`` (in C++ where torch has it)."""
+    check = getattr(torch._C, "_tensors_data_ptrs_at_indices_equal", None)  # CUDA builds (Inductor's cudagraph trees)
+    if check is not None:
+        return check(args, pointers, indices)
+    return all(args[i].data_ptr() == pointers[i] for i in indices)
+
+
+def _split_inputs(args: tuple, state_count: int) -> tuple[list[int], list[int]]:
+    """Graph inputs the graphs read in place (weights, buffers, state), and those copied in per call."""
+    first_state = len(args) - state_count
+    static = [i for i, a in enumerate(args) if i >= first_state or _has_static_address(a)]
+    copied = [i for i in range(len(args)) if i not in set(static)]
+    for i in copied:
+        if not isinstance(args[i], torch.Tensor):
+            raise CachepassError(f"CUDA graphs: graph input {i} is a {type(args[i]).__name__}, not a tensor; "
+                                 "a captured graph cannot take it. Compile with cudagraphs='off'")
+    return static, copied
+
+
+def _has_static_address(value: Any) -> bool:
+    """Weights and buffers: Dynamo marks a module's parameters and buffers as static inputs."""
+    return isinstance(value, torch.nn.Parameter) or (
+        isinstance(value, torch.Tensor) and torch._dynamo.utils.get_static_address_type(value) is not None)
+
+
+class _Recorder(fx.Interpreter):
+    """Runs the program once under capture, cutting a graph at every cond.
+
+    ``parts`` is, in call order, a ``torch.cuda.CUDAGraph`` per stretch of pieces and a
+    ``(pred, cached graph, compute graph)`` triple per cond. ``live`` holds every value a later
+    graph reads, so the pool memory behind it stays theirs.
+    """
+
+    def __init__(self, program: fx.GraphModule, device: torch.device, keep_graphs: bool):
+        super().__init__(program)
+        self.pool, self.stream = _pool_and_stream(device)
+        self.keep_graphs = keep_graphs
+        self.parts: list = []
+        self.live: list = []
+        self._open: tuple | None = None  # (graph, its capture context) while a stretch is being captured
+
+    def record(self, inputs: list) -> Any:
+        try:
+            return self.run(*inputs)
+        finally:
+            if self._open is not None:  # an error mid-capture: end the capture before raising
+                self._open[1].__exit__(None, None, None)
+
+    def run_node(self, n: fx.Node) -> Any:
+        step = getattr(n.target, "step", None) if n.op == "call_function" else None
+        if isinstance(step, CondStep):
+            self._close()
+            return self._record_cond(step, *self.fetch_args_kwargs_from_env(n)[0])
+        if step is not None and self._open is None:
+            graph = torch.cuda.CUDAGraph(keep_graph=self.keep_graphs)
+            context = torch.cuda.graph(graph, pool=self.pool, stream=self.stream)
+            context.__enter__()
+            self._open = (graph, context)
+        if n.op == "output":
+            self._close()
+        return super().run_node(n)
+
+    def _close(self) -> None:
+        if self._open is None:
+            return
+        graph, context = self._open
+        self._open = None
+        context.__exit__(None, None, None)
+        self.parts.append(graph)
+        self.live.extend(self.env.values())
+
+    def _capture(self, fn: Callable[[], Any]) -> tuple[torch.cuda.CUDAGraph, Any]:
+        graph = torch.cuda.CUDAGraph(keep_graph=self.keep_graphs)
+        with torch.cuda.graph(graph, pool=self.pool, stream=self.stream):
+            out = fn()
+        return graph, out
+
+    def _record_cond(self, step: CondStep, *args) -> Any:
+        pred = args[step.pred_index]
+        operands = [args[i] for i in step.operand_indices]
+        cached_graph, outputs = self._capture(lambda: step.cached(*operands))
+        _require_fresh(outputs, operands)
+
+        def compute_into_outputs():
+            for out, value in zip(pytree.tree_leaves(outputs), pytree.tree_leaves(step.compute(*operands))):
+                out.copy_(value)
+
+        compute_graph, _ = self._capture(compute_into_outputs)
+        self.parts.append((pred, cached_graph, compute_graph))
+        self.live.extend([*self.env.values(), outputs])
+        return outputs
+
+
+def _require_fresh(outputs: Any, operands: list) -> None:
+    """The compute branch overwrites the cached branch's outputs: none may share memory with an operand."""
+    taken = {t.untyped_storage().data_ptr() for t in pytree.tree_leaves(operands) if isinstance(t, torch.Tensor)}
+    for out in pytree.tree_leaves(outputs):
+        if isinstance(out, torch.Tensor) and out.untyped_storage().data_ptr() in taken:
+            raise CachepassError("CUDA graphs: a cache branch returned memory of its inputs; the branches must "
+                                 "return fresh tensors (torch.cond requires it too). Compile with cudagraphs='off'")

@@ -1,0 +1,153 @@
+"""CUDA graphs over the piecewise program, on a CUDA device: the same decisions and outputs as the
+program without graphs, the host syncs each form promises, and recapture when weights move."""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import warnings
+
+import pytest
+import torch
+
+import cachepass
+from cachepass.sampling import sample
+from models import CASES, toy_config
+
+STEPS = 8
+
+
+def generate_on_gpu(case, fn, seed: int = 1, count_syncs: bool = False):
+    """``models.generate`` with every input on the GPU.
+
+    ``count_syncs``: also return the host syncs per transformer call (CUDA sync-debug mode, on during
+    the calls only) and the lines that made them.
+    """
+    latents, cond, uncond = case.inputs(torch.Generator().manual_seed(seed))
+    on_gpu = lambda kw: {k: v.cuda() for k, v in kw.items()}  # noqa: E731
+    caught = []
+
+    def velocity(x, sigma, kw):
+        if not count_syncs:
+            return case.call(fn, x, sigma, kw)
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            with warnings.catch_warnings(record=True) as seen:
+                warnings.simplefilter("always")
+                return case.call(fn, x, sigma, kw)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+            caught.extend(w for w in seen if "synchroniz" in str(w.message))
+
+    out = sample(velocity, latents.cuda(), on_gpu(cond), on_gpu(uncond), STEPS, guidance=3.0)
+    if not count_syncs:
+        return out
+    return out, len(caught) / (2 * STEPS), collections.Counter(f"{w.filename}:{w.lineno}" for w in caught)
+
+
+def config(case):
+    return toy_config(num_head_blocks=1, num_tail_blocks=1, threshold=case.threshold * 3, num_inference_steps=STEPS)
+
+
+def decisions(model):
+    return [(u.cached_steps, u.cfg_cached_steps) for u in cachepass.stats(model)]
+
+
+@pytest.mark.parametrize("name, inner", [("wan", "aot_eager"), ("flux", "aot_eager"), ("wan", "inductor")])
+def test_graphs_make_the_same_decisions_and_outputs_with_the_promised_syncs(name, inner, caplog):
+    case = CASES[name]
+    plain_model = case.model().cuda()
+    plain = cachepass.compile(plain_model, config(case), inner=inner)
+    expected = [generate_on_gpu(case, plain, seed) for seed in (1, 2)]
+    expected_decisions = decisions(plain_model)
+    assert any(s for unit in expected_decisions for s in unit), "the config must cache some steps"
+    units = len(expected_decisions)
+    for mode, syncs in (("piecewise", units), ("conditional", 0)):
+        model = case.model().cuda()
+        compiled = cachepass.compile(model, config(case), inner=inner, cudagraphs=mode)
+        with caplog.at_level("INFO", logger="cachepass"):
+            first = generate_on_gpu(case, compiled, 1)  # captures on its first call
+            second, measured, where = generate_on_gpu(case, compiled, 2, count_syncs=True)
+        torch.testing.assert_close(first, expected[0], atol=0, rtol=0)
+        torch.testing.assert_close(second, expected[1], atol=0, rtol=0)
+        assert decisions(model) == expected_decisions, mode
+        assert measured == syncs, f"{mode}: {measured} host syncs per call, expected {syncs}: {where}"
+        assert caplog.text.count(f"captured CUDA graphs ({mode})") == 1  # one state: one capture, addresses stable
+        assert "moved since the CUDA graphs were captured" not in caplog.text
+        caplog.clear()
+
+
+def test_moved_weights_are_captured_again_and_stay_right(caplog):
+    case = CASES["wan"]
+    plain = cachepass.compile(case.model().cuda(), config(case), inner="aot_eager")
+    expected = generate_on_gpu(case, plain, 2)
+    model = case.model().cuda()
+    compiled = cachepass.compile(model, config(case), inner="aot_eager", cudagraphs="conditional")
+    generate_on_gpu(case, compiled, 1)
+    old = [p.data for p in model.parameters()]
+    for p in model.parameters():  # what offload or a weight swap does: same parameters, new memory
+        p.data = p.data.clone()
+    for t in old:  # where the graphs read the weights now holds zeros: only a new capture is right
+        t.zero_()
+    with caplog.at_level("WARNING", logger="cachepass"):
+        moved = generate_on_gpu(case, compiled, 2)
+    assert "moved since the CUDA graphs were captured" in caplog.text
+    torch.testing.assert_close(moved, expected, atol=0, rtol=0)
+
+
+def test_reset_and_stats_in_the_natural_order():
+    """reset() before the first call, stats() mid-generation: both work on a graphed model."""
+    case = CASES["flux"]
+    model = case.model().cuda()
+    compiled = cachepass.compile(model, config(case), inner="aot_eager", cudagraphs="conditional")
+    cachepass.reset(compiled)  # before any call: nothing to reset yet, and no error
+    first = generate_on_gpu(case, compiled, 1)
+    cachepass.reset(model)
+    again = generate_on_gpu(case, compiled, 1)
+    torch.testing.assert_close(again, first, atol=0, rtol=0)
+    assert decisions(model)  # stats after a graphed generation read the state the graphs wrote
+
+
+def test_each_model_state_and_shape_gets_its_own_graphs(caplog):
+    """Two instances of one class (Wan 2.2's experts) share Dynamo's graph but not state; a new shape
+    compiles and captures once more; going back to the first shape replays what was captured."""
+    case = CASES["toy"]
+    cfg = toy_config(num_inference_steps=STEPS)
+    first, second = case.two_experts()
+    plain_first, plain_second = case.two_experts()
+    graphed = [cachepass.compile(m.cuda(), cfg, inner="aot_eager", cudagraphs="conditional") for m in (first, second)]
+    plain = [cachepass.compile(m.cuda(), cfg, inner="aot_eager") for m in (plain_first, plain_second)]
+    def more_tokens(g):
+        latents, cond, uncond = case.inputs(g)
+        return torch.cat([latents, latents], 1), cond, uncond
+
+    wide = dataclasses.replace(case, inputs=more_tokens)
+    with caplog.at_level("INFO", logger="cachepass"):
+        for shape in (case, wide, case):
+            for ours, theirs in zip(graphed, plain):
+                torch.testing.assert_close(generate_on_gpu(shape, ours), generate_on_gpu(shape, theirs), atol=0, rtol=0)
+    assert caplog.text.count("captured CUDA graphs (conditional)") == 4  # 2 states x 2 shapes
+
+
+class WritesItsInput(type(CASES["toy"].model())):
+    def forward(self, hidden_states, timestep, encoder_hidden_states):
+        encoder_hidden_states.mul_(0.9)  # a model that writes an input in place
+        return super().forward(hidden_states, timestep, encoder_hidden_states)
+
+
+def test_an_input_the_model_writes_is_written_back(caplog):
+    case = CASES["toy"]
+    cfg = toy_config(num_inference_steps=STEPS)
+    results = []
+    for cudagraphs in ("off", "conditional"):
+        torch.manual_seed(0)
+        model = WritesItsInput().eval().cuda()
+        latents, cond, uncond = case.inputs(torch.Generator().manual_seed(1))
+        cond, uncond = ({k: v.cuda() for k, v in kw.items()} for kw in (cond, uncond))
+        compiled = cachepass.compile(model, cfg, inner="aot_eager", cudagraphs=cudagraphs)
+        with caplog.at_level("INFO", logger="cachepass"):
+            out = sample(lambda x, sigma, kw: case.call(compiled, x, sigma, kw), latents.cuda(), cond, uncond, STEPS)
+        results.append((out, cond["encoder_hidden_states"], uncond["encoder_hidden_states"]))
+    assert "writes graph input(s)" in caplog.text
+    for ours, theirs in zip(results[1], results[0]):
+        torch.testing.assert_close(ours, theirs, atol=0, rtol=0)
