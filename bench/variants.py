@@ -108,22 +108,26 @@ def cache_dit_variant(ctx: Context, compile_how: str | None = None) -> Prepared:
     return Prepared(fn, lambda: cache_dit.refresh_context(model), decisions, cleanup)
 
 
-def stepcache(ctx: Context, inner: str = "inductor", mode: str | None = None, form: str = "piecewise") -> Prepared:
-    fn = cachepass.compile(ctx.model, ctx.config, inner=inner, mode=mode, form=form)
+def stepcache(ctx: Context, inner: str = "inductor", mode: str | None = None, form: str = "piecewise",
+              cudagraphs: str | None = None) -> Prepared:
+    """Outputs need no clone: with CUDA graphs the executor returns copies (see cachepass.piecewise.cudagraphs)."""
+    fn = cachepass.compile(ctx.model, ctx.config, inner=inner, mode=mode, form=form, cudagraphs=cudagraphs)
 
     def decisions():
         return [(u.cached_steps, u.cfg_cached_steps) for u in cachepass.stats(ctx.model)]
 
-    return Prepared(fn if mode is None else _cloning(fn), decisions=decisions)
+    return Prepared(fn, decisions=decisions)
 
 
-def ideal(ctx: Context) -> Prepared:
+def ideal(ctx: Context, mode: str | None = None) -> Prepared:
     """Every computed call on the compiled full model, every cached call on the compiled head-only model."""
     schedule = ctx.shared.get("schedule")
     if schedule is None:
         raise RuntimeError("no cache decisions to replay (stepcache and cache-dit variants both failed)")
-    full = _compile(ctx, ctx.model)
-    head = _compile(ctx, ctx.workload.head_only(ctx.model))
+    full = _compile(ctx, ctx.model, mode)
+    head = _compile(ctx, ctx.workload.head_only(ctx.model), mode)
+    if mode is not None:
+        full, head = _cloning(full), _cloning(head)
     calls = {"n": 0}
 
     def dispatch(*args, **kwargs):
@@ -159,8 +163,10 @@ VARIANTS: dict[str, Callable[[Context], Prepared]] = {
     "cache-dit+compiled-blocks": lambda ctx: cache_dit_variant(ctx, "blocks"),
     "stepcache": stepcache,
     "stepcache-one-graph": lambda ctx: stepcache(ctx, form="one-graph"),
-    "stepcache-reduce-overhead": lambda ctx: stepcache(ctx, mode="reduce-overhead"),
+    "stepcache-reduce-overhead": lambda ctx: stepcache(ctx, mode="reduce-overhead"),  # = cudagraphs="piecewise"
+    "stepcache-conditional": lambda ctx: stepcache(ctx, cudagraphs="conditional"),
     "stepcache-aot_eager": lambda ctx: stepcache(ctx, inner="aot_eager"),
     "stepcache-eager": lambda ctx: stepcache(ctx, inner="eager"),
     "ideal": ideal,
+    "ideal-reduce-overhead": lambda ctx: ideal(ctx, "reduce-overhead"),
 }
