@@ -102,10 +102,18 @@ def step_capacity(config: StepCacheConfig) -> int:
 
 
 class StateLayout:
-    """Names, shapes and dtypes of every state tensor, in graph-input order."""
+    """Names, shapes and dtypes of every state tensor, in graph-input order.
 
-    def __init__(self, units: Iterable[UnitSpec], config: StepCacheConfig):
+    ``narrow``: float32 and int32 where the state and the decision otherwise use float64 and int64
+    (the timestep clock, the residual diff, counters), so every node of an ONNX export is in
+    TensorRT's operator matrix (`cachepass.tensorrt`); decisions may then differ near the threshold.
+    """
+
+    def __init__(self, units: Iterable[UnitSpec], config: StepCacheConfig, narrow: bool = False):
         self.config = config
+        self.narrow = narrow
+        self.float_dtype = torch.float32 if narrow else torch.float64
+        self.int_dtype = torch.int32 if narrow else torch.int64
         self.units = list(units)
         self.capacity = step_capacity(config)
         self.specs: list[TensorSpec] = self._model_specs()
@@ -113,7 +121,7 @@ class StateLayout:
             self.specs.extend(self._unit_specs(unit))
         self.index = {s.name: i for i, s in enumerate(self.specs)}
         # equal keys: equal state tensors and semantics, so compiled graphs may share a state
-        self.key = (config, tuple((s.name, s.shape, s.dtype) for s in self.specs))
+        self.key = (config, narrow, tuple((s.name, s.shape, s.dtype) for s in self.specs))
 
     def _model_specs(self) -> list[TensorSpec]:
         cfg, cap, s = self.config, self.capacity, self.config.num_streams
@@ -122,12 +130,12 @@ class StateLayout:
         mask = cfg.steps_computation_mask or ()
         static = cfg.steps_computation_policy is MaskPolicy.STATIC and cfg.steps_computation_mask is not None
         return [
-            TensorSpec("clock.calls", (), torch.int64, 0),
-            TensorSpec("clock.step", (), torch.int64, 0),
+            TensorSpec("clock.calls", (), self.int_dtype, 0),
+            TensorSpec("clock.step", (), self.int_dtype, 0),
             TensorSpec("clock.pending", (), torch.bool, False),
-            TensorSpec("clock.last_t", (), torch.float64, 0.0),
-            TensorSpec("clock.last_latents", (2,), torch.float64, 0.0),
-            TensorSpec("clock.report", (2,), torch.int64, 0),
+            TensorSpec("clock.last_t", (), self.float_dtype, 0.0),
+            TensorSpec("clock.last_latents", (2,), self.float_dtype, 0.0),
+            TensorSpec("clock.report", (2,), self.int_dtype, 0),
             TensorSpec("schedule.warmup", (cap + 1,), torch.bool, values=tuple(t in warmup for t in steps)),
             TensorSpec(
                 "schedule.mask_compute",
@@ -142,8 +150,8 @@ class StateLayout:
                 torch.bool,
                 values=tuple(static and not (t < len(mask) and mask[t] == 1) for t in steps),
             ),
-            TensorSpec("schedule.stream_ids", (s,), torch.int64, values=tuple(range(s))),
-            TensorSpec("schedule.step_ids", (cap + 1,), torch.int64, values=tuple(steps)),
+            TensorSpec("schedule.stream_ids", (s,), self.int_dtype, values=tuple(range(s))),
+            TensorSpec("schedule.step_ids", (cap + 1,), self.int_dtype, values=tuple(steps)),
         ]
 
     def _unit_specs(self, unit: UnitSpec) -> list[TensorSpec]:
@@ -152,11 +160,11 @@ class StateLayout:
         specs = [
             TensorSpec(f"{u}.prev_residual", (s, *hidden.shape), hidden.dtype, 0),
             TensorSpec(f"{u}.has_prev", (s,), torch.bool, False, reset_each_generation=True),
-            TensorSpec(f"{u}.cached_count", (s,), torch.int64, 0, reset_each_generation=True),
-            TensorSpec(f"{u}.streak", (s,), torch.int64, 0, reset_each_generation=True),
-            TensorSpec(f"{u}.last_cached_step", (s,), torch.int64, -2, reset_each_generation=True),
-            TensorSpec(f"{u}.last_compute_step", (s,), torch.int64, 0, reset_each_generation=True),
-            TensorSpec(f"{u}.accumulated_diff", (s,), torch.float64, 0.0, reset_each_generation=True),
+            TensorSpec(f"{u}.cached_count", (s,), self.int_dtype, 0, reset_each_generation=True),
+            TensorSpec(f"{u}.streak", (s,), self.int_dtype, 0, reset_each_generation=True),
+            TensorSpec(f"{u}.last_cached_step", (s,), self.int_dtype, -2, reset_each_generation=True),
+            TensorSpec(f"{u}.last_compute_step", (s,), self.int_dtype, 0, reset_each_generation=True),
+            TensorSpec(f"{u}.accumulated_diff", (s,), self.float_dtype, 0.0, reset_each_generation=True),
             TensorSpec(f"{u}.cached_flags", (s, cap + 1), torch.bool, False, reset_each_generation=True),
             TensorSpec(f"{u}.diffs", (s, cap + 1), torch.float32, math.nan, reset_each_generation=True),
         ]

@@ -126,16 +126,26 @@ class Clock:
 
 
 def _progress(layout: StateLayout, calls: Proxy, timestep: Proxy | None) -> Proxy:
-    """A float64 scalar that decreases from one denoising step to the next within a generation.
+    """A scalar (the layout's float dtype) that decreases from one denoising step to the next within a generation.
 
     The timestep input itself (its largest entry) when the graph has one; else one derived from the
     call count, which restarts after ``num_inference_steps`` steps per stream.
     """
     if timestep is not None:
-        return timestep.detach().to(torch.float64).amax()
+        return timestep.detach().to(layout.float_dtype).max()  # a full reduction; max() also exports to ONNX (onnxscript needs amax dims)
     cfg = layout.config
     position = calls % (cfg.num_inference_steps * cfg.num_streams) if cfg.num_inference_steps else calls
-    return -(position // cfg.num_streams).to(torch.float64)
+    return -(position // cfg.num_streams).to(layout.float_dtype)
+
+
+def _set_flag(flags: Proxy, flag: Mismatch, when: Proxy) -> Proxy:
+    """``flags | flag`` where ``when`` holds, in plain arithmetic on the non-negative flags.
+
+    ONNX-TensorRT has no BitwiseOr, and exporters expand an integer ``//`` or ``%`` into sign tests on
+    bools that it does not take either: bit ``flag`` is ``trunc(flags / flag) - 2 * trunc(flags / (2 * flag))``.
+    """
+    bit = torch.div(flags, int(flag), rounding_mode="trunc") - 2 * torch.div(flags, 2 * int(flag), rounding_mode="trunc")
+    return torch.where(when & (bit == 0), flags + int(flag), flags)
 
 
 def _emit_clock(layout: StateLayout, st: dict[str, Proxy], timestep: Proxy | None, latents: Proxy | None) -> Clock:
@@ -154,29 +164,29 @@ def _emit_clock(layout: StateLayout, st: dict[str, Proxy], timestep: Proxy | Non
     same_t = ~fresh & (t == last_t)
     fingerprint = st["clock.last_latents"]
     if latents is not None:
-        x = latents.detach().to(torch.float64)
+        x = latents.detach().to(layout.float_dtype)
         fingerprint = torch.stack([x.sum(), (x * x).sum()])
     same_call = same_t & (fingerprint == st["clock.last_latents"]).all()
     partner = pending & same_call if cfg.separate_cfg else torch.zeros_like(same_t)
     first = fresh | (t > last_t) | (same_t & ~partner)
     step = torch.where(first, 0, torch.where(partner, last_step, last_step + 1))
-    stream = partner.to(torch.int64)
+    stream = partner.to(layout.int_dtype)
     if cfg.cfg_compute_first:
         stream = 1 - stream
 
     flags = st["clock.report"][0]
     ended = st["clock.report"][1]
     if cfg.separate_cfg:
-        flags = flags | torch.where(pending & ~first & ~partner, int(Mismatch.MISSING_CFG_PARTNER), 0)
+        flags = _set_flag(flags, Mismatch.MISSING_CFG_PARTNER, pending & ~first & ~partner)
     else:
-        flags = flags | torch.where(same_t, int(Mismatch.SHARED_TIMESTEP), 0)
+        flags = _set_flag(flags, Mismatch.SHARED_TIMESTEP, same_t)
     if steps:
         ended_early = first & ~fresh & (last_step + 1 < steps)
-        flags = flags | torch.where(step >= steps, int(Mismatch.MORE_STEPS), 0)
-        flags = flags | torch.where(ended_early, int(Mismatch.FEWER_STEPS), 0)
+        flags = _set_flag(flags, Mismatch.MORE_STEPS, step >= steps)
+        flags = _set_flag(flags, Mismatch.FEWER_STEPS, ended_early)
         ended = torch.where(ended_early, last_step + 1, ended)
 
-    step_slot = step.clamp(max=layout.capacity)
+    step_slot = torch.where(step > layout.capacity, layout.capacity, step)  # Where, not Clip: ONNX-TensorRT clips floats only
     forced = _at(st["schedule.warmup"], step_slot) | _at(st["schedule.mask_compute"], step_slot)
     return Clock(
         first=first,
@@ -309,13 +319,13 @@ def _decide(cfg, us: _UnitState, residual: Proxy, prev: Proxy) -> tuple[Proxy, P
     if cfg.max_accumulated_residual_diff is not None:
         ok = ok & (us.current("accumulated_diff") < cfg.max_accumulated_residual_diff)
     if cfg.threshold >= 1:
-        diff = torch.full_like(ok, -1.0, dtype=torch.float64)  # cache-dit records -1.0 and always caches
+        diff = torch.full_like(ok, -1.0, dtype=us.layout.float_dtype)  # cache-dit records -1.0 and always caches
         similar = ok
     else:
-        diff = ((prev - residual).abs().mean() / prev.abs().mean()).to(torch.float64)
+        diff = ((prev - residual).abs().mean() / prev.abs().mean()).to(us.layout.float_dtype)
         if cfg.separate_cfg and not cfg.cfg_diff_compute_separate:
             # the unconditional stream reuses the conditional stream's diff of this step, if any
-            cond_diff = _at(us.vector("diffs")[0], clock.step_slot).to(torch.float64)
+            cond_diff = _at(us.vector("diffs")[0], clock.step_slot).to(us.layout.float_dtype)
             diff = torch.where((clock.stream == 1) & ~torch.isnan(cond_diff), cond_diff, diff)
         similar = diff < cfg.threshold
     return clock.static_hit | (ok & similar), diff, ok
@@ -329,7 +339,7 @@ def _streak(us: _UnitState) -> Proxy:
 
 def _update_counters(us: _UnitState, clock: Clock, hit: Proxy, diff, considered) -> None:
     streak = _streak(us)
-    us.set_current("cached_count", us.current("cached_count") + hit.to(torch.int64))
+    us.set_current("cached_count", us.current("cached_count") + hit.to(us.layout.int_dtype))
     us.set_current("streak", torch.where(hit, streak + 1, streak))
     us.set_current("last_cached_step", torch.where(hit, clock.step, us.current("last_cached_step")))
     us.record("cached_flags", hit)
@@ -348,7 +358,8 @@ def _update_taylor(us: _UnitState, slot: int, order: int, y: Proxy, computed: Pr
     terms_state = us.raw(f"slot{slot}.terms")
     old = _pick_stream(terms_state, clock.stream, us.layout.config.num_streams)
     old_valid = us.current(f"slot{slot}.valid")
-    window = (clock.step - us.current("last_compute_step")).clamp(min=1)
+    window = clock.step - us.current("last_compute_step")
+    window = torch.where(window < 1, 1, window)  # clamp(min=1); ONNX-TensorRT's Clip takes floats only
     terms, valid = [y], [torch.ones_like(computed)]
     for i in range(order):
         terms.append((terms[i] - old[i]) / window)
@@ -456,7 +467,7 @@ def _cached_branch(spec: UnitSpec, layout: StateLayout, region_values: list) -> 
         terms, valid = _pick_stream(terms, stream, layout.config.num_streams), _pick_stream(valid, stream, layout.config.num_streams)
         approx = terms[0]
         for i in range(1, order + 1):
-            term = terms[i] * (1 / math.factorial(i)) * elapsed**i
+            term = terms[i] * (1 / math.factorial(i)) * elapsed.to(terms[i].dtype) ** i  # float Pow: TensorRT has no int Pow
             approx = approx + torch.where(valid[i], term, 0.0)
         out = approx + inputs[slot.input_position]
         if not _is_standard_contiguous(region_values[slot.input_position]):
