@@ -1,6 +1,8 @@
 """cachepass: DBCache + TaylorSeer step caching compiled into the graph as a torch.cond."""
 
 from cachepass.api import compile, explain, reset, stats
+from cachepass.exported import export, load as load_exported
+from cachepass.onnx import export_onnx
 from cachepass.backend import Form
 from cachepass.inner import Inner
 from cachepass.config import MaskPolicy, StepCacheConfig
@@ -19,6 +21,9 @@ __all__ = [
     "UnsupportedGraphError",
     "compile",
     "explain",
+    "export",
+    "export_onnx",
+    "load_exported",
     "reset",
     "stats",
 ]

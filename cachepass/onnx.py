@@ -1,0 +1,204 @@
+"""A step-cached model as ONNX: one ``If`` per cache unit, the cache state as explicit inputs and outputs.
+
+    cachepass.export_onnx(model, config, "wan.onnx", **example_kwargs)
+    session = cachepass.onnx.Session("wan.onnx")          # onnxruntime; owns the state between calls
+    velocity = session(hidden_states=x, timestep=t, encoder_hidden_states=text)[0]
+
+State kept in buffers would become constant initializers and every update would be lost (the model
+would never cache), so the exported graph takes the mutable state as inputs named ``state.<name>``
+and returns the updated state as outputs named ``new_state.<name>``, after the model's outputs
+(``output.<i>``). `Session` feeds each call's new state into the next call. Weights and the
+constant schedule tables are initializers (external data when the file would pass protobuf's 2 GB).
+The layout of the state is stored in the file's metadata (key ``cachepass``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from typing import Any
+
+import torch
+from torch import nn
+
+from cachepass.errors import CachepassError
+from cachepass.exported import FunctionalStepCached, call_tensors, trace
+
+log = logging.getLogger("cachepass")
+
+OPSET = 20  # the newest opset TensorRT 10.0-10.1 parse (9 to 20; `cachepass.tensorrt.MAX_OPSET`)
+EXTERNAL_DATA_BYTES = 1 << 30  # weights above this go to a side file (protobuf's limit is 2 GB)
+
+
+def export_onnx(model: nn.Module, config: Any, path: str | os.PathLike, *example_args, trt_compatible: bool = False,
+                **example_kwargs) -> str:
+    """Export ``model`` with step caching to ONNX at ``path``; returns the path.
+
+    One ``If`` per cache unit; static shapes (the example's); opset `OPSET`. The file passes
+    ``onnx.checker``'s full check. Run it with `Session`. ``trt_compatible``: the decision and the
+    state in float32 and int32 (TensorRT supports DOUBLE only by casting it down); check the file
+    with `cachepass.tensorrt.problems`.
+    """
+    import onnx
+
+    traced = trace(model, config, example_args, example_kwargs, narrow=trt_compatible)
+    wrapper = FunctionalStepCached(model, traced).eval()
+    device = traced.layout.units[0].hidden.device
+    call = call_tensors(traced.inputs, example_args, example_kwargs)
+    state = [spec.allocate(device) for spec in wrapper.state_specs]
+    input_names = [ref.label for ref in wrapper.call_inputs] + [f"state.{s.name}" for s in wrapper.state_specs]
+    outputs = len(traced.graph.graph.output_node().args[0])
+    output_names = [f"output.{i}" for i in range(outputs)] + [f"new_state.{s.name}" for s in wrapper.state_specs]
+    try:
+        with torch.no_grad():
+            program = torch.onnx.export(wrapper, tuple(call + state), dynamo=True, opset_version=OPSET,
+                                        input_names=input_names, output_names=output_names, optimize=True,
+                                        verbose=False)
+    except Exception as error:  # the exporter's own message names the node; lead with it
+        node = next((line.strip() for line in str(error).splitlines() if "Error when translating node" in line),
+                    str(error).splitlines()[0] if str(error) else type(error).__name__)
+        raise CachepassError(f"ONNX export failed: {node}") from error
+    proto = program.model_proto
+    rewritten = replace_bool_where(proto)
+    if rewritten:
+        log.info("stepcache: ONNX: %d bool Where node(s) written as And/Or/Not (onnxruntime has no bool Where)",
+                 rewritten)
+    _require_state_as_io(proto, wrapper)
+    metadata = {"inputs": input_names[:len(wrapper.call_inputs)], "outputs": outputs,
+                "state": [_spec_json(s) for s in wrapper.state_specs],
+                "units": [u.name for u in traced.layout.units],
+                "streams": traced.layout.config.num_streams, "capacity": traced.layout.capacity}
+    onnx.helper.set_model_props(proto, {"cachepass": json.dumps(metadata)})
+    path = os.fspath(path)
+    large = sum(t.numel() * t.element_size() for t in model.parameters()) > EXTERNAL_DATA_BYTES
+    onnx.save_model(proto, path, save_as_external_data=large, location=os.path.basename(path) + ".data")
+    onnx.checker.check_model(path, full_check=True)
+    return path
+
+
+def _spec_json(spec) -> dict:
+    return {"name": spec.name, "shape": list(spec.shape), "dtype": str(spec.dtype).removeprefix("torch."),
+            "fill": spec.fill}
+
+
+def _require_state_as_io(proto, wrapper: FunctionalStepCached) -> None:
+    """Every mutable state tensor must be a graph input and output, never an initializer (a constant)."""
+    inputs = {i.name for i in proto.graph.input}
+    outputs = {o.name for o in proto.graph.output}
+    missing = [s.name for s in wrapper.state_specs
+               if f"state.{s.name}" not in inputs or f"new_state.{s.name}" not in outputs]
+    if missing:
+        raise CachepassError(f"ONNX export lost the state as inputs/outputs for {missing}: the exported model "
+                             "would never update its cache state")
+
+
+def replace_bool_where(proto) -> int:
+    """``Where(c, x, y)`` on bool ``x``/``y`` -> ``Or(And(c, x), And(Not(c), y))``, in every subgraph.
+
+    onnxruntime implements ``Where`` for numeric types and strings only. Returns the count replaced.
+    """
+    import onnx
+
+    inferred = onnx.shape_inference.infer_shapes(proto)
+    bool_values = set()
+    for graph in subgraphs(inferred.graph):
+        for value in [*graph.value_info, *graph.input, *graph.output]:
+            if value.type.tensor_type.elem_type == onnx.TensorProto.BOOL:
+                bool_values.add(value.name)
+        bool_values.update(init.name for init in graph.initializer if init.data_type == onnx.TensorProto.BOOL)
+    count = 0
+    for graph in subgraphs(proto.graph):
+        nodes = []
+        for node in graph.node:
+            if node.op_type == "Where" and node.input[1] in bool_values and node.input[2] in bool_values:
+                c, x, y = node.input
+                base = f"{node.name or node.output[0]}_bool_where"
+                nodes += [onnx.helper.make_node("And", [c, x], [f"{base}_if_true"]),
+                          onnx.helper.make_node("Not", [c], [f"{base}_not"]),
+                          onnx.helper.make_node("And", [f"{base}_not", y], [f"{base}_if_false"]),
+                          onnx.helper.make_node("Or", [f"{base}_if_true", f"{base}_if_false"], list(node.output))]
+                count += 1
+            else:
+                nodes.append(node)
+        del graph.node[:]
+        graph.node.extend(nodes)
+    return count
+
+
+def subgraphs(graph):
+    """``graph`` and every subgraph in its nodes' attributes (the branches of each ``If``), depth first."""
+    yield graph
+    for node in graph.node:
+        for attribute in node.attribute:
+            if attribute.g.node:
+                yield from subgraphs(attribute.g)
+            for sub in attribute.graphs:
+                yield from subgraphs(sub)
+
+
+class Session:
+    """An exported step-cached model under onnxruntime, with its cache state.
+
+    Call it once per transformer call of the denoising loop, with the model's tensor inputs by name
+    (`input_names`); it returns the model's outputs (torch tensors when given torch tensors). The
+    state starts fresh; the graph starts a new generation by itself when the timestep goes up again,
+    and `reset` forces one at the next call. `cached_steps` reads, per cache unit and CFG stream,
+    the steps the current generation cached.
+    """
+
+    def __init__(self, path: str | os.PathLike, providers: list[str] | None = None):
+        try:
+            import onnxruntime
+        except ImportError:
+            raise CachepassError("cachepass.onnx.Session needs onnxruntime: pip install onnxruntime") from None
+        self.session = onnxruntime.InferenceSession(os.fspath(path), providers=providers or ["CPUExecutionProvider"])
+        metadata = self.session.get_modelmeta().custom_metadata_map.get("cachepass")
+        if metadata is None:
+            raise CachepassError(f"{path} was not written by cachepass.export_onnx (no 'cachepass' metadata)")
+        self.metadata = json.loads(metadata)
+        self.input_names: list[str] = self.metadata["inputs"]
+        self.state = {s["name"]: _fresh(s) for s in self.metadata["state"]}
+
+    def __call__(self, **inputs) -> list:
+        unknown = sorted(set(inputs) - set(self.input_names))
+        missing = [n for n in self.input_names if n not in inputs]
+        if unknown or missing:
+            raise TypeError(f"Session takes the inputs {self.input_names}; got unknown {unknown}, missing {missing}")
+        as_torch = any(isinstance(v, torch.Tensor) for v in inputs.values())
+        feed = {name: _numpy(inputs[name]) for name in self.input_names}
+        feed.update({f"state.{name}": value for name, value in self.state.items()})
+        results = self.session.run(None, feed)
+        outputs, new_state = results[:self.metadata["outputs"]], results[self.metadata["outputs"]:]
+        self.state = dict(zip(self.state, new_state))
+        return [torch.from_numpy(o) for o in outputs] if as_torch else outputs
+
+    def reset(self) -> None:
+        """The next call starts a new generation at step 0."""
+        self.state["clock.calls"] = self.state["clock.calls"] * 0
+
+    def cached_steps(self) -> list[list[list[int]]]:
+        """Per cache unit, per CFG stream: the steps of the current (or last) generation that were cached."""
+        if int(self.state["clock.calls"]) == 0:
+            return [[[] for _ in range(self.metadata["streams"])] for _ in self.metadata["units"]]
+        capacity = self.metadata["capacity"]
+        return [[[t for t in range(capacity) if flags[t]] for flags in self.state[f"u{i}.cached_flags"]]
+                for i in range(len(self.metadata["units"]))]
+
+
+def _fresh(spec: dict):
+    import numpy as np
+
+    try:
+        dtype = np.dtype(spec["dtype"])
+    except TypeError:
+        raise CachepassError(f"state {spec['name']} is {spec['dtype']}, which numpy (and so this Session) cannot hold: "
+                             "export the model in float32 or float16 for onnxruntime") from None
+    return np.full(spec["shape"], spec["fill"], dtype=dtype)
+
+
+def _numpy(value):
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu().numpy()
+    return value
+

@@ -1,0 +1,192 @@
+"""Export: the step-cached model as a torch.export program and as ONNX (run by onnxruntime), held to
+the compiled stepcache and to cache-dit over two separate-CFG generations; TensorRT's structural needs."""
+
+from __future__ import annotations
+
+import math
+
+import cache_dit
+import onnx
+import pytest
+import torch
+
+import cachepass
+import cache_dit_helpers
+from cachepass.exported import StepCachedModule, trace
+from cachepass.onnx import Session, replace_bool_where
+from cachepass.tensorrt import problems
+from models import CASES, generate, toy_config
+
+STEPS = 8
+
+
+def config(case, **overrides):
+    return toy_config(num_head_blocks=1, num_tail_blocks=1, threshold=case.threshold * 3, num_inference_steps=STEPS,
+                      **overrides)
+
+
+def example_call(case) -> dict:
+    """The keyword arguments of one transformer call of ``case`` (what export traces with)."""
+    latents, cond, _ = case.inputs(torch.Generator().manual_seed(0))
+    seen = {}
+    case.call(lambda **kwargs: seen.update(kwargs) or (latents,), latents, torch.tensor(1.0), cond)
+    return seen
+
+
+def decisions(stats) -> list[tuple[list[int], list[int]]]:
+    return [(u.cached_steps, u.cfg_cached_steps) for u in stats]
+
+
+def onnx_call(case, session: Session):
+    """``session`` called like the model: its outputs come back as a list (the toy returns one tensor)."""
+
+    def call(**kwargs):
+        outputs = session(**{k: kwargs[k] for k in session.input_names})
+        return outputs[0] if case.name == "toy" else outputs
+
+    return call
+
+
+@pytest.fixture(scope="module")
+def expected():
+    """Per case: two generations of the compiled stepcache, its decisions, and cache-dit's."""
+    found = {}
+    for name in ("toy", "wan", "flux"):
+        case = CASES[name]
+        model = case.model()
+        compiled = cachepass.compile(model, config(case), inner="aot_eager")
+        outs = [generate(case, compiled, STEPS, seed=seed) for seed in (1, 2)]
+        ours = decisions(cachepass.stats(model))  # of the second generation
+        reference = case.model()
+        cache_dit_helpers.enable(name, reference, config(case))
+        for seed in (1, 2):
+            cache_dit.refresh_context(reference)  # cache-dit needs it between generations; stepcache does not
+            generate(case, reference, STEPS, seed=seed)
+        theirs = [(c, u) for c, u, _, _ in cache_dit_helpers.unit_stats(reference)]
+        assert ours == theirs and any(s for unit in ours for s in unit), name
+        found[name] = (outs, ours)
+    torch._dynamo.reset()
+    return found
+
+
+def cached_steps(state: torch.nn.Module) -> list[tuple[list[int], list[int]]]:
+    """Per cache unit, per CFG stream: the cached steps recorded in an exported module's state buffers."""
+    found = []
+    for unit in range(sum(1 for name, _ in state.named_buffers() if name.endswith("_cached_flags"))):
+        flags = getattr(state, f"u{unit}_cached_flags")[:, :-1]  # the last column is scratch
+        found.append(tuple([t for t in range(flags.shape[1]) if flags[s, t]] for s in range(flags.shape[0])))
+    return found
+
+
+@pytest.mark.parametrize("name", ["toy", "wan", "flux"])
+def test_exported_program_saved_and_loaded_matches_the_compiled_model(name, expected, tmp_path):
+    case = CASES[name]
+    program = cachepass.export(case.model(), config(case), **example_call(case))
+    conds = [n for n in program.graph.nodes if n.target is torch.ops.higher_order.cond]
+    assert len(conds) == len(expected[name][1])  # one cond per cache unit (FLUX: two)
+    torch.export.save(program, tmp_path / "model.pt2")
+    module = cachepass.load_exported(tmp_path / "model.pt2").module()
+    outs = [generate(case, module, STEPS, seed=seed) for seed in (1, 2)]
+    for ours, theirs in zip(outs, expected[name][0]):
+        torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+    mutated = program.run_decompositions().graph_signature.buffers_to_mutate
+    assert any(buffer.startswith("stepcache_state.") for buffer in mutated.values())
+    assert cached_steps(module.stepcache_state) == [tuple(u) for u in expected[name][1]]
+
+
+@pytest.mark.parametrize("name", ["toy", "wan", "flux"])
+def test_onnx_under_onnxruntime_matches_the_compiled_model(name, expected, tmp_path):
+    case = CASES[name]
+    path = cachepass.export_onnx(case.model(), config(case), tmp_path / "model.onnx", **example_call(case))
+    proto = onnx.load(path)
+    onnx.checker.check_model(proto, full_check=True)
+    assert [n.op_type for n in proto.graph.node].count("If") == len(expected[name][1])
+    state_inputs = {i.name for i in proto.graph.input if i.name.startswith("state.")}
+    assert "state.u0.prev_residual" in state_inputs and "state.clock.calls" in state_inputs
+    assert not any(init.name.startswith("state") for init in proto.graph.initializer)
+    session = Session(path)
+    run = onnx_call(case, session)
+    for seed, theirs in zip((1, 2), expected[name][0]):
+        torch.testing.assert_close(generate(case, run, STEPS, seed=seed), theirs, atol=1e-5, rtol=1e-5)
+    assert [tuple(streams) for streams in session.cached_steps()] == [tuple(u) for u in expected[name][1]]
+    found = problems(proto)  # TensorRT: only DOUBLE, which it takes by casting down (trt_compatible avoids it)
+    assert found and all("is DOUBLE" in p for p in found), [p for p in found if "is DOUBLE" not in p][:5]
+
+
+def test_trt_compatible_onnx_is_in_tensorrts_operator_matrix_and_runs(tmp_path):
+    """Wan: no node outside the matrix. (FLUX's own rotary embedding computes in float64 in diffusers,
+    which TensorRT takes only by casting down; stepcache's nodes there are clean too.)"""
+    case = CASES["wan"]
+    path = cachepass.export_onnx(case.model(), config(case), tmp_path / "model.onnx", trt_compatible=True,
+                                 **example_call(case))
+    assert problems(path) == []
+    proto = onnx.load(path)
+    for node in proto.graph.node:
+        if node.op_type == "If":
+            branches = {a.name: a.g for a in node.attribute}
+            assert len(branches["then_branch"].output) == len(branches["else_branch"].output)
+    session = Session(path)
+    generate(case, onnx_call(case, session), STEPS)
+    assert any(s for unit in session.cached_steps() for s in unit)
+
+
+def test_narrow_decisions_flip_only_at_the_threshold():
+    """float32/int32 decisions against float64 across a threshold sweep: every flip is a diff within
+    float32 rounding of the threshold (the flips found are reported in the failure message)."""
+    case = CASES["wan"]
+    flips = []
+    for scale in (0.5, 1, 2, 3, 4):
+        cfg = toy_config(num_head_blocks=1, num_tail_blocks=1, threshold=case.threshold * scale,
+                         num_inference_steps=STEPS)
+        runs = {}
+        for narrow in (False, True):
+            traced = trace(case.model(), cfg, (), example_call(case), narrow=narrow)
+            module = StepCachedModule(case.model(), traced)
+            with torch.no_grad():
+                generate(case, module, STEPS)
+            runs[narrow] = module
+        for unit in runs[False].layout.units:
+            wide, narrow = (getattr(runs[n].stepcache_state, f"u{unit.index}_cached_flags") for n in (False, True))
+            diffs = getattr(runs[False].stepcache_state, f"u{unit.index}_diffs")
+            for s, t in (wide != narrow).nonzero().tolist():
+                flips.append((cfg.threshold, s, t, float(diffs[s, t])))
+    near = [f for f in flips if math.isclose(f[3], f[0], rel_tol=1e-5)]
+    assert near == flips, f"decisions that flipped away from the threshold: {sorted(set(flips) - set(near))}"
+
+
+def test_state_kept_in_buffers_fails_the_generation_check(expected, tmp_path):
+    """The guard: exporting the buffer form to ONNX makes the state constant initializers, so the model
+    never caches; the generation check must catch it. No ONNX path may keep state in buffers."""
+    case = CASES["toy"]
+    kwargs = example_call(case)
+    module = StepCachedModule(case.model(), trace(case.model(), config(case), (), kwargs)).eval()
+    with torch.no_grad():
+        program = torch.onnx.export(module, (), kwargs=kwargs, dynamo=True)
+    proto = program.model_proto  # a new proto at every access
+    replace_bool_where(proto)  # as export_onnx does: onnxruntime has no bool Where
+    onnx.save_model(proto, str(tmp_path / "buffers.onnx"))
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(str(tmp_path / "buffers.onnx"))
+    names = [i.name for i in session.get_inputs()]
+    run = lambda **kw: torch.from_numpy(session.run(None, {n: kw[n].numpy() for n in names})[0])  # noqa: E731
+    out = generate(case, run, STEPS, seed=1)
+    assert not torch.allclose(out, expected["toy"][0][0], atol=1e-5, rtol=1e-5)
+    uncached = generate(case, case.model(), STEPS, seed=1)
+    torch.testing.assert_close(out, uncached, atol=1e-5, rtol=1e-5)  # it never cached a step
+
+
+GLOBAL_SHIFT = torch.ones(4)
+
+
+class ReadsAGlobal(type(CASES["toy"].model())):
+    def forward(self, hidden_states, timestep, encoder_hidden_states):
+        return super().forward(hidden_states + GLOBAL_SHIFT, timestep, encoder_hidden_states)
+
+
+def test_an_input_export_cannot_reproduce_is_named():
+    case = CASES["toy"]
+    torch.manual_seed(0)
+    message = r"graph input \S+ comes from G\[.*\]\.GLOBAL_SHIFT; export takes tensors"
+    with pytest.raises(cachepass.UnsupportedGraphError, match=message):
+        cachepass.export(ReadsAGlobal().eval(), config(case), **example_call(case))
