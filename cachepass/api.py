@@ -9,10 +9,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from cachepass.backend import (BackendOptions, copy_graph_module, outline_graph, parse_options,
-                               static_example_state, stepcache)
+from cachepass.backend import BackendOptions, outline_graph, parse_options, static_example_state, stepcache
 from cachepass.config import StepCacheConfig
 from cachepass.errors import CachepassError
+from cachepass.exported import capture
 from cachepass.runtime import RuntimeState, StateLayout, UnitStats, current_state, states_of
 from cachepass.blocks import example_value
 from cachepass.passes import cache_passes, run_passes
@@ -164,17 +164,7 @@ def capture_graph(model: nn.Module, *args, **kwargs) -> torch.fx.GraphModule:
 
     The call runs once, eagerly; the returned graph is a copy the caller may rewrite.
     """
-    captured = []
-
-    def capture(gm, example_inputs):
-        captured.append(gm)
-        return gm.forward
-
-    with torch.no_grad():
-        torch.compile(model, backend=capture, fullgraph=True, dynamic=False)(*args, **kwargs)
-    if not captured:
-        raise CachepassError("Dynamo produced no graph for this call")
-    return copy_graph_module(captured[-1])
+    return capture(model, args, kwargs).graph
 
 
 def explain(model: nn.Module, *example_args, config: StepCacheConfig | None = None,

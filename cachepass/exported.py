@@ -4,9 +4,9 @@
 each graph input comes from: a parameter or buffer of the model (by its name), or a tensor among
 the call's arguments (by its path in them). Two modules run that graph:
 
-- `StepCachedModule` is called as the model was (same positional and keyword arguments) and holds the cache state as buffers that the
-  graph updates in place: what `cachepass.export` hands to ``torch.export`` (the updates become
-  ``BUFFER_MUTATION`` outputs).
+- `StepCachedModule` is called as the model was (same positional and keyword arguments) and holds
+  the cache state as buffers that the graph updates in place: what `cachepass.export` hands to
+  ``torch.export`` (the updates become ``BUFFER_MUTATION`` outputs).
 - `FunctionalStepCached` takes the call's tensors and the mutable state as explicit inputs and
   returns the outputs followed by the new state: what ONNX gets (`cachepass.onnx`), because an
   exporter turns buffers into constants and an update of a constant is lost.
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import types
 from typing import Any, Iterator
 
 import torch
@@ -52,54 +53,71 @@ class Traced:
     output_spec: Any  # pytree spec of the model's output: the graph returns its tensors, flattened
 
 
+@dataclasses.dataclass
+class Captured:
+    graph: fx.GraphModule  # a copy of Dynamo's graph, free to rewrite
+    inputs: list[InputRef] | UnsupportedGraphError  # where each graph input comes from, or why one can't be named
+    outputs: Any  # what the call returned
+
+
+def capture(model: nn.Module, args: tuple, kwargs: dict) -> Captured:
+    """Dynamo's graph of ``model(*args, **kwargs)`` (fullgraph, static shapes), as a backend sees it.
+
+    The call runs once, eagerly, from a code object of its own (`_fresh_call`).
+    """
+    owned = {id(t): name for name, t in [*model.named_parameters(), *model.named_buffers()]}
+    positional = _positional_names(model)
+    captured: list[Captured] = []
+
+    def backend(gm: fx.GraphModule, example_inputs):
+        try:
+            refs = [_input_ref(node, owned, positional) for node in gm.graph.nodes if node.op == "placeholder"]
+        except UnsupportedGraphError as error:  # the exporter raises it, not Dynamo's wrapper; explain needs none
+            refs = error
+        captured.append(Captured(copy_graph_module(gm), refs, None))
+        return gm.forward
+
+    with torch.no_grad():
+        outputs = torch.compile(_fresh_call(model), backend=backend, fullgraph=True, dynamic=False)(*args, **kwargs)
+    if not captured:
+        raise CachepassError("Dynamo produced no graph for this call")
+    return dataclasses.replace(captured[-1], outputs=outputs)
+
+
 def trace(model: nn.Module, config: Any, args: tuple, kwargs: dict, narrow: bool = False) -> Traced:
     """Dynamo's graph of ``model(*args, **kwargs)`` with the cache passes applied, and its input sources.
 
     ``narrow``: 32-bit state and decision arithmetic (see `StateLayout`).
     """
     config = coerce_config(config)
-    owned = {id(t): name for name, t in [*model.named_parameters(), *model.named_buffers()]}
-    positional = _positional_names(model)
-    captured: list[tuple[fx.GraphModule, list[InputRef]]] = []
-
-    def capture(gm: fx.GraphModule, example_inputs):
-        try:
-            refs = [_input_ref(node, owned, positional) for node in gm.graph.nodes if node.op == "placeholder"]
-        except UnsupportedGraphError as error:  # raised below, not through Dynamo's wrapper
-            refs = error
-        captured.append((copy_graph_module(gm), refs))
-        return gm.forward
-
-    with torch.no_grad():
-        outputs = torch.compile(_fresh_call(model), backend=capture, fullgraph=True, dynamic=False)(*args, **kwargs)
-    if captured and isinstance(captured[-1][1], UnsupportedGraphError):
-        raise captured[-1][1]
-    if not captured:
-        raise CachepassError("Dynamo produced no graph for this call")
-    gm, refs = captured[-1]
-    gm, units, _ = outline_graph(gm, config)
+    captured = capture(model, args, kwargs)
+    if isinstance(captured.inputs, UnsupportedGraphError):
+        raise captured.inputs
+    gm, units, _ = outline_graph(captured.graph, config)
     layout = StateLayout(units, config, narrow)
     gm = run_passes(gm, cache_passes(layout, find_timestep_input(gm, config)))
+    outputs = captured.outputs
     leaves, spec = pytree.tree_flatten(outputs)
     returned = gm.graph.output_node().args[0]
     if len(leaves) != len(returned) or not all(isinstance(leaf, torch.Tensor) for leaf in leaves):
         raise UnsupportedGraphError(f"the model returns {len(leaves)} value(s) ({type(outputs).__name__}) but its "
                                     f"graph returns {len(returned)} tensor(s); export needs an output of tensors only")
-    return Traced(gm, refs, layout, spec)
+    return Traced(gm, captured.inputs, layout, spec)
 
 
 def _fresh_call(model: nn.Module):
-    """``model(*args, **kwargs)`` as a function with a code object of its own.
+    """``model(*args, **kwargs)`` as a method of ``model`` with a code object of its own.
 
     Dynamo keys its cache on the code object it starts from: every trace then starts clean, adds
     nothing to the model's own cache (or its recompile limit), and its entry dies with the function.
-    Graph input sources read ``L['args'][i]`` and ``L['kwargs'][name]``.
+    The model is the frame's ``self``, as when Dynamo traces ``model.forward`` (module paths read
+    ``L['self'].blocks.0``); call inputs read ``L['args'][i]`` and ``L['kwargs'][name]``.
     """
-    def call(*args, **kwargs):
-        return model(*args, **kwargs)
+    def call(self, *args, **kwargs):
+        return self(*args, **kwargs)
 
     call.__code__ = call.__code__.replace()
-    return call
+    return types.MethodType(call, model)
 
 
 def _positional_names(model: nn.Module) -> list[str]:
