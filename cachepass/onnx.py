@@ -100,13 +100,7 @@ def replace_bool_where(proto) -> int:
     """
     import onnx
 
-    inferred = onnx.shape_inference.infer_shapes(proto)
-    bool_values = set()
-    for graph in subgraphs(inferred.graph):
-        for value in [*graph.value_info, *graph.input, *graph.output]:
-            if value.type.tensor_type.elem_type == onnx.TensorProto.BOOL:
-                bool_values.add(value.name)
-        bool_values.update(init.name for init in graph.initializer if init.data_type == onnx.TensorProto.BOOL)
+    bool_values = {name for name, (elem, _) in value_types(proto).items() if elem == onnx.TensorProto.BOOL}
     count = 0
     for graph in subgraphs(proto.graph):
         nodes = []
@@ -124,6 +118,20 @@ def replace_bool_where(proto) -> int:
         del graph.node[:]
         graph.node.extend(nodes)
     return count
+
+
+def value_types(proto) -> dict[str, tuple[int, int | None]]:
+    """name -> (element type, rank) of every value in ``proto``'s graph and subgraphs, as shape inference finds them."""
+    import onnx
+
+    found = {}
+    for graph in subgraphs(onnx.shape_inference.infer_shapes(proto).graph):
+        for value in [*graph.input, *graph.output, *graph.value_info]:
+            tensor = value.type.tensor_type
+            found[value.name] = (tensor.elem_type, len(tensor.shape.dim) if tensor.HasField("shape") else None)
+        for init in graph.initializer:
+            found[init.name] = (init.data_type, len(init.dims))
+    return found
 
 
 def subgraphs(graph):

@@ -111,7 +111,6 @@ class StateLayout:
 
     def __init__(self, units: Iterable[UnitSpec], config: StepCacheConfig, narrow: bool = False):
         self.config = config
-        self.narrow = narrow
         self.float_dtype = torch.float32 if narrow else torch.float64
         self.int_dtype = torch.int32 if narrow else torch.int64
         self.units = list(units)
@@ -121,7 +120,7 @@ class StateLayout:
             self.specs.extend(self._unit_specs(unit))
         self.index = {s.name: i for i, s in enumerate(self.specs)}
         # equal keys: equal state tensors and semantics, so compiled graphs may share a state
-        self.key = (config, narrow, tuple((s.name, s.shape, s.dtype) for s in self.specs))
+        self.key = (config, tuple((s.name, s.shape, s.dtype) for s in self.specs))
 
     def _model_specs(self) -> list[TensorSpec]:
         cfg, cap, s = self.config, self.capacity, self.config.num_streams

@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from cachepass.onnx import subgraphs
+from cachepass.onnx import subgraphs, value_types
 
 MAX_OPSET = 20  # TensorRT 10.0-10.1 parse opsets 9 to 20
 
@@ -64,9 +64,8 @@ def problems(model: Any) -> list[str]:
     opset = max((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), default=0)
     if opset > MAX_OPSET:
         found.append(f"opset {opset}: TensorRT 10 parses opsets up to {MAX_OPSET}")
-    inferred = onnx.shape_inference.infer_shapes(proto)
-    types = _value_types(inferred.graph)
-    for graph in subgraphs(inferred.graph):
+    types = value_types(proto)
+    for graph in subgraphs(proto.graph):
         for node in graph.node:
             found.extend(_node_problems(node, types))
     return list(dict.fromkeys(found))  # an input used twice by one node is one problem
@@ -107,18 +106,6 @@ def _if_problems(node, types: dict, where: str) -> list[str]:
         if types.get(a.name) != types.get(b.name):
             found.append(f"{where}: branch outputs {a.name} and {b.name} differ in type or rank "
                          f"({types.get(a.name)} vs {types.get(b.name)})")
-    return found
-
-
-def _value_types(graph) -> dict[str, tuple[int, int | None]]:
-    """name -> (element type, rank) of every value in ``graph`` and its subgraphs, as shape inference found them."""
-    found = {}
-    for g in subgraphs(graph):
-        for value in [*g.input, *g.output, *g.value_info]:
-            tensor = value.type.tensor_type
-            found[value.name] = (tensor.elem_type, len(tensor.shape.dim) if tensor.HasField("shape") else None)
-        for init in g.initializer:
-            found[init.name] = (init.data_type, len(init.dims))
     return found
 
 
