@@ -56,17 +56,17 @@ def test_warm_up_runs_both_branches_without_touching_the_state(name, monkeypatch
     cfg = toy_config(num_head_blocks=1, num_tail_blocks=1, threshold=case.threshold * 3, num_inference_steps=STEPS)
     plain_model = case.model()
     plain = generate(case, cachepass.compile(plain_model, cfg, inner="aot_eager"), STEPS)
-    branches_run = []
+    cond_calls = []
     original = CondStep.run_both
 
     def counting_run_both(self, *args):
-        branches_run.append(2)
+        cond_calls.append(self)
         return original(self, *args)
 
     monkeypatch.setattr(CondStep, "__call__", counting_run_both)
     both_model = case.model()
     both = generate(case, cachepass.compile(both_model, cfg, inner="aot_eager"), STEPS)
-    assert len(branches_run) == 2 * STEPS * len(cachepass.stats(both_model))  # every call of every unit
+    assert len(cond_calls) == 2 * STEPS * len(cachepass.stats(both_model))  # every call of every unit ran both
     torch.testing.assert_close(both, plain, atol=0, rtol=0)
     decisions = lambda m: [(u.cached_steps, u.cfg_cached_steps) for u in cachepass.stats(m)]  # noqa: E731
     assert decisions(both_model) == decisions(plain_model) and any(s for u in decisions(plain_model) for s in u)

@@ -105,7 +105,7 @@ def test_reset_and_stats_in_the_natural_order():
     cachepass.reset(model)
     again = generate_on_gpu(case, compiled, 1)
     torch.testing.assert_close(again, first, atol=0, rtol=0)
-    assert decisions(model)  # stats after a graphed generation read the state the graphs wrote
+    assert any(s for unit in decisions(model) for s in unit)  # stats read the cached steps the graphs wrote
 
 
 def test_each_model_state_and_shape_gets_its_own_graphs(caplog):
