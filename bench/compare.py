@@ -30,7 +30,8 @@ import torch  # noqa: E402
 from torch._dynamo.utils import counters  # noqa: E402
 
 import cachepass  # noqa: E402
-from bench import report  # noqa: E402
+from bench import offload, report  # noqa: E402
+from cachepass.piecewise.offload_plan import parse_bytes  # noqa: E402
 from bench.timing import count_syncs, fresh_compile_caches, median, peak_memory_gb, reset_peak_memory, timed  # noqa: E402
 from bench.variants import VARIANTS, Context, cache_dit_compile_settings, remember_decisions  # noqa: E402
 from bench.workloads import STATIC_MASK, WORKLOADS  # noqa: E402
@@ -82,12 +83,19 @@ def run_variant(name: str, ctx: Context, inputs, reference, args, device, progre
                 times.append(seconds)
             row["peak_mem_gb"] = peak_memory_gb(device)
             row["median_s"], row["times_s"] = median(times), times
+            if "offload" in name and device.type == "cuda":
+                row.update(offload.measure(name, ctx.model, lambda: generation(ctx, prepared, inputs), ctx.shared,
+                                           ctx.workload.calls_per_generation, ctx.workload.streams))
             syncs = count_syncs(lambda: generation(ctx, prepared, inputs), device)
             row["syncs_per_call"] = None if syncs is None else syncs / ctx.workload.calls_per_generation
             row["recompiles"] = counters["stats"]["unique_graphs"] - graphs
             decisions = prepared.decisions()
             row["cached_steps"] = None if decisions is None else sum(len(a) + len(b) for a, b in decisions)
             row["decisions"] = decisions
+            if name == "stepcache":
+                ctx.shared["stepcache_median_s"], ctx.shared["stepcache_output"] = row["median_s"], out
+            elif name.startswith("stepcache") and "stepcache_output" in ctx.shared:
+                row["max_abs_diff_vs_stepcache"] = (out - ctx.shared["stepcache_output"]).abs().max().item()
             if name.startswith("stepcache"):
                 row["residual_diffs"] = [(u.residual_diffs, u.cfg_residual_diffs) for u in cachepass.stats(ctx.model)]
             if reference is not None and name != "ideal":  # ideal drops the middle blocks: a timing bound only
@@ -119,6 +127,8 @@ def main(argv=None) -> int:
     parser.add_argument("--inductor-config", choices=["default", "cache-dit"], default="default",
                         help="Inductor settings of every compiled variant: PyTorch's defaults (cache-dit's compiled "
                              "variants still apply their own), or cache_dit.set_compile_configs() for all")
+    parser.add_argument("--offload-blocks", default="8GB",
+                        help="device bytes for block weights (resident blocks and slots) in the offload variants")
     parser.add_argument("--out", default="bench/results")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -133,13 +143,16 @@ def main(argv=None) -> int:
     workload = WORKLOADS[args.workload]
     model, inputs = workload.setup(device)
     ctx = Context(workload, model, step_config(workload, args.schedule, args.threshold), args.compile_backend)
+    ctx.shared.update(device=device, offload_block_bytes=parse_bytes(args.offload_blocks))
+    if device.type == "cuda" and any("offload" in n for n in names):
+        ctx.shared["h2d_gbps"] = offload.h2d_gbps(device)
     progress_factory = _progress(workload.calls_per_generation)
 
     meta = {
         "workload": workload.name, "schedule": args.schedule, "device": device_name(device),
         "torch": torch.__version__, "date": datetime.date.today().isoformat(), "note": workload.note,
         "config": repr(ctx.config), "repeats": args.repeats, "inductor_config": args.inductor_config,
-        "threshold": args.threshold,
+        "threshold": args.threshold, "offload_blocks": args.offload_blocks,
         "command": "python -m bench.compare " + " ".join(sys.argv[1:] if argv is None else argv),
     }
     restore_settings = cache_dit_compile_settings() if args.inductor_config == "cache-dit" else lambda: None

@@ -63,3 +63,19 @@ def reset_peak_memory(device: torch.device) -> None:
 
 def peak_memory_gb(device: torch.device) -> float | None:
     return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+
+
+def pinned_htod_bytes(fn: Callable, trace_path: str) -> tuple[object, int]:
+    """(``fn()``, bytes copied host-to-device from pinned memory while it ran), as the profiler records them."""
+    import json
+
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        result = fn()
+        torch.cuda.synchronize()
+    prof.export_chrome_trace(trace_path)
+    with open(trace_path) as f:
+        events = json.load(f)["traceEvents"]
+    return result, sum(int(e.get("args", {}).get("bytes", 0)) for e in events
+                       if e.get("cat") == "gpu_memcpy" and "HtoD" in e.get("name", "") and "Pinned" in e.get("name", ""))

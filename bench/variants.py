@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 import cachepass
+from bench.offload import nonblock_bytes
 from bench.workloads import Workload
 
 
@@ -94,29 +95,58 @@ def cache_dit_variant(ctx: Context, compile_how: str | None = None) -> Prepared:
         else:
             model.compile_repeated_blocks(backend=ctx.compile_backend)
 
-    def decisions():
-        manager = model._context_manager
-        return [
-            (manager.get_context(n).get_cached_steps(), manager.get_context(n).get_cfg_cached_steps())
-            for n in model._context_names
-        ]
-
     def cleanup():
         model.to("cpu")
         ctx.model.to(device)
 
-    return Prepared(fn, lambda: cache_dit.refresh_context(model), decisions, cleanup)
+    return Prepared(fn, lambda: cache_dit.refresh_context(model), lambda: _cache_dit_decisions(model), cleanup)
+
+
+def _cache_dit_decisions(model) -> list[tuple[list[int], list[int]]]:
+    manager = model._context_manager
+    return [(manager.get_context(n).get_cached_steps(), manager.get_context(n).get_cfg_cached_steps())
+            for n in model._context_names]
+
+
+def _rebuild(ctx: Context) -> None:
+    """After an offload variant the weights live elsewhere: the next variant gets the model anew (same seed)."""
+    device = ctx.shared["device"]
+    ctx.model = None
+    torch.cuda.empty_cache()
+    ctx.model, _ = ctx.workload.setup(device)
+
+
+def cache_dit_group_offload(ctx: Context) -> Prepared:
+    """diffusers group offloading (block level, one block per group, prefetch on a stream) + cache-dit."""
+    import cache_dit
+
+    model = ctx.model.to("cpu")
+    model.enable_group_offload(onload_device=ctx.shared["device"], offload_device=torch.device("cpu"),
+                               offload_type="block_level", num_blocks_per_group=1, use_stream=True)
+    db, taylor = ctx.config.to_cache_dit()
+    cache_dit.enable_cache(model, cache_config=db, calibrator_config=taylor)
+    return Prepared(model, lambda: cache_dit.refresh_context(model), lambda: _cache_dit_decisions(model),
+                    lambda: _rebuild(ctx))
 
 
 def stepcache(ctx: Context, inner: str = "inductor", mode: str | None = None, form: str = "piecewise",
-              cudagraphs: str | None = None) -> Prepared:
+              cudagraphs: str | None = None, offload: dict | None = None) -> Prepared:
     """Outputs need no clone: with CUDA graphs the executor returns copies (see cachepass.piecewise.cudagraphs)."""
-    fn = cachepass.compile(ctx.model, ctx.config, inner=inner, mode=mode, form=form, cudagraphs=cudagraphs)
+    fn = cachepass.compile(ctx.model, ctx.config, inner=inner, mode=mode, form=form, cudagraphs=cudagraphs,
+                           offload=offload)
 
     def decisions():
         return [(u.cached_steps, u.cfg_cached_steps) for u in cachepass.stats(ctx.model)]
 
     return Prepared(fn, decisions=decisions)
+
+
+def stepcache_offload(ctx: Context, cudagraphs: str | None = None) -> Prepared:
+    """stepcache streaming the blocks that do not fit ``ctx.shared["offload_block_bytes"]`` from pinned host memory."""
+    budget = nonblock_bytes(ctx.model, ctx.workload.block_lists) + ctx.shared["offload_block_bytes"]
+    prepared = stepcache(ctx, cudagraphs=cudagraphs, offload={"budget": budget})
+    prepared.cleanup = lambda: _rebuild(ctx)
+    return prepared
 
 
 def ideal(ctx: Context, mode: str | None = None) -> Prepared:
@@ -167,6 +197,9 @@ VARIANTS: dict[str, Callable[[Context], Prepared]] = {
     "stepcache-conditional": lambda ctx: stepcache(ctx, cudagraphs="conditional"),
     "stepcache-aot_eager": lambda ctx: stepcache(ctx, inner="aot_eager"),
     "stepcache-eager": lambda ctx: stepcache(ctx, inner="eager"),
+    "stepcache-offload": stepcache_offload,
+    "stepcache-offload-conditional": lambda ctx: stepcache_offload(ctx, cudagraphs="conditional"),
+    "cache-dit+group-offload": cache_dit_group_offload,
     "ideal": ideal,
     "ideal-reduce-overhead": lambda ctx: ideal(ctx, "reduce-overhead"),
 }

@@ -20,6 +20,8 @@ WAN_1_3B = dict(
     text_dim=4096, freq_dim=256, ffn_dim=8960, num_layers=30, cross_attn_norm=True,
     qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024,
 )
+# Wan2.1-T2V-14B, transformer/config.json: 40 blocks of dim 5120 (28 GB in bf16)
+WAN_14B = dict(WAN_1_3B, num_attention_heads=40, ffn_dim=13824, num_layers=40)
 # FLUX.1-dev, transformer/config.json
 FLUX_DEV = dict(
     patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
@@ -185,6 +187,11 @@ WORKLOADS = {
         "wan-1.3b-33f", _diffusers("WanTransformer3DModel", WAN_1_3B), _wan_inputs(33, 480, 832, 4096),
         _wan_call, _video_channels, ("blocks",), shift=3.0,
         note="Wan2.1-T2V-1.3B config, 480x832, 33 frames (9 latent frames, 14040 tokens)",
+    ),
+    "wan-14b-33f": Workload(
+        "wan-14b-33f", _diffusers("WanTransformer3DModel", WAN_14B), _wan_inputs(33, 480, 832, 4096),
+        _wan_call, _video_channels, ("blocks",), shift=3.0,
+        note="Wan2.1-T2V-14B config (40 blocks, dim 5120, ffn 13824, 28 GB bf16), 480x832, 33 frames (14040 tokens)",
     ),
     "wan-1.3b-1f": Workload(
         "wan-1.3b-1f", _diffusers("WanTransformer3DModel", WAN_1_3B), _wan_inputs(1, 480, 832, 4096),

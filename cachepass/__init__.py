@@ -8,6 +8,8 @@ from cachepass.inner import Inner
 from cachepass.config import MaskPolicy, StepCacheConfig
 from cachepass.errors import BlockDiscoveryError, CachepassError, PassError, UnsupportedGraphError
 from cachepass.runtime import UnitStats
+from cachepass.piecewise.offload import OffloadStats, offload_stats
+from cachepass.piecewise.offload_plan import OffloadConfig, OffloadPlan
 
 __all__ = [
     "BlockDiscoveryError",
@@ -15,6 +17,9 @@ __all__ = [
     "Form",
     "Inner",
     "MaskPolicy",
+    "OffloadConfig",
+    "OffloadPlan",
+    "OffloadStats",
     "PassError",
     "StepCacheConfig",
     "UnitStats",
@@ -24,6 +29,7 @@ __all__ = [
     "export",
     "export_onnx",
     "load_exported",
+    "offload_stats",
     "reset",
     "stats",
 ]

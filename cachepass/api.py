@@ -18,6 +18,8 @@ from cachepass.blocks import example_value
 from cachepass.passes import cache_passes, run_passes
 from cachepass.piecewise.compile import CompileCount, PieceCompiler
 from cachepass.piecewise.execute import Plan, build_program
+from cachepass.piecewise.offload import check_not_offloaded_by_hooks, model_bytes
+from cachepass.piecewise.offload_plan import OffloadConfig, OffloadPlan, choose_residency, plan_generation
 from cachepass.timestep import TimestepInput, find_timestep_input
 from cachepass.unit import UnitSpec
 
@@ -26,7 +28,7 @@ log = logging.getLogger("cachepass")
 
 def compile(model: nn.Module, config: Any, *, calibrator_config: Any = None, inner: str = "inductor",
             mode: str | None = None, form: str = "piecewise", cudagraphs: str | None = None,
-            fullgraph: bool = True, max_shapes: int | None = None) -> nn.Module:
+            offload: Any = None, fullgraph: bool = True, max_shapes: int | None = None) -> nn.Module:
     """``torch.compile(model, backend="stepcache", dynamic=False, ...)`` with the options checked up front.
 
     ``config`` is a `StepCacheConfig`, a dict of its fields, or a cache-dit ``DBCacheConfig``
@@ -36,7 +38,9 @@ def compile(model: nn.Module, config: Any, *, calibrator_config: Any = None, inn
     ``cudagraphs`` (piecewise form, CUDA): ``"piecewise"`` captures the pieces between cache
     decisions as CUDA graphs and reads each decision on the host; ``"conditional"`` joins them with
     IF/ELSE nodes into one graph launch with no host sync (needs cuda-bindings); ``"off"``. The
-    default follows ``mode`` (``"reduce-overhead"``: piecewise). Shapes are static: a new
+    default follows ``mode`` (``"reduce-overhead"``: piecewise). ``offload`` (piecewise form):
+    ``{"budget": "8GB", "slots": 2}`` keeps that many bytes of weights on the device and streams the
+    other blocks from pinned host memory, planned from the cache schedule (`OffloadConfig`). Shapes are static: a new
     resolution or batch size compiles once more, with its own state. Dynamo allows
     ``torch._dynamo.config.recompile_limit`` (8) graphs per function, shared by every compile of
     the model's class in the process; ``max_shapes`` raises that limit (process-wide) when larger.
@@ -56,7 +60,10 @@ def compile(model: nn.Module, config: Any, *, calibrator_config: Any = None, inn
         options["mode"] = mode
     if cudagraphs is not None:
         options["cudagraphs"] = cudagraphs
-    parse_options(options)
+    if offload is not None:
+        options["offload"] = offload
+    if parse_options(options).offload is not None:
+        check_not_offloaded_by_hooks(model)
     return torch.compile(model, backend=stepcache, fullgraph=fullgraph, dynamic=False, options=options)
 
 
@@ -133,6 +140,7 @@ class Explanation:
     timestep: TimestepInput | None  # the input that tells steps and generations apart (None: calls are counted)
     plan: Plan  # what the piecewise executor runs per call
     compiles: CompileCount  # pieces and distinct compiled pieces of the piecewise form
+    offload: OffloadPlan | None = None  # with ``offload=``: residency and the copies of one generation
 
     def __str__(self) -> str:
         lines = [f"stepcache: {len(self.units)} cache unit(s)",
@@ -146,6 +154,8 @@ class Explanation:
             lines.append(f"not cached: {skipped}")
         lines.append(f"piecewise plan ({self.compiles}):")
         lines.append(self.plan.describe("  "))
+        if self.offload is not None:
+            lines.append(self.offload.describe())
         return "\n".join(lines)
 
 
@@ -167,15 +177,27 @@ def capture_graph(model: nn.Module, *args, **kwargs) -> torch.fx.GraphModule:
     return capture(model, args, kwargs).graph
 
 
-def explain(model: nn.Module, *example_args, config: StepCacheConfig | None = None,
-            **example_kwargs) -> Explanation:
-    """Trace ``model`` once (it runs eagerly) and report the cache units the pass would build."""
+def explain(model: nn.Module, *example_args, config: StepCacheConfig | None = None, offload: Any = None,
+            cudagraphs: bool = False, **example_kwargs) -> Explanation:
+    """Trace ``model`` once (it runs eagerly) and report the cache units the pass would build.
+
+    With ``offload`` (as for `compile`; needs ``config.num_inference_steps``) it also plans one
+    generation of layerwise offload: which blocks stay resident, which copies go when, bytes moved.
+    Calls the threshold decides are planned as computed (the most bytes); ``cudagraphs=True`` plans
+    the captured form (each captured stretch loads what it runs).
+    """
     config = config or StepCacheConfig()
+    offload_config = OffloadConfig.parse(offload)
     gm, units, discovery = outline_graph(capture_graph(model, *example_args, **example_kwargs), config)
     layout = StateLayout(units, config)
     timestep = find_timestep_input(gm, config)
     plan, compiles = _piecewise_plan(gm, layout, timestep)
+    offload_plan = None
+    if offload_config is not None:
+        block_bytes, nonblock_bytes = model_bytes(model, units)
+        residency = choose_residency(units, block_bytes, nonblock_bytes, offload_config)
+        offload_plan = plan_generation(residency, units, config, graphed=cudagraphs)
     report = Explanation(units, discovery.skipped, {u.name: layout.unit_nbytes(u) for u in units}, config,
-                         timestep, plan, compiles)
+                         timestep, plan, compiles, offload_plan)
     log.debug("%s", report)
     return report

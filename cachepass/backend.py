@@ -1,13 +1,15 @@
 """The ``stepcache`` torch.compile backend: parse options, run the passes, hand off to the inner compiler.
 
     torch.compile(model, backend="stepcache", options={"config": cfg, "inner": "inductor", "mode": None,
-                                                      "form": "piecewise", "cudagraphs": None})
+                                                      "form": "piecewise", "cudagraphs": None,
+                                                      "offload": None})
 
 The backend copies Dynamo's graph, outlines each cache unit's middle blocks, rewrites them into a
 ``torch.cond`` with device-resident state (see `cachepass.passes`), compiles the result with the
 inner compiler and returns a function that appends the state tensors to every call. The piecewise
 form (the default) splits the graph and compiles each distinct piece once (`cachepass.piecewise`);
-on CUDA its program may run as CUDA graphs (``cudagraphs``, or ``mode="reduce-overhead"``).
+on CUDA its program may run as CUDA graphs (``cudagraphs``, or ``mode="reduce-overhead"``) and stream
+block weights from host memory (``offload``, `cachepass.piecewise.offload`).
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ from cachepass.piecewise.compile import PieceCompiler
 from cachepass.piecewise.conditional_nodes import unavailable_reason as conditional_nodes_unavailable
 from cachepass.piecewise.cudagraphs import CudaGraphs, GraphedProgram
 from cachepass.piecewise.execute import build_program
+from cachepass.piecewise.offload import ProgramOffload
+from cachepass.piecewise.offload_plan import OffloadConfig
 from cachepass.runtime import StateLayout, StateSet
 from cachepass.timestep import find_timestep_input
 from cachepass.unit import OutlinedUnit, UnitSpec
@@ -37,7 +41,7 @@ from cachepass.unit import OutlinedUnit, UnitSpec
 log = logging.getLogger("cachepass")
 
 
-OPTION_KEYS = ("config", "calibrator_config", "inner", "mode", "form", "cudagraphs")
+OPTION_KEYS = ("config", "calibrator_config", "inner", "mode", "form", "cudagraphs", "offload")
 
 
 class Form(str, enum.Enum):
@@ -54,6 +58,13 @@ class BackendOptions:
     mode: str | None = None
     form: Form = Form.PIECEWISE
     cudagraphs: CudaGraphs | None = None  # None: as ``mode`` asks (reduce-overhead, max-autotune: piecewise)
+    offload: OffloadConfig | None = None  # stream block weights from pinned host memory (piecewise form)
+
+    def check_offload_device(self, device: torch.device) -> None:
+        if self.offload is None or device.type == "cuda" or self.offload.allow_cpu:
+            return
+        raise CachepassError(f"stepcache option offload needs a CUDA device; the model runs on {device.type} "
+                             "(offload.allow_cpu=True runs the slot logic with CPU copies, for tests)")
 
     def cudagraphs_on(self, device: torch.device) -> CudaGraphs:
         """What the piecewise program runs with on ``device``; an explicit request that cannot run raises."""
@@ -88,12 +99,15 @@ def parse_options(options: Mapping[str, Any] | None, mode: str | None = None) ->
     if form is Form.ONE_GRAPH and cudagraphs not in (None, CudaGraphs.OFF):
         raise ValueError(f"stepcache option cudagraphs={cudagraphs.value!r} needs form='piecewise': Inductor does not "
                          "capture a graph that contains torch.cond (torch 2.11-2.14)")
+    offload = OffloadConfig.parse(options.get("offload"))
+    if offload is not None and form is Form.ONE_GRAPH:
+        raise ValueError("stepcache option offload needs form='piecewise': the executor issues the copies between pieces")
     if mode is not None:
         if inner is not Inner.INDUCTOR:
             raise ValueError(f"stepcache option mode={mode!r} only applies to inner='inductor' (got inner={inner.value!r})")
         if mode not in INDUCTOR_MODES:
             raise ValueError(f"stepcache option mode={mode!r} is invalid; allowed: {list(INDUCTOR_MODES)}")
-    return BackendOptions(config, inner, mode, form, cudagraphs)
+    return BackendOptions(config, inner, mode, form, cudagraphs, offload)
 
 
 def _enum_option(options: Mapping[str, Any], key: str, default: enum.Enum) -> Any:
@@ -178,6 +192,7 @@ def stepcache(gm: fx.GraphModule, example_inputs: Sequence[Any], *, mode: str | 
     passes_done = time.perf_counter()
     if opts.form is Form.PIECEWISE:
         cudagraphs = opts.cudagraphs_on(device)
+        opts.check_offload_device(device)
         # the executor captures CUDA graphs over whole stretches of pieces; Inductor must not capture each piece
         compiler = PieceCompiler(lambda piece, piece_inputs: inner_compile(piece, piece_inputs, opts.inner, opts.mode,
                                                                            cudagraphs=False))
@@ -185,9 +200,14 @@ def stepcache(gm: fx.GraphModule, example_inputs: Sequence[Any], *, mode: str | 
         log.info("stepcache: piecewise, %d block pieces, cudagraphs=%s; %s; backend %.1f s (passes %.1f s, compiles: %s)",
                  len(states.plan.blocks), cudagraphs.value, compiler.count, time.perf_counter() - start,
                  passes_done - start, compiler.count.timings())
+        offload = None
+        if opts.offload is not None:
+            offload = ProgramOffload(gm, units, opts.config, opts.offload, device, cudagraphs is not CudaGraphs.OFF)
+            offload.attach(program)
         if cudagraphs is CudaGraphs.OFF:
-            return _with_state(program.forward, states)
-        return _with_state(GraphedProgram(program, device, cudagraphs, len(layout.specs)), states)
+            return _with_state(program.forward, states, offload)
+        on_capture = offload.begin_capture if offload is not None else lambda: None
+        return _with_state(GraphedProgram(program, device, cudagraphs, len(layout.specs), on_capture), states, offload)
     compiled = _compile_one_graph(gm, inputs, opts)
     log.info("stepcache: one graph; backend %.1f s (passes %.1f s)", time.perf_counter() - start, passes_done - start)
     return _with_state(compiled, states)
@@ -245,13 +265,17 @@ def _warn_if_cudagraphs_asked(opts: BackendOptions, why: str) -> None:
                     opts.mode, why, opts.form.value)
 
 
-def _with_state(compiled: Callable, states: StateSet) -> Callable:
+def _with_state(compiled: Callable, states: StateSet, offload: ProgramOffload | None = None) -> Callable:
     """Dynamo calls the backend's function with the graph inputs; append the caller's state tensors."""
 
     def run(*args):
         state = states.for_call(args)
         state.before_call()
+        if offload is not None:
+            offload.begin(args, state)
         out = compiled(*args, *state.tensors)
+        if offload is not None:
+            offload.end()
         state.after_call()
         return out
 

@@ -206,6 +206,7 @@ class RuntimeState:
         self.mid_pair = False  # separate CFG: the first call of a step ran, its partner is due
         self.anchor_id = anchor_id
         self.reported: dict[Mismatch, str] = {}  # mismatch -> its message when first seen
+        self.offload = None  # the model's ModelOffload, set on its first call with offload on
         self._report = _ReportReader(self["clock.report"])
 
     def __getitem__(self, name: str) -> torch.Tensor:
@@ -266,6 +267,8 @@ class RuntimeState:
         """Start a new generation at the next call (the graph clears the per-stream state then)."""
         self["clock.calls"].zero_()
         self.mid_pair = False
+        if self.offload is not None:
+            self.offload.scheduler.start_generation()
 
     def stats(self) -> list["UnitStats"]:
         fresh = int(self["clock.calls"].item()) == 0

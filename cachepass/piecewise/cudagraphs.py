@@ -67,10 +67,12 @@ class GraphedProgram:
     call belongs to (its first tensor keys the state's graphs).
     """
 
-    def __init__(self, program: fx.GraphModule, device: torch.device, mode: CudaGraphs, state_count: int):
+    def __init__(self, program: fx.GraphModule, device: torch.device, mode: CudaGraphs, state_count: int,
+                 on_capture: Callable[[], None] = lambda: None):
         if mode is CudaGraphs.OFF:
             raise ValueError("GraphedProgram needs cudagraphs='piecewise' or 'conditional'")
         self.program, self.device, self.mode, self.state_count = program, device, mode, state_count
+        self.on_capture = on_capture  # called as each graph's capture begins (offload joins its copy stream there)
         # id of the state's first tensor -> (a weak reference to it, the state's graphs). Not a WeakKeyDictionary:
         # its lookups compare keys with ==, which on tensors is an elementwise op and a host sync
         self._runners: dict[int, tuple[weakref.ref, _Runner]] = {}
@@ -96,7 +98,7 @@ class GraphedProgram:
         if mutated:
             log.info("stepcache: the model writes graph input(s) %s in place; CUDA graphs copy them back after "
                      "each replay", mutated)
-        runner = _Runner(self.program, args, static, copied, mutated, self.device, self.mode)
+        runner = _Runner(self.program, args, static, copied, mutated, self.device, self.mode, self.on_capture)
         runners = self._runners
         runners[id(key)] = (weakref.ref(key, lambda _, k=id(key): runners.pop(k, None)), runner)  # freed with the state
         self.captures += 1
@@ -128,7 +130,7 @@ class _Runner:
     """The captured graphs of one model state, with the static buffers they read their inputs from."""
 
     def __init__(self, program: fx.GraphModule, args: tuple, static: list[int], copied: list[int],
-                 mutated: list[int], device: torch.device, mode: CudaGraphs):
+                 mutated: list[int], device: torch.device, mode: CudaGraphs, on_capture: Callable[[], None]):
         self.static, self.copied = static, copied
         self.pointers: list[int | None] = [None] * len(args)
         for i in self.static:
@@ -139,7 +141,7 @@ class _Runner:
         for i, buffer in zip(self.copied, self.buffers):
             inputs[i] = buffer
         self.written_back = [(i, inputs[i]) for i in mutated]  # inputs the model writes: their buffers
-        recorder = _Recorder(program, device, keep_graphs=mode is CudaGraphs.CONDITIONAL)
+        recorder = _Recorder(program, device, mode is CudaGraphs.CONDITIONAL, on_capture)
         self.outputs = recorder.record(inputs)
         self.parts, self._live = recorder.parts, recorder.live  # _live: the pool memory between graphs stays theirs
         self.joined = ConditionalGraph(self.parts, device) if mode is CudaGraphs.CONDITIONAL else None
@@ -187,7 +189,7 @@ def _pointers_equal(args: list, pointers: list[int | None], indices: list[int]) 
 def _split_inputs(args: tuple, state_count: int) -> tuple[list[int], list[int]]:
     """Graph inputs the graphs read in place (weights, buffers, state), and those copied in per call."""
     first_state = len(args) - state_count
-    static = [i for i, a in enumerate(args) if i >= first_state or _has_static_address(a)]
+    static = [i for i, a in enumerate(args) if i >= first_state or has_static_address(a)]
     copied = [i for i in range(len(args)) if i not in set(static)]
     for i in copied:
         if not isinstance(args[i], torch.Tensor):
@@ -196,7 +198,7 @@ def _split_inputs(args: tuple, state_count: int) -> tuple[list[int], list[int]]:
     return static, copied
 
 
-def _has_static_address(value: Any) -> bool:
+def has_static_address(value: Any) -> bool:
     """Weights and buffers: Dynamo marks a module's parameters and buffers as static inputs."""
     return isinstance(value, torch.nn.Parameter) or (
         isinstance(value, torch.Tensor) and torch._dynamo.utils.get_static_address_type(value) is not None)
@@ -210,10 +212,11 @@ class _Recorder(fx.Interpreter):
     graph reads, so the pool memory behind it stays theirs.
     """
 
-    def __init__(self, program: fx.GraphModule, device: torch.device, keep_graphs: bool):
+    def __init__(self, program: fx.GraphModule, device: torch.device, keep_graphs: bool,
+                 on_capture: Callable[[], None]):
         super().__init__(program)
         self.pool, self.stream = _pool_and_stream(device)
-        self.keep_graphs = keep_graphs
+        self.keep_graphs, self.on_capture = keep_graphs, on_capture
         self.parts: list = []
         self.live: list = []
         self._open: tuple | None = None  # (graph, its capture context) while a stretch is being captured
@@ -235,6 +238,7 @@ class _Recorder(fx.Interpreter):
             context = torch.cuda.graph(graph, pool=self.pool, stream=self.stream)
             context.__enter__()
             self._open = (graph, context)
+            self.on_capture()
         if n.op == "output":
             self._close()
         return super().run_node(n)
@@ -251,6 +255,7 @@ class _Recorder(fx.Interpreter):
     def _capture(self, fn: Callable[[], Any]) -> tuple[torch.cuda.CUDAGraph, Any]:
         graph = torch.cuda.CUDAGraph(keep_graph=self.keep_graphs)
         with torch.cuda.graph(graph, pool=self.pool, stream=self.stream):
+            self.on_capture()
             out = fn()
         return graph, out
 

@@ -67,11 +67,15 @@ class CondStep:
     def __init__(self, pred_index: int, operand_indices: list[int], cached: Callable, compute: Callable):
         self.pred_index, self.operand_indices = pred_index, operand_indices
         self.cached, self.compute = cached, compute
+        self.unit: int | None = None  # the cache unit's index, and who hears each decision (offload)
+        self.on_decision: Callable[[int, bool], None] | None = None
 
     def __call__(self, *args):
         operands = [args[i] for i in self.operand_indices]
-        branch = self.cached if bool(args[self.pred_index]) else self.compute
-        return branch(*operands)
+        cached = bool(args[self.pred_index])
+        if self.on_decision is not None:
+            self.on_decision(self.unit, cached)
+        return (self.cached if cached else self.compute)(*operands)
 
     def run_both(self, *args):
         """``self(*args)``, after running the other branch on the same operands with its outputs dropped.
@@ -103,20 +107,21 @@ def build_program(gm: fx.GraphModule, example_inputs: list, compiler: PieceCompi
             fn, branches = compiler(piece, inputs, info.kind.value), None
             artifact = compiler.number(fn)
         steps.append(Step(node.target, info.kind, info.owner, artifact, branches))
-        node.op, node.target = "call_function", _named(fn, f"{info.kind.value}_{node.target}")
+        node.op, node.target = "call_function", _named(fn, f"{info.kind.value}_{node.target}", info)
     for name in infos:
         delattr(program, name)
     program.recompile()
     return program, Plan(tuple(steps))
 
 
-def _named(fn: Callable, name: str) -> Callable:
+def _named(fn: Callable, name: str, info) -> Callable:
     """A plain function calling ``fn``, named for the generated program's code; ``.step`` is ``fn``."""
     def piece(*args):
         return fn(*args)
 
     piece.__name__ = piece.__qualname__ = name
     piece.step = fn  # what CUDA-graph capture looks for: a compiled piece, or a CondStep
+    piece.kind, piece.owner = info.kind, info.owner  # what offload looks for: block pieces and their block
     return piece
 
 

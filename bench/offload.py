@@ -1,0 +1,68 @@
+"""Offload measurements of a bench row: bytes the profiler saw copied host-to-device in one generation,
+the plan's figure for the decisions made, and the lower bound max(compute, bytes / bandwidth)."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from typing import Callable
+
+import torch
+from torch import nn
+
+import cachepass
+from bench.timing import pinned_htod_bytes
+from cachepass.piecewise.offload import packed_offsets
+from cachepass.piecewise.offload_plan import plan_generation
+from cachepass.runtime import states_of
+
+
+def nonblock_bytes(model: nn.Module, block_lists: tuple[str, ...]) -> int:
+    """Bytes of every parameter and buffer outside the block lists (what stays on the device in any case)."""
+    in_blocks = {id(p) for name in block_lists for p in model.get_submodule(name).parameters()}
+    return sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()) if id(t) not in in_blocks)
+
+
+def block_bytes(model: nn.Module, block_lists: tuple[str, ...]) -> int:
+    return sum(packed_offsets(list(b.parameters()))[1] for name in block_lists for b in model.get_submodule(name))
+
+
+def h2d_gbps(device: torch.device, nbytes: int = 2**30, repeats: int = 5) -> float:
+    """Host-to-device bandwidth from pinned memory, GB/s (10^9)."""
+    host = torch.empty(nbytes, dtype=torch.uint8).pin_memory()
+    dev = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    dev.copy_(host, non_blocking=True)
+    torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        dev.copy_(host, non_blocking=True)
+    torch.cuda.synchronize(device)
+    return repeats * nbytes / (time.perf_counter() - start) / 1e9
+
+
+def _outcomes(model: nn.Module, calls: int, streams: int) -> list[list[bool]]:
+    stats = cachepass.stats(model)
+    return [[(c // streams) in (u.cached_steps if c % streams == 0 else u.cfg_cached_steps) for u in stats]
+            for c in range(calls)]
+
+
+def measure(name: str, model: nn.Module, generate_once: Callable[[], object], shared: dict, calls: int,
+            streams: int) -> dict:
+    """One more generation under the profiler, and what the plan says it should have moved."""
+    with tempfile.TemporaryDirectory() as tmp:
+        _, copied = pinned_htod_bytes(generate_once, os.path.join(tmp, "trace.json"))
+    row = {"htod_bytes_per_generation": copied, "h2d_gbps": shared["h2d_gbps"]}
+    if name.startswith("stepcache"):
+        offload = cachepass.offload_stats(model)
+        layout = states_of(model)[-1].layout
+        plan = plan_generation(offload.residency, layout.units, layout.config, _outcomes(model, calls, streams),
+                               graphed=offload.graphed)
+        r = offload.residency
+        row.update(planned_bytes_per_generation=plan.bytes_per_generation, wasted_bytes=plan.counters.wasted_bytes,
+                   planned_weight_gb=r.device_bytes / 2**30, resident_blocks=len(r.resident),
+                   streamed_blocks=len(r.slot_of), slots=r.slots)
+    compute = shared.get("stepcache_median_s")
+    if compute is not None:
+        row["lower_bound_s"] = max(compute, copied / (shared["h2d_gbps"] * 1e9))
+    return row

@@ -1,0 +1,263 @@
+"""Layerwise offload planned from the cache schedule: residency, the plan, byte accounting, parity, errors.
+
+On CPU the "device" and the host are both CPU memory (``allow_cpu``): the same slot logic, parameter
+views and scheduler run, with copies that complete at once. Streams, events, pinned memory and CUDA
+graphs run in tests/gpu/test_offload_gpu.py.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import cachepass
+from cachepass.errors import CachepassError
+from cachepass.piecewise.offload import model_bytes
+from cachepass.piecewise.offload_plan import (OffloadConfig, choose_residency, plan_generation, predicted_decision,
+                                              residency_priority)
+from cachepass.unit import UnitSpec
+from models import CASES, generate, toy_config
+
+STEPS = 8
+STATIC_MASK = (1, 1, 0, 1, 0, 0, 1, 1)
+
+
+def unit(index: int, name: str, depth: int, head: int, tail: int) -> UnitSpec:
+    paths = tuple(f"{name}.{i}" for i in range(depth))
+    return UnitSpec(index, name, "Block", paths, range(head), range(head, depth - tail), range(depth - tail, depth), ())
+
+
+def static_config(**overrides):
+    return toy_config(num_inference_steps=STEPS, warmup_steps=2, steps_computation_mask=STATIC_MASK,
+                      steps_computation_policy="static", **overrides)
+
+
+# ---------------------------------------------------------------------------- residency and plans (pure)
+def test_residency_keeps_heads_and_tails_then_first_middle_then_spreads_evenly():
+    units = [unit(0, "double", 6, 1, 1), unit(1, "single", 10, 2, 0)]
+    order = residency_priority(units)
+    assert order[:5] == ["double.0", "double.5", "single.0", "single.1", "double.1"]
+    assert order[5] == "single.2"  # each unit's first middle block
+    rest = [int(b.split(".")[1]) for b in order if b.startswith("single.")][3:]
+    assert rest[0] == 6 and sorted(rest[:3]) == [4, 6, 8]  # the middle's middle, then its quarters
+    assert sorted(order) == sorted(p for u in units for p in u.block_paths)
+
+    sizes = {p: 100 for u in units for p in u.block_paths}
+    residency = choose_residency(units, sizes, nonblock_bytes=40, config=OffloadConfig(budget=40 + 8 * 100, slots=2))
+    assert residency.resident == tuple(order[:6])
+    assert residency.slots == 2 and residency.slot_bytes == 100
+    assert residency.device_bytes == 40 + 8 * 100
+    streamed = [b for b in (*units[0].block_paths, *units[1].block_paths) if b not in residency.resident]
+    assert [residency.slot_of[b] for b in streamed] == [i % 2 for i in range(len(streamed))]
+
+    everything = choose_residency(units, sizes, 40, OffloadConfig(budget=10**6))
+    assert everything.slot_of == {} and everything.device_bytes == 40 + 16 * 100
+    one_slot = choose_residency(units, sizes, 40, OffloadConfig(budget=40 + 150, slots=3))
+    assert one_slot.slots == 1 and one_slot.resident == ()  # the slots that fit, and no room for a resident block
+
+
+def test_a_budget_below_one_block_plus_the_rest_is_an_error_naming_the_numbers():
+    units = [unit(0, "blocks", 4, 1, 0)]
+    sizes = {p: 1000 for p in units[0].block_paths}
+    with pytest.raises(CachepassError, match=r"offload.budget=1500 B is too small: the non-block weights \(600 B\) "
+                                             r"plus one slot for the largest block \(1000 B\) need 1600 B"):
+        choose_residency(units, sizes, 600, OffloadConfig(budget=1500))
+
+
+def test_static_plan_moves_no_byte_for_a_cached_step_and_loads_the_next_compute_call_ahead():
+    units = [unit(0, "blocks", 10, 2, 1)]
+    sizes = {p: 100 for p in units[0].block_paths}
+    residency = choose_residency(units, sizes, 50, OffloadConfig(budget=50 + 6 * 100, slots=2))
+    streamed = list(residency.slot_of)
+    assert len(streamed) == 6
+    cfg = static_config(num_head_blocks=2, num_tail_blocks=1)
+    plan = plan_generation(residency, units, cfg)
+    assert not plan.dynamic
+    compute_calls = [c for c in plan.calls if not c.cached[0]]
+    assert [c.step for c in plan.calls if c.cached[0]] == [s for s in range(STEPS) for _ in range(2) if not STATIC_MASK[s]]
+    for call in plan.calls:
+        assert set(call.blocks) >= set(units[0].block_paths[:2]) | {units[0].block_paths[-1]}
+        assert not (set(call.blocks) & set(streamed)) if call.cached[0] else set(streamed) <= set(call.blocks)
+    # every compute call loads each streamed block once (6 blocks, 2 slots); cached calls run none of them
+    assert plan.bytes_per_generation == len(compute_calls) * 6 * 100
+    assert plan.counters.wasted_bytes == 0 and plan.counters.late_copies == 0 and plan.counters.mispredicted == 0
+    # the first two streamed blocks of a compute call after a cached one load before it starts
+    after_cached = [c for c, previous in zip(plan.calls[1:], plan.calls) if not c.cached[0] and previous.cached[0]]
+    assert after_cached
+    for call in after_cached:
+        first_run = next(i for i, a in enumerate(call.actions) if a.kind == "free")
+        assert not any(a.kind == "copy" and a.block in streamed[:2] for a in call.actions[:first_run])
+    assert f"per generation: {len(compute_calls) * 600} B moved" in plan.describe()
+
+
+def test_graphed_plan_loads_what_each_captured_stretch_runs():
+    units = [unit(0, "blocks", 10, 2, 1)]
+    sizes = {p: 100 for p in units[0].block_paths}
+    residency = choose_residency(units, sizes, 50, OffloadConfig(budget=50 + 6 * 100, slots=2))
+    plan = plan_generation(residency, units, static_config(num_head_blocks=2, num_tail_blocks=1), graphed=True)
+    for call in plan.calls:
+        assert call.bytes_moved == (0 if call.cached[0] else 6 * 100)
+        copies = [a for a in call.actions if a.kind == "copy"]
+        assert all(a.after.startswith(("blocks.", "before blocks.")) for a in copies)
+    assert plan.counters.wasted_bytes == 0
+
+
+def test_dynamic_plan_prefetches_both_outcomes_and_counts_what_is_wasted():
+    units = [unit(0, "blocks", 8, 1, 1)]
+    sizes = {p: 100 for p in units[0].block_paths}
+    # nothing resident: the tail streams too, so a threshold decision has two first blocks to prefetch
+    residency = choose_residency(units, sizes, 10, OffloadConfig(budget=10 + 2 * 100, slots=2))
+    assert residency.resident == ()
+    cfg = toy_config(num_inference_steps=STEPS, warmup_steps=2, num_head_blocks=1, num_tail_blocks=1)
+    assert [predicted_decision(cfg, c, 0) for c in range(0, 8, 2)] == [False, False, None, None]
+    outcomes = [[(c // 2) in (3, 4, 6)] for c in range(2 * STEPS)]
+    plan = plan_generation(residency, units, cfg, outcomes=outcomes)
+    assert plan.dynamic
+    cached = [c for c in plan.calls if c.cached[0]]
+    assert len(cached) == 6
+    for call in cached:  # head and tail stream through the slots; no middle block is copied for a cached call
+        assert {a.block for a in call.actions if a.kind == "copy"} <= {"blocks.0", "blocks.1", "blocks.7"}
+    assert plan.counters.wasted_bytes > 0  # blocks.1 was speculated on and dropped for the tail
+    all_computed = plan_generation(residency, units, cfg)
+    assert all_computed.bytes_per_generation > plan.bytes_per_generation
+
+
+# ---------------------------------------------------------------------------- options and errors
+@pytest.mark.parametrize("offload, message", [
+    ({"slots": 2}, r"offload=\{'slots': 2\} is invalid: it needs 'budget'"),
+    ({"budget": "8 parsecs"}, r"offload.budget='8 parsecs' is invalid; allowed: a positive number of bytes"),
+    ({"budget": "8GB", "slots": 0}, r"offload.slots=0 is invalid; allowed: an integer >= 1"),
+    ({"budget": "8GB", "prefetch": 3}, r"unknown: \['prefetch'\]"),
+    ("8GB", r"offload='8GB' is invalid; allowed: None, a dict with 'budget'"),
+])
+def test_bad_offload_options_name_the_field(offload, message):
+    with pytest.raises(ValueError, match=message):
+        cachepass.compile(torch.nn.Linear(2, 2), toy_config(), offload=offload)
+
+
+def test_budget_units():
+    assert OffloadConfig(budget="8GB").budget == 8 * 10**9
+    assert OffloadConfig(budget="1.5GiB").budget == 3 * 2**29
+    assert OffloadConfig(budget=123).budget == 123
+
+
+def test_offload_needs_the_piecewise_form():
+    with pytest.raises(ValueError, match="offload needs form='piecewise'"):
+        cachepass.compile(torch.nn.Linear(2, 2), toy_config(), form="one-graph", offload={"budget": "1GB"})
+
+
+def test_offload_on_a_cpu_model_is_an_error_unless_asked_for():
+    case = CASES["toy"]
+    compiled = cachepass.compile(case.model(), toy_config(), inner="aot_eager", offload={"budget": 10**6})
+    with pytest.raises(Exception, match=r"CachepassError: stepcache option offload needs a CUDA device; "
+                                        r"the model runs on cpu"):
+        generate(case, compiled, 1)
+
+
+def test_a_model_offloaded_by_diffusers_hooks_is_refused():
+    model = CASES["wan"].model()
+    model.enable_group_offload(onload_device=torch.device("cpu"), offload_type="block_level", num_blocks_per_group=1)
+    with pytest.raises(CachepassError, match=r"already offloaded by diffusers hook 'group_offloading'"):
+        cachepass.compile(model, toy_config(), offload={"budget": "1GB"})
+
+
+def test_a_budget_too_small_for_the_model_is_an_error_at_the_first_call():
+    case = CASES["wan"]
+    compiled = cachepass.compile(case.model(), toy_config(), inner="aot_eager", offload={"budget": 1000, "allow_cpu": True})
+    with pytest.raises(CachepassError, match=r"offload.budget=1000 B is too small"):
+        generate(case, compiled, 1)
+
+
+# ---------------------------------------------------------------------------- runs
+def _explain(model: torch.nn.Module, **options) -> cachepass.api.Explanation:
+    args, kwargs = _example(model)
+    return cachepass.explain(model, *args, **options, **kwargs)
+
+
+def _budget(model: torch.nn.Module, units_fraction: float) -> int:
+    blocks, nonblock = model_bytes(model, _explain(model, config=toy_config()).units)
+    return nonblock + int(units_fraction * sum(blocks.values()))
+
+
+def _example(model):
+    case = CASES["flux" if type(model).__name__.startswith("Flux") else "wan"]
+    latents, cond, _ = case.inputs(torch.Generator().manual_seed(1))
+    captured = {}
+
+    def grab(*args, **kwargs):
+        captured["args"], captured["kwargs"] = args, kwargs
+        return model(*args, **kwargs)
+
+    case.call(grab, latents, torch.tensor(1.0), cond)
+    return captured["args"], captured["kwargs"]
+
+
+def _outcomes(stats, num_calls: int) -> list[list[bool]]:
+    return [[(c // 2) in (u.cached_steps if c % 2 == 0 else u.cfg_cached_steps) for u in stats] for c in range(num_calls)]
+
+
+@pytest.mark.parametrize("name, schedule", [("wan", "static"), ("wan", "dynamic"), ("flux", "dynamic")])
+def test_offloaded_generations_equal_the_resident_ones_and_move_the_planned_bytes(name, schedule):
+    """Two generations: latents and stats bit-identical to the resident compiled model, no recompile in the
+    second, and the bytes it moved equal to the plan's for the decisions it made (cached steps move none)."""
+    case = CASES[name]
+    base = dict(num_head_blocks=1, num_tail_blocks=1)
+    cfg = static_config(**base) if schedule == "static" else \
+        toy_config(num_inference_steps=STEPS, threshold=case.threshold * 3, **base)
+    resident_model = case.model()
+    resident = cachepass.compile(resident_model, cfg, inner="aot_eager")
+    expected = [generate(case, resident, STEPS) for _ in range(2)]
+    expected_stats = cachepass.stats(resident_model)
+
+    model = case.model()
+    explained = _explain(model, config=cfg, offload={"budget": _budget(model, 0.8), "allow_cpu": True})
+    compiled = cachepass.compile(model, cfg, inner="aot_eager", offload={"budget": _budget(model, 0.8), "allow_cpu": True})
+    assert cachepass.offload_stats(model) is None  # nothing ran yet
+    first = generate(case, compiled, STEPS)
+    after_first = cachepass.offload_stats(model).counters
+    with torch.compiler.set_stance("fail_on_recompile"):
+        second = generate(case, compiled, STEPS)
+    offload = cachepass.offload_stats(model)
+    torch.testing.assert_close(first, expected[0], atol=0, rtol=0)
+    torch.testing.assert_close(second, expected[1], atol=0, rtol=0)
+    assert cachepass.stats(model) == expected_stats
+    assert any(u.cached_steps for u in expected_stats)
+
+    residency = offload.residency
+    assert residency == explained.offload.residency
+    assert residency.slot_of and residency.resident  # some blocks stream, some stay
+    units = explained.units
+    plan = plan_generation(residency, units, cfg, outcomes=_outcomes(expected_stats, 2 * STEPS))
+    moved = offload.counters.bytes_moved - after_first.bytes_moved
+    assert moved == plan.bytes_per_generation > 0
+    assert offload.counters.late_copies - after_first.late_copies == plan.counters.late_copies
+    cached_calls = [c for c in plan.calls if all(c.cached)]
+    middle = {u.block_paths[i] for u in units for i in u.middle}
+    assert cached_calls and all(not (set(c.blocks) & middle) for c in cached_calls)
+    if name == "wan":  # head and tail resident: a streamed block moves at most once per computed call
+        computed = sum(not c.cached[0] for c in plan.calls)
+        streamed_bytes = sum(residency.block_bytes[b] for b in residency.slot_of)
+        assert plan.bytes_per_generation <= computed * streamed_bytes
+    if schedule == "static":
+        assert plan.counters.wasted_bytes == 0 and plan.counters.mispredicted == 0
+
+
+def test_explain_prints_the_offload_plan():
+    case = CASES["wan"]
+    model = case.model()
+    cfg = static_config(num_head_blocks=1, num_tail_blocks=1)
+    text = str(_explain(model, config=cfg, offload={"budget": _budget(model, 0.8)}))
+    assert "offload:" in text and "resident blocks" in text and "streamed: blocks." in text
+    assert "step  2 stream 0 cached" in text and "per generation:" in text
+
+
+def test_reset_before_the_first_call_and_stats_of_a_fresh_offloaded_model():
+    case = CASES["wan"]
+    model = case.model()
+    compiled = cachepass.compile(model, static_config(), inner="aot_eager",
+                                 offload={"budget": _budget(model, 0.8), "allow_cpu": True})
+    cachepass.reset(compiled)
+    assert cachepass.stats(compiled) == [] and cachepass.offload_stats(model) is None
+    generate(case, compiled, STEPS)
+    cachepass.reset(compiled)
+    assert cachepass.offload_stats(model).counters.copies > 0
