@@ -76,9 +76,10 @@ SANITIZED = textwrap.dedent("""
     from torch.cuda._sanitizer import CUDASanitizerErrors
     a = torch.zeros(1 << 20, device="cuda")
     side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
         a.add_(1)
-    try:  # the sanitizer is on: a read racing the side stream's unsynchronized write is reported
+    try:  # the sanitizer is on: a read racing the side stream's write (no event waited on) is reported
         a.sum()
         sys.exit("the sanitizer missed a planted race")
     except CUDASanitizerErrors:
