@@ -37,7 +37,7 @@ print("planted race reported", flush=True)
 print("--- offload from here ---", file=sys.stderr, flush=True)
 # CSAN adds the Python dispatch key to every tensor, which fails Dynamo's guards: with one compiled graph,
 # this stance runs it without evaluating them (the program is the one compiled above)
-with torch.compiler.set_stance("skip_guard_eval_unsafe"):
+with torch.compiler.set_stance(skip_guard_eval_unsafe=True):
     generate_on_gpu(case, compiled, 2)
 after = cachepass.offload_stats(model).counters
 print(f"offload ran: {after.copies - before.copies} copies, {after.bytes_moved - before.bytes_moved} bytes", flush=True)
