@@ -84,8 +84,7 @@ def run_variant(name: str, ctx: Context, inputs, reference, args, device, progre
             row["peak_mem_gb"] = peak_memory_gb(device)
             row["median_s"], row["times_s"] = median(times), times
             if "offload" in name and device.type == "cuda":
-                row.update(offload.measure(name, ctx.model, lambda: generation(ctx, prepared, inputs), ctx.shared,
-                                           ctx.workload.calls_per_generation, ctx.workload.streams))
+                row.update(offload.measure(name, ctx.model, lambda: generation(ctx, prepared, inputs), ctx.shared))
             syncs = count_syncs(lambda: generation(ctx, prepared, inputs), device)
             row["syncs_per_call"] = None if syncs is None else syncs / ctx.workload.calls_per_generation
             row["recompiles"] = counters["stats"]["unique_graphs"] - graphs

@@ -14,7 +14,7 @@ from torch import nn
 import cachepass
 from bench.timing import pinned_htod_bytes
 from cachepass.piecewise.offload import packed_offsets
-from cachepass.piecewise.offload_plan import plan_generation
+from cachepass.piecewise.offload_plan import decisions_of, plan_generation
 from cachepass.runtime import states_of
 
 
@@ -41,14 +41,7 @@ def h2d_gbps(device: torch.device, nbytes: int = 2**30, repeats: int = 5) -> flo
     return repeats * nbytes / (time.perf_counter() - start) / 1e9
 
 
-def _outcomes(model: nn.Module, calls: int, streams: int) -> list[list[bool]]:
-    stats = cachepass.stats(model)
-    return [[(c // streams) in (u.cached_steps if c % streams == 0 else u.cfg_cached_steps) for u in stats]
-            for c in range(calls)]
-
-
-def measure(name: str, model: nn.Module, generate_once: Callable[[], object], shared: dict, calls: int,
-            streams: int) -> dict:
+def measure(name: str, model: nn.Module, generate_once: Callable[[], object], shared: dict) -> dict:
     """One more generation under the profiler, and what the plan says it should have moved."""
     with tempfile.TemporaryDirectory() as tmp:
         _, copied = pinned_htod_bytes(generate_once, os.path.join(tmp, "trace.json"))
@@ -56,8 +49,8 @@ def measure(name: str, model: nn.Module, generate_once: Callable[[], object], sh
     if name.startswith("stepcache"):
         offload = cachepass.offload_stats(model)
         layout = states_of(model)[-1].layout
-        plan = plan_generation(offload.residency, layout.units, layout.config, _outcomes(model, calls, streams),
-                               graphed=offload.graphed)
+        plan = plan_generation(offload.residency, layout.units, layout.config,
+                               decisions_of(cachepass.stats(model), layout.config), graphed=offload.graphed)
         r = offload.residency
         row.update(planned_bytes_per_generation=plan.bytes_per_generation, wasted_bytes=plan.counters.wasted_bytes,
                    planned_weight_gb=r.device_bytes / 2**30, resident_blocks=len(r.resident),

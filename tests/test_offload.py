@@ -13,8 +13,8 @@ import torch
 import cachepass
 from cachepass.errors import CachepassError
 from cachepass.piecewise.offload import model_bytes
-from cachepass.piecewise.offload_plan import (OffloadConfig, choose_residency, plan_generation, predicted_decision,
-                                              residency_priority)
+from cachepass.piecewise.offload_plan import (OffloadConfig, choose_residency, decisions_of, plan_generation,
+                                              predicted_decision, residency_priority)
 from cachepass.unit import UnitSpec
 from models import CASES, generate, toy_config
 
@@ -192,10 +192,6 @@ def _example(model):
     return captured["args"], captured["kwargs"]
 
 
-def _outcomes(stats, num_calls: int) -> list[list[bool]]:
-    return [[(c // 2) in (u.cached_steps if c % 2 == 0 else u.cfg_cached_steps) for u in stats] for c in range(num_calls)]
-
-
 @pytest.mark.parametrize("name, schedule", [("wan", "static"), ("wan", "dynamic"), ("flux", "dynamic")])
 def test_offloaded_generations_equal_the_resident_ones_and_move_the_planned_bytes(name, schedule):
     """Two generations: latents and stats bit-identical to the resident compiled model, no recompile in the
@@ -227,7 +223,7 @@ def test_offloaded_generations_equal_the_resident_ones_and_move_the_planned_byte
     assert residency == explained.offload.residency
     assert residency.slot_of and residency.resident  # some blocks stream, some stay
     units = explained.units
-    plan = plan_generation(residency, units, cfg, outcomes=_outcomes(expected_stats, 2 * STEPS))
+    plan = plan_generation(residency, units, cfg, outcomes=decisions_of(expected_stats, cfg))
     moved = offload.counters.bytes_moved - after_first.bytes_moved
     assert moved == plan.bytes_per_generation > 0
     assert offload.counters.late_copies - after_first.late_copies == plan.counters.late_copies

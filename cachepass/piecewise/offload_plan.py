@@ -475,6 +475,13 @@ def plan_generation(residency: Residency, units: Sequence[UnitSpec], config: Ste
     return OffloadPlan(residency, tuple(calls), scheduler.counters, dynamic, graphed)
 
 
+def decisions_of(stats: Sequence, config: StepCacheConfig) -> list[list[bool]]:
+    """``outcomes`` for `plan_generation` from ``cachepass.stats``: per call of a generation, per unit, cached?"""
+    streams = config.num_streams
+    return [[(call // streams) in (u.cached_steps if call % streams == 0 else u.cfg_cached_steps) for u in stats]
+            for call in range(config.num_inference_steps * streams)]
+
+
 def _generation(scheduler: SlotScheduler, transport: RecordingTransport, config: StepCacheConfig,
                 outcomes: Sequence[Sequence[bool]] | None, graphed: bool) -> tuple[list[CallPlan], bool]:
     timeline = scheduler.timeline

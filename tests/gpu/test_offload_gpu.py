@@ -14,10 +14,10 @@ import torch
 import cachepass
 from bench.timing import pinned_htod_bytes
 from cachepass.piecewise.offload import packed_offsets
-from cachepass.piecewise.offload_plan import plan_generation
+from cachepass.piecewise.offload_plan import decisions_of, plan_generation
 from cachepass.runtime import states_of
 from models import CASES
-from test_cuda_graphs import STEPS, config, decisions, generate_on_gpu
+from test_cuda_graphs import config, decisions, generate_on_gpu
 
 
 BLOCK_LISTS = {"wan": ("blocks",), "flux": ("transformer_blocks", "single_transformer_blocks")}
@@ -29,12 +29,6 @@ def budget(model, name: str, fraction: float) -> int:
     in_blocks = {id(p) for block in blocks for p in block.parameters()}
     nonblock = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()) if id(t) not in in_blocks)
     return nonblock + int(fraction * sum(packed_offsets(list(block.parameters()))[1] for block in blocks))
-
-
-def outcomes(model) -> list[list[bool]]:
-    stats = cachepass.stats(model)
-    return [[(c // 2) in (u.cached_steps if c % 2 == 0 else u.cfg_cached_steps) for u in stats]
-            for c in range(2 * STEPS)]
 
 
 @pytest.mark.parametrize("name", ["wan", "flux"])
@@ -62,7 +56,8 @@ def test_offload_matches_the_resident_model_with_and_without_cuda_graphs(name, t
         state = states_of(model)[-1]
         assert all(t.is_pinned() for t in state.offload.host.values())
         assert stats.residency.slot_of and stats.graphed == (mode != "off")
-        plan = plan_generation(stats.residency, layout.units, layout.config, outcomes(model), graphed=mode != "off")
+        plan = plan_generation(stats.residency, layout.units, layout.config,
+                               decisions_of(cachepass.stats(model), layout.config), graphed=mode != "off")
         assert plan.bytes_per_generation > 0
         if mode != "conditional":  # CUPTI reports no node inside an IF/ELSE body (0 bytes here); the outputs
             assert copied == plan.bytes_per_generation, mode  # above need every one of those copies
