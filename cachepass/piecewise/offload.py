@@ -32,8 +32,8 @@ from cachepass.config import StepCacheConfig
 from cachepass.errors import CachepassError
 from cachepass.piecewise.cudagraphs import has_static_address
 from cachepass.piecewise.execute import CondStep
-from cachepass.piecewise.offload_plan import (Counters, OffloadConfig, OffloadPlan, Residency, SlotScheduler,
-                                              Timeline, choose_residency, format_bytes, plan_generation)
+from cachepass.piecewise.offload_plan import (Counters, OffloadConfig, Residency, SlotScheduler, Timeline,
+                                              choose_residency, format_bytes)
 from cachepass.piecewise.split import PieceKind
 from cachepass.unit import UnitSpec
 
@@ -313,12 +313,6 @@ class ProgramOffload:
 
     def _decided(self, unit: int, cached: bool) -> None:
         self.current.scheduler.decided(unit, cached)
-
-    def plan(self) -> OffloadPlan | None:
-        model = self.current
-        if model is None or self.config.num_inference_steps is None:
-            return None
-        return plan_generation(model.residency, self.units, self.config, graphed=self.graphed)
 
 
 def _hooked(piece: Callable, offload: ProgramOffload) -> Callable:

@@ -105,9 +105,6 @@ class Residency:
         """Weight bytes on the device: non-block weights, resident blocks, slots (constant during a generation)."""
         return self.nonblock_bytes + sum(self.block_bytes[b] for b in self.resident) + self.slots * self.slot_bytes
 
-    def where(self, block: str) -> str:
-        return f"slot {self.slot_of[block]}" if block in self.slot_of else "resident"
-
 
 def residency_priority(units: Sequence[UnitSpec]) -> list[str]:
     """Blocks most worth keeping first: heads and tails, then each unit's first middle block, then the
