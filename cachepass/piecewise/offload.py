@@ -117,6 +117,10 @@ class StreamTransport:
         self._joined = False
         self._freed_in_capture = [False] * len(slots)
 
+    def join(self) -> None:
+        """The copy stream waits for all compute so far: replayed graphs recorded no event the host knows of."""
+        self.copy_stream.wait_stream(torch.cuda.current_stream(self.device))
+
     def begin_capture(self) -> None:
         self._fork = torch.cuda.Event()
         self._fork.record(torch.cuda.current_stream(self.device))
@@ -154,6 +158,9 @@ class CopyTransport:
         self.host, self.slots = host, slots
 
     def begin_capture(self) -> None:
+        pass
+
+    def join(self) -> None:
         pass
 
     def copy(self, block: str, slot: int) -> None:
@@ -273,6 +280,8 @@ class ProgramOffload:
             model.check(blocks, self.graphed)
         state.offload = model
         self.current = model
+        if self.graphed:  # before any eager copy of this call (a warm-up), the last replay's reads come first
+            model.transport.join()
 
     def end(self) -> None:
         self.current.scheduler.end_call()
