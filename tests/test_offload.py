@@ -7,6 +7,8 @@ graphs run in tests/gpu/test_offload_gpu.py.
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -257,3 +259,31 @@ def test_reset_before_the_first_call_and_stats_of_a_fresh_offloaded_model():
     generate(case, compiled, STEPS)
     cachepass.reset(compiled)
     assert cachepass.offload_stats(model).counters.copies > 0
+
+
+def test_offload_through_an_interrupted_generation_a_new_resolution_and_a_second_expert():
+    """What users do mid-session, on two experts of one class (one compiled program, two offloads): every
+    output and every stat bit-identical to the same session without offload."""
+    case = CASES["wan"]
+    cond, uncond = case.inputs(torch.Generator().manual_seed(5))[1:]
+    wide = dataclasses.replace(case, inputs=lambda g: (torch.randn(1, 4, 3, 8, 12, generator=g), cond, uncond))
+    cfg = toy_config(num_inference_steps=STEPS, threshold=case.threshold * 3, num_head_blocks=1, num_tail_blocks=1)
+
+    def session(offload):
+        first, second = case.two_experts()
+        fast_first = cachepass.compile(first, cfg, inner="aot_eager", offload=offload(first))
+        fast_second = cachepass.compile(second, cfg, inner="aot_eager", offload=offload(second))
+        outputs = [generate(case, fast_first, 3)]  # interrupted after 3 of STEPS steps
+        cachepass.reset(fast_first)
+        outputs += [generate(case, fast_first, STEPS), generate(wide, fast_first, STEPS),
+                    generate(case, fast_second, STEPS), generate(case, fast_first, STEPS)]
+        return outputs, [cachepass.stats(first), cachepass.stats(second)], (first, second)
+
+    expected, expected_stats, _ = session(lambda model: None)
+    outputs, stats, models = session(lambda model: {"budget": _budget(model, 0.8), "allow_cpu": True})
+    for got, want in zip(outputs, expected):
+        torch.testing.assert_close(got, want, atol=0, rtol=0)
+    assert stats == expected_stats
+    first, second = (cachepass.offload_stats(m) for m in models)
+    assert first.residency.slot_of and second.residency.slot_of
+    assert first.counters.copies > second.counters.copies > 0  # each expert streams its own weights

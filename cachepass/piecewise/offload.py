@@ -5,7 +5,7 @@
 each call tells it where the call starts and ends. On the first call of a model instance,
 `ModelOffload` moves the streamed blocks' weights to pinned host memory (registered at their exact
 size: the caching host allocator would round each block up to a power of two) and makes their
-parameters views of the slot they stream through. Parameters keep their shape, dtype, stride and
+parameters views of the slot they stream through (each with a storage of its own, `_own_storage`). Parameters keep their shape, dtype, stride and
 device, so Dynamo's guards hold and nothing recompiles; a slot's views keep their addresses, so
 CUDA graphs capture them as static inputs.
 
@@ -105,6 +105,16 @@ def pinned_host_buffer(nbytes: int, device: torch.device) -> torch.Tensor:
     return buffer
 
 
+def _own_storage(view: torch.Tensor) -> torch.Tensor:
+    """``view``'s memory as a tensor with a storage of its own (through DLPack; it keeps ``view`` alive).
+
+    Parameters that were views of one slot would share its storage: Dynamo would see the weights of
+    the blocks that take turns in a slot as aliases of each other when it traces a new shape, and
+    the cache pass clones aliased cond operands, which would copy the weights the slot holds then.
+    """
+    return torch.from_dlpack(view)
+
+
 class StreamTransport:
     """The `Transport` of a CUDA device: a copy stream, and a ready and a free event per slot."""
 
@@ -193,7 +203,7 @@ class ModelOffload:
             for param, offset in zip(blocks[path], offsets):
                 nbytes = param.numel() * param.element_size()
                 host[offset: offset + nbytes].copy_(param.data.reshape(-1).view(torch.uint8))
-                param.data = self.slots[slot][offset: offset + nbytes].view(param.dtype).view(param.shape)
+                param.data = _own_storage(self.slots[slot][offset: offset + nbytes].view(param.dtype).view(param.shape))
         if device.type == "cuda":
             torch.cuda.current_stream(device).synchronize()  # the host copies above, before the device memory goes
         transport = StreamTransport(device, self.host, self.slots) if device.type == "cuda" else \
