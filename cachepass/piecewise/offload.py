@@ -201,11 +201,12 @@ class ModelOffload:
             offsets, size = layouts[path]
             host = self.host[path] = pinned_host_buffer(size, device)
             for param, offset in zip(blocks[path], offsets):
+                if not param.is_contiguous():  # its slot view would have other strides: a guard failure
+                    raise CachepassError(f"offload: a weight of {path} ({list(param.shape)}, strides "
+                                         f"{param.stride()}) is not contiguous; call .contiguous() on it first")
                 nbytes = param.numel() * param.element_size()
                 host[offset: offset + nbytes].copy_(param.data.reshape(-1).view(torch.uint8))
                 param.data = _own_storage(self.slots[slot][offset: offset + nbytes].view(param.dtype).view(param.shape))
-        if device.type == "cuda":
-            torch.cuda.current_stream(device).synchronize()  # the host copies above, before the device memory goes
         transport = StreamTransport(device, self.host, self.slots) if device.type == "cuda" else \
             CopyTransport(self.host, self.slots)
         self.transport = transport
