@@ -423,6 +423,9 @@ class OffloadPlan:
             return lines[0] + " (everything fits: nothing moves)"
         lines.append(f"{indent}  resident: {', '.join(r.resident) or 'none'}")
         lines.append(f"{indent}  streamed: " + ", ".join(f"{b}->s{s}" for b, s in r.slot_of.items()))
+        lines.append(f"{indent}  a streamed block waits for its slot's copy before it runs and frees the slot after "
+                     "it ran; a copy waits for that free. Per call: what runs, then each copy and the point it is "
+                     "issued at")
         assumed = " (threshold decisions assumed as listed)" if self.dynamic else ""
         lines.append(f"{indent}  per generation: {format_bytes(self.bytes_per_generation)} moved in "
                      f"{self.counters.copies} copies, {format_bytes(self.counters.wasted_bytes)} wasted, "
@@ -431,7 +434,10 @@ class OffloadPlan:
             decision = " ".join("cached" if x else "compute" for x in c.cached)
             copies = [a for a in c.actions if a.kind == "copy"]
             issued = "; ".join(f"{a.block}->s{a.slot} after {a.after}" for a in copies) or "no copies"
-            lines.append(f"{indent}  step {c.step:>2} stream {c.stream} {decision:<8} {format_bytes(c.bytes_moved):>9}: {issued}")
+            streamed = sum(b in r.slot_of for b in c.blocks)
+            runs = f"runs {len(c.blocks)} blocks ({streamed} from slots)"
+            lines.append(f"{indent}  step {c.step:>2} stream {c.stream} {decision:<8} {runs}, "
+                         f"{format_bytes(c.bytes_moved)} copied: {issued}")
         return "\n".join(lines)
 
 
