@@ -176,8 +176,14 @@ def _explain(model: torch.nn.Module, **options) -> cachepass.api.Explanation:
     return cachepass.explain(model, *args, **options, **kwargs)
 
 
+BLOCK_LISTS = {"WanTransformer3DModel": ("blocks",),
+               "FluxTransformer2DModel": ("transformer_blocks", "single_transformer_blocks")}
+
+
 def _budget(model: torch.nn.Module, units_fraction: float) -> int:
-    blocks, nonblock = model_bytes(model, _explain(model, config=toy_config()).units)
+    """The non-block weights plus ``units_fraction`` of the blocks' packed bytes."""
+    lists = [unit(i, name, len(model.get_submodule(name)), 1, 1) for i, name in enumerate(BLOCK_LISTS[type(model).__name__])]
+    blocks, nonblock = model_bytes(model, lists)
     return nonblock + int(units_fraction * sum(blocks.values()))
 
 
@@ -208,8 +214,9 @@ def test_offloaded_generations_equal_the_resident_ones_and_move_the_planned_byte
     expected_stats = cachepass.stats(resident_model)
 
     model = case.model()
-    explained = _explain(model, config=cfg, offload={"budget": _budget(model, 0.8), "allow_cpu": True})
-    compiled = cachepass.compile(model, cfg, inner="aot_eager", offload={"budget": _budget(model, 0.8), "allow_cpu": True})
+    offload = {"budget": _budget(model, 0.8), "allow_cpu": True}
+    explained = _explain(model, config=cfg, offload=offload)
+    compiled = cachepass.compile(model, cfg, inner="aot_eager", offload=offload)
     assert cachepass.offload_stats(model) is None  # nothing ran yet
     first = generate(case, compiled, STEPS)
     after_first = cachepass.offload_stats(model).counters
