@@ -34,9 +34,16 @@ _ENCODER_WORDS = ("encoder", "context", "text", "txt")
 
 
 # ---------------------------------------------------------------------------- module paths
+_HOOKED_ROOT = re.compile(r"^L\['function_reference'\]\.forward\.__self__")
+
+
 def normalize_module_path(dynamo_path: str) -> str:
-    """``L['self'].__dict__['_modules']['blocks'].3.attn`` (or ``L['self'].blocks[3]``) -> ``blocks.3.attn``."""
-    path = dynamo_path.replace("L['self']", "")
+    """``L['self'].__dict__['_modules']['blocks'].3.attn`` (or ``L['self'].blocks[3]``) -> ``blocks.3.attn``.
+
+    A model whose forward a diffusers hook wraps (context parallel, cache hooks) is traced from the
+    hook's ``new_forward``: its paths start at ``L['function_reference'].forward.__self__``.
+    """
+    path = _HOOKED_ROOT.sub("", dynamo_path).replace("L['self']", "")
     path = re.sub(r"\.__dict__\['_modules'\]\['([^']+)'\]", r".\1", path)
     path = re.sub(r"\._modules\['([^']+)'\]", r".\1", path)
     path = re.sub(r"\['([^']+)'\]", r".\1", path)

@@ -185,3 +185,16 @@ def test_a_graph_break_is_named_as_the_cause():
     with pytest.raises(Exception) as e, torch.no_grad():
         compiled(torch.randn(1, 4, 8))
     assert "a graph break may have cut the model (compile with fullgraph=True" in str(e.value)
+
+
+def test_unit_names_stay_readable_when_a_diffusers_hook_wraps_the_forward():
+    """diffusers hooks (context parallel, cache hooks) replace the model's forward: Dynamo then traces from
+    the hook, and module paths start at ``L['function_reference'].forward.__self__``."""
+    from diffusers.hooks import HookRegistry, ModelHook
+
+    case = CASES["wan"]
+    model = case.model()
+    HookRegistry.check_if_exists_or_initialize(model).register_hook(ModelHook(), "passthrough")
+    report = cachepass.explain(model, config=StepCacheConfig(num_head_blocks=1), **case_args(case))
+    assert [u.name for u in report.units] == ["blocks"]
+    assert report.units[0].block_paths[0] == "blocks.0"
