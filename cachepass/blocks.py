@@ -404,12 +404,27 @@ class CacheUnitPlan:
 
 def plan_cache_units(gm: fx.GraphModule, config: StepCacheConfig) -> tuple[list[CacheUnitPlan], Discovery]:
     """Find the block lists and split each into head / middle / tail per the config."""
+    _reject_collectives(gm)
     discovery = find_block_lists(gm)
     if not discovery.block_lists:
         raise BlockDiscoveryError(_why_no_block_list(gm))
     position = {n: i for i, n in enumerate(gm.graph.nodes)}
     plans = [_plan_unit(i, bl, config, position) for i, bl in enumerate(discovery.block_lists)]
     return plans, discovery
+
+
+def _reject_collectives(gm: fx.GraphModule) -> None:
+    """A graph with collectives runs on several ranks (context parallel shards the tokens): each rank's head
+    residual is a shard, its own decision would differ from the others' and the ranks would hang in the
+    collectives of the blocks only some of them run. Deciding on the whole sequence is not built yet."""
+    found = sorted({str(n.target) for n in gm.graph.nodes
+                    if n.op == "call_function" and "_c10d_functional" in str(n.target)})
+    if found:
+        raise UnsupportedGraphError(
+            f"the graph has collectives ({', '.join(found[:4])}): the model runs sharded over several ranks "
+            "(diffusers context parallel?). stepcache would decide per rank on its shard of the tokens, the "
+            "ranks would disagree and hang; caching a sharded model is not supported yet. Compile it without "
+            "stepcache, or run it on one GPU")
 
 
 def _why_no_block_list(gm: fx.GraphModule) -> str:

@@ -198,3 +198,27 @@ def test_unit_names_stay_readable_when_a_diffusers_hook_wraps_the_forward():
     report = cachepass.explain(model, config=StepCacheConfig(num_head_blocks=1), **case_args(case))
     assert [u.name for u in report.units] == ["blocks"]
     assert report.units[0].block_paths[0] == "blocks.0"
+
+
+def test_a_model_sharded_over_ranks_is_refused_with_the_reason(tmp_path):
+    """Collectives in the graph mean the tokens are sharded over ranks: per-rank decisions would diverge and
+    the ranks hang, so the pass refuses before building anything (deciding on the whole sequence: not yet)."""
+    import torch.distributed as dist
+    import torch.distributed._functional_collectives as funcol
+
+    class AllReduced(nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, *args, **kwargs):
+            return funcol.all_reduce(self.inner(*args, **kwargs), "sum", dist.group.WORLD)
+
+    case = CASES["toy"]
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/rendezvous", rank=0, world_size=1)
+    try:
+        with pytest.raises(UnsupportedGraphError, match=r"the graph has collectives \(_c10d_functional\.all_reduce"
+                                                        r".*ranks would disagree and hang"):
+            cachepass.explain(AllReduced(case.model()), config=StepCacheConfig(num_head_blocks=1), **case_args(case))
+    finally:
+        dist.destroy_process_group()
