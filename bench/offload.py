@@ -13,7 +13,6 @@ from torch import nn
 
 import cachepass
 from bench.timing import pinned_htod_bytes
-from cachepass.piecewise.offload import packed_offsets
 from cachepass.piecewise.offload_plan import decisions_of, plan_generation
 from cachepass.runtime import states_of
 
@@ -22,10 +21,6 @@ def nonblock_bytes(model: nn.Module, block_lists: tuple[str, ...]) -> int:
     """Bytes of every parameter and buffer outside the block lists (what stays on the device in any case)."""
     in_blocks = {id(p) for name in block_lists for p in model.get_submodule(name).parameters()}
     return sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()) if id(t) not in in_blocks)
-
-
-def block_bytes(model: nn.Module, block_lists: tuple[str, ...]) -> int:
-    return sum(packed_offsets(list(b.parameters()))[1] for name in block_lists for b in model.get_submodule(name))
 
 
 def h2d_gbps(device: torch.device, nbytes: int = 2**30, repeats: int = 5) -> float:
