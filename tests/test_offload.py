@@ -111,7 +111,7 @@ def test_dynamic_plan_prefetches_both_outcomes_and_counts_what_is_wasted():
     residency = choose_residency(units, sizes, 10, OffloadConfig(budget=10 + 2 * 100, slots=2))
     assert residency.resident == ()
     cfg = toy_config(num_inference_steps=STEPS, warmup_steps=2, num_head_blocks=1, num_tail_blocks=1)
-    assert [predicted_decision(cfg, c, 0) for c in range(0, 8, 2)] == [False, False, None, None]
+    assert [predicted_decision(cfg, c) for c in range(0, 8, 2)] == [False, False, None, None]
     outcomes = [[(c // 2) in (3, 4, 6)] for c in range(2 * STEPS)]
     plan = plan_generation(residency, units, cfg, outcomes=outcomes)
     assert plan.dynamic

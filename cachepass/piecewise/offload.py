@@ -21,13 +21,13 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import re
 import weakref
 from typing import Any, Callable, Sequence
 
 import torch
 from torch import fx
 
+from cachepass.blocks import normalize_module_path
 from cachepass.config import StepCacheConfig
 from cachepass.errors import CachepassError
 from cachepass.piecewise.cudagraphs import has_static_address
@@ -66,24 +66,15 @@ def model_bytes(model: torch.nn.Module, units: Sequence[UnitSpec]) -> tuple[dict
             sum(t.numel() * t.element_size() for t in other))
 
 
-def source_path(node: fx.Node) -> str | None:
-    """``L['self'].__dict__['_modules']['blocks']._modules['4']._parameters['weight']`` -> ``blocks.4.weight``."""
-    grapharg = node.meta.get("grapharg")
-    source = getattr(grapharg, "source", None)
-    if source is None:
-        return None
-    keys = re.findall(r"\['([^']+)'\]", source.name)
-    return ".".join(k for k in keys[1:] if k not in ("_modules", "_parameters", "_buffers"))
-
-
 def block_inputs(gm: fx.GraphModule, units: Sequence[UnitSpec]) -> dict[str, list[int]]:
     """Per block path, the graph inputs that are its parameters (positions among the placeholders)."""
     paths = {p for u in units for p in u.block_paths}
     found: dict[str, list[int]] = {p: [] for p in paths}
     for i, node in enumerate(n for n in gm.graph.nodes if n.op == "placeholder"):
-        path = source_path(node)
-        if path is None or "_parameters" not in node.meta["grapharg"].source.name:
-            continue  # buffers stay resident
+        source = getattr(node.meta.get("grapharg"), "source", None)
+        if source is None or "_parameters" not in source.name:
+            continue  # not a weight (buffers stay resident)
+        path = normalize_module_path(source.name)  # blocks.4.attn1.to_q._parameters.weight
         owner = next((p for p in paths if path.startswith(p + ".")), None)
         if owner is not None:
             found[owner].append(i)
@@ -190,7 +181,7 @@ class ModelOffload:
 
     def __init__(self, blocks: dict[str, list[torch.nn.Parameter]], nonblock_bytes: int, units: Sequence[UnitSpec],
                  config: StepCacheConfig, offload: OffloadConfig, device: torch.device, graphed: bool):
-        self.units, self.device, self.graphed = list(units), device, graphed
+        self.device, self.graphed = device, graphed
         self.parameter_ids = {path: [id(p) for p in params] for path, params in blocks.items()}  # no strong refs
         layouts = {path: packed_offsets(params) for path, params in blocks.items()}
         self.residency = choose_residency(units, {p: size for p, (_, size) in layouts.items()}, nonblock_bytes, offload)
@@ -240,10 +231,6 @@ class OffloadStats:
     counters: Counters
     graphed: bool
 
-    @property
-    def device_weight_bytes(self) -> int:
-        return self.residency.device_bytes
-
 
 _MODELS: dict[int, tuple[weakref.ref, ModelOffload]] = {}  # id of a streamed parameter -> its model's offload
 
@@ -263,7 +250,9 @@ class ProgramOffload:
         if missing:
             raise CachepassError(f"offload: no graph input is a weight of {missing[0]} (blocks without parameters, "
                                  "or weights Dynamo did not lift as inputs): nothing to stream")
+        self.first_input = self.inputs[self.units[0].block_paths[0]][0]  # finds the model's offload per call
         self.current: ModelOffload | None = None
+        self._checked: weakref.WeakSet[ModelOffload] = weakref.WeakSet()  # models this program has called
 
     def attach(self, program: fx.GraphModule) -> None:
         """Make ``program``'s block pieces and conds report to this object (recursively into cond branches)."""
@@ -281,14 +270,14 @@ class ProgramOffload:
 
     def begin(self, args: Sequence[Any], state) -> None:
         """Before a call: the model's offload (made on its first call) becomes the current one."""
-        blocks = {path: [args[i] for i in indices] for path, indices in self.inputs.items()}
-        first = blocks[self.units[0].block_paths[0]][0]
+        first = args[self.first_input]
         entry = _MODELS.get(id(first))
         model = entry[1] if entry is not None and entry[0]() is first else None
         if model is None:
-            model = self._offload(blocks, args)
-        else:
-            model.check(blocks, self.graphed)
+            model = self._offload(self._blocks(args), args)
+        elif model not in self._checked:
+            model.check(self._blocks(args), self.graphed)
+        self._checked.add(model)
         state.offload = model
         self.current = model
         if self.graphed:  # before any eager copy of this call (a warm-up), the last replay's reads come first
@@ -296,6 +285,9 @@ class ProgramOffload:
 
     def end(self) -> None:
         self.current.scheduler.end_call()
+
+    def _blocks(self, args: Sequence[Any]) -> dict[str, list]:
+        return {path: [args[i] for i in indices] for path, indices in self.inputs.items()}
 
     def _offload(self, blocks: dict[str, list], args: Sequence[Any]) -> ModelOffload:
         for path, params in blocks.items():

@@ -168,22 +168,26 @@ class Timeline:
     """What one call runs, in order: per cache unit its head blocks, its decision, its tail blocks."""
 
     units: tuple[tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]], ...]  # (head, middle, tail) paths
+    place: dict[str, tuple[int, int, int]]  # block -> (unit, phase: 0 head 1 middle 2 tail, index in the phase)
 
     @classmethod
     def of(cls, units: Sequence[UnitSpec]) -> "Timeline":
         def paths(u, r):
             return tuple(u.block_paths[i] for i in r)
 
-        return cls(tuple((paths(u, u.head), paths(u, u.middle), paths(u, u.tail)) for u in units))
+        phases = tuple((paths(u, u.head), paths(u, u.middle), paths(u, u.tail)) for u in units)
+        place = {block: (u, phase, i) for u, unit in enumerate(phases) for phase, blocks in enumerate(unit)
+                 for i, block in enumerate(blocks)}
+        return cls(phases, place)
 
 
-def predicted_decision(config: StepCacheConfig, call: int, unit: int) -> bool | None:
-    """Whether call ``call`` of a generation (streams interleaved) is cached, if the config alone says so.
+def predicted_decision(config: StepCacheConfig, call: int) -> bool | None:
+    """Whether call ``call`` of a generation (streams interleaved) is cached, if the config alone says so
+    (every unit of a call follows the same schedule).
 
     True: cached (static mask); False: computed (warmup, mask, the first step, no threshold caching);
     None: the threshold decides (known once the unit's predicate is read).
     """
-    del unit  # every unit of a call follows the same schedule
     step = call // config.num_streams
     steps = config.num_inference_steps
     if steps is not None and step >= steps:
@@ -264,7 +268,7 @@ class SlotScheduler:
         self.prefetch()
 
     def decided(self, unit: int, cached: bool) -> None:
-        predicted = predicted_decision(self.config, self.call, unit)
+        predicted = predicted_decision(self.config, self.call)
         if predicted is not None and predicted != cached:
             self.counters.mispredicted += 1
         self._decided[unit] = cached
@@ -334,7 +338,7 @@ class SlotScheduler:
             yield from head[index:]
         if phase <= 1:
             if cached is None:
-                cached = predicted_decision(self.config, call, u)
+                cached = predicted_decision(self.config, call)
             if cached is None:  # both outcomes: the first streamed block of each, then stop
                 first = [b for b in middle if b in self.residency.slot_of][:1]
                 yield from first
@@ -366,18 +370,16 @@ class SlotScheduler:
 
     def _advance_past(self, block: str) -> None:
         """The next block is the one after ``block`` (a finished phase moves on; past a tail, the next unit)."""
-        for u, phases in enumerate(self.timeline.units):
-            for phase, paths in enumerate(phases):
-                if block in paths:
-                    index = paths.index(block) + 1
-                    self._phase_rest = paths[index:]
-                    if index < len(paths):
-                        self._position = (u, phase, index)
-                    elif phase < 2 and any(phases[phase + 1:]):
-                        self._position = (u, phase + 1, 0)
-                    else:
-                        self._position = (u + 1, 0, 0)
-                    return
+        u, phase, index = self.timeline.place[block]
+        phases = self.timeline.units[u]
+        index += 1
+        self._phase_rest = phases[phase][index:]
+        if index < len(phases[phase]):
+            self._position = (u, phase, index)
+        elif phase < 2 and any(phases[phase + 1:]):
+            self._position = (u, phase + 1, 0)
+        else:
+            self._position = (u + 1, 0, 0)
 
 
 # ---------------------------------------------------------------------------- the plan
@@ -495,7 +497,7 @@ def _generation(scheduler: SlotScheduler, transport: RecordingTransport, config:
         moved = scheduler.counters.bytes_moved
         cached_units, ran = [], []
         for u, (head, middle, tail) in enumerate(timeline.units):
-            cached = predicted_decision(config, call, u)
+            cached = predicted_decision(config, call)
             if cached is None:
                 dynamic = True
                 cached = bool(outcomes[call][u]) if outcomes is not None else False
@@ -513,9 +515,7 @@ def _generation(scheduler: SlotScheduler, transport: RecordingTransport, config:
                 _run(scheduler, transport, block, ran)
             cached_units.append(cached)
         transport.point = "end of call"
-        scheduler.end_call()
-        if graphed:
-            scheduler.boundary()
+        scheduler.end_call()  # with graphs, the next call assumes nothing of the slots (`_start_call`)
         calls.append(CallPlan(call, call // config.num_streams, call % config.num_streams, tuple(cached_units),
                               tuple(ran), tuple(transport.actions[first:]), scheduler.counters.bytes_moved - moved))
         transport.point = "start"
