@@ -13,14 +13,14 @@ from torch import nn
 
 import cachepass
 from bench.timing import pinned_htod_bytes
+from cachepass.piecewise.offload import block_lists_paths, model_bytes
 from cachepass.piecewise.offload_plan import decisions_of, plan_generation
 from cachepass.runtime import states_of
 
 
 def nonblock_bytes(model: nn.Module, block_lists: tuple[str, ...]) -> int:
     """Bytes of every parameter and buffer outside the block lists (what stays on the device in any case)."""
-    in_blocks = {id(p) for name in block_lists for p in model.get_submodule(name).parameters()}
-    return sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()) if id(t) not in in_blocks)
+    return model_bytes(model, block_lists_paths(model, block_lists))[1]
 
 
 def h2d_gbps(device: torch.device, nbytes: int = 2**30, repeats: int = 5) -> float:

@@ -194,7 +194,7 @@ def explain(model: nn.Module, *example_args, config: StepCacheConfig | None = No
     plan, compiles = _piecewise_plan(gm, layout, timestep)
     offload_plan = None
     if offload_config is not None:
-        block_bytes, nonblock_bytes = model_bytes(model, units)
+        block_bytes, nonblock_bytes = model_bytes(model, [path for u in units for path in u.block_paths])
         residency = choose_residency(units, block_bytes, nonblock_bytes, offload_config)
         offload_plan = plan_generation(residency, units, config, graphed=cudagraphs)
     report = Explanation(units, discovery.skipped, {u.name: layout.unit_nbytes(u) for u in units}, config,

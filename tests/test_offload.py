@@ -14,7 +14,7 @@ import torch
 
 import cachepass
 from cachepass.errors import CachepassError
-from cachepass.piecewise.offload import model_bytes
+from cachepass.piecewise.offload import block_lists_paths, model_bytes
 from cachepass.piecewise.offload_plan import (OffloadConfig, choose_residency, decisions_of, plan_generation,
                                               predicted_decision, residency_priority)
 from cachepass.unit import UnitSpec
@@ -182,8 +182,7 @@ BLOCK_LISTS = {"WanTransformer3DModel": ("blocks",),
 
 def _budget(model: torch.nn.Module, units_fraction: float) -> int:
     """The non-block weights plus ``units_fraction`` of the blocks' packed bytes."""
-    lists = [unit(i, name, len(model.get_submodule(name)), 1, 1) for i, name in enumerate(BLOCK_LISTS[type(model).__name__])]
-    blocks, nonblock = model_bytes(model, lists)
+    blocks, nonblock = model_bytes(model, block_lists_paths(model, BLOCK_LISTS[type(model).__name__]))
     return nonblock + int(units_fraction * sum(blocks.values()))
 
 

@@ -52,14 +52,14 @@ def packed_offsets(params: Sequence[torch.Tensor]) -> tuple[list[int], int]:
     return offsets, size
 
 
-def block_parameters(model: torch.nn.Module, units: Sequence[UnitSpec]) -> dict[str, list[torch.nn.Parameter]]:
-    """Each block's parameters, by block path (the paths cache units name)."""
-    return {path: list(model.get_submodule(path).parameters()) for u in units for path in u.block_paths}
+def block_lists_paths(model: torch.nn.Module, block_lists: Sequence[str]) -> list[str]:
+    """``["blocks"]`` -> ``["blocks.0", "blocks.1", ...]``: the block paths of the named lists."""
+    return [f"{name}.{i}" for name in block_lists for i in range(len(model.get_submodule(name)))]
 
 
-def model_bytes(model: torch.nn.Module, units: Sequence[UnitSpec]) -> tuple[dict[str, int], int]:
-    """Packed bytes per block, and the bytes of every other parameter and buffer."""
-    blocks = block_parameters(model, units)
+def model_bytes(model: torch.nn.Module, block_paths: Sequence[str]) -> tuple[dict[str, int], int]:
+    """Packed bytes per block (by path), and the bytes of every other parameter and buffer."""
+    blocks = {path: list(model.get_submodule(path).parameters()) for path in block_paths}
     in_blocks = {id(p) for params in blocks.values() for p in params}
     other = [t for t in (*model.parameters(), *model.buffers()) if id(t) not in in_blocks]
     return ({path: packed_offsets(params)[1] for path, params in blocks.items()},

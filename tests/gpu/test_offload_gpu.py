@@ -13,7 +13,7 @@ import torch
 
 import cachepass
 from bench.timing import pinned_htod_bytes
-from cachepass.piecewise.offload import packed_offsets
+from cachepass.piecewise.offload import block_lists_paths, model_bytes
 from cachepass.piecewise.offload_plan import decisions_of, plan_generation
 from cachepass.runtime import states_of
 from models import CASES
@@ -25,10 +25,8 @@ BLOCK_LISTS = {"wan": ("blocks",), "flux": ("transformer_blocks", "single_transf
 
 def budget(model, name: str, fraction: float) -> int:
     """The non-block weights plus ``fraction`` of the blocks' packed bytes."""
-    blocks = [block for path in BLOCK_LISTS[name] for block in model.get_submodule(path)]
-    in_blocks = {id(p) for block in blocks for p in block.parameters()}
-    nonblock = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()) if id(t) not in in_blocks)
-    return nonblock + int(fraction * sum(packed_offsets(list(block.parameters()))[1] for block in blocks))
+    blocks, nonblock = model_bytes(model, block_lists_paths(model, BLOCK_LISTS[name]))
+    return nonblock + int(fraction * sum(blocks.values()))
 
 
 @pytest.mark.parametrize("name", ["wan", "flux"])
