@@ -28,7 +28,8 @@ log = logging.getLogger("cachepass")
 
 def compile(model: nn.Module, config: Any, *, calibrator_config: Any = None, inner: str = "inductor",
             mode: str | None = None, form: str = "piecewise", cudagraphs: str | None = None,
-            offload: Any = None, fullgraph: bool = True, max_shapes: int | None = None) -> nn.Module:
+            offload: Any = None, sequence_parallel_group: Any = "auto", fullgraph: bool = True,
+            max_shapes: int | None = None) -> nn.Module:
     """``torch.compile(model, backend="stepcache", dynamic=False, ...)`` with the options checked up front.
 
     ``config`` is a `StepCacheConfig`, a dict of its fields, or a cache-dit ``DBCacheConfig``
@@ -40,7 +41,11 @@ def compile(model: nn.Module, config: Any, *, calibrator_config: Any = None, inn
     IF/ELSE nodes into one graph launch with no host sync (needs cuda-bindings); ``"off"``. The
     default follows ``mode`` (``"reduce-overhead"``: piecewise). ``offload`` (piecewise form):
     ``{"budget": "8GB", "slots": 2}`` keeps that many bytes of weights on the device and streams the
-    other blocks from pinned host memory, planned from the cache schedule (`OffloadConfig`). Shapes are static: a new
+    other blocks from pinned host memory, planned from the cache schedule (`OffloadConfig`).
+    ``sequence_parallel_group`` (context parallel, `cachepass.sequence_parallel`): ``"auto"`` finds
+    the group that shards the tokens from the graph's collectives, and every rank then takes the
+    same decision from one all-reduce per cache unit; a ``ProcessGroup`` names it; None refuses a
+    sharded graph. Shapes are static: a new
     resolution or batch size compiles once more, with its own state. Dynamo allows
     ``torch._dynamo.config.recompile_limit`` (8) graphs per function, shared by every compile of
     the model's class in the process; ``max_shapes`` raises that limit (process-wide) when larger.
@@ -62,6 +67,8 @@ def compile(model: nn.Module, config: Any, *, calibrator_config: Any = None, inn
         options["cudagraphs"] = cudagraphs
     if offload is not None:
         options["offload"] = offload
+    if sequence_parallel_group != "auto":
+        options["sequence_parallel_group"] = sequence_parallel_group
     if parse_options(options).offload is not None:
         check_not_offloaded_by_hooks(model)
     return torch.compile(model, backend=stepcache, fullgraph=fullgraph, dynamic=False, options=options)

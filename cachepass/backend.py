@@ -27,7 +27,8 @@ from cachepass.blocks import Discovery, plan_cache_units
 from cachepass.config import StepCacheConfig
 from cachepass.errors import CachepassError, UnsupportedGraphError
 from cachepass.inner import INDUCTOR_MODES, Inner, asks_for_cudagraphs, inner_compile
-from cachepass.passes import cache_passes, outline_passes, run_passes
+from cachepass import sequence_parallel
+from cachepass.passes import cache_passes, outline_passes, run_passes, split_before_first_block
 from cachepass.piecewise.compile import PieceCompiler
 from cachepass.piecewise.conditional_nodes import unavailable_reason as conditional_nodes_unavailable
 from cachepass.piecewise.cudagraphs import CudaGraphs, GraphedProgram
@@ -41,7 +42,7 @@ from cachepass.unit import OutlinedUnit, UnitSpec
 log = logging.getLogger("cachepass")
 
 
-OPTION_KEYS = ("config", "calibrator_config", "inner", "mode", "form", "cudagraphs", "offload")
+OPTION_KEYS = ("config", "calibrator_config", "inner", "mode", "form", "cudagraphs", "offload", "sequence_parallel_group")
 
 
 class Form(str, enum.Enum):
@@ -59,6 +60,7 @@ class BackendOptions:
     form: Form = Form.PIECEWISE
     cudagraphs: CudaGraphs | None = None  # None: as ``mode`` asks (reduce-overhead, max-autotune: piecewise)
     offload: OffloadConfig | None = None  # stream block weights from pinned host memory (piecewise form)
+    sequence_parallel_group: Any = sequence_parallel.AUTO  # "auto", None, or a ProcessGroup (context parallel)
 
     def check_offload_device(self, device: torch.device) -> None:
         if self.offload is None or device.type == "cuda" or self.offload.allow_cpu:
@@ -107,7 +109,8 @@ def parse_options(options: Mapping[str, Any] | None, mode: str | None = None) ->
             raise ValueError(f"stepcache option mode={mode!r} only applies to inner='inductor' (got inner={inner.value!r})")
         if mode not in INDUCTOR_MODES:
             raise ValueError(f"stepcache option mode={mode!r} is invalid; allowed: {list(INDUCTOR_MODES)}")
-    return BackendOptions(config, inner, mode, form, cudagraphs, offload)
+    group = sequence_parallel.check_option(options.get("sequence_parallel_group", sequence_parallel.AUTO))
+    return BackendOptions(config, inner, mode, form, cudagraphs, offload, group)
 
 
 def _enum_option(options: Mapping[str, Any], key: str, default: enum.Enum) -> Any:
@@ -150,9 +153,15 @@ def copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
     return fx.GraphModule(gm, graph, class_name=type(gm).__name__)
 
 
-def outline_graph(gm: fx.GraphModule, config: StepCacheConfig) -> tuple[fx.GraphModule, list[UnitSpec], Discovery]:
-    """Find the cache units and outline their middle blocks; returns the outlined graph and the units."""
+def outline_graph(gm: fx.GraphModule, config: StepCacheConfig,
+                  sequence_parallel_group: Any = None) -> tuple[fx.GraphModule, list[UnitSpec], Discovery]:
+    """Find the cache units and outline their middle blocks; returns the outlined graph and the units.
+
+    ``sequence_parallel_group`` (see `cachepass.sequence_parallel`): None refuses a graph with collectives.
+    """
+    gm = run_passes(gm, [split_before_first_block])
     plans, discovery = plan_cache_units(gm, config)
+    discovery.parallel = sequence_parallel.find_sequence_parallel(gm, discovery, sequence_parallel_group)
     gm = run_passes(gm, outline_passes(plans))
     return gm, outlined_units(gm), discovery
 
@@ -177,12 +186,14 @@ def stepcache(gm: fx.GraphModule, example_inputs: Sequence[Any], *, mode: str | 
             "torch.no_grad() or torch.inference_mode(), as diffusers pipelines do"
         )
     _require_static_shapes(example_inputs)
-    gm, units, discovery = outline_graph(copy_graph_module(gm), opts.config)
+    gm, units, discovery = outline_graph(copy_graph_module(gm), opts.config, opts.sequence_parallel_group)
     for skipped in discovery.skipped:
         log.info("stepcache: not a cache unit: %s", skipped)
     layout = StateLayout(units, opts.config)
     timestep = find_timestep_input(gm, opts.config)
-    gm = run_passes(gm, cache_passes(layout, timestep))
+    gm = run_passes(gm, cache_passes(layout, timestep, discovery.parallel))
+    if discovery.parallel is not None:
+        log.info("stepcache: %s: one all-reduce per cache unit per call", discovery.parallel.describe())
     device = units[0].hidden.device
     states = StateSet(layout, device, _anchor_index(example_inputs), gm)
     log.info("stepcache: %d cache unit(s) (%s), %.1f MiB of state per model instance, form=%s, inner=%s, %s",

@@ -19,7 +19,7 @@ import dataclasses
 import logging
 import re
 from collections import OrderedDict
-from typing import Iterable
+from typing import Any, Iterable
 
 import torch
 from torch import fx
@@ -35,20 +35,23 @@ _ENCODER_WORDS = ("encoder", "context", "text", "txt")
 
 # ---------------------------------------------------------------------------- module paths
 _HOOKED_ROOT = re.compile(r"^L\['function_reference'\]\.forward\.__self__")
+_HOOKED_MODULE = re.compile(r"\.forward\.(?:func\.)?__closure__\.\d+\.cell_contents\.forward\.__self__")
 
 
 def normalize_module_path(dynamo_path: str) -> str:
     """``L['self'].__dict__['_modules']['blocks'].3.attn`` (or ``L['self'].blocks[3]``) -> ``blocks.3.attn``.
 
     A model whose forward a diffusers hook wraps (context parallel, cache hooks) is traced from the
-    hook's ``new_forward``: its paths start at ``L['function_reference'].forward.__self__``.
+    hook's ``new_forward``: its paths start at ``L['function_reference'].forward.__self__``, and the
+    submodules of a hooked block are reached through the hook's closure
+    (``blocks.0.forward.func.__closure__.0.cell_contents.forward.__self__.attn1``).
     """
     path = _HOOKED_ROOT.sub("", dynamo_path).replace("L['self']", "")
     path = re.sub(r"\.__dict__\['_modules'\]\['([^']+)'\]", r".\1", path)
     path = re.sub(r"\._modules\['([^']+)'\]", r".\1", path)
     path = re.sub(r"\['([^']+)'\]", r".\1", path)
     path = re.sub(r"\[(\d+)\]", r".\1", path)
-    return path.strip(".")
+    return _HOOKED_MODULE.sub("", path).strip(".")
 
 
 def list_items(node: fx.Node) -> list[tuple[str, int, str]]:
@@ -109,6 +112,7 @@ class BlockList:
 class Discovery:
     block_lists: list[BlockList]
     skipped: list[str]  # "path (N blocks of Class): reason"
+    parallel: Any = None  # the `cachepass.sequence_parallel.SequenceParallel` a sharded graph decides over
 
 
 def find_block_lists(gm: fx.GraphModule) -> Discovery:
@@ -160,6 +164,15 @@ def _assign_blocks(nodes: list[fx.Node], candidates: dict[str, str]) -> dict[fx.
                 owner[node] = (path, index)
                 break
     return owner
+
+
+def block_nodes_by_list_item(gm: fx.GraphModule) -> dict[str, dict[int, list[fx.Node]]]:
+    """list path -> item index -> the item's computation nodes in graph order, for every candidate list."""
+    nodes = [n for n in gm.graph.nodes if _is_computation(n)]
+    result: dict[str, dict[int, list[fx.Node]]] = {}
+    for node, (path, index) in _assign_blocks(nodes, _candidate_lists(nodes)).items():
+        result.setdefault(path, {}).setdefault(index, []).append(node)
+    return result
 
 
 def _group_blocks(gm, owner, candidates) -> list[BlockList]:
@@ -404,27 +417,12 @@ class CacheUnitPlan:
 
 def plan_cache_units(gm: fx.GraphModule, config: StepCacheConfig) -> tuple[list[CacheUnitPlan], Discovery]:
     """Find the block lists and split each into head / middle / tail per the config."""
-    _reject_collectives(gm)
     discovery = find_block_lists(gm)
     if not discovery.block_lists:
         raise BlockDiscoveryError(_why_no_block_list(gm))
     position = {n: i for i, n in enumerate(gm.graph.nodes)}
     plans = [_plan_unit(i, bl, config, position) for i, bl in enumerate(discovery.block_lists)]
     return plans, discovery
-
-
-def _reject_collectives(gm: fx.GraphModule) -> None:
-    """A graph with collectives runs on several ranks (context parallel shards the tokens): each rank's head
-    residual is a shard, its own decision would differ from the others' and the ranks would hang in the
-    collectives of the blocks only some of them run. Deciding on the whole sequence is not built yet."""
-    found = sorted({str(n.target) for n in gm.graph.nodes
-                    if n.op == "call_function" and "_c10d_functional" in str(n.target)})
-    if found:
-        raise UnsupportedGraphError(
-            f"the graph has collectives ({', '.join(found[:4])}): the model runs sharded over several ranks "
-            "(diffusers context parallel?). stepcache would decide per rank on its shard of the tokens, the "
-            "ranks would disagree and hang; caching a sharded model is not supported yet. Compile it without "
-            "stepcache, or run it on one GPU")
 
 
 def _why_no_block_list(gm: fx.GraphModule) -> str:

@@ -54,6 +54,7 @@ class Mismatch(enum.IntFlag):
     SHARED_TIMESTEP = 2  # one stream, but two calls at one timestep (separate CFG on a separate_cfg=False compile)
     MORE_STEPS = 4  # a generation ran past num_inference_steps
     FEWER_STEPS = 8  # a generation ended before num_inference_steps (interrupted, or a shorter schedule)
+    RANKS_DIVERGED = 16  # context parallel: the ranks were out of step (calls, step, config); all computed
 
 
 MISMATCH_MESSAGES = {
@@ -74,6 +75,12 @@ MISMATCH_MESSAGES = {
         "a generation ended after {ended} of num_inference_steps={steps} steps (interrupted, a shorter "
         "schedule, or one of two experts running part of the steps); the next one started at step 0. "
         "If the pipeline runs {ended} steps, set num_inference_steps={ended}"
+    ),
+    Mismatch.RANKS_DIVERGED: (
+        "the ranks of the sequence-parallel group were out of step at a call (different call counts since "
+        "reset, a different step or CFG stream, or a different config): from then on every rank ran every block, "
+        "so nothing was cached and per-rank stats no longer describe one schedule. Give every rank the same "
+        "config, the same seeds and calls, and call cachepass.reset(model) on every rank together (or on none)"
     ),
 }
 
@@ -264,8 +271,14 @@ class RuntimeState:
         return [self.reported[flag] for flag in Mismatch if flag in self.reported]
 
     def reset(self) -> None:
-        """Start a new generation at the next call (the graph clears the per-stream state then)."""
+        """Start a new generation at the next call (the graph clears the per-stream state then).
+
+        Also clears a rank divergence: if the other ranks reset too, they are back in step.
+        """
         self["clock.calls"].zero_()
+        report = self["clock.report"]
+        report[0] = torch.where((report[0] // Mismatch.RANKS_DIVERGED) % 2 == 1, report[0] - Mismatch.RANKS_DIVERGED, report[0])
+        self.reported.pop(Mismatch.RANKS_DIVERGED, None)
         self.mid_pair = False
         if self.offload is not None:
             self.offload.scheduler.start_generation()
@@ -273,6 +286,8 @@ class RuntimeState:
     def stats(self) -> list["UnitStats"]:
         fresh = int(self["clock.calls"].item()) == 0
         warnings = self.warnings()
+        if Mismatch.RANKS_DIVERGED in self.reported:
+            raise CachepassError(f"stepcache: no stats: {self.reported[Mismatch.RANKS_DIVERGED]}")
         return [self._unit_stats(unit, fresh, warnings) for unit in self.layout.units]
 
     def _unit_stats(self, unit: UnitSpec, fresh: bool, warnings: list[str]) -> "UnitStats":

@@ -1,6 +1,6 @@
 """The stepcache graph passes, in the order they run.
 
-``outline_passes`` turn a Dynamo graph into one where each cache unit's middle blocks are a
+``split_before_first_block`` runs before block discovery; ``outline_passes`` turn a Dynamo graph into one where each cache unit's middle blocks are a
 submodule call (what the eager reference runs); ``cache_passes`` then rewrite those calls into the
 compiled decision + ``torch.cond`` + state update. ``run_passes`` names a failing pass and the
 passes that ran before it. The graph invariants every pass keeps are in README.md beside this file.
@@ -18,6 +18,7 @@ from cachepass.errors import CachepassError, PassError
 from cachepass.passes.hoist_out_of_middle import hoist_out_of_middle
 from cachepass.passes.insert_cache_cond import insert_cache_cond
 from cachepass.passes.outline_middle_blocks import outline_middle_blocks
+from cachepass.passes.split_before_first_block import split_before_first_block
 
 log = logging.getLogger("cachepass")
 
@@ -28,8 +29,8 @@ def outline_passes(plans) -> list[Pass]:
     return [functools.partial(hoist_out_of_middle, plans=plans), functools.partial(outline_middle_blocks, plans=plans)]
 
 
-def cache_passes(layout, timestep) -> list[Pass]:
-    return [functools.partial(insert_cache_cond, layout=layout, timestep=timestep)]
+def cache_passes(layout, timestep, parallel=None) -> list[Pass]:
+    return [functools.partial(insert_cache_cond, layout=layout, timestep=timestep, parallel=parallel)]
 
 
 def pass_name(p: Pass) -> str:

@@ -26,6 +26,7 @@ import dataclasses
 import logging
 import math
 import operator
+import zlib
 
 import torch
 from torch import fx
@@ -36,17 +37,20 @@ from torch.fx.proxy import GraphAppendingTracer, Proxy
 from cachepass.blocks import example_value
 from cachepass.errors import UnsupportedGraphError
 from cachepass.runtime import Mismatch, StateLayout
+from cachepass.sequence_parallel import SequenceParallel
 from cachepass.timestep import TimestepInput
 from cachepass.unit import OutlinedUnit, UnitSpec
 
 log = logging.getLogger("cachepass")
 
 
-def insert_cache_cond(gm: fx.GraphModule, layout: StateLayout, timestep: TimestepInput | None) -> fx.GraphModule:
+def insert_cache_cond(gm: fx.GraphModule, layout: StateLayout, timestep: TimestepInput | None,
+                      parallel: SequenceParallel | None = None) -> fx.GraphModule:
     """``call_module(stepcache_unit_i)`` -> decision + ``torch.cond`` + in-place state update.
 
     ``timestep`` names the placeholder the clock reads to tell steps and generations apart
-    (None: the clock counts calls).
+    (None: the clock counts calls). ``parallel``: the ranks sharding the tokens, over which each
+    unit's decision inputs are all-reduced before its cond (`_agree_across_ranks`).
     """
     graph = gm.graph
     units = [n for n in graph.nodes if n.op == "call_module" and isinstance(gm.get_submodule(n.target), OutlinedUnit)]
@@ -62,11 +66,11 @@ def insert_cache_cond(gm: fx.GraphModule, layout: StateLayout, timestep: Timeste
                             placeholders[timestep.latents] if timestep and timestep.latents else None)
     for call in units:
         unit = gm.get_submodule(call.target)
-        _rewrite_unit(gm, call, unit, layout, clock, state, tracer)
+        _rewrite_unit(gm, call, unit, layout, clock, state, tracer, parallel)
         gm.delete_submodule(call.target)
     output = next(n for n in graph.nodes if n.op == "output")
     with graph.inserting_before(output):
-        for name, value in clock.updates.items():
+        for name, value in {**clock.updates, "clock.report": torch.stack([clock.flags, clock.ended])}.items():
             Proxy(state[name], tracer).copy_(value)
     graph.lint()
     gm.recompile()
@@ -114,6 +118,7 @@ def _add_state_placeholders(graph: fx.Graph, layout: StateLayout) -> dict[str, f
 # ---------------------------------------------------------------------------- clock
 @dataclasses.dataclass
 class Clock:
+    calls: Proxy  # calls since the state was made or reset, before this one
     first: Proxy  # bool: first call of a generation -> per-stream state resets
     stream: Proxy  # 0 = conditional, 1 = unconditional (CFG) stream
     step: Proxy  # denoising step
@@ -122,7 +127,9 @@ class Clock:
     step_mask: Proxy  # [C+1] bool, the current step's stats column
     forced: Proxy  # bool: warmup or mask forces a compute step
     static_hit: Proxy  # bool: the static mask policy caches this step
-    updates: dict[str, Proxy]  # clock state written back after the units
+    flags: Proxy  # `Mismatch` bits, written back after the units (which may add to them)
+    ended: Proxy  # steps of the last generation that ended early
+    updates: dict[str, Proxy]  # the other clock state written back after the units
 
 
 def _progress(layout: StateLayout, calls: Proxy, timestep: Proxy | None) -> Proxy:
@@ -189,6 +196,7 @@ def _emit_clock(layout: StateLayout, st: dict[str, Proxy], timestep: Proxy | Non
     step_slot = torch.where(step > layout.capacity, layout.capacity, step)  # Where, not Clip: ONNX-TensorRT clips floats only
     forced = _at(st["schedule.warmup"], step_slot) | _at(st["schedule.mask_compute"], step_slot)
     return Clock(
+        calls=calls,
         first=first,
         stream=stream,
         step=step,
@@ -197,13 +205,14 @@ def _emit_clock(layout: StateLayout, st: dict[str, Proxy], timestep: Proxy | Non
         step_mask=st["schedule.step_ids"] == step_slot,
         forced=forced,
         static_hit=_at(st["schedule.mask_static"], step_slot) & ~forced,
+        flags=flags,
+        ended=ended,
         updates={
             "clock.calls": calls + 1,
             "clock.step": step,
             "clock.pending": ~partner if cfg.separate_cfg else partner,
             "clock.last_t": t,
             "clock.last_latents": fingerprint,
-            "clock.report": torch.stack([flags, ended]),
         },
     )
 
@@ -254,7 +263,8 @@ class _UnitState:
             self.raw(name).copy_(value)
 
 
-def _rewrite_unit(gm, call: fx.Node, unit: OutlinedUnit, layout: StateLayout, clock: Clock, state, tracer) -> None:
+def _rewrite_unit(gm, call: fx.Node, unit: OutlinedUnit, layout: StateLayout, clock: Clock, state, tracer,
+                  parallel: SequenceParallel | None) -> None:
     spec, cfg, graph = unit.spec, layout.config, gm.graph
     hidden = spec.hidden
     with graph.inserting_before(call):
@@ -264,7 +274,7 @@ def _rewrite_unit(gm, call: fx.Node, unit: OutlinedUnit, layout: StateLayout, cl
         h_f = Proxy(region_inputs[hidden.input_position], tracer)
         residual = h_f - h_in
         prev = _pick_stream(us.raw("prev_residual"), clock.stream, cfg.num_streams)
-        hit, diff, considered = _decide(cfg, us, residual, prev)
+        hit, diff, considered = _decide(cfg, us, residual, prev, parallel)
 
         elapsed = clock.step - us.current("last_compute_step")
         taylor_operands = []
@@ -306,11 +316,26 @@ def _rewrite_unit(gm, call: fx.Node, unit: OutlinedUnit, layout: StateLayout, cl
     graph.erase_node(call)
 
 
-def _decide(cfg, us: _UnitState, residual: Proxy, prev: Proxy) -> tuple[Proxy, Proxy | None, Proxy | None]:
+def _decide(cfg, us: _UnitState, residual: Proxy, prev: Proxy,
+            parallel: SequenceParallel | None) -> tuple[Proxy, Proxy | None, Proxy | None]:
     """cache-dit ``CachedContextManager.can_cache``: returns (hit, diff, diff_was_recorded)."""
     clock = us.clock
+    if parallel is not None:
+        ok = _may_cache(cfg, us) if cfg.threshold > 0 else torch.zeros_like(clock.static_hit)
+        return _agree_across_ranks(cfg, us, residual, prev, ok, parallel)
     if cfg.threshold <= 0:  # never reaches the similarity test
         return clock.static_hit, None, None
+    ok = _may_cache(cfg, us)
+    if cfg.threshold >= 1:
+        diff = torch.full_like(ok, -1.0, dtype=us.layout.float_dtype)  # cache-dit records -1.0 and always caches
+        return clock.static_hit | ok, diff, ok
+    diff = _shared_cfg_diff(cfg, us, ((prev - residual).abs().mean() / prev.abs().mean()).to(us.layout.float_dtype))
+    return clock.static_hit | (ok & (diff < cfg.threshold)), diff, ok
+
+
+def _may_cache(cfg, us: _UnitState) -> Proxy:
+    """Everything but the similarity test: not forced, not statically cached, a previous residual, budgets left."""
+    clock = us.clock
     ok = ~clock.forced & ~clock.static_hit & us.current("has_prev")
     if cfg.max_cached_steps is not None:
         ok = ok & (us.current("cached_count") < cfg.max_cached_steps)
@@ -318,17 +343,58 @@ def _decide(cfg, us: _UnitState, residual: Proxy, prev: Proxy) -> tuple[Proxy, P
         ok = ok & (_streak(us) < cfg.max_continuous_cached_steps)
     if cfg.max_accumulated_residual_diff is not None:
         ok = ok & (us.current("accumulated_diff") < cfg.max_accumulated_residual_diff)
-    if cfg.threshold >= 1:
-        diff = torch.full_like(ok, -1.0, dtype=us.layout.float_dtype)  # cache-dit records -1.0 and always caches
-        similar = ok
+    return ok
+
+
+def _shared_cfg_diff(cfg, us: _UnitState, diff: Proxy) -> Proxy:
+    """With separate CFG, the unconditional stream reuses the conditional stream's diff of this step, if any."""
+    if not (cfg.separate_cfg and not cfg.cfg_diff_compute_separate):
+        return diff
+    cond_diff = _at(us.vector("diffs")[0], us.clock.step_slot).to(us.layout.float_dtype)
+    return torch.where((us.clock.stream == 1) & ~torch.isnan(cond_diff), cond_diff, diff)
+
+
+_FINGERPRINT_MODULUS = 1 << 16  # in-step checks sum x and x^2 over ranks in float64: exact for x < 2^16
+
+
+def _agree_across_ranks(cfg, us: _UnitState, residual: Proxy, prev: Proxy, ok: Proxy,
+                        parallel: SequenceParallel) -> tuple[Proxy, Proxy | None, Proxy | None]:
+    """The decision of the whole sequence, identical on every rank of ``parallel``.
+
+    One float64 SUM all-reduce of ``[sum|R_prev - R|, sum|R_prev|, ok, static_hit, 1, call, call^2,
+    fingerprint, fingerprint^2]`` over the local shards; the predicate reads only the reduced vector
+    (the diff is exact for unequal shards). The ranks are in step when every rank reports the same
+    call count and the same fingerprint (config, step, CFG stream): ``W * sum(x^2) == sum(x)^2``.
+    Out of step (a rank reset alone, another config), every rank computes and the sticky
+    `Mismatch.RANKS_DIVERGED` bit is set.
+    """
+    clock, f64 = us.clock, torch.float64
+    if 0 < cfg.threshold < 1:
+        local = [(prev - residual).abs().sum(dtype=f64), prev.abs().sum(dtype=f64)]
     else:
-        diff = ((prev - residual).abs().mean() / prev.abs().mean()).to(us.layout.float_dtype)
-        if cfg.separate_cfg and not cfg.cfg_diff_compute_separate:
-            # the unconditional stream reuses the conditional stream's diff of this step, if any
-            cond_diff = _at(us.vector("diffs")[0], clock.step_slot).to(us.layout.float_dtype)
-            diff = torch.where((clock.stream == 1) & ~torch.isnan(cond_diff), cond_diff, diff)
-        similar = diff < cfg.threshold
-    return clock.static_hit | (ok & similar), diff, ok
+        local = [torch.zeros_like(clock.static_hit, dtype=f64)] * 2
+    call = (clock.calls % _FINGERPRINT_MODULUS).to(f64)
+    fingerprint = ((config_fingerprint(cfg) + 31 * clock.step + 977 * clock.stream) % _FINGERPRINT_MODULUS).to(f64)
+    vector = torch.stack([*local, ok.to(f64), clock.static_hit.to(f64), torch.ones_like(call),
+                          call, call * call, fingerprint, fingerprint * fingerprint])
+    total = torch.ops._c10d_functional.wait_tensor(
+        torch.ops._c10d_functional.all_reduce(vector, "sum", parallel.group_name))
+    size = parallel.size
+    in_step = ((total[4] == size) & (size * total[6] == total[5] * total[5])
+               & (size * total[8] == total[7] * total[7]))
+    clock.flags = _set_flag(clock.flags, Mismatch.RANKS_DIVERGED, ~in_step)
+    all_ok, all_static = in_step & (total[2] == size), in_step & (total[3] == size)
+    if cfg.threshold <= 0:
+        return all_static, None, None
+    if cfg.threshold >= 1:
+        return all_static | all_ok, torch.full_like(total[0], -1.0, dtype=us.layout.float_dtype), all_ok
+    diff = _shared_cfg_diff(cfg, us, (total[0] / total[1]).to(us.layout.float_dtype))
+    return all_static | (all_ok & (diff < cfg.threshold)), diff, all_ok
+
+
+def config_fingerprint(cfg) -> int:
+    """A number for the config, the same in every process (Python's ``hash`` of a str is salted per process)."""
+    return zlib.crc32(repr(cfg).encode()) % _FINGERPRINT_MODULUS
 
 
 def _streak(us: _UnitState) -> Proxy:
