@@ -13,6 +13,7 @@ from cachepass.backend import BackendOptions, outline_graph, parse_options, stat
 from cachepass.config import StepCacheConfig
 from cachepass.errors import CachepassError
 from cachepass.exported import capture
+from cachepass.sequence_parallel import SequenceParallel, check_option
 from cachepass.runtime import RuntimeState, StateLayout, UnitStats, current_state, states_of
 from cachepass.blocks import example_value
 from cachepass.passes import cache_passes, run_passes
@@ -148,6 +149,7 @@ class Explanation:
     plan: Plan  # what the piecewise executor runs per call
     compiles: CompileCount  # pieces and distinct compiled pieces of the piecewise form
     offload: OffloadPlan | None = None  # with ``offload=``: residency and the copies of one generation
+    parallel: SequenceParallel | None = None  # context parallel: the ranks every decision is reduced over
 
     def __str__(self) -> str:
         lines = [f"stepcache: {len(self.units)} cache unit(s)",
@@ -159,6 +161,8 @@ class Explanation:
                          f"({self.config.num_streams} stream(s))")
         for skipped in self.skipped:
             lines.append(f"not cached: {skipped}")
+        if self.parallel is not None:
+            lines.append(f"{self.parallel.describe()}: one all-reduce per cache unit per call")
         lines.append(f"piecewise plan ({self.compiles}):")
         lines.append(self.plan.describe("  "))
         if self.offload is not None:
@@ -166,10 +170,11 @@ class Explanation:
         return "\n".join(lines)
 
 
-def _piecewise_plan(outlined: torch.fx.GraphModule, layout: StateLayout, timestep) -> tuple[Plan, CompileCount]:
+def _piecewise_plan(outlined: torch.fx.GraphModule, layout: StateLayout, timestep,
+                    parallel: SequenceParallel | None) -> tuple[Plan, CompileCount]:
     """The plan the piecewise form would run, from the outlined graph (pieces are not compiled)."""
     inputs = [example_value(n) for n in outlined.graph.nodes if n.op == "placeholder"]
-    gm = run_passes(outlined, cache_passes(layout, timestep))
+    gm = run_passes(outlined, cache_passes(layout, timestep, parallel))
     state = static_example_state(inputs, layout, layout.units[0].hidden.device)
     compiler = PieceCompiler(lambda piece, piece_inputs: piece.forward)
     _, plan = build_program(gm, [*inputs, *state], compiler, {u.name for u in layout.units})
@@ -185,26 +190,27 @@ def capture_graph(model: nn.Module, *args, **kwargs) -> torch.fx.GraphModule:
 
 
 def explain(model: nn.Module, *example_args, config: StepCacheConfig | None = None, offload: Any = None,
-            cudagraphs: bool = False, **example_kwargs) -> Explanation:
+            cudagraphs: bool = False, sequence_parallel_group: Any = "auto", **example_kwargs) -> Explanation:
     """Trace ``model`` once (it runs eagerly) and report the cache units the pass would build.
 
     With ``offload`` (as for `compile`; needs ``config.num_inference_steps``) it also plans one
     generation of layerwise offload: which blocks stay resident, which copies go when, bytes moved.
     Calls the threshold decides are planned as computed (the most bytes); ``cudagraphs=True`` plans
-    the captured form (each captured stretch loads what it runs).
+    the captured form (each captured stretch loads what it runs). ``sequence_parallel_group`` as for `compile`.
     """
     config = config or StepCacheConfig()
     offload_config = OffloadConfig.parse(offload)
-    gm, units, discovery = outline_graph(capture_graph(model, *example_args, **example_kwargs), config)
+    group = check_option(sequence_parallel_group)
+    gm, units, discovery = outline_graph(capture_graph(model, *example_args, **example_kwargs), config, group)
     layout = StateLayout(units, config)
     timestep = find_timestep_input(gm, config)
-    plan, compiles = _piecewise_plan(gm, layout, timestep)
+    plan, compiles = _piecewise_plan(gm, layout, timestep, discovery.parallel)
     offload_plan = None
     if offload_config is not None:
         block_bytes, nonblock_bytes = model_bytes(model, [path for u in units for path in u.block_paths])
         residency = choose_residency(units, block_bytes, nonblock_bytes, offload_config)
         offload_plan = plan_generation(residency, units, config, graphed=cudagraphs)
     report = Explanation(units, discovery.skipped, {u.name: layout.unit_nbytes(u) for u in units}, config,
-                         timestep, plan, compiles, offload_plan)
+                         timestep, plan, compiles, offload_plan, discovery.parallel)
     log.debug("%s", report)
     return report

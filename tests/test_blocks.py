@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import cachepass
-from cachepass import BlockDiscoveryError, StepCacheConfig, UnsupportedGraphError
+from cachepass import BlockDiscoveryError, CachepassError, StepCacheConfig, UnsupportedGraphError
 from cachepass.api import capture_graph
 from cachepass.backend import copy_graph_module, outline_graph
 from cachepass.unit import OutlinedUnit
@@ -200,9 +200,10 @@ def test_unit_names_stay_readable_when_a_diffusers_hook_wraps_the_forward():
     assert report.units[0].block_paths[0] == "blocks.0"
 
 
-def test_a_model_sharded_over_ranks_is_refused_with_the_reason(tmp_path):
-    """Collectives in the graph mean the tokens are sharded over ranks: per-rank decisions would diverge and
-    the ranks hang, so the pass refuses before building anything (deciding on the whole sequence: not yet)."""
+def test_collectives_without_a_gather_of_the_hidden_states_need_the_group_named(tmp_path):
+    """Collectives in the graph mean the model runs over several ranks; with no all_gather of the last block's
+    hidden states, which ranks share a sample's tokens is unknown: a clear error naming the option, not per-rank
+    decisions (which could hang the ranks) or WORLD. None says the model is not sharded: refused with the reason."""
     import torch.distributed as dist
     import torch.distributed._functional_collectives as funcol
 
@@ -217,8 +218,15 @@ def test_a_model_sharded_over_ranks_is_refused_with_the_reason(tmp_path):
     case = CASES["toy"]
     dist.init_process_group("gloo", init_method=f"file://{tmp_path}/rendezvous", rank=0, world_size=1)
     try:
-        with pytest.raises(UnsupportedGraphError, match=r"the graph has collectives \(_c10d_functional\.all_reduce"
-                                                        r".*ranks would disagree and hang"):
-            cachepass.explain(AllReduced(case.model()), config=StepCacheConfig(num_head_blocks=1), **case_args(case))
+        model = AllReduced(case.model())
+        with pytest.raises(CachepassError, match=r"the graph has collectives \(_c10d_functional\.all_reduce, .*\) but no "
+                                                 r"all_gather of the last block's hidden states.*sequence_parallel_group"):
+            cachepass.explain(model, config=StepCacheConfig(num_head_blocks=1), **case_args(case))
+        with pytest.raises(UnsupportedGraphError, match=r"the graph has collectives .*would differ between ranks and "
+                                                        r"hang them"):
+            cachepass.explain(model, config=StepCacheConfig(num_head_blocks=1), sequence_parallel_group=None,
+                              **case_args(case))
+        with pytest.raises(ValueError, match=r"sequence_parallel_group='world' is invalid; allowed: 'auto', None"):
+            cachepass.compile(model, StepCacheConfig(num_head_blocks=1), sequence_parallel_group="world")
     finally:
         dist.destroy_process_group()
