@@ -2,19 +2,23 @@
 # Run bench.compare on the lent GPU as one detached process that outlives a 10-minute device call,
 # and collect its results from the next calls (the machine stays held while calls follow each other).
 #   bash bench/device_run.sh start "--workload wan-1.3b-33f --schedule static;--workload wan-1.3b-1f"
+#   bash bench/device_run.sh exec "torchrun --nproc-per-node 2 -m bench.context_parallel --workload wan-1.3b-1f"
+#                                          # any commands, as given; --out $RESULTS keeps their files
 #   bash bench/device_run.sh wait 560      # repeat until it prints "done"; copies results to $OUT
 # A run's own --out (a folder under /tmp/stepcache-bench/results) keeps two runs of one workload apart.
 set -u
 dir=/tmp/stepcache-bench
 export PYTHONPATH=/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}  # wheels carried in .whl, installed to /tmp/site
 case "$1" in
-  start)
+  start|exec)
     if [ -f "$dir/pid" ] && kill -0 "$(cat "$dir/pid")" 2>/dev/null; then
       echo "a run is still going (pid $(cat "$dir/pid")): wait for it; two runs at once spoil each other's timings"; exit 1
     fi
     mkdir -p "$dir/results" && rm -f "$dir/done"
-    setsid nohup bash -c 'IFS=";"; for run in $1; do eval "python3 -m bench.compare --out $2/results $run"; done; touch $2/done' \
-      _ "$2" "$dir" > "$dir/log" 2>&1 < /dev/null &
+    prefix=$([ "$1" = start ] && echo "python3 -m bench.compare --out $dir/results")
+    export RESULTS=$dir/results
+    setsid nohup bash -c 'IFS=";"; for run in $1; do eval "$3 $run"; done; touch $2/done' \
+      _ "$2" "$dir" "$prefix" > "$dir/log" 2>&1 < /dev/null &
     echo $! > "$dir/pid"
     echo "started: $2" ;;
   wait)
