@@ -24,7 +24,7 @@ case "$1" in
   wait)
     end=$((SECONDS + $2))
     while [ ! -f "$dir/done" ] && [ $SECONDS -lt $end ]; do sleep 5; done
-    grep -av "call/s\|it/s\]" "$dir/log" | grep -E "^\||INFO bench|ERROR|wrote|Traceback" | tail -n 60
+    grep -av "call/s\|it/s\]" "$dir/log" | grep -E "^\||INFO (rank0 )?bench|ERROR|wrote|Traceback|[Ww]atchdog" | tail -n 60
     cp -r "$dir"/results/* "${OUT:?}/" 2>/dev/null; cp "$dir/log" "$OUT/bench.log"
     if [ -f "$dir/done" ]; then echo done; else echo running; fi ;;
 esac
