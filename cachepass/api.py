@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from cachepass.backend import BackendOptions, outline_graph, parse_options, static_example_state, stepcache
+from cachepass.compat import trace_functional_all_gather
 from cachepass.config import StepCacheConfig
 from cachepass.errors import CachepassError
 from cachepass.exported import capture
@@ -70,6 +71,8 @@ def compile(model: nn.Module, config: Any, *, calibrator_config: Any = None, inn
         options["offload"] = offload
     if sequence_parallel_group != "auto":
         options["sequence_parallel_group"] = sequence_parallel_group
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        trace_functional_all_gather()
     if parse_options(options).offload is not None:
         check_not_offloaded_by_hooks(model)
     return torch.compile(model, backend=stepcache, fullgraph=fullgraph, dynamic=False, options=options)
