@@ -203,6 +203,10 @@ def stepcache(gm: fx.GraphModule, example_inputs: Sequence[Any], *, mode: str | 
     passes_done = time.perf_counter()
     if opts.form is Form.PIECEWISE:
         cudagraphs = opts.cudagraphs_on(device)
+        if cudagraphs is CudaGraphs.CONDITIONAL and discovery.parallel is not None:
+            raise CachepassError("stepcache option cudagraphs='conditional' is not supported on a sharded model: "
+                                 "NCCL collectives inside CUDA-graph IF/ELSE bodies are not verified. "
+                                 "cudagraphs='piecewise' runs it (one host read of each decision per call)")
         opts.check_offload_device(device)
         # the executor captures CUDA graphs over whole stretches of pieces; Inductor must not capture each piece
         compiler = PieceCompiler(lambda piece, piece_inputs: inner_compile(piece, piece_inputs, opts.inner, opts.mode,
