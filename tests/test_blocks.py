@@ -11,6 +11,7 @@ from cachepass import BlockDiscoveryError, CachepassError, StepCacheConfig, Unsu
 from cachepass.api import capture_graph
 from cachepass.backend import copy_graph_module, outline_graph
 from cachepass.unit import OutlinedUnit
+import models
 from models import CASES
 
 EXPECTED_UNITS = {
@@ -230,3 +231,40 @@ def test_collectives_without_a_gather_of_the_hidden_states_need_the_group_named(
             cachepass.compile(model, StepCacheConfig(num_head_blocks=1), sequence_parallel_group="world")
     finally:
         dist.destroy_process_group()
+
+
+def test_a_shard_split_opening_the_first_block_runs_before_it(caplog):
+    """diffusers' CP splits Wan's hidden states in a pre-hook of blocks.0 (a chunk + constant getitem inside the
+    first block, absent from the others): the split moves out of the block, so the head input is the shard and
+    the carried state keeps its shape. A block list whose every block opens with a chunk keeps it."""
+    from diffusers.hooks import HookRegistry, ModelHook
+
+    class FirstHalfOfTokens(ModelHook):
+        def pre_forward(self, module, hidden_states, *args, **kwargs):
+            return (hidden_states.chunk(2, dim=1)[0], *args), kwargs
+
+    case = CASES["toy"]
+    model = case.model()
+    HookRegistry.check_if_exists_or_initialize(model.blocks[0]).register_hook(FirstHalfOfTokens(), "shard")
+    with caplog.at_level("INFO", logger="cachepass"):
+        report = cachepass.explain(model, config=StepCacheConfig(num_head_blocks=1), **case_args(case))
+    assert "blocks.0 opens with a split of" in caplog.text
+    (unit,) = report.units
+    assert unit.block_paths[0] == "blocks.0" and unit.hidden.shape == (1, 8, 32)
+
+    class ChunkFirst(nn.Module):
+        def __init__(self, dim):
+            super().__init__()
+            self.inner = models.ToyBlock(dim)
+
+        def forward(self, hidden_states, encoder_hidden_states, temb):
+            shift, scale = temb.chunk(2, dim=-1)  # every block opens with a split of an outside value
+            return self.inner(hidden_states * (1 + scale.mean()) + shift.mean(), encoder_hidden_states, temb)
+
+    model = case.model()
+    model.blocks = nn.ModuleList(ChunkFirst(32) for _ in model.blocks)
+    caplog.clear()
+    with caplog.at_level("INFO", logger="cachepass"):
+        report = cachepass.explain(model, config=StepCacheConfig(num_head_blocks=1), **case_args(case))
+    assert "opens with a split" not in caplog.text
+    assert report.units[0].hidden.shape == (1, 16, 32)
