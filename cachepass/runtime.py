@@ -279,6 +279,7 @@ class RuntimeState:
         report = self["clock.report"]
         report[0] = torch.where((report[0] // Mismatch.RANKS_DIVERGED) % 2 == 1, report[0] - Mismatch.RANKS_DIVERGED, report[0])
         self.reported.pop(Mismatch.RANKS_DIVERGED, None)
+        self._report.discard()  # a copy posted before the reset still holds the bit
         self.mid_pair = False
         if self.offload is not None:
             self.offload.scheduler.start_generation()
@@ -337,6 +338,10 @@ class _ReportReader:
             self.host.copy_(self.report, non_blocking=True)
             self.copied.record()
         self.posted = True
+
+    def discard(self) -> None:
+        """Forget a posted copy not read yet (the report changed on the host since)."""
+        self.posted = False
 
     def latest(self) -> list[int] | None:
         """The report as of the last posted call, if it has landed (never waits)."""
