@@ -14,7 +14,7 @@ diffusers' ``enable_parallelism(ContextParallelConfig(ulysses_degree=world))``, 
     stepcache-cp                    cachepass.compile: one all-reduce per unit per call, in the graph
     stepcache-cp-{cudagraphs,conditional}   the same under CUDA graphs (not run unless named)
 
-Per variant: one untimed generation (compile), ``--repeats`` timed ones (median), decisions and stats
+Per variant: a cold first generation (fresh Inductor caches, compile included), ``--repeats`` timed ones (median), decisions and stats
 gathered from every rank (equal?), decisions against single-GPU stepcache with the steps whose
 residual diff lies within bf16 rounding of the threshold flagged, PSNR of the latents against
 single-GPU stepcache. Also the cost of one all-reduce of the decision vector. Rows go to
@@ -41,7 +41,7 @@ import cachepass  # noqa: E402
 from cachepass.compat import trace_functional_all_gather  # noqa: E402
 from bench.compare import device_name, generation, step_config  # noqa: E402
 from bench.report import _fmt, _spread  # noqa: E402
-from bench.timing import count_syncs, median, peak_memory_gb, reset_peak_memory, timed  # noqa: E402
+from bench.timing import count_syncs, fresh_compile_caches, median, peak_memory_gb, reset_peak_memory, timed  # noqa: E402
 from bench.variants import Context, Prepared, _cache_dit_decisions  # noqa: E402
 from bench.workloads import WORKLOADS  # noqa: E402
 from cachepass.quality import compare  # noqa: E402
@@ -136,45 +136,46 @@ def _near_threshold_steps(decisions, reference, diffs, threshold: float) -> tupl
 def run_variant(name: str, ctx: Context, inputs, args, device) -> dict:
     row = {"variant": name.replace("-cp", f"-cp{dist.get_world_size()}")}
     try:
-        torch._dynamo.reset()
         counters.clear()
-        prepared = VARIANTS[name](ctx)
-        dist.barrier()
-        out, row["first_s"] = timed(lambda: generation(ctx, prepared, inputs), device)
-        row["graph_count"], row["graph_breaks"] = counters["stats"]["unique_graphs"], sum(counters["graph_break"].values())
-        reset_peak_memory(device)
-        times = []
-        for _ in range(args.repeats):
+        # every generation inside: leaving the context resets Dynamo; the first compiles with empty Inductor caches
+        with fresh_compile_caches():
+            prepared = VARIANTS[name](ctx)
             dist.barrier()
-            out, seconds = timed(lambda: generation(ctx, prepared, inputs), device)
-            times.append(seconds)
-        row.update(median_s=median(times), times_s=times, peak_mem_gb=peak_memory_gb(device))
-        syncs = count_syncs(lambda: generation(ctx, prepared, inputs), device)
-        row["syncs_per_call"] = None if syncs is None else syncs / ctx.workload.calls_per_generation
-        row["recompiles"] = counters["stats"]["unique_graphs"] - row["graph_count"]
-        decisions = prepared.decisions()
-        row["decisions"] = decisions
-        row["cached_steps"] = None if decisions is None else sum(len(a) + len(b) for a, b in decisions)
-        if name.startswith("stepcache"):
-            stats = [(u.residual_diffs, u.cfg_residual_diffs) for u in cachepass.stats(prepared.fn)]
-            row["residual_diffs"] = stats
-            if "cp" in name:  # the single-GPU baseline runs independently on each rank
-                row["stats_equal_on_ranks"] = all(g == stats for g in _gathered(stats))
-        if decisions is not None:
-            row["decisions_equal_on_ranks"] = all(g == decisions for g in _gathered(decisions))
-        if name == "stepcache":
-            ctx.shared.update(single_out=out, single_decisions=decisions, single_diffs=row.get("residual_diffs"),
-                              single_median_s=row["median_s"])
-        elif "single_out" in ctx.shared:
-            q = compare(ctx.workload.images(out), ctx.workload.images(ctx.shared["single_out"]))
-            row.update(psnr_vs_single=q.psnr if q.psnr != float("inf") else None, ssim_vs_single=q.ssim,
-                       speedup_vs_single=ctx.shared["single_median_s"] / row["median_s"])
+            out, row["cold_start_s"] = timed(lambda: generation(ctx, prepared, inputs), device)
+            row["graph_count"], row["graph_breaks"] = counters["stats"]["unique_graphs"], sum(counters["graph_break"].values())
+            reset_peak_memory(device)
+            times = []
+            for _ in range(args.repeats):
+                dist.barrier()
+                out, seconds = timed(lambda: generation(ctx, prepared, inputs), device)
+                times.append(seconds)
+            row.update(median_s=median(times), times_s=times, peak_mem_gb=peak_memory_gb(device))
+            syncs = count_syncs(lambda: generation(ctx, prepared, inputs), device)
+            row["syncs_per_call"] = None if syncs is None else syncs / ctx.workload.calls_per_generation
+            row["recompiles"] = counters["stats"]["unique_graphs"] - row["graph_count"]
+            decisions = prepared.decisions()
+            row["decisions"] = decisions
+            row["cached_steps"] = None if decisions is None else sum(len(a) + len(b) for a, b in decisions)
+            if name.startswith("stepcache"):
+                stats = [(u.residual_diffs, u.cfg_residual_diffs) for u in cachepass.stats(prepared.fn)]
+                row["residual_diffs"] = stats
+                if "cp" in name:  # the single-GPU baseline runs independently on each rank
+                    row["stats_equal_on_ranks"] = all(g == stats for g in _gathered(stats))
             if decisions is not None:
-                differing, near = _near_threshold_steps(decisions, ctx.shared["single_decisions"],
-                                                        ctx.shared["single_diffs"], ctx.config.threshold)
-                row.update(decisions_equal_single=not differing, differing_steps=differing,
-                           differing_within_bf16_rounding=near)
-        row["status"] = "ok"
+                row["decisions_equal_on_ranks"] = all(g == decisions for g in _gathered(decisions))
+            if name == "stepcache":
+                ctx.shared.update(single_out=out, single_decisions=decisions, single_diffs=row.get("residual_diffs"),
+                                  single_median_s=row["median_s"])
+            elif "single_out" in ctx.shared:
+                q = compare(ctx.workload.images(out), ctx.workload.images(ctx.shared["single_out"]))
+                row.update(psnr_vs_single=q.psnr if q.psnr != float("inf") else None, ssim_vs_single=q.ssim,
+                           speedup_vs_single=ctx.shared["single_median_s"] / row["median_s"])
+                if decisions is not None:
+                    differing, near = _near_threshold_steps(decisions, ctx.shared["single_decisions"],
+                                                            ctx.shared["single_diffs"], ctx.config.threshold)
+                    row.update(decisions_equal_single=not differing, differing_steps=differing,
+                               differing_within_bf16_rounding=near)
+            row["status"] = "ok"
     except Exception as e:  # a failing variant is a row; the ranks fail together (the same code on each)
         log.exception("variant %s failed", name)
         row.update(status="failed", error=f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}")
@@ -188,24 +189,22 @@ def run_variant(name: str, ctx: Context, inputs, args, device) -> dict:
 
 def allreduce_us(device: torch.device, iters: int = 200) -> float:
     """Microseconds per all-reduce of the 9-entry float64 decision vector, each waited for, host-timed."""
-    import time
-
     import torch.distributed._functional_collectives as funcol
 
     x = torch.zeros(9, dtype=torch.float64, device=device)
     for _ in range(20):
         funcol.all_reduce(x, "sum", dist.group.WORLD).wait()
     dist.barrier()
-    torch.cuda.synchronize(device) if device.type == "cuda" else None
-    start = time.perf_counter()
-    for _ in range(iters):
-        funcol.all_reduce(x, "sum", dist.group.WORLD).wait()
-    torch.cuda.synchronize(device) if device.type == "cuda" else None
-    return (time.perf_counter() - start) / iters * 1e6
+
+    def reduce_all():
+        for _ in range(iters):
+            funcol.all_reduce(x, "sum", dist.group.WORLD).wait()
+
+    return timed(reduce_all, device)[1] / iters * 1e6
 
 
 def table(rows: list[dict]) -> str:
-    header = ("variant", "status", "median s", "min-max s", "vs 1-GPU stepcache", "cached", "graphs/breaks",
+    header = ("variant", "status", "median s", "min-max s", "vs 1-GPU stepcache", "cold s", "cached", "graphs/breaks",
               "recomp", "syncs/call", "peak GB", "ranks agree", "decisions = 1 GPU", "PSNR vs 1 GPU")
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in rows:
@@ -216,7 +215,7 @@ def table(rows: list[dict]) -> str:
             near = len(r.get("differing_within_bf16_rounding") or [])
             same = f"no: {len(r['differing_steps'])} steps ({near} within bf16 rounding)"
         cells = (r["variant"], status, _fmt(r.get("median_s")), _spread(r.get("times_s")),
-                 _fmt(r.get("speedup_vs_single")), _fmt(r.get("cached_steps")),
+                 _fmt(r.get("speedup_vs_single")), _fmt(r.get("cold_start_s"), 1), _fmt(r.get("cached_steps")),
                  f"{_fmt(r.get('graph_count'))}/{_fmt(r.get('graph_breaks'))}", _fmt(r.get("recompiles")),
                  _fmt(r.get("syncs_per_call")), _fmt(r.get("peak_mem_gb"), 1), _fmt(agree), _fmt(same),
                  _fmt(r.get("psnr_vs_single"), 1))

@@ -276,8 +276,7 @@ class RuntimeState:
         Also clears a rank divergence: if the other ranks reset too, they are back in step.
         """
         self["clock.calls"].zero_()
-        report = self["clock.report"]
-        report[0] = torch.where((report[0] // Mismatch.RANKS_DIVERGED) % 2 == 1, report[0] - Mismatch.RANKS_DIVERGED, report[0])
+        self["clock.report"][0] &= ~int(Mismatch.RANKS_DIVERGED)
         self.reported.pop(Mismatch.RANKS_DIVERGED, None)
         self._report.discard()  # a copy posted before the reset still holds the bit
         self.mid_pair = False
