@@ -287,7 +287,7 @@ def _with_state(compiled: Callable, states: StateSet, offload: ProgramOffload | 
         state = states.for_call(args)
         state.before_call()
         if offload is not None:
-            offload.begin(args, state)
+            args = offload.begin(args, state)  # the pieces read the streamed weights from their slots
         out = compiled(*args, *state.tensors)
         if offload is not None:
             offload.end()

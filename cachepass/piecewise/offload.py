@@ -2,17 +2,28 @@
 
 `ProgramOffload` attaches to a piecewise program: every block piece tells the model's
 `SlotScheduler` (`offload_plan`) before and after it runs, every cond tells it the decision, and
-each call tells it where the call starts and ends. On the first call of a model instance,
-`ModelOffload` moves the streamed blocks' weights to pinned host memory (registered at their exact
-size: the caching host allocator would round each block up to a power of two) and makes their
-parameters views of the slot they stream through (each with a storage of its own, `_own_storage`). Parameters keep their shape, dtype, stride and
-device, so Dynamo's guards hold and nothing recompiles; a slot's views keep their addresses, so
-CUDA graphs capture them as static inputs.
+each call tells it where the call starts and ends.
+
+The host copy is authoritative. On the first call of a model instance, `ModelOffload` packs each
+streamed block's weights into one pinned host buffer (registered at its exact size: the caching
+host allocator would round each block up to a power of two) and makes every streamed parameter a
+view of its place there, on the model's device (on CUDA the pinned memory is mapped into the
+device's address space, so the parameter keeps its device, dtype, shape and strides: Dynamo's
+guards hold and nothing recompiles). What the user writes into a parameter between calls (an
+in-place LoRA fuse, ``load_state_dict``, ``p.data.mul_``) lands in the host copy, and the next call
+streams it. A parameter whose memory was replaced (``p.data = ...``, a new ``Parameter``,
+``model.to(dtype)``) is found by a pointer check per call, copied into the host copy (or, for a new
+dtype or shape, the blocks are packed again) and logged.
+
+The compiled pieces never read the parameters themselves: each call passes them a view of the
+slot the block streams through instead (each view with a storage of its own, `_own_storage`). A
+slot's views keep their addresses, so CUDA graphs capture them as static inputs.
 
 Copies run on one copy stream. A slot has a *ready* event (recorded on the copy stream after a
 copy into it) that the compute stream waits on before the block runs, and a *free* event
 (recorded on the compute stream after the block ran) that the copy stream waits on before
-overwriting it: no host syncs, no ``record_stream``, no allocations during a generation. Under
+overwriting it: no host syncs, no ``record_stream``, no allocations during a generation. Each call's
+copies wait for the work queued before the call (the user's writes to the weights). Under
 CUDA-graph capture the copy stream joins each capture through an event recorded at its start,
 and each captured stretch loads the blocks it runs (`SlotScheduler` with ``across_decisions=False``).
 """
@@ -30,7 +41,7 @@ from torch import fx
 from cachepass.blocks import normalize_module_path
 from cachepass.config import StepCacheConfig
 from cachepass.errors import CachepassError
-from cachepass.piecewise.cudagraphs import has_static_address
+from cachepass.piecewise.cudagraphs import has_static_address, pointers_equal
 from cachepass.piecewise.execute import CondStep
 from cachepass.piecewise.offload_plan import (Counters, OffloadConfig, Residency, SlotScheduler, Timeline,
                                               choose_residency, format_bytes)
@@ -82,13 +93,19 @@ def block_inputs(gm: fx.GraphModule, units: Sequence[UnitSpec]) -> dict[str, lis
 
 
 # ---------------------------------------------------------------------------- memory
+_HOST_REGISTER_PORTABLE_MAPPED = 3  # cudaHostRegisterPortable | cudaHostRegisterMapped
+
+
 def pinned_host_buffer(nbytes: int, device: torch.device) -> torch.Tensor:
-    """``nbytes`` of page-locked host memory, exactly (cudaHostRegister on a plain allocation)."""
+    """``nbytes`` of page-locked host memory, exactly, mapped into the device's address space.
+
+    (cudaHostRegister on a plain allocation; on a CPU "device" a plain allocation.)
+    """
     buffer = torch.empty(nbytes, dtype=torch.uint8)
-    if device.type != "cuda":
+    if device.type != "cuda" or nbytes == 0:
         return buffer
     cudart = torch.cuda.cudart()
-    code = cudart.cudaHostRegister(buffer.data_ptr(), nbytes, 0)
+    code = cudart.cudaHostRegister(buffer.data_ptr(), nbytes, _HOST_REGISTER_PORTABLE_MAPPED)
     if int(code) != 0:
         raise CachepassError(f"offload: cudaHostRegister of {format_bytes(nbytes)} failed ({code}); the host may be "
                              "out of lockable memory (ulimit -l)")
@@ -96,12 +113,39 @@ def pinned_host_buffer(nbytes: int, device: torch.device) -> torch.Tensor:
     return buffer
 
 
+class _MappedHostMemory:
+    """A byte range of a pinned host buffer, seen from the device (``__cuda_array_interface__``).
+
+    With unified addressing the device address of registered host memory is its host address
+    (cudaDevAttrCanUseHostPointerForRegisteredMem, which Linux on x86-64 and Grace have).
+    """
+
+    def __init__(self, buffer: torch.Tensor, offset: int, nbytes: int):
+        self.buffer = buffer  # keeps the pinned memory alive as long as the view
+        self.__cuda_array_interface__ = {"shape": (nbytes,), "typestr": "|u1", "version": 3, "strides": None,
+                                         "data": (buffer.data_ptr() + offset, False), "stream": None}
+
+
+def host_view(buffer: torch.Tensor, offset: int, like: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``like``'s place in a packed host buffer, as a tensor on ``device`` with a storage of its own.
+
+    On CUDA it reads and writes the pinned host memory itself (mapped); on a CPU "device", the buffer.
+    """
+    nbytes = like.numel() * like.element_size()
+    if nbytes == 0:
+        return torch.empty(like.shape, dtype=like.dtype, device=device)
+    if device.type == "cuda":
+        raw = torch.as_tensor(_MappedHostMemory(buffer, offset, nbytes), device=device)
+    else:
+        raw = _own_storage(buffer[offset: offset + nbytes])
+    return raw.view(like.dtype).view(like.shape)
+
+
 def _own_storage(view: torch.Tensor) -> torch.Tensor:
     """``view``'s memory as a tensor with a storage of its own (through DLPack; it keeps ``view`` alive).
 
-    Parameters that were views of one slot would share its storage: Dynamo would see the weights of
-    the blocks that take turns in a slot as aliases of each other when it traces a new shape, and
-    the cache pass clones aliased cond operands, which would copy the weights the slot holds then.
+    Views of one slot would share its storage: compiled code would see the weights of the blocks
+    that take turns in a slot as aliases of each other.
     """
     return torch.from_dlpack(view)
 
@@ -176,16 +220,32 @@ class CopyTransport:
 
 
 # ---------------------------------------------------------------------------- one model instance
+@dataclasses.dataclass
+class _Streamed:
+    """One streamed parameter: where its authoritative copy and its slot view live."""
+
+    param: weakref.ref  # the Parameter (no strong reference: the model owns it)
+    host: torch.Tensor  # its memory from now on: a view of the block's pinned host buffer, on the model's device
+    slot: torch.nn.Parameter  # what the compiled pieces read: a view of the block's slot
+
+    def holds(self, param: Any) -> bool:
+        """``param`` is this record's parameter and lives in its host view."""
+        return self.param() is param and param.data_ptr() == self.host.data_ptr()
+
+    def fits(self, param: torch.Tensor) -> bool:
+        return param.shape == self.host.shape and param.dtype == self.host.dtype and param.is_contiguous()
+
+
 class ModelOffload:
     """The offloaded weights of one model instance, and the scheduler that streams them."""
 
     def __init__(self, blocks: dict[str, list[torch.nn.Parameter]], nonblock_bytes: int, units: Sequence[UnitSpec],
                  config: StepCacheConfig, offload: OffloadConfig, device: torch.device, graphed: bool):
         self.device, self.graphed = device, graphed
-        self.parameter_ids = {path: [id(p) for p in params] for path, params in blocks.items()}  # no strong refs
         layouts = {path: packed_offsets(params) for path, params in blocks.items()}
         self.residency = choose_residency(units, {p: size for p, (_, size) in layouts.items()}, nonblock_bytes, offload)
         self.host: dict[str, torch.Tensor] = {}
+        self.records: dict[int, _Streamed] = {}  # id of a streamed parameter -> its record
         self.slots = [torch.empty(self.residency.slot_bytes, dtype=torch.uint8, device=device)
                       for _ in range(self.residency.slots)]
         for path, slot in self.residency.slot_of.items():
@@ -196,14 +256,17 @@ class ModelOffload:
                     raise CachepassError(f"offload: a weight of {path} ({list(param.shape)}, strides "
                                          f"{param.stride()}) is not contiguous; call .contiguous() on it first")
                 nbytes = param.numel() * param.element_size()
-                host[offset: offset + nbytes].copy_(param.data.reshape(-1).view(torch.uint8))
-                param.data = _own_storage(self.slots[slot][offset: offset + nbytes].view(param.dtype).view(param.shape))
+                slot_view = self.slots[slot][offset: offset + nbytes].view(param.dtype).view(param.shape)
+                record = _Streamed(weakref.ref(param), host_view(host, offset, param, device),
+                                   torch.nn.Parameter(_own_storage(slot_view), requires_grad=False))
+                record.host.copy_(param.detach())
+                param.data = record.host
+                self.records[id(param)] = record
         transport = StreamTransport(device, self.host, self.slots) if device.type == "cuda" else \
             CopyTransport(self.host, self.slots)
         self.transport = transport
         self.scheduler = SlotScheduler(self.residency, Timeline.of(units), config, transport,
                                        across_decisions=not graphed)
-        self.scheduler.start_generation()
         log.info("stepcache: offload: %s", self.describe())
 
     def describe(self) -> str:
@@ -213,14 +276,20 @@ class ModelOffload:
                 f"{len(r.slot_of)} blocks ({format_bytes(sum(t.numel() for t in self.host.values()))}) in pinned host "
                 f"memory{', copies captured per CUDA graph' if self.graphed else ''}")
 
-    def check(self, blocks: dict[str, list[torch.nn.Parameter]], graphed: bool) -> None:
-        """Another compiled graph of the same model (a new shape) must stream the same parameters, the same way."""
-        if graphed != self.graphed:
-            raise CachepassError("offload: this model runs compiled graphs with and without CUDA graphs; one model's "
-                                 "offload streams its weights one way. Compile every shape with the same cudagraphs")
-        for path, params in blocks.items():
-            if [id(p) for p in params] != self.parameter_ids[path]:
-                raise CachepassError(f"offload: {path}'s parameters differ between two compiled graphs of one model")
+    def record_of(self, param: Any) -> _Streamed | None:
+        record = self.records.get(id(param))
+        return record if record is not None and record.param() is param else None
+
+    def adopt(self, records: Sequence[_Streamed], params: Sequence[torch.Tensor]) -> None:
+        """``params`` replaced the weights of ``records`` (``p.data = ...``, a new ``Parameter``): copy their
+        values into the host copy, and make them views of it."""
+        for record, param in zip(records, params):
+            record.host.copy_(param.detach())
+            param.data = record.host
+            if record.param() is not param:
+                self.records = {k: r for k, r in self.records.items() if r is not record}
+                record.param = weakref.ref(param)
+                self.records[id(param)] = record
 
 
 @dataclasses.dataclass(frozen=True)
@@ -233,6 +302,37 @@ class OffloadStats:
 
 
 _MODELS: dict[int, tuple[weakref.ref, ModelOffload]] = {}  # id of a streamed parameter -> its model's offload
+
+
+def _register(model: ModelOffload, params: Sequence[torch.nn.Parameter]) -> None:
+    for p in params:  # the entry goes with the parameter (the model's offload lives as long as it)
+        _MODELS[id(p)] = (weakref.ref(p, lambda _, key=id(p): _MODELS.pop(key, None)), model)
+
+
+def _registered(param: Any) -> ModelOffload | None:
+    entry = _MODELS.get(id(param))
+    return entry[1] if entry is not None and entry[0]() is param else None
+
+
+class _CallInputs:
+    """Per program and model: the positions of the streamed weights among the graph inputs, their
+    records, what the pieces get there instead (slot views) and where the weights must live (host views)."""
+
+    def __init__(self, indices: list[int], records: list[_Streamed], count: int):
+        self.indices, self.records = indices, records
+        self.views = [r.slot for r in records]
+        self.pointers: list[int | None] = [None] * count
+        for i, record in zip(indices, records):
+            self.pointers[i] = record.host.data_ptr()
+
+    def in_place(self, args: Sequence[Any]) -> bool:
+        return len(args) == len(self.pointers) and pointers_equal(args, self.pointers, self.indices)
+
+    def substituted(self, args: Sequence[Any]) -> list:
+        args = list(args)
+        for i, view in zip(self.indices, self.views):
+            args[i] = view
+        return args
 
 
 class ProgramOffload:
@@ -250,9 +350,9 @@ class ProgramOffload:
         if missing:
             raise CachepassError(f"offload: no graph input is a weight of {missing[0]} (blocks without parameters, "
                                  "or weights Dynamo did not lift as inputs): nothing to stream")
-        self.first_input = self.inputs[self.units[0].block_paths[0]][0]  # finds the model's offload per call
+        self.block_indices = [i for indices in self.inputs.values() for i in indices]
         self.current: ModelOffload | None = None
-        self._checked: weakref.WeakSet[ModelOffload] = weakref.WeakSet()  # models this program has called
+        self._calls: weakref.WeakKeyDictionary[ModelOffload, _CallInputs] = weakref.WeakKeyDictionary()
 
     def attach(self, program: fx.GraphModule) -> None:
         """Make ``program``'s block pieces and conds report to this object (recursively into cond branches)."""
@@ -268,28 +368,59 @@ class ProgramOffload:
                 node.target = _hooked(node.target, self)
         program.recompile()
 
-    def begin(self, args: Sequence[Any], state) -> None:
-        """Before a call: the model's offload (made on its first call) becomes the current one."""
-        first = args[self.first_input]
-        entry = _MODELS.get(id(first))
-        model = entry[1] if entry is not None and entry[0]() is first else None
+    def begin(self, args: Sequence[Any], state) -> list:
+        """Before a call: the model's offload (made on its first call) becomes the current one; returns
+        the call's graph inputs with the streamed weights replaced by the views of their slots."""
+        model = next((m for m in (_registered(args[i]) for i in self.block_indices) if m is not None), None)
         if model is None:
-            model = self._offload(self._blocks(args), args)
-        elif model not in self._checked:
-            model.check(self._blocks(args), self.graphed)
-        self._checked.add(model)
+            model = self._offload(args)
+        if model.graphed != self.graphed:
+            raise CachepassError("offload: this model runs compiled graphs with and without CUDA graphs; one model's "
+                                 "offload streams its weights one way. Compile every shape with the same cudagraphs")
+        inputs = self._calls.get(model)
+        if inputs is None or not inputs.in_place(args):
+            model, inputs = self._bring_in_changes(model, args, inputs)
+            self._calls[model] = inputs
         state.offload = model
         self.current = model
-        if self.graphed:  # before any eager copy of this call (a warm-up), the last replay's reads come first
-            model.transport.join()
+        model.transport.join()  # the copies read the host copy after whatever the caller queued before
+        model.scheduler.start_call()
+        return inputs.substituted(args)
 
     def end(self) -> None:
         self.current.scheduler.end_call()
 
-    def _blocks(self, args: Sequence[Any]) -> dict[str, list]:
-        return {path: [args[i] for i in indices] for path, indices in self.inputs.items()}
+    def _bring_in_changes(self, model: ModelOffload, args: Sequence[Any],
+                          last: _CallInputs | None) -> tuple[ModelOffload, _CallInputs]:
+        """Streamed weights not in their host views: copy them in (logged), or pack the blocks again.
 
-    def _offload(self, blocks: dict[str, list], args: Sequence[Any]) -> ModelOffload:
+        ``last``: this program's inputs for ``model`` at its last call, which say whose place a new
+        ``Parameter`` object takes; without it (a new shape's first call) weights are known by identity.
+        """
+        paths = [path for path in model.residency.slot_of for _ in self.inputs[path]]
+        indices = [i for path in model.residency.slot_of for i in self.inputs[path]]
+        records = last.records if last is not None else [model.record_of(args[i]) for i in indices]
+        changed = [k for k, (i, r) in enumerate(zip(indices, records)) if r is None or not r.holds(args[i])]
+        blocks = ", ".join(dict.fromkeys(paths[k] for k in changed))
+        if any(records[k] is None or not records[k].fits(args[indices[k]]) for k in changed):
+            log.warning("stepcache: offload: weights of %s changed dtype or shape since the last call (model.to(dtype)?) "
+                        "or are not the model's; packing the streamed blocks into host memory again", blocks)
+            model = self._offload(args)
+            return model, self._call_inputs(model, args)
+        if changed:
+            params = [args[indices[k]] for k in changed]
+            model.adopt([records[k] for k in changed], params)
+            _register(model, params)
+            log.info("stepcache: offload: %d weight(s) of %s were replaced since the last call (p.data = ..., a new "
+                     "Parameter); copied them into the pinned host copy they stream from", len(changed), blocks)
+        return model, _CallInputs(indices, records, len(args))
+
+    def _call_inputs(self, model: ModelOffload, args: Sequence[Any]) -> _CallInputs:
+        indices = [i for path in model.residency.slot_of for i in self.inputs[path]]
+        return _CallInputs(indices, [model.record_of(args[i]) for i in indices], len(args))
+
+    def _offload(self, args: Sequence[Any]) -> ModelOffload:
+        blocks = {path: [args[i] for i in indices] for path, indices in self.inputs.items()}
         for path, params in blocks.items():
             bad = next((p for p in params if not isinstance(p, torch.nn.Parameter)), None)
             if bad is not None:
@@ -307,9 +438,7 @@ class ProgramOffload:
                 seen.add(id(a))
                 nonblock += a.numel() * a.element_size()
         model = ModelOffload(blocks, nonblock, self.units, self.config, self.offload, self.device, self.graphed)
-        for params in blocks.values():
-            for p in params:  # the entry goes with the parameter (the model's offload lives as long as it)
-                _MODELS[id(p)] = (weakref.ref(p, lambda _, key=id(p): _MODELS.pop(key, None)), model)
+        _register(model, [p for params in blocks.values() for p in params])
         return model
 
     # hooks called from the pieces

@@ -2,14 +2,14 @@
 
 Block weights that do not fit the device budget live in host memory; a few device *slots* hold the
 streamed blocks while they run (block ``j`` of the streamed order always uses slot ``j % slots``,
-so its parameters are fixed views of one slot: static addresses, no recompiles). What runs is known
+so its pieces read fixed views of one slot: static addresses, no recompiles). What runs is known
 per call from the cache schedule: head and tail blocks always, the middle blocks only on a compute
 decision. A static mask fixes every decision in advance; a dynamic one is known on the host once
 per unit (the predicate read), and before that the first streamed block of *both* outcomes is
 prefetched.
 
-`SlotScheduler` is the host-side logic: driven by the executor (a block is about to run, a block
-ran, a decision is known, a call ended), it decides which copies to issue into which slot and when
+`SlotScheduler` is the host-side logic: driven by the executor (a call starts, a block is about to
+run, a block ran, a decision is known, a call ended), it decides which copies to issue into which slot and when
 the compute stream must wait. It drives a `Transport` (real streams and events in
 `cachepass.piecewise.offload`); `plan_generation` drives it over a whole generation with a
 `RecordingTransport`, which is the `OffloadPlan` that ``cachepass.explain`` prints: the runtime and
@@ -228,8 +228,10 @@ class SlotScheduler:
     """Host-side slot logic: what each slot holds, what to copy when (see the module docstring).
 
     ``across_decisions``: prefetch past a cache decision (predicted from the schedule, or both
-    outcomes' first streamed block) and into the next call. Off for CUDA graphs: a captured graph
-    replays fixed copies, so each captured stretch loads only what it runs.
+    outcomes' first streamed block). Off for CUDA graphs: a captured graph replays fixed copies, so
+    each captured stretch loads only what it runs. Nothing is kept or prefetched from one call to
+    the next: the host copy is the weights' own memory, which the user may write between calls
+    (a LoRA fuse, ``load_state_dict``), so every call loads what it runs from it.
     """
 
     def __init__(self, residency: Residency, timeline: Timeline, config: StepCacheConfig, transport: Transport,
@@ -247,7 +249,12 @@ class SlotScheduler:
     # ------------------------------------------------------------------ driven by the executor
     def start_generation(self) -> None:
         self.call = 0
-        self._start_call()
+
+    def start_call(self) -> None:
+        """A call begins: the slots hold nothing it may use; load its first streamed blocks."""
+        self._position = (0, 0, 0)
+        self._decided = {}
+        self.boundary()
         self.prefetch()
 
     def before_block(self, block: str) -> None:
@@ -281,11 +288,11 @@ class SlotScheduler:
         if self.config.num_inference_steps is not None and \
                 self.call >= self.config.num_inference_steps * self.config.num_streams:
             self.call = 0
-        self._start_call()
-        self.prefetch()
 
     def boundary(self) -> None:
-        """A captured graph ends here: the next one assumes nothing about what the slots hold."""
+        """A call or a captured graph ends here: what follows assumes nothing about what the slots hold
+        (what was loaded and did not run was wasted)."""
+        self.counters.wasted_bytes += sum(self.residency.block_bytes[b] for b in self.unused)
         self.holds = [None] * self.residency.slots
         self.unused.clear()
         self._phase_rest = ()
@@ -314,21 +321,14 @@ class SlotScheduler:
         return found
 
     def _walk(self) -> Iterator[str]:
-        """Blocks from the current position on, as far as the host can tell."""
+        """Blocks from the current position to the end of this call, as far as the host can tell."""
         unit, phase, index = self._position
-        units = self.timeline.units
         if not self.across_decisions:  # only the rest of the block run being captured
             yield from self._phase_rest
             return
-        for u in range(unit, len(units)):
+        for u in range(unit, len(self.timeline.units)):
             start = (phase, index) if u == unit else (0, 0)
             if not (yield from self._rest_of_unit(u, *start, self._decided.get(u), self.call)):
-                return
-        following = self.call + 1
-        if self.config.num_inference_steps is not None:  # the last call of a generation: the next one's first
-            following %= self.config.num_inference_steps * self.config.num_streams
-        for u in range(len(units)):  # the next call
-            if not (yield from self._rest_of_unit(u, 0, 0, None, following)):
                 return
 
     def _rest_of_unit(self, u: int, phase: int, index: int, cached: bool | None, call: int):
@@ -360,13 +360,6 @@ class SlotScheduler:
         self.unused.add(block)
         self.counters.bytes_moved += self.residency.block_bytes[block]
         self.counters.copies += 1
-
-    def _start_call(self) -> None:
-        self._position = (0, 0, 0)
-        self._decided = {}
-        self._phase_rest = ()
-        if not self.across_decisions:  # graph replays changed the slots behind the host's back
-            self.boundary()
 
     def _advance_past(self, block: str) -> None:
         """The next block is the one after ``block`` (a finished phase moves on; past a tail, the next unit)."""
@@ -495,6 +488,7 @@ def _generation(scheduler: SlotScheduler, transport: RecordingTransport, config:
     for call in range(config.num_inference_steps * config.num_streams):
         first = len(transport.actions)
         moved = scheduler.counters.bytes_moved
+        scheduler.start_call()
         cached_units, ran = [], []
         for u, (head, middle, tail) in enumerate(timeline.units):
             cached = predicted_decision(config, call)
@@ -515,7 +509,7 @@ def _generation(scheduler: SlotScheduler, transport: RecordingTransport, config:
                 _run(scheduler, transport, block, ran)
             cached_units.append(cached)
         transport.point = "end of call"
-        scheduler.end_call()  # with graphs, the next call assumes nothing of the slots (`_start_call`)
+        scheduler.end_call()
         calls.append(CallPlan(call, call // config.num_streams, call % config.num_streams, tuple(cached_units),
                               tuple(ran), tuple(transport.actions[first:]), scheduler.counters.bytes_moved - moved))
         transport.point = "start"

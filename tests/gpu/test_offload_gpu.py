@@ -18,6 +18,7 @@ from cachepass.piecewise.offload_plan import decisions_of, plan_generation
 from cachepass.runtime import states_of
 from models import CASES
 from test_cuda_graphs import config, decisions, generate_on_gpu
+from test_offload import check_weight_changes, weight_change_session
 
 
 BLOCK_LISTS = {"wan": ("blocks",), "flux": ("transformer_blocks", "single_transformer_blocks")}
@@ -61,6 +62,17 @@ def test_offload_matches_the_resident_model_with_and_without_cuda_graphs(name, t
             assert copied == plan.bytes_per_generation, mode  # above need every one of those copies
         if mode == "off":  # host-issued copies: counted as they are issued
             assert stats.counters.bytes_moved - before.bytes_moved == copied
+
+
+@pytest.mark.parametrize("mode", ["off", "conditional"])
+def test_weight_changes_between_generations_reach_the_streamed_blocks(mode, caplog):
+    """As on the CPU (tests/test_offload.py), with the streamed weights in mapped pinned host memory:
+    parameters stay CUDA tensors, the user's writes land in host memory, graphs re-read it each replay."""
+    expected, reference, _ = weight_change_session("cuda", generate_on_gpu, offload=False)
+    with caplog.at_level("INFO", logger="cachepass"):
+        outputs, model, streamed = weight_change_session("cuda", generate_on_gpu, offload=True, cudagraphs=mode)
+    check_weight_changes(expected, reference, outputs, model, streamed, caplog.text)
+    assert all(p.device.type == "cuda" for p in model.parameters())
 
 
 def test_no_race_under_the_cuda_sanitizer():
