@@ -1,35 +1,54 @@
-"""cachepass: DBCache + TaylorSeer step caching compiled into the graph as a torch.cond."""
+"""cachepass: DBCache + TaylorSeer step caching compiled into the graph as a torch.cond.
 
-from cachepass.api import compile, explain, reset, stats
-from cachepass.exported import export, load as load_exported
-from cachepass.onnx import export_onnx
-from cachepass.backend import Form
-from cachepass.inner import Inner
-from cachepass.config import MaskPolicy, StepCacheConfig
-from cachepass.errors import BlockDiscoveryError, CachepassError, PassError, UnsupportedGraphError
-from cachepass.runtime import UnitStats
-from cachepass.piecewise.offload import OffloadStats, offload_stats
-from cachepass.piecewise.offload_plan import OffloadConfig, OffloadPlan
+The names below import their module on first use, so ``cachepass --help`` and ``import cachepass``
+do not load torch; submodules (``cachepass.reference``, ``cachepass.tensorrt``, ...) load the same way.
+"""
 
-__all__ = [
-    "BlockDiscoveryError",
-    "CachepassError",
-    "Form",
-    "Inner",
-    "MaskPolicy",
-    "OffloadConfig",
-    "OffloadPlan",
-    "OffloadStats",
-    "PassError",
-    "StepCacheConfig",
-    "UnitStats",
-    "UnsupportedGraphError",
-    "compile",
-    "explain",
-    "export",
-    "export_onnx",
-    "load_exported",
-    "offload_stats",
-    "reset",
-    "stats",
-]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_NAMES = {
+    "compile": ("cachepass.api", "compile"),
+    "explain": ("cachepass.api", "explain"),
+    "reset": ("cachepass.api", "reset"),
+    "stats": ("cachepass.api", "stats"),
+    "export": ("cachepass.exported", "export"),
+    "load_exported": ("cachepass.exported", "load"),
+    "export_onnx": ("cachepass.onnx", "export_onnx"),
+    "Form": ("cachepass.backend", "Form"),
+    "Inner": ("cachepass.inner", "Inner"),
+    "MaskPolicy": ("cachepass.config", "MaskPolicy"),
+    "StepCacheConfig": ("cachepass.config", "StepCacheConfig"),
+    "BlockDiscoveryError": ("cachepass.errors", "BlockDiscoveryError"),
+    "CachepassError": ("cachepass.errors", "CachepassError"),
+    "PassError": ("cachepass.errors", "PassError"),
+    "UnsupportedGraphError": ("cachepass.errors", "UnsupportedGraphError"),
+    "UnitStats": ("cachepass.runtime", "UnitStats"),
+    "OffloadStats": ("cachepass.piecewise.offload", "OffloadStats"),
+    "offload_stats": ("cachepass.piecewise.offload", "offload_stats"),
+    "OffloadConfig": ("cachepass.piecewise.offload_plan", "OffloadConfig"),
+    "OffloadPlan": ("cachepass.piecewise.offload_plan", "OffloadPlan"),
+}
+
+__all__ = sorted(_NAMES)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _NAMES:
+        module, attribute = _NAMES[name]
+        value = getattr(importlib.import_module(module), attribute)
+    else:
+        try:
+            value = importlib.import_module(f"{__name__}.{name}")
+        except ModuleNotFoundError as error:
+            if error.name != f"{__name__}.{name}":
+                raise
+            raise AttributeError(f"module 'cachepass' has no attribute {name!r}") from None
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_NAMES])

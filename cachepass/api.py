@@ -9,11 +9,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from cachepass.backend import BackendOptions, outline_graph, parse_options, static_example_state, stepcache
+from cachepass.backend import (BackendOptions, Form, coerce_config, outline_graph, parse_options, static_example_state,
+                               stepcache)
 from cachepass.compat import trace_functional_all_gather
 from cachepass.config import StepCacheConfig
-from cachepass.errors import CachepassError
-from cachepass.exported import capture
+from cachepass.errors import BlockDiscoveryError, CachepassError
+from cachepass.exported import ExportedState, capture
 from cachepass.sequence_parallel import SequenceParallel, check_option
 from cachepass.runtime import RuntimeState, StateLayout, UnitStats, current_state, states_of
 from cachepass.blocks import example_value
@@ -49,16 +50,13 @@ def compile(model: nn.Module, config: Any, *, calibrator_config: Any = None, inn
     same decision from one all-reduce per cache unit; a ``ProcessGroup`` names it; None refuses a
     sharded graph. Shapes are static: a new
     resolution or batch size compiles once more, with its own state. Dynamo allows
-    ``torch._dynamo.config.recompile_limit`` (8) graphs per function, shared by every compile of
-    the model's class in the process; ``max_shapes`` raises that limit (process-wide) when larger.
+    ``torch._dynamo.config.recompile_limit`` (8) graphs per function, shared by every shape and
+    every compile of the model's class in the process; ``max_shapes`` raises that limit
+    (process-wide) when larger, and so does a compile of more distinct configs of one class than it.
+    Options that cannot run on the model's device raise here.
     """
-    if max_shapes is not None:
-        if isinstance(max_shapes, bool) or not isinstance(max_shapes, int) or max_shapes < 1:
-            raise ValueError(f"cachepass.compile max_shapes={max_shapes!r} is invalid; allowed: an integer >= 1 or None")
-        if max_shapes > torch._dynamo.config.recompile_limit:
-            log.info("stepcache: torch._dynamo.config.recompile_limit %d -> %d (max_shapes)",
-                     torch._dynamo.config.recompile_limit, max_shapes)
-            torch._dynamo.config.recompile_limit = max_shapes
+    if max_shapes is not None and (isinstance(max_shapes, bool) or not isinstance(max_shapes, int) or max_shapes < 1):
+        raise ValueError(f"cachepass.compile max_shapes={max_shapes!r} is invalid; allowed: an integer >= 1 or None")
     _reject_compiler_disabled(model)
     options = {"config": config, "inner": inner, "form": form}
     if calibrator_config is not None:
@@ -73,9 +71,75 @@ def compile(model: nn.Module, config: Any, *, calibrator_config: Any = None, inn
         options["sequence_parallel_group"] = sequence_parallel_group
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         trace_functional_all_gather()
-    if parse_options(options).offload is not None:
+    parsed = parse_options(options)
+    if parsed.offload is not None:
         check_not_offloaded_by_hooks(model)
-    return torch.compile(model, backend=stepcache, fullgraph=fullgraph, dynamic=False, options=options)
+    _check_device_options(parsed, model)
+    configs = _count_config(model, options)
+    _raise_recompile_limit(max(max_shapes or 0, configs), "max_shapes" if (max_shapes or 0) >= configs else
+                           f"{configs} configs of {type(model).__name__} compiled in this process")
+    compiled = torch.compile(model, backend=stepcache, fullgraph=fullgraph, dynamic=False, options=options)
+    compiled.forward = _with_clear_errors(compiled.forward, model)
+    return compiled
+
+
+def _check_device_options(options: BackendOptions, model: nn.Module) -> None:
+    """Options that cannot run on the model's device fail here, not at its first call."""
+    param = next(model.parameters(), None)
+    if param is None or options.form is not Form.PIECEWISE:
+        return
+    if options.cudagraphs is not None:
+        options.cudagraphs_on(param.device)
+    options.check_offload_device(param.device)
+
+
+# forward code object -> the distinct option sets compiled for it (Dynamo's recompile limit counts its graphs)
+_CONFIGS: dict[Any, set[str]] = {}
+
+
+def _count_config(model: nn.Module, options: dict) -> int:
+    code = getattr(type(model).forward, "__code__", None)
+    seen = _CONFIGS.setdefault(code, set())
+    seen.add(repr(sorted(options.items(), key=lambda item: item[0])))
+    return len(seen)
+
+
+def _raise_recompile_limit(graphs: int, why: str) -> None:
+    if graphs > torch._dynamo.config.recompile_limit:
+        log.info("stepcache: torch._dynamo.config.recompile_limit %d -> %d (%s)",
+                 torch._dynamo.config.recompile_limit, graphs, why)
+        torch._dynamo.config.recompile_limit = graphs
+
+
+def _with_clear_errors(forward, model: nn.Module):
+    """``forward`` raising cachepass's own errors as they are, not inside Dynamo's wrapper (whose footer asks
+    for a PyTorch bug report), and Dynamo's recompile limit with its cause and fix."""
+
+    def call(*args, **kwargs):
+        try:
+            return forward(*args, **kwargs)
+        except torch._dynamo.exc.BackendCompilerFailed as failed:
+            if isinstance(failed.inner_exception, (CachepassError, ValueError)):
+                raise failed.inner_exception.with_traceback(None) from None
+            raise
+        except torch._dynamo.exc.FailOnRecompileLimitHit as hit:
+            raise CachepassError(_recompile_limit_message(model)) from hit
+
+    return call
+
+
+def _recompile_limit_message(model: nn.Module) -> str:
+    name = type(model).__name__
+    configs = len(_CONFIGS.get(getattr(type(model).forward, "__code__", None), ()))
+    limit = torch._dynamo.config.recompile_limit
+    if torch.is_grad_enabled() and any(p.requires_grad for p in model.parameters()):
+        return (f"{name} was called with gradients enabled; stepcache compiles inference graphs: call the model under "
+                "torch.no_grad() or torch.inference_mode(), as diffusers pipelines do (Dynamo's recompile limit of "
+                f"{limit} graphs was hit tracing this call)")
+    return (f"Dynamo's recompile limit (torch._dynamo.config.recompile_limit={limit} graphs per forward) was hit for "
+            f"{name}.forward: every input shape, and every config compiled for {name} in this process ({configs} so "
+            "far), takes a graph of its own. Pass cachepass.compile(..., max_shapes=N) with N >= shapes x configs "
+            "(it raises the limit process-wide)")
 
 
 def _reject_compiler_disabled(model: nn.Module) -> None:
@@ -94,11 +158,15 @@ def _reject_compiler_disabled(model: nn.Module) -> None:
 def stats(model: Any) -> list[UnitStats]:
     """Per cache unit, the cached steps and residual diffs of each CFG stream (reads device state).
 
-    ``model`` is the compiled module (its own compile's state only) or the original module (the
-    state used last). A stepcache-compiled module that has not run yet has no units: ``[]``.
+    ``model`` is the compiled module (its own compile's state only), the original module (the
+    state used last), or a module of an exported program (``program.module()``, its own state).
+    A stepcache-compiled module that has not run yet has no units: ``[]``.
     """
     if hasattr(model, "stepcache_stats"):
         return model.stepcache_stats()
+    exported = ExportedState.of(model)
+    if exported is not None:
+        return exported.stats()
     states = _scoped_states(model)
     return states[-1].stats() if states else []
 
@@ -110,6 +178,10 @@ def reset(model: Any) -> None:
     """
     if hasattr(model, "stepcache_reset"):
         model.stepcache_reset()
+        return
+    exported = ExportedState.of(model)
+    if exported is not None:
+        exported.reset()
         return
     for state in _scoped_states(model):
         state.reset()
@@ -201,12 +273,19 @@ def explain(model: nn.Module, *example_args, config: StepCacheConfig | None = No
     Calls the threshold decides are planned as computed (the most bytes); ``cudagraphs=True`` plans
     the captured form (each captured stretch loads what it runs). ``sequence_parallel_group`` as for `compile`.
     """
-    config = config or StepCacheConfig()
+    given = config is not None
+    config = coerce_config(config) if given else StepCacheConfig()
     offload_config = OffloadConfig.parse(offload)
     group = check_option(sequence_parallel_group)
-    gm, units, discovery = outline_graph(capture_graph(model, *example_args, **example_kwargs), config, group)
-    layout = StateLayout(units, config)
+    try:
+        gm, units, discovery = outline_graph(capture_graph(model, *example_args, **example_kwargs), config, group)
+    except BlockDiscoveryError as error:
+        if given:
+            raise
+        raise BlockDiscoveryError(f"{error} (explain used the default StepCacheConfig(), cache-dit's Fn=8 Bn=0, "
+                                  "since no config was given: pass config=StepCacheConfig(num_head_blocks=...))") from None
     timestep = find_timestep_input(gm, config)
+    layout = StateLayout(units, config, timestep=timestep)
     plan, compiles = _piecewise_plan(gm, layout, timestep, discovery.parallel)
     offload_plan = None
     if offload_config is not None:

@@ -189,8 +189,8 @@ def stepcache(gm: fx.GraphModule, example_inputs: Sequence[Any], *, mode: str | 
     gm, units, discovery = outline_graph(copy_graph_module(gm), opts.config, opts.sequence_parallel_group)
     for skipped in discovery.skipped:
         log.info("stepcache: not a cache unit: %s", skipped)
-    layout = StateLayout(units, opts.config)
     timestep = find_timestep_input(gm, opts.config)
+    layout = StateLayout(units, opts.config, timestep=timestep)
     gm = run_passes(gm, cache_passes(layout, timestep, discovery.parallel))
     if discovery.parallel is not None:
         log.info("stepcache: %s: one all-reduce per cache unit per call", discovery.parallel.describe())
@@ -285,13 +285,14 @@ def _with_state(compiled: Callable, states: StateSet, offload: ProgramOffload | 
 
     def run(*args):
         state = states.for_call(args)
-        state.before_call()
-        if offload is not None:
-            args = offload.begin(args, state)  # the pieces read the streamed weights from their slots
-        out = compiled(*args, *state.tensors)
-        if offload is not None:
-            offload.end()
-        state.after_call()
+        with state.one_call_at_a_time():
+            state.before_call()
+            if offload is not None:
+                args = offload.begin(args, state)  # the pieces read the streamed weights from their slots
+            out = compiled(*args, *state.tensors)
+            if offload is not None:
+                offload.end()
+            state.after_call()
         return out
 
     return run

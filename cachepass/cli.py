@@ -11,12 +11,12 @@ import argparse
 import dataclasses
 import json
 import os
-import statistics
 import sys
 import time
 
 DEFAULT_CAPTIONS = ("a red circle moving right", "a cyan square moving up", "a yellow triangle moving left")
 GIF_SCALE = 4
+NOISY_SPREAD = 0.25  # repeats differing by more than this fraction make the table say its timings are noisy
 DIFF_GAIN = 8
 
 
@@ -61,7 +61,8 @@ def parser() -> argparse.ArgumentParser:
     demo.add_argument("--captions", nargs="+", default=list(DEFAULT_CAPTIONS), help="e.g. 'a red circle moving left'")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--repeats", type=_positive_int(1), default=3,
-                      help="timed runs per caption and variant, interleaved; the table shows medians (default 3)")
+                      help="timed runs per caption and variant, interleaved; the table shows the fastest, as timeit "
+                           "does (default 3)")
     demo.add_argument("--out", default="cachepass-demo", help="output folder (default ./cachepass-demo)")
     return p
 
@@ -85,6 +86,7 @@ class Row:
     cfg_cached_steps: int
     psnr: float
     ssim: float
+    spread: float  # (slowest - fastest) / fastest over the row's repeats, the larger of the two variants
 
 
 def demo(args) -> int:
@@ -95,6 +97,7 @@ def demo(args) -> int:
     from cachepass.quality import compare
 
     device = _parse_device(args.device)
+    _check_captions(args.captions)
     _prepare_out(args.out)
     inner = args.inner
     cfg = cachepass.StepCacheConfig(num_head_blocks=args.head, threshold=args.threshold, warmup_steps=args.warmup,
@@ -102,6 +105,10 @@ def demo(args) -> int:
                                     num_inference_steps=args.steps)
     model = load_default(device)
     model.encode(args.captions)  # rejects unknown words before any work
+    blocks = len(model.transformer.blocks)
+    if args.head >= blocks:
+        raise ValueError(f"--head {args.head}: the demo model has {blocks} blocks and caching needs middle blocks "
+                         f"after the head; allowed 1-{blocks - 1}")
     compiled = cachepass.compile(model.transformer, cfg, inner=inner)
     print(f"demo model: {model.card['parameters'] / 1e6:.2f}M parameters, trained {model.card['steps']} steps; "
           f"device {device}, stepcache inner={inner}, {cfg.num_head_blocks} head blocks, "
@@ -122,11 +129,11 @@ def demo(args) -> int:
                 fast, seconds = _timed(lambda: model.generate([text], seed=args.seed, steps=args.steps,
                                                               transformer=compiled, progress=bar), device)
                 fast_times.append(seconds)
-        plain_s, fast_s = statistics.median(plain_times), statistics.median(fast_times)
+        plain_s, fast_s = min(plain_times), min(fast_times)
         (unit,) = cachepass.stats(model.transformer)
         q = compare(_frames(fast[0]), _frames(plain[0]))
         rows.append(Row(text, plain_s, fast_s, plain_s / fast_s, len(unit.cached_steps), len(unit.cfg_cached_steps),
-                        q.psnr, q.ssim))
+                        q.psnr, q.ssim, max(_spread(plain_times), _spread(fast_times))))
         uncached_clips.append(plain[0])
         cached_clips.append(fast[0])
 
@@ -136,7 +143,8 @@ def demo(args) -> int:
         "device": str(device), "inner": inner, "repeats": args.repeats, "config": dataclasses.asdict(cfg) | {
             "steps_computation_policy": cfg.steps_computation_policy.value},
         "compile_s": compile_s, "steps": args.steps, "torch": torch.__version__,
-        "timing": "median of the repeats per caption and variant, summed over captions",
+        "timing": "fastest of the interleaved repeats per caption and variant (as timeit), summed over captions; "
+                  "spread: (slowest - fastest) / fastest of a row's repeats",
         "uncached_s": sum(r.uncached_s for r in rows), "stepcache_s": sum(r.stepcache_s for r in rows),
         "rows": [_json_safe(dataclasses.asdict(r)) for r in rows],
     }
@@ -187,7 +195,22 @@ def format_table(rows: list[Row], summary: dict) -> str:
                      f"{f'{r.cached_steps}/{r.cfg_cached_steps}':>10} {r.psnr:>8.1f} {r.ssim:>6.3f}")
     lines.append(f"{'total':<32} {summary['uncached_s']:>10.2f} {summary['stepcache_s']:>11.2f} "
                  f"{summary['speedup']:>6.2f}x   (compile + first generation: {summary['compile_s']:.1f} s)")
+    noisy = max((r.spread for r in rows), default=0.0)
+    if noisy > NOISY_SPREAD:
+        lines.append(f"timings are noisy: repeats of one row differ by up to {noisy:.0%} (a busy machine); the "
+                     "speedups are rough estimates, run with more --repeats on an idle machine")
     return "\n".join(lines)
+
+
+def _spread(times: list[float]) -> float:
+    return (max(times) - min(times)) / min(times)
+
+
+def _check_captions(captions: list[str]) -> None:
+    empty = [i for i, text in enumerate(captions) if not text.strip()]
+    if empty:
+        raise ValueError(f"--captions: caption {empty[0] + 1} is empty; give a caption such as "
+                         f"{DEFAULT_CAPTIONS[0]!r}")
 
 
 def _json_safe(row: dict) -> dict:

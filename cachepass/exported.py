@@ -28,7 +28,7 @@ from cachepass.backend import coerce_config, copy_graph_module, outline_graph
 from cachepass.config import StepCacheConfig
 from cachepass.errors import CachepassError, UnsupportedGraphError
 from cachepass.passes import cache_passes, run_passes
-from cachepass.runtime import StateLayout, TensorSpec
+from cachepass.runtime import StateLayout, TensorSpec, mismatch_messages, read_stats
 from cachepass.timestep import find_timestep_input
 
 
@@ -94,8 +94,9 @@ def trace(model: nn.Module, config: Any, args: tuple, kwargs: dict, narrow: bool
     if isinstance(captured.inputs, UnsupportedGraphError):
         raise captured.inputs
     gm, units, _ = outline_graph(captured.graph, config)
-    layout = StateLayout(units, config, narrow)
-    gm = run_passes(gm, cache_passes(layout, find_timestep_input(gm, config)))
+    timestep = find_timestep_input(gm, config)
+    layout = StateLayout(units, config, narrow, timestep)
+    gm = run_passes(gm, cache_passes(layout, timestep))
     outputs = captured.outputs
     leaves, spec = pytree.tree_flatten(outputs)
     returned = gm.graph.output_node().args[0]
@@ -259,13 +260,138 @@ def export(model: nn.Module, config: StepCacheConfig | Any, *example_args, **exa
 
     The cache state is buffers under ``stepcache_state.``; the program updates them in place. Call
     ``program.module()(*args, **kwargs)`` once per transformer call of the denoising loop, as the
-    compiled model is called; it returns what the model returns. Shapes are
-    static (those of the example). Save and load with ``torch.export.save`` and `load`.
+    compiled model is called; it returns what the model returns. Each ``program.module()`` has a
+    fresh cache state of its own; ``cachepass.stats`` / ``reset`` take it. Shapes are static (those
+    of the example). Save and load with ``torch.export.save`` and `load`.
     """
     traced = trace(model, config, example_args, example_kwargs)
     wrapper = StepCachedModule(model, traced).eval()
     with torch.no_grad():
-        return torch.export.export(wrapper, example_args, example_kwargs, strict=False)
+        program = torch.export.export(wrapper, example_args, example_kwargs, strict=False)
+    summary = _layout_summary(traced.layout) | {"call_options": _call_options(model, example_kwargs)}
+    first_op = next(n for n in program.graph.nodes if n.op == "call_function")  # serialized with its metadata
+    first_op.meta.setdefault("custom", {})[STATE_META] = summary
+    return _own_state_per_module(program)
+
+
+def _call_options(model: nn.Module, kwargs: dict) -> dict:
+    """The call's non-tensor keyword arguments at export (``return_dict=False``) and the forward's defaults
+    for the others: a call may leave them out, or give them, as it gave the model."""
+    defaults = {p.name: p.default for p in inspect.signature(model.forward).parameters.values()
+                if p.default is not inspect.Parameter.empty and isinstance(p.default, (bool, int, float, str, type(None)))}
+    given = {k: v for k, v in kwargs.items() if isinstance(v, (bool, int, float, str, type(None)))}
+    return {"exported": given, "defaults": defaults}
+
+
+STATE_META = "stepcache_state"  # key in the first op's ``meta["custom"]`` (saved with the program): the state layout
+
+
+def _layout_summary(layout: StateLayout) -> dict:
+    return {"units": [[u.index, u.name] for u in layout.units], "streams": layout.config.num_streams,
+            "capacity": layout.capacity, "num_inference_steps": layout.config.num_inference_steps}
+
+
+def _own_state_per_module(program: torch.export.ExportedProgram) -> torch.export.ExportedProgram:
+    """Make ``program.module()`` give each module a copy of the program's (fresh) state.
+
+    ``ExportedProgram.module()`` hands every module the program's own state tensors: two modules
+    would share one cache, and a new module would continue where the last one stopped.
+    """
+    fresh = {name: value.clone() for name, value in [*program.state_dict.items(), *program.constants.items()]
+             if name.startswith("stepcache_state.") and isinstance(value, torch.Tensor)}
+    unlift = type(program).module
+
+    def module(self, *args, **kwargs):
+        built = unlift(self, *args, **kwargs)
+        state = built.get_submodule("stepcache_state")
+        for name, value in fresh.items():
+            setattr(state, name.removeprefix("stepcache_state."), value.clone())
+        options = (_summary(built) or {}).get("call_options")
+        if options is not None:
+            _accept_call_options(built, options)
+        return built
+
+    program.module = types.MethodType(module, program)
+    return program
+
+
+def _summary(module: fx.GraphModule) -> dict | None:
+    return next((n.meta["custom"][STATE_META] for n in module.graph.nodes if STATE_META in n.meta.get("custom", {})),
+                None)
+
+
+def _accept_call_options(module: nn.Module, options: dict) -> None:
+    """Let ``module`` be called as the model was: non-tensor keyword arguments given as at export, or at the
+    forward's default, are taken (the program was specialised to them); ``return_dict`` may differ (the
+    output is converted to a tuple, or a tuple is refused with the fix); any other difference is an error."""
+    exported, defaults = options["exported"], options["defaults"]
+    current = {}  # what the call in progress asked for
+
+    def before(_, args, kwargs):
+        wanted = {"return_dict": kwargs.get("return_dict", defaults.get("return_dict"))}
+        if wanted["return_dict"] and exported.get("return_dict") is False:
+            raise CachepassError("this module was exported with return_dict=False and returns a tuple; call it with "
+                                 "return_dict=False, or export it with return_dict=True")
+        for name in exported.keys() - kwargs.keys():  # left at the forward's default
+            if exported[name] != defaults.get(name, exported[name]) and name != "return_dict":
+                raise CachepassError(f"this module was exported with {name}={exported[name]!r} and is called without "
+                                     f"it (default {defaults[name]!r}): export again with the arguments the model is "
+                                     "called with")
+            kwargs[name] = exported[name]
+        for name in [k for k, v in kwargs.items() if not isinstance(v, torch.Tensor)]:
+            value = kwargs[name]
+            expected = exported.get(name, defaults.get(name, _MISSING))
+            if name == "return_dict" or value == expected:
+                if name not in exported:
+                    kwargs.pop(name)
+                else:
+                    kwargs[name] = exported[name]
+                continue
+            raise CachepassError(f"this module was exported with {name}={expected!r} and is called with {name}={value!r}: "
+                                 "export again with the arguments the model is called with"
+                                 if expected is not _MISSING else
+                                 f"this module was exported without {name}; export again with the arguments "
+                                 "the model is called with")
+        current.update(wanted)
+        return args, kwargs
+
+    def after(_, args, kwargs, output):
+        return output.to_tuple() if current["return_dict"] is False and hasattr(output, "to_tuple") else output
+
+    module.register_forward_pre_hook(before, with_kwargs=True, prepend=True)  # before the export's input check
+    module.register_forward_hook(after, with_kwargs=True)
+
+
+_MISSING = object()
+
+
+class ExportedState:
+    """The cache state of a module made by ``program.module()`` of an exported program (stats, reset)."""
+
+    def __init__(self, module: nn.Module):
+        summary = _summary(module)
+        if summary is None:
+            raise CachepassError(f"{type(module).__name__} has stepcache_state buffers but no state layout: export it "
+                                 "again with cachepass.export (and load it with cachepass.load_exported)")
+        self.state, self.summary = module.get_submodule("stepcache_state"), summary
+
+    @staticmethod
+    def of(module: Any) -> "ExportedState | None":
+        """The exported module's state, or None if ``module`` is not a module of an exported program."""
+        if not isinstance(module, fx.GraphModule) or not hasattr(module, "stepcache_state"):
+            return None
+        return ExportedState(module)
+
+    def read(self, name: str) -> torch.Tensor:
+        return getattr(self.state, state_name(name))
+
+    def stats(self) -> list:
+        warnings = list(mismatch_messages(self.read("clock.report").tolist(), self.summary["num_inference_steps"]).values())
+        return read_stats(self.read, [tuple(u) for u in self.summary["units"]], self.summary["streams"],
+                          self.summary["capacity"], warnings)
+
+    def reset(self) -> None:
+        self.read("clock.calls").zero_()
 
 
 def load(path) -> torch.export.ExportedProgram:
@@ -282,4 +408,5 @@ def load(path) -> torch.export.ExportedProgram:
     for name, value in list(program.constants.items()):
         if name.startswith("stepcache_state.") and isinstance(value, torch.Tensor):
             program.constants[name] = value.clone()
+    _own_state_per_module(program)
     return program

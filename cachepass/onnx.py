@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 from typing import Any
 
@@ -42,6 +43,8 @@ def export_onnx(model: nn.Module, config: Any, path: str | os.PathLike, *example
     """
     import onnx
 
+    path = _writable(path)
+    _refuse_bfloat16_convolutions(model)
     traced = trace(model, config, example_args, example_kwargs, narrow=trt_compatible)
     wrapper = FunctionalStepCached(model, traced).eval()
     device = traced.layout.units[0].hidden.device
@@ -58,7 +61,7 @@ def export_onnx(model: nn.Module, config: Any, path: str | os.PathLike, *example
     except Exception as error:  # the exporter's own message names the node; lead with it
         node = next((line.strip() for line in str(error).splitlines() if "Error when translating node" in line),
                     str(error).splitlines()[0] if str(error) else type(error).__name__)
-        raise CachepassError(f"ONNX export failed: {node}") from error
+        raise CachepassError(f"ONNX export failed: {node}{_bfloat16_hint(model)}") from error
     proto = program.model_proto
     rewritten = replace_bool_where(proto)
     if rewritten:
@@ -70,11 +73,45 @@ def export_onnx(model: nn.Module, config: Any, path: str | os.PathLike, *example
                 "units": [u.name for u in traced.layout.units],
                 "streams": traced.layout.config.num_streams, "capacity": traced.layout.capacity}
     onnx.helper.set_model_props(proto, {"cachepass": json.dumps(metadata)})
-    path = os.fspath(path)
     large = sum(t.numel() * t.element_size() for t in model.parameters()) > EXTERNAL_DATA_BYTES
-    onnx.save_model(proto, path, save_as_external_data=large, location=os.path.basename(path) + ".data")
-    onnx.checker.check_model(path, full_check=True)
+    data = os.path.basename(path) + ".data"
+    onnx.save_model(proto, path, save_as_external_data=large, location=data)
+    try:
+        onnx.checker.check_model(path, full_check=True)
+    except Exception as error:  # leave no invalid file behind
+        for written in (path, os.path.join(os.path.dirname(path), data)):
+            if os.path.exists(written):
+                os.remove(written)
+        raise CachepassError(f"the exported ONNX model is invalid ({type(error).__name__}: "
+                             f"{str(error).splitlines()[0] if str(error) else ''}); no file was written"
+                             f"{_bfloat16_hint(model)}") from error
     return path
+
+
+def _writable(path: str | os.PathLike) -> str:
+    """``path`` as a string, once its folder is known to exist and be writable (before the long export)."""
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise CachepassError(f"export_onnx path {path!r}: the folder {folder!r} does not exist")
+    if not os.access(folder, os.W_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
+        raise CachepassError(f"export_onnx path {path!r} is not writable")
+    return path
+
+
+def _bfloat16_hint(model: nn.Module) -> str:
+    if not any(p.dtype == torch.bfloat16 for p in model.parameters()):
+        return ""
+    return (". The model is bfloat16, which ONNX opset 20 does not take everywhere (Conv has no bfloat16): export "
+            "it in float16 (model.half()), or in float32 and let TensorRT build a bf16/fp16 engine from it "
+            "(its precision flags)")
+
+
+def _refuse_bfloat16_convolutions(model: nn.Module) -> None:
+    conv = next((name for name, m in model.named_modules()
+                 if isinstance(m, nn.modules.conv._ConvNd) and m.weight.dtype == torch.bfloat16), None)
+    if conv is not None:
+        raise CachepassError(f"export_onnx: {conv} is a bfloat16 convolution{_bfloat16_hint(model)}")
 
 
 def _spec_json(spec) -> dict:
@@ -166,6 +203,7 @@ class Session:
             raise CachepassError(f"{path} was not written by cachepass.export_onnx (no 'cachepass' metadata)")
         self.metadata = json.loads(metadata)
         self.input_names: list[str] = self.metadata["inputs"]
+        self.input_types = {i.name: (i.type, i.shape) for i in self.session.get_inputs()}
         self.state = {s["name"]: _fresh(s) for s in self.metadata["state"]}
 
     def __call__(self, **inputs) -> list:
@@ -174,7 +212,7 @@ class Session:
         if unknown or missing:
             raise TypeError(f"Session takes the inputs {self.input_names}; got unknown {unknown}, missing {missing}")
         as_torch = any(isinstance(v, torch.Tensor) for v in inputs.values())
-        feed = {name: _numpy(inputs[name]) for name in self.input_names}
+        feed = {name: _numpy(name, inputs[name], *self.input_types[name]) for name in self.input_names}
         feed.update({f"state.{name}": value for name, value in self.state.items()})
         results = self.session.run(None, feed)
         outputs, new_state = results[:self.metadata["outputs"]], results[self.metadata["outputs"]:]
@@ -182,8 +220,10 @@ class Session:
         return [torch.from_numpy(o) for o in outputs] if as_torch else outputs
 
     def reset(self) -> None:
-        """The next call starts a new generation at step 0."""
-        self.state["clock.calls"] = self.state["clock.calls"] * 0
+        """The next call starts a new generation at step 0 (before the first call: nothing to do)."""
+        import numpy as np
+
+        self.state["clock.calls"] = np.zeros_like(self.state["clock.calls"])
 
     def cached_steps(self) -> list[list[list[int]]]:
         """Per cache unit, per CFG stream: the steps of the current (or last) generation that were cached."""
@@ -205,8 +245,34 @@ def _fresh(spec: dict):
     return np.full(spec["shape"], spec["fill"], dtype=dtype)
 
 
-def _numpy(value):
+_ONNX_TYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(double)": "float64",
+               "tensor(int64)": "int64", "tensor(int32)": "int32", "tensor(bool)": "bool", "tensor(uint8)": "uint8",
+               "tensor(int8)": "int8", "tensor(bfloat16)": "bfloat16"}
+
+
+def _numpy(name: str, value: Any, onnx_type: str, shape: list):
+    """``value`` (a tensor, an array, or a Python number for a one-element input) as the array the input takes."""
+    import numpy as np
+
+    dtype = _ONNX_TYPES.get(onnx_type, onnx_type)
+    expected = f"{dtype}{list(shape)}"
     if isinstance(value, torch.Tensor):
-        return value.detach().cpu().numpy()
+        if value.dtype == torch.bfloat16:
+            raise CachepassError(f"Session input {name!r} is a bfloat16 tensor; numpy (and so onnxruntime's Python API) "
+                                 f"has no bfloat16. The file takes {expected}: pass .to(torch.{dtype})" if dtype != "bfloat16"
+                                 else f"Session input {name!r}: this file takes bfloat16, which numpy cannot hold; "
+                                 "export the model in float32 or float16 for onnxruntime")
+        value = value.detach().cpu().numpy()
+    elif isinstance(value, (bool, int, float, np.generic)) and dtype != "bfloat16":
+        if math.prod(d if isinstance(d, int) else 1 for d in shape) != 1:
+            raise TypeError(f"Session input {name!r} takes {expected}; got the number {value!r}")
+        value = np.full([d if isinstance(d, int) else 1 for d in shape], value, dtype=dtype)
+    if not isinstance(value, np.ndarray):
+        raise TypeError(f"Session input {name!r} takes a tensor or array of {expected}; got {type(value).__name__}")
+    if str(value.dtype) != dtype or list(value.shape) != [d if isinstance(d, int) else value.shape[i]
+                                                           for i, d in enumerate(shape)][:value.ndim] \
+            or value.ndim != len(shape):
+        raise TypeError(f"Session input {name!r} takes {expected} (the exported shapes are static); "
+                        f"got {value.dtype}{list(value.shape)}")
     return value
 

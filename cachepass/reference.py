@@ -24,7 +24,7 @@ from cachepass.backend import copy_graph_module, coerce_config, outline_graph
 from cachepass.config import MaskPolicy, StepCacheConfig
 from cachepass.errors import CachepassError
 from cachepass.runtime import UnitStats
-from cachepass.timestep import find_timestep_input
+from cachepass.timestep import find_timestep_input, follows, latents_sample
 from cachepass.unit import UnitSpec
 
 
@@ -57,10 +57,13 @@ class StepCacheReference(nn.Module):
         timestep_index = placeholders.index(timestep.placeholder) if timestep else None
         latents_index = placeholders.index(timestep.latents) if timestep and timestep.latents else None
 
+        sample_size = timestep.sample_size if timestep else 0
+
         def run(*args):
             t = None if timestep_index is None else float(args[timestep_index].double().amax())
             latents = None if latents_index is None else args[latents_index].double()
-            clock.advance(t, None if latents is None else (float(latents.sum()), float((latents * latents).sum())))
+            clock.advance(t, None if latents is None else (float(latents.sum()), float((latents * latents).sum())),
+                          None if latents is None else latents_sample(latents, latents.numel(), sample_size))
             self._last = graph_state
             return gm(*args)
 
@@ -87,9 +90,10 @@ class _GraphState:
 class GenerationClock:
     """Which generation, step and CFG stream a call is: the compiled clock's rule (see insert_cache_cond).
 
-    A call whose timestep is below the last one is the next step; with separate CFG, a call at the
-    same timestep and with the same latents right after a step's first call is its partner; any
-    other call starts a new generation. Without a timestep, the position in a run of ``num_inference_steps`` steps counts.
+    A call whose timestep is below the last one, with latents that continue the last call's, is the
+    next step; with separate CFG, a call at the same timestep and with the same latents right after a
+    step's first call is its partner; any other call starts a new generation. Without a timestep, the
+    position in a run of ``num_inference_steps`` steps counts.
     """
 
     def __init__(self, config: StepCacheConfig):
@@ -100,8 +104,10 @@ class GenerationClock:
         self.pending = False
         self.last_t = 0.0
         self.last_latents: tuple[float, float] | None = None  # sum and sum of squares: CFG partners share them
+        self.last_sample: torch.Tensor | None = None  # strided latents: a step's latents continue the last call's
 
-    def advance(self, timestep: float | None, latents: tuple[float, float] | None) -> None:
+    def advance(self, timestep: float | None, latents: tuple[float, float] | None,
+                sample: torch.Tensor | None = None) -> None:
         cfg = self.config
         if timestep is None:
             position = self.calls % (cfg.num_inference_steps * cfg.num_streams) if cfg.num_inference_steps else self.calls
@@ -109,8 +115,10 @@ class GenerationClock:
         fresh = self.calls == 0
         same = not fresh and timestep == self.last_t
         partner = cfg.separate_cfg and self.pending and same and (latents is None or latents == self.last_latents)
-        self.last_latents = latents
-        self.first_call = fresh or timestep > self.last_t or (same and not partner)
+        continues = not fresh and (sample is None or bool(follows(sample, self.last_sample)))
+        self.last_latents, self.last_sample = latents, sample
+        self.first_call = fresh or timestep > self.last_t or (same and not partner) or \
+            (timestep < self.last_t and not continues)
         self.step = 0 if self.first_call else self.step if partner else self.step + 1
         # the first call of a step is the conditional stream unless the CFG call comes first
         self.stream = int(partner) ^ int(cfg.cfg_compute_first)

@@ -9,6 +9,7 @@ Layout (S streams, C = step capacity = num_inference_steps, or 1024 without it):
     clock.calls                  []            calls since the state was made or reset (0: fresh)
     clock.{step,pending,last_t}  []            step, CFG partner due, timestep of the last call
     clock.last_latents           [2]           sum and sum of squares of the last call's latents
+    clock.last_sample            [L]           an evenly strided sample of the last call's latents (L <= 4096)
     clock.report                 [2]           [Mismatch flags (sticky), steps of the last generation that ended early]
     schedule.{warmup,mask_compute,mask_static}  [C+1]  per-step constants from the config
     schedule.{stream_ids,step_ids}              [S], [C+1]
@@ -26,11 +27,13 @@ non-blocking copy checked on a later call) and warns once per state.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import enum
 import itertools
 import logging
 import math
+import threading
 import weakref
 from typing import Any, Iterable
 
@@ -39,6 +42,7 @@ from torch import nn
 
 from cachepass.config import MaskPolicy, StepCacheConfig
 from cachepass.errors import CachepassError
+from cachepass.timestep import TimestepInput
 from cachepass.unit import UnitSpec, tensor_nbytes
 
 log = logging.getLogger("cachepass")
@@ -55,13 +59,25 @@ class Mismatch(enum.IntFlag):
     MORE_STEPS = 4  # a generation ran past num_inference_steps
     FEWER_STEPS = 8  # a generation ended before num_inference_steps (interrupted, or a shorter schedule)
     RANKS_DIVERGED = 16  # context parallel: the ranks were out of step (calls, step, config); all computed
+    EXTRA_CALLS = 32  # separate_cfg, but a step made a third call (same timestep and latents as its CFG pair)
+
+
+# flags that follow from another one: not reported beside it (their advice would be wrong)
+CONSEQUENCES = {Mismatch.EXTRA_CALLS: Mismatch.MISSING_CFG_PARTNER | Mismatch.FEWER_STEPS}
 
 
 MISMATCH_MESSAGES = {
     Mismatch.MISSING_CFG_PARTNER: (
-        "separate_cfg=True, but a denoising step made one call (CFG off, e.g. guidance <= 1, or both CFG "
-        "branches batched into one call): each such call ran as the conditional stream of its step. Compile "
-        "with separate_cfg=False for this pipeline"
+        "separate_cfg=True, but some denoising steps made one call (CFG off for them: guidance <= 1, CFG "
+        "truncation or zero-init steps; or both CFG branches batched into one call): each such call ran as the "
+        "conditional stream of its step, which is right for a step without CFG. If every step of this pipeline "
+        "makes one call, compile with separate_cfg=False (one stream: half the state)"
+    ),
+    Mismatch.EXTRA_CALLS: (
+        "separate_cfg=True, but a denoising step made three or more calls at one timestep with the same latents "
+        "(e.g. text and image guidance): stepcache caches steps of one call or of a CFG pair, so each extra call "
+        "started a new generation and nothing was cached (the results are those of the uncached model). Three "
+        "guidance calls per step are not supported yet"
     ),
     Mismatch.SHARED_TIMESTEP: (
         "separate_cfg=False, but two calls shared one timestep (separate CFG calls?): each started a new "
@@ -116,8 +132,10 @@ class StateLayout:
     TensorRT's operator matrix (`cachepass.tensorrt`); decisions may then differ near the threshold.
     """
 
-    def __init__(self, units: Iterable[UnitSpec], config: StepCacheConfig, narrow: bool = False):
+    def __init__(self, units: Iterable[UnitSpec], config: StepCacheConfig, narrow: bool = False,
+                 timestep: TimestepInput | None = None):
         self.config = config
+        self.sample_size = timestep.sample_size if timestep is not None else 0
         self.float_dtype = torch.float32 if narrow else torch.float64
         self.int_dtype = torch.int32 if narrow else torch.int64
         self.units = list(units)
@@ -142,6 +160,7 @@ class StateLayout:
             TensorSpec("clock.last_t", (), self.float_dtype, 0.0),
             TensorSpec("clock.last_latents", (2,), self.float_dtype, 0.0),
             TensorSpec("clock.report", (2,), self.int_dtype, 0),
+            TensorSpec("clock.last_sample", (self.sample_size,), self.float_dtype, 0.0),
             TensorSpec("schedule.warmup", (cap + 1,), torch.bool, values=tuple(t in warmup for t in steps)),
             TensorSpec(
                 "schedule.mask_compute",
@@ -214,10 +233,24 @@ class RuntimeState:
         self.anchor_id = anchor_id
         self.reported: dict[Mismatch, str] = {}  # mismatch -> its message when first seen
         self.offload = None  # the model's ModelOffload, set on its first call with offload on
+        self._busy = threading.Lock()
         self._report = _ReportReader(self["clock.report"])
 
     def __getitem__(self, name: str) -> torch.Tensor:
         return self.tensors[self.layout.index[name]]
+
+    @contextlib.contextmanager
+    def one_call_at_a_time(self):
+        """A call of this state; another call entering meanwhile (a second thread) is an error, not a wrong result."""
+        if not self._busy.acquire(blocking=False):
+            raise CachepassError(
+                "stepcache: this model was called while another call of it was running (two threads, or two "
+                "generations at once): its cache state follows one generation at a time, and the calls of two "
+                "would be taken for one. Give each thread its own model instance (compile a copy)")
+        try:
+            yield
+        finally:
+            self._busy.release()
 
     def before_call(self) -> None:
         """Host-side bookkeeping of one call (no device sync)."""
@@ -258,12 +291,10 @@ class RuntimeState:
     def _warn_new_mismatches(self, report: list[int] | None) -> None:
         if report is None:
             return
-        flags, ended_early = Mismatch(report[0]), report[1]
-        for flag in Mismatch:
-            if flag in flags and flag not in self.reported:
-                self.reported[flag] = MISMATCH_MESSAGES[flag].format(
-                    steps=self.layout.config.num_inference_steps, ended=ended_early)
-                log.warning("stepcache: %s", self.reported[flag])
+        for flag, message in mismatch_messages(report, self.layout.config.num_inference_steps).items():
+            if flag not in self.reported:
+                self.reported[flag] = message
+                log.warning("stepcache: %s", message)
 
     def warnings(self) -> list[str]:
         """Every mismatch seen so far, as first reported (reads the device state)."""
@@ -284,33 +315,43 @@ class RuntimeState:
             self.offload.scheduler.start_generation()
 
     def stats(self) -> list["UnitStats"]:
-        fresh = int(self["clock.calls"].item()) == 0
         warnings = self.warnings()
         if Mismatch.RANKS_DIVERGED in self.reported:
             raise CachepassError(f"stepcache: no stats: {self.reported[Mismatch.RANKS_DIVERGED]}")
-        return [self._unit_stats(unit, fresh, warnings) for unit in self.layout.units]
+        return read_stats(self.__getitem__, [(u.index, u.name) for u in self.layout.units],
+                          self.layout.config.num_streams, self.layout.capacity, warnings)
 
-    def _unit_stats(self, unit: UnitSpec, fresh: bool, warnings: list[str]) -> "UnitStats":
-        cap = self.layout.capacity
-        flags = self[f"u{unit.index}.cached_flags"].cpu()
-        diffs = self[f"u{unit.index}.diffs"].cpu()
+
+def mismatch_messages(report: list[int], num_inference_steps: int | None) -> dict[Mismatch, str]:
+    """The `Mismatch` flags set in a ``clock.report`` value, with their messages (not their `CONSEQUENCES`)."""
+    flags, ended_early = Mismatch(report[0]), report[1]
+    for cause, consequences in CONSEQUENCES.items():
+        if cause in flags:
+            flags &= ~consequences
+    return {flag: MISMATCH_MESSAGES[flag].format(steps=num_inference_steps, ended=ended_early)
+            for flag in Mismatch if flag in flags}
+
+
+def read_stats(read, units: list[tuple[int, str]], streams: int, capacity: int,
+               warnings: list[str]) -> list["UnitStats"]:
+    """Per cache unit (index, name), its `UnitStats` from the state tensors ``read(name)`` returns."""
+    fresh = int(read("clock.calls").item()) == 0
+    found = []
+    for index, name in units:
+        flags = read(f"u{index}.cached_flags").cpu()
+        diffs = read(f"u{index}.diffs").cpu()
         per_stream = []
-        for s in range(self.layout.config.num_streams):
+        for s in range(streams):
             if fresh:
                 per_stream.append(([], {}))
                 continue
-            cached = [t for t in range(cap) if bool(flags[s, t])]
-            recorded = {str(t): float(diffs[s, t]) for t in range(cap) if not math.isnan(float(diffs[s, t]))}
+            cached = [t for t in range(capacity) if bool(flags[s, t])]
+            recorded = {str(t): float(diffs[s, t]) for t in range(capacity) if not math.isnan(float(diffs[s, t]))}
             per_stream.append((cached, recorded))
         cfg_cached, cfg_diffs = per_stream[1] if len(per_stream) > 1 else ([], {})
-        return UnitStats(
-            name=unit.name,
-            cached_steps=per_stream[0][0],
-            residual_diffs=per_stream[0][1],
-            cfg_cached_steps=cfg_cached,
-            cfg_residual_diffs=cfg_diffs,
-            warnings=warnings,
-        )
+        found.append(UnitStats(name=name, cached_steps=per_stream[0][0], residual_diffs=per_stream[0][1],
+                               cfg_cached_steps=cfg_cached, cfg_residual_diffs=cfg_diffs, warnings=warnings))
+    return found
 
 
 class _ReportReader:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from typing import Any
 
 import torch
 from torch import fx
@@ -20,6 +21,8 @@ from cachepass.config import StepCacheConfig
 from cachepass.errors import CachepassError
 
 AUTO_NAMES = ("timestep", "timesteps", "sigma", "sigmas")
+LATENT_SAMPLE = 4096  # latents elements (evenly strided) the clock keeps to tell a step's latents from new ones
+FOLLOW_COSINE = 0.2  # a step's latents have at least this cosine with the previous call's (new noise: ~0)
 LATENT_NAMES = ("hidden_states", "latents", "latent_model_input", "sample", "x")
 _ARGUMENT = re.compile(r"^L_(?:kwargs_)?(?P<name>.+)_$")
 
@@ -32,6 +35,12 @@ class TimestepInput:
     dtype: torch.dtype
     latents: str | None = None  # the latents input's placeholder: CFG partners share its values
     latents_name: str | None = None
+    latents_numel: int = 0
+
+    @property
+    def sample_size(self) -> int:
+        """Elements of the latents sample the clock keeps (0: no latents input)."""
+        return min(LATENT_SAMPLE, self.latents_numel) if self.latents else 0
 
     def describe(self) -> str:
         pairing = f", CFG pairs share {self.latents_name}" if self.latents else ""
@@ -72,4 +81,21 @@ def find_timestep_input(gm: fx.GraphModule, config: StepCacheConfig) -> Timestep
         raise CachepassError(f"timestep input {name!r} has dtype {value.dtype}; it must be a real number tensor")
     latents = next((n for n in LATENT_NAMES if n in inputs and n != name), None)
     return TimestepInput(name, str(node.target), tuple(value.shape), value.dtype,
-                         str(inputs[latents].target) if latents else None, latents)
+                         str(inputs[latents].target) if latents else None, latents,
+                         example_value(inputs[latents]).numel() if latents else 0)
+
+
+def latents_sample(latents, numel: int, size: int):
+    """``size`` evenly strided elements of the flattened latents of ``numel`` elements (a tensor or an FX proxy)."""
+    return latents.reshape(-1)[:: max(1, numel // size)][:size]
+
+
+def follows(sample, last) -> Any:
+    """Whether latents (their sample) continue the previous call's: cosine >= `FOLLOW_COSINE`.
+
+    A denoising step moves the latents a little (x - dt * v): they keep most of their direction. New
+    noise, or an img2img start from new noise, is nearly orthogonal to the previous latents. All
+    zeros on either side counts as following (0 >= 0).
+    """
+    dot = (sample * last).sum()
+    return dot >= FOLLOW_COSINE * torch.sqrt((sample * sample).sum() * (last * last).sum())

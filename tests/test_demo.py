@@ -69,7 +69,8 @@ def test_demo_writes_gif_and_a_consistent_table(tmp_path, capsys):
     assert gif.n_frames == 8 and gif.size == (3 * 32 * 4 + 16, 2 * 32 * 4 + 16 + GIF_HEADER)
     header = gif.convert("RGB").crop((0, 0, gif.size[0], GIF_HEADER))
     assert len(header.getcolors(1 << 16)) > 1  # the column labels are drawn
-    assert table["repeats"] == 2 and table["timing"].startswith("median")
+    assert table["repeats"] == 2 and table["timing"].startswith("fastest of the interleaved repeats")
+    assert all(row["spread"] >= 0 for row in table["rows"])
     printed = capsys.readouterr().out
     assert "a green triangle moving down" in printed and "speedup" in printed
 
@@ -95,6 +96,8 @@ def test_bad_arguments_exit_2_with_a_message(args, message, capsys):
     [
         (["--device", "tpu"], "--device 'tpu': allowed cpu, cuda or cuda:N"),
         (["--captions", "a purple circle moving left"], "unknown: ['purple']"),
+        (["--captions", "a red circle moving left", " "], "--captions: caption 2 is empty"),
+        (["--head", "8"], "--head 8: the demo model has 8 blocks"),
     ],
 )
 def test_bad_values_are_errors_not_tracebacks(args, message, capsys, tmp_path):
@@ -131,3 +134,13 @@ def test_device_takes_an_index():
             _parse_device("cuda:0")
     with pytest.raises(ValueError, match="allowed cpu, cuda or cuda:N"):
         _parse_device("cuda:x")
+
+
+def test_noisy_timings_are_said_to_be_noisy():
+    from cachepass.cli import Row, format_table
+
+    rows = [Row("a red circle moving left", 3.05, 1.2, 3.05 / 1.2, 18, 18, 48.0, 0.999, spread=3.2)]
+    summary = {"uncached_s": 3.05, "stepcache_s": 1.2, "speedup": 3.05 / 1.2, "compile_s": 30.0}
+    assert "timings are noisy: repeats of one row differ by up to 320%" in format_table(rows, summary)
+    rows[0].spread = 0.05
+    assert "noisy" not in format_table(rows, summary)

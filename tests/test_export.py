@@ -190,3 +190,101 @@ def test_an_input_export_cannot_reproduce_is_named():
     message = r"graph input \S+ comes from G\[.*\]\.GLOBAL_SHIFT; export takes tensors"
     with pytest.raises(cachepass.UnsupportedGraphError, match=message):
         cachepass.export(ReadsAGlobal().eval(), config(case), **example_call(case))
+
+
+def test_each_module_of_an_exported_program_has_its_own_state(tmp_path):
+    """Two ``program.module()`` interleaved step by step equal their solo runs; a module made after a
+    cancelled generation starts fresh; ``cachepass.stats`` / ``reset`` read and reset an exported module
+    (saved and loaded too), and stats equal the compiled model's."""
+    from cachepass.sampling import flow_sigmas
+
+    case = CASES["toy"]
+    program = cachepass.export(case.model(), config(case), **example_call(case))
+    solo = [generate(case, program.module(), STEPS, seed=seed) for seed in (1, 2)]
+
+    modules = [program.module(), program.module()]
+    runs = [list(case.inputs(torch.Generator().manual_seed(seed))) for seed in (1, 2)]
+    sigmas = flow_sigmas(STEPS)
+    with torch.no_grad():
+        for i in range(STEPS):  # one step of each generation in turn
+            for module, run in zip(modules, runs):
+                latents, cond, uncond = run
+                v_cond, v_uncond = (case.call(module, latents, sigmas[i], kw) for kw in (cond, uncond))
+                run[0] = latents + (sigmas[i + 1] - sigmas[i]) * (v_uncond + 3.0 * (v_cond - v_uncond))
+    for run, expected in zip(runs, solo):
+        torch.testing.assert_close(run[0], expected, atol=0, rtol=0)
+
+    compiled_model = case.model()
+    compiled = cachepass.compile(compiled_model, config(case), inner="aot_eager")
+    generate(case, compiled, STEPS, seed=1)
+    assert decisions(cachepass.stats(modules[0])) == decisions(cachepass.stats(compiled_model))
+    assert any(s for unit in decisions(cachepass.stats(modules[0])) for s in unit)
+
+    torch.export.save(program, tmp_path / "model.pt2")
+    loaded = cachepass.load_exported(tmp_path / "model.pt2")
+    first = loaded.module()
+    assert decisions(cachepass.stats(first)) == [([], [])]  # before any call
+    cachepass.reset(first)  # before any call: nothing to reset
+    with pytest.raises(KeyboardInterrupt):  # cancelled after 6 calls
+        generate(case, lambda *a, **k: first(*a, **k) if first.stepcache_state.clock_calls < 6 else _cancel(), STEPS)
+    assert int(loaded.module().stepcache_state.clock_calls) == 0  # a new module starts fresh
+    cachepass.reset(first)
+    torch.testing.assert_close(generate(case, first, STEPS, seed=1), solo[0], atol=0, rtol=0)
+    assert decisions(cachepass.stats(first)) == decisions(cachepass.stats(compiled_model))
+
+
+def _cancel():
+    raise KeyboardInterrupt
+
+
+def test_onnx_session_reset_numbers_and_bad_inputs(tmp_path):
+    """``Session.reset`` works before and after calls; a Python number feeds a one-element input; a
+    bfloat16 tensor or a wrong shape is a clear error naming the input and what it takes."""
+    case = CASES["toy"]
+    kwargs = example_call(case)
+    path = cachepass.export_onnx(case.model(), config(case), tmp_path / "toy.onnx", **kwargs)
+    session = Session(path)
+    session.reset()  # before the first call
+    run = onnx_call(case, session)
+    first = generate(case, run, STEPS, seed=1)
+    session.reset()
+    torch.testing.assert_close(generate(case, run, STEPS, seed=1), first, atol=0, rtol=0)
+    by_number = session(**{**kwargs, "timestep": float(kwargs["timestep"])})
+    session.reset()
+    torch.testing.assert_close(torch.as_tensor(by_number[0]), session(**kwargs)[0], atol=0, rtol=0)
+    with pytest.raises(cachepass.CachepassError, match=r"'hidden_states' is a bfloat16 tensor.*pass \.to\(torch\.float32\)"):
+        session(**{**kwargs, "hidden_states": kwargs["hidden_states"].bfloat16()})
+    with pytest.raises(TypeError, match=r"'hidden_states' takes float32\[1, 16, 4\].*got float32\[1, 8, 4\]"):
+        session(**{**kwargs, "hidden_states": kwargs["hidden_states"][:, :8]})
+
+
+def test_onnx_export_checks_the_path_first_and_leaves_no_invalid_file(tmp_path):
+    case = CASES["wan"]
+    with pytest.raises(cachepass.CachepassError, match=r"the folder .*missing' does not exist"):
+        cachepass.export_onnx(case.model(), config(case), tmp_path / "missing" / "wan.onnx", **example_call(case))
+    bf16 = case.model().to(torch.bfloat16)
+    with pytest.raises(cachepass.CachepassError, match=r"patch_embedding is a bfloat16 convolution.*float16"):
+        cachepass.export_onnx(bf16, config(case), tmp_path / "wan.onnx", **example_call(case))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_exported_module_is_called_as_the_model_was(tmp_path):
+    """Non-tensor arguments as the model takes them: return_dict=False turns the output into a tuple, a
+    default given explicitly is taken, a value the program was not exported with is a clear error."""
+    case = CASES["wan"]
+    kwargs = example_call(case)  # return_dict=False
+    tensors = {k: v for k, v in kwargs.items() if k != "return_dict"}
+    program = cachepass.export(case.model(), config(case), **tensors)  # exported with the default return_dict=True
+    torch.export.save(program, tmp_path / "wan.pt2")
+    module = cachepass.load_exported(tmp_path / "wan.pt2").module()
+    with torch.no_grad():
+        as_object = module(**tensors)
+        cachepass.reset(module)
+        as_tuple = module(**kwargs, attention_kwargs=None)
+        assert isinstance(as_tuple, tuple) and torch.equal(as_tuple[0], as_object.sample)
+        with pytest.raises(cachepass.CachepassError, match=r"exported without dummy"):
+            module(**tensors, dummy=3)
+    tuple_program = cachepass.export(case.model(), config(case), **kwargs).module()
+    with pytest.raises(cachepass.CachepassError, match=r"exported with return_dict=False and returns a tuple"):
+        tuple_program(**tensors)
+    assert int(tuple_program.stepcache_state.clock_calls) == 0  # refused before it ran

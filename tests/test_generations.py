@@ -99,7 +99,7 @@ def test_cfg_off_on_a_separate_cfg_compile_runs_as_one_stream_and_is_reported(fr
     one_stream = generate(CASE, fn, STEPS, separate_cfg=False)
     _, plain = compiled_model(cfg(separate_cfg=False))
     torch.testing.assert_close(one_stream, generate(CASE, plain, STEPS, separate_cfg=False), atol=0, rtol=0)
-    assert any("separate_cfg=True, but a denoising step made one call" in w for w in mismatch_warnings(caplog))
+    assert any("separate_cfg=True, but some denoising steps made one call" in w for w in mismatch_warnings(caplog))
     torch.testing.assert_close(generate(CASE, fn, STEPS), fresh_run[0], atol=0, rtol=0)  # back in phase
     assert cached(model) == fresh_run[1]
 
@@ -198,3 +198,114 @@ def test_state_is_freed_with_the_model():
     refs = [round_trip() for _ in range(3)]
     gc.collect()
     assert [r() for r in refs] == [None, None, None]
+
+
+def img2img(fn, start: int, steps: int = STEPS, seed: int = 9) -> torch.Tensor:
+    """An img2img run of ``CASE``: the schedule of ``steps`` steps entered at step ``start`` from an image
+    noised to that level with new noise (strength ``1 - start / steps``), Euler to 0 with separate CFG."""
+    from cachepass.sampling import flow_sigmas
+
+    g = torch.Generator().manual_seed(seed)
+    image, cond, uncond = CASE.inputs(g)
+    sigmas = flow_sigmas(steps)
+    latents = (1 - sigmas[start]) * image + sigmas[start] * torch.randn(image.shape, generator=g)
+    with torch.no_grad():
+        for i in range(start, steps):
+            v_cond, v_uncond = (CASE.call(fn, latents, sigmas[i], kw) for kw in (cond, uncond))
+            latents = latents + (sigmas[i + 1] - sigmas[i]) * (v_uncond + 3.0 * (v_cond - v_uncond))
+    return latents
+
+
+def test_img2img_after_a_cancelled_generation_starts_a_new_one(caplog):
+    """A video-to-video / img2img run starts mid-schedule, below the timestep a cancelled txt2img stopped at:
+    its latents (new noise over an image) do not continue the cancelled ones, so it is a new generation,
+    bit-identical to the same run on a fresh state, compiled and in the reference."""
+    model, fn = compiled_model()
+    _, fresh = compiled_model(model=CASE.model())
+    expected = img2img(fresh, start=6)
+    assert 0 < len(cached(fresh)[0][0])  # some of its steps cache: a wrongly continued cache would show
+    interrupted(fn, 5)  # cancelled in its third step (sigma 10/12), above where the img2img starts (6/12)
+    torch.testing.assert_close(img2img(fn, start=6), expected, atol=0, rtol=0)
+    assert cached(model) == cached(fresh)
+    assert any("ended after 3 of num_inference_steps=12" in w for w in mismatch_warnings(caplog))
+
+    reference, fresh_reference = StepCacheReference(CASE.model(), cfg()), StepCacheReference(CASE.model(), cfg())
+    interrupted(reference, 5)
+    torch.testing.assert_close(img2img(reference, start=6), img2img(fresh_reference, start=6), atol=0, rtol=0)
+    assert cached(reference) == cached(fresh_reference) == cached(fresh)
+
+
+def test_a_step_whose_latents_continue_the_last_ones_is_the_next_step():
+    """The continuity rule on its own: a denoising step keeps most of the latents' direction even in a
+    2-step schedule's last step; new noise does not."""
+    from cachepass.timestep import follows, latents_sample
+
+    g = torch.Generator().manual_seed(0)
+    noise, image, other = (torch.randn(16, 9, 60, 104, generator=g) for _ in range(3))
+    n = noise.numel()
+    sample = lambda x: latents_sample(x.double(), n, 4096)  # noqa: E731
+    for a, b in [(1.0, 0.75), (0.75, 0.0), (0.63, 0.0), (0.5, 0.45)]:  # x_sigma = (1 - sigma) image + sigma noise
+        x_a, x_b = (1 - a) * image + a * noise, (1 - b) * image + b * noise
+        assert follows(sample(x_b), sample(x_a)), (a, b)
+    assert not follows(sample(0.4 * image + 0.6 * other), sample(0.15 * other + 0.85 * noise))
+    assert not follows(sample(other), sample(noise))
+
+
+def test_three_calls_per_step_are_reported_as_such_and_run_uncached(caplog):
+    """Text and image guidance: three calls per step with one timestep and latents. Nothing caches (each
+    extra call starts a generation), the result is the uncached model's, and the warning says so, not
+    "set num_inference_steps=1" or "separate_cfg=False"."""
+    from cachepass.sampling import flow_sigmas
+
+    model, fn = compiled_model()
+
+    def three_calls(f):
+        latents, cond, uncond = CASE.inputs(torch.Generator().manual_seed(1))
+        sigmas = flow_sigmas(STEPS)
+        with torch.no_grad():
+            for i in range(STEPS):
+                v_text, v_image, v_none = (CASE.call(f, latents, sigmas[i], kw) for kw in (cond, uncond, uncond))
+                latents = latents + (sigmas[i + 1] - sigmas[i]) * (v_none + 2.0 * (v_text - v_image) + v_image - v_none)
+        return latents
+
+    torch.testing.assert_close(three_calls(fn), three_calls(CASE.model()), atol=1e-6, rtol=1e-6)
+    assert cached(model) == [([], [])]
+    (warning,) = mismatch_warnings(caplog)
+    assert "three or more calls at one timestep" in warning
+
+
+def test_a_call_while_another_call_of_the_model_runs_is_an_error():
+    """Two threads on one compiled model would mix their generations' calls: the second call is refused."""
+    import threading
+
+    model, fn = compiled_model()
+    entered, release, errors = threading.Event(), threading.Event(), []
+
+    class Blocking(torch.nn.Module):  # the first thread's call waits inside the model until released
+        def forward(self, x):
+            if threading.current_thread() is not threading.main_thread():
+                entered.set()
+                release.wait(30)
+            return x
+
+    model.blocks[0].ff.append(Blocking())
+    torch._dynamo.reset()
+    generate(CASE, fn, 1)  # compiled with the blocking module; the main thread passes straight through
+
+    def first_thread():
+        try:
+            generate(CASE, fn, 1)
+        except Exception as error:  # pragma: no cover - reported below
+            errors.append(error)
+
+    thread = threading.Thread(target=first_thread)
+    thread.start()
+    assert entered.wait(30)
+    try:
+        with pytest.raises(cachepass.CachepassError, match="called while another call of it was running"):
+            generate(CASE, fn, 1)
+    finally:
+        release.set()
+        thread.join(30)
+    assert errors == []
+    generate(CASE, fn, 1)  # the state is free again

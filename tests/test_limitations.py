@@ -65,3 +65,41 @@ def test_more_shapes_than_dynamos_recompile_limit_need_max_shapes():
                 CASE.call(compiled, latents[:, :tokens + 1], torch.tensor(1.0), cond)
     finally:
         torch._dynamo.config.recompile_limit = limit
+
+
+def test_more_configs_of_one_class_than_the_recompile_limit_raise_it_and_say_so(caplog):
+    """One graph per config and shape: nine configs at one shape pass Dynamo's limit of eight; cachepass.compile
+    raises the limit for the configs it compiled, and a limit hit names the cause and the fix."""
+    limit = torch._dynamo.config.recompile_limit
+    try:
+        with caplog.at_level("INFO", logger="cachepass"):
+            for i in range(limit + 1):
+                config = StepCacheConfig(num_head_blocks=1, threshold=0.04 + i / 1000, num_inference_steps=8)
+                with torch.no_grad():
+                    call_once(cachepass.compile(CASE.model(), config, inner="eager"))
+        assert torch._dynamo.config.recompile_limit == limit + 1
+        assert f"{limit + 1} configs of ToyDiT compiled in this process" in caplog.text
+        compiled = cachepass.compile(CASE.model(), CFG, inner="eager")
+        torch._dynamo.config.recompile_limit = limit + 1  # as if the user had set it lower
+        with pytest.raises(CachepassError, match=r"recompile limit .* every input shape, and every config compiled "
+                                                 r"for ToyDiT in this process \(\d+ so far\).*max_shapes=N"):
+            with torch.no_grad():
+                call_once(compiled)
+        with pytest.raises(CachepassError, match=r"called with gradients enabled.*torch.no_grad\(\)"):
+            call_once(compiled)
+    finally:
+        torch._dynamo.config.recompile_limit = limit
+
+
+def test_options_that_cannot_run_on_the_models_device_fail_at_compile():
+    with pytest.raises(CachepassError, match=r"cudagraphs='conditional' needs a CUDA device; the model runs on cpu"):
+        cachepass.compile(CASE.model(), CFG, cudagraphs="conditional")
+    with pytest.raises(CachepassError, match=r"offload needs a CUDA device; the model runs on cpu"):
+        cachepass.compile(CASE.model(), CFG, offload={"budget": "1GB"})
+
+
+def test_backend_errors_come_as_cachepass_errors_without_dynamos_wrapper():
+    compiled = cachepass.compile(CASE.model(), StepCacheConfig(num_head_blocks=6), inner="eager")
+    with pytest.raises(cachepass.BlockDiscoveryError) as e, torch.no_grad():
+        call_once(compiled)
+    assert "report a bug to PyTorch" not in str(e.value) and "num_head_blocks" in str(e.value)

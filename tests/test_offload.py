@@ -140,6 +140,18 @@ def test_budget_units():
     assert OffloadConfig(budget="8GB").budget == 8 * 10**9
     assert OffloadConfig(budget="1.5GiB").budget == 3 * 2**29
     assert OffloadConfig(budget=123).budget == 123
+    assert OffloadConfig(budget=1.5e6).budget == 1_500_000  # a float number of bytes
+    with pytest.raises(ValueError, match=r"offload.budget=0.5 is invalid"):
+        OffloadConfig(budget=0.5)
+
+
+def test_more_slots_than_the_budget_holds_are_cut_and_logged(caplog):
+    units = [unit(0, "blocks", 6, 1, 0)]
+    sizes = {p: 100 for p in units[0].block_paths}
+    with caplog.at_level("INFO", logger="cachepass"):
+        residency = choose_residency(units, sizes, 50, OffloadConfig(budget=50 + 3 * 100, slots=100))
+    assert residency.slots == 3
+    assert "offload.slots=100 cut to 3" in caplog.text
 
 
 def test_offload_needs_the_piecewise_form():

@@ -38,7 +38,7 @@ from cachepass.blocks import example_value
 from cachepass.errors import UnsupportedGraphError
 from cachepass.runtime import Mismatch, StateLayout
 from cachepass.sequence_parallel import SequenceParallel
-from cachepass.timestep import TimestepInput
+from cachepass.timestep import TimestepInput, follows, latents_sample
 from cachepass.unit import OutlinedUnit, UnitSpec
 
 log = logging.getLogger("cachepass")
@@ -158,10 +158,12 @@ def _set_flag(flags: Proxy, flag: Mismatch, when: Proxy) -> Proxy:
 def _emit_clock(layout: StateLayout, st: dict[str, Proxy], timestep: Proxy | None, latents: Proxy | None) -> Clock:
     """Which generation, step and CFG stream this call is, decided on the device from the timestep.
 
-    A call whose timestep is below the last one is the next step; with separate CFG, a call at the
-    same timestep and with the same latents (sum and sum of squares) right after a step's first
-    call is that step's second (CFG partner) call; any other call starts a new generation at step
-    0. Calls that do not fit the config set `Mismatch` bits.
+    A call whose timestep is below the last one, with latents that continue the last call's (a
+    sample's cosine, `cachepass.timestep.follows`), is the next step; with separate CFG, a call at
+    the same timestep and with the same latents (sum and sum of squares) right after a step's first
+    call is that step's second (CFG partner) call; any other call (new noise, an img2img start below
+    a cancelled generation's last timestep) starts a new generation at step 0. Calls that do not
+    fit the config set `Mismatch` bits.
     """
     cfg = layout.config
     steps = cfg.num_inference_steps
@@ -169,13 +171,16 @@ def _emit_clock(layout: StateLayout, st: dict[str, Proxy], timestep: Proxy | Non
     t = _progress(layout, calls, timestep)
     fresh = calls == 0
     same_t = ~fresh & (t == last_t)
-    fingerprint = st["clock.last_latents"]
+    fingerprint, sample = st["clock.last_latents"], st["clock.last_sample"]
+    continues = ~fresh
     if latents is not None:
         x = latents.detach().to(layout.float_dtype)
         fingerprint = torch.stack([x.sum(), (x * x).sum()])
+        sample = latents_sample(x, example_value(latents.node).numel(), layout.sample_size)
+        continues = continues & follows(sample, st["clock.last_sample"])
     same_call = same_t & (fingerprint == st["clock.last_latents"]).all()
     partner = pending & same_call if cfg.separate_cfg else torch.zeros_like(same_t)
-    first = fresh | (t > last_t) | (same_t & ~partner)
+    first = fresh | (t > last_t) | (same_t & ~partner) | ((t < last_t) & ~continues)
     step = torch.where(first, 0, torch.where(partner, last_step, last_step + 1))
     stream = partner.to(layout.int_dtype)
     if cfg.cfg_compute_first:
@@ -185,6 +190,7 @@ def _emit_clock(layout: StateLayout, st: dict[str, Proxy], timestep: Proxy | Non
     ended = st["clock.report"][1]
     if cfg.separate_cfg:
         flags = _set_flag(flags, Mismatch.MISSING_CFG_PARTNER, pending & ~first & ~partner)
+        flags = _set_flag(flags, Mismatch.EXTRA_CALLS, same_call & ~pending)  # a third call of one step
     else:
         flags = _set_flag(flags, Mismatch.SHARED_TIMESTEP, same_t)
     if steps:
@@ -213,6 +219,7 @@ def _emit_clock(layout: StateLayout, st: dict[str, Proxy], timestep: Proxy | Non
             "clock.pending": ~partner if cfg.separate_cfg else partner,
             "clock.last_t": t,
             "clock.last_latents": fingerprint,
+            "clock.last_sample": sample,
         },
     )
 

@@ -19,12 +19,15 @@ the plan are the same code.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import re
 from typing import Iterator, Protocol, Sequence
 
 from cachepass.config import MaskPolicy, StepCacheConfig
 from cachepass.errors import CachepassError
 from cachepass.unit import UnitSpec
+
+log = logging.getLogger("cachepass")
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(B|KB|MB|GB|TB|KiB|MiB|GiB|TiB)?\s*$", re.IGNORECASE)
 _UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
@@ -73,8 +76,8 @@ class OffloadConfig:
 
 def parse_bytes(value) -> int:
     """``8_000_000_000``, ``"8GB"`` (10^9) or ``"8GiB"`` (2^30) -> bytes."""
-    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
-        return value
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0 and float(value).is_integer():
+        return int(value)  # 1.5e6 is a number of bytes too
     match = _SIZE.match(value) if isinstance(value, str) else None
     if match is None or float(match.group(1)) <= 0:
         raise ValueError(f"stepcache option offload.budget={value!r} is invalid; allowed: a positive number of "
@@ -148,6 +151,10 @@ def choose_residency(units: Sequence[UnitSpec], block_bytes: dict[str, int], non
             f"({format_bytes(nonblock_bytes)}) plus one slot for the largest block ({format_bytes(largest)}) need "
             f"{format_bytes(nonblock_bytes + largest)}; the whole model is {format_bytes(total)}")
     slots = min(config.slots, (config.budget - nonblock_bytes) // largest)
+    if slots < config.slots:
+        log.info("stepcache: offload.slots=%d cut to %d: the budget (%s less %s of non-block weights) holds %d slot(s) "
+                 "of the largest block (%s)", config.slots, slots, format_bytes(config.budget),
+                 format_bytes(nonblock_bytes), slots, format_bytes(largest))
     room = config.budget - nonblock_bytes - slots * largest
     resident = []
     for block in order:
