@@ -21,7 +21,7 @@ from cachepass.blocks import example_value
 from cachepass.passes import cache_passes, run_passes
 from cachepass.piecewise.compile import CompileCount, PieceCompiler
 from cachepass.piecewise.execute import Plan, build_program
-from cachepass.piecewise.offload import check_not_offloaded_by_hooks, model_bytes
+from cachepass.piecewise.offload import check_budget_fits, check_not_offloaded_by_hooks, model_bytes
 from cachepass.piecewise.offload_plan import OffloadConfig, OffloadPlan, choose_residency, plan_generation
 from cachepass.timestep import TimestepInput, find_timestep_input
 from cachepass.unit import UnitSpec
@@ -52,7 +52,7 @@ def compile(model: nn.Module, config: Any, *, calibrator_config: Any = None, inn
     resolution or batch size compiles once more, with its own state. Dynamo allows
     ``torch._dynamo.config.recompile_limit`` (8) graphs per function, shared by every shape and
     every compile of the model's class in the process; ``max_shapes`` raises that limit
-    (process-wide) when larger, and so does a compile of more distinct configs of one class than it.
+    (process-wide) when larger, and each compile's first call makes room for its own graph.
     Options that cannot run on the model's device raise here.
     """
     if max_shapes is not None and (isinstance(max_shapes, bool) or not isinstance(max_shapes, int) or max_shapes < 1):
@@ -75,9 +75,10 @@ def compile(model: nn.Module, config: Any, *, calibrator_config: Any = None, inn
     if parsed.offload is not None:
         check_not_offloaded_by_hooks(model)
     _check_device_options(parsed, model)
-    configs = _count_config(model, options)
-    _raise_recompile_limit(max(max_shapes or 0, configs), "max_shapes" if (max_shapes or 0) >= configs else
-                           f"{configs} configs of {type(model).__name__} compiled in this process")
+    if parsed.offload is not None:
+        check_budget_fits(model, parsed.offload)
+    if max_shapes is not None:
+        _raise_recompile_limit(max_shapes, "max_shapes")
     compiled = torch.compile(model, backend=stepcache, fullgraph=fullgraph, dynamic=False, options=options)
     compiled.forward = _with_clear_errors(compiled.forward, model)
     return compiled
@@ -93,17 +94,6 @@ def _check_device_options(options: BackendOptions, model: nn.Module) -> None:
     options.check_offload_device(param.device)
 
 
-# forward code object -> the distinct option sets compiled for it (Dynamo's recompile limit counts its graphs)
-_CONFIGS: dict[Any, set[str]] = {}
-
-
-def _count_config(model: nn.Module, options: dict) -> int:
-    code = getattr(type(model).forward, "__code__", None)
-    seen = _CONFIGS.setdefault(code, set())
-    seen.add(repr(sorted(options.items(), key=lambda item: item[0])))
-    return len(seen)
-
-
 def _raise_recompile_limit(graphs: int, why: str) -> None:
     if graphs > torch._dynamo.config.recompile_limit:
         log.info("stepcache: torch._dynamo.config.recompile_limit %d -> %d (%s)",
@@ -111,11 +101,29 @@ def _raise_recompile_limit(graphs: int, why: str) -> None:
         torch._dynamo.config.recompile_limit = graphs
 
 
+def _graphs_of(model: nn.Module) -> int:
+    """Dynamo's compiled graphs (cache entries) of ``model``'s forward, for every config and shape in the process."""
+    code = getattr(type(model).forward, "__code__", None)
+    return len(torch._C._dynamo.eval_frame._debug_get_cache_entry_list(code)) if code is not None else 0
+
+
 def _with_clear_errors(forward, model: nn.Module):
     """``forward`` raising cachepass's own errors as they are, not inside Dynamo's wrapper (whose footer asks
-    for a PyTorch bug report), and Dynamo's recompile limit with its cause and fix."""
+    for a PyTorch bug report), and Dynamo's recompile limit with its cause and fix.
+
+    Dynamo's limit counts the graphs of the model class's forward over every compile: a compile's first
+    call gets room for its own graph (nine configs of one class at one shape need nine graphs), its
+    further shapes count against the limit (``max_shapes``).
+    """
+    first = [True]
 
     def call(*args, **kwargs):
+        if first[0]:
+            first[0] = False
+            graphs = _graphs_of(model)
+            if graphs >= torch._dynamo.config.recompile_limit:
+                _raise_recompile_limit(graphs + 1, f"a new config of {type(model).__name__}: {graphs} graphs of its "
+                                                   "forward exist in this process")
         try:
             return forward(*args, **kwargs)
         except torch._dynamo.exc.BackendCompilerFailed as failed:
@@ -130,15 +138,14 @@ def _with_clear_errors(forward, model: nn.Module):
 
 def _recompile_limit_message(model: nn.Module) -> str:
     name = type(model).__name__
-    configs = len(_CONFIGS.get(getattr(type(model).forward, "__code__", None), ()))
     limit = torch._dynamo.config.recompile_limit
     if torch.is_grad_enabled() and any(p.requires_grad for p in model.parameters()):
         return (f"{name} was called with gradients enabled; stepcache compiles inference graphs: call the model under "
                 "torch.no_grad() or torch.inference_mode(), as diffusers pipelines do (Dynamo's recompile limit of "
                 f"{limit} graphs was hit tracing this call)")
     return (f"Dynamo's recompile limit (torch._dynamo.config.recompile_limit={limit} graphs per forward) was hit for "
-            f"{name}.forward: every input shape, and every config compiled for {name} in this process ({configs} so "
-            "far), takes a graph of its own. Pass cachepass.compile(..., max_shapes=N) with N >= shapes x configs "
+            f"{name}.forward: every input shape of every config compiled for {name} in this process takes a graph of "
+            f"its own ({_graphs_of(model)} now). Pass cachepass.compile(..., max_shapes=N) with N >= shapes x configs "
             "(it raises the limit process-wide)")
 
 

@@ -27,10 +27,14 @@ def test_bad_cudagraphs_options_name_the_field(options, message):
 
 @pytest.mark.parametrize("mode", ["piecewise", "conditional"])
 def test_cuda_graphs_asked_for_a_cpu_model_is_an_error(mode):
+    """At cachepass.compile, which has the model; through torch.compile, at the first call."""
     case = CASES["toy"]
-    compiled = cachepass.compile(case.model(), toy_config(), inner="aot_eager", cudagraphs=mode)
-    with pytest.raises(Exception, match=rf"CachepassError: stepcache option cudagraphs='{mode}' needs a CUDA device; "
-                                        "the model runs on cpu"):  # Dynamo wraps what the backend raises
+    message = rf"stepcache option cudagraphs='{mode}' needs a CUDA device; the model runs on cpu"
+    with pytest.raises(cachepass.CachepassError, match=message):
+        cachepass.compile(case.model(), toy_config(), inner="aot_eager", cudagraphs=mode)
+    compiled = torch.compile(case.model(), backend="stepcache", dynamic=False,
+                             options={"config": toy_config(), "inner": "aot_eager", "cudagraphs": mode})
+    with pytest.raises(Exception, match="CachepassError: " + message):  # Dynamo wraps what the backend raises
         generate(case, compiled, 1)
 
 

@@ -161,10 +161,8 @@ def test_offload_needs_the_piecewise_form():
 
 def test_offload_on_a_cpu_model_is_an_error_unless_asked_for():
     case = CASES["toy"]
-    compiled = cachepass.compile(case.model(), toy_config(), inner="aot_eager", offload={"budget": 10**6})
-    with pytest.raises(Exception, match=r"CachepassError: stepcache option offload needs a CUDA device; "
-                                        r"the model runs on cpu"):
-        generate(case, compiled, 1)
+    with pytest.raises(CachepassError, match=r"stepcache option offload needs a CUDA device; the model runs on cpu"):
+        cachepass.compile(case.model(), toy_config(), inner="aot_eager", offload={"budget": 10**6})
 
 
 def test_a_model_offloaded_by_diffusers_hooks_is_refused():
@@ -174,10 +172,18 @@ def test_a_model_offloaded_by_diffusers_hooks_is_refused():
         cachepass.compile(model, toy_config(), offload={"budget": "1GB"})
 
 
-def test_a_budget_too_small_for_the_model_is_an_error_at_the_first_call():
+def test_a_budget_too_small_for_the_model_is_an_error_at_compile():
+    """The bound cachepass.compile checks before tracing is what the traced blocks need (Wan: exactly)."""
     case = CASES["wan"]
-    compiled = cachepass.compile(case.model(), toy_config(), inner="aot_eager", offload={"budget": 1000, "allow_cpu": True})
-    with pytest.raises(CachepassError, match=r"offload.budget=1000 B is too small"):
+    model = case.model()
+    blocks, nonblock = model_bytes(model, block_lists_paths(model, ("blocks",)))
+    need = nonblock + max(blocks.values())
+    with pytest.raises(CachepassError, match=rf"offload.budget={need - 1} B is too small: the non-block weights "
+                                             rf"\(at least {nonblock} B\) plus one slot .* need {need} B"):
+        cachepass.compile(model, toy_config(), inner="aot_eager", offload={"budget": need - 1, "allow_cpu": True})
+    compiled = torch.compile(model, backend="stepcache", dynamic=False, options={
+        "config": toy_config(), "inner": "aot_eager", "offload": {"budget": need - 1, "allow_cpu": True}})
+    with pytest.raises(CachepassError, match=rf"offload.budget={need - 1} B is too small"):  # at its first call
         generate(case, compiled, 1)
 
 

@@ -148,7 +148,7 @@ class _Runner:
 
     def moved(self, args) -> str | None:
         """Which weight or state input is not where the graphs read it (None: all in place)."""
-        if pointers_equal(list(args), self.pointers, self.static):
+        if pointers_equal(args, self.pointers, self.static):
             return None
         index = next(i for i in self.static if args[i].data_ptr() != self.pointers[i])
         return f"graph input {index} (a weight or state tensor of shape {list(args[index].shape)})"
@@ -178,11 +178,11 @@ class _Runner:
         return f"{graphs} graphs, {decisions} decision(s) read on the host per call; {len(self.copied)} input(s) copied in"
 
 
-def pointers_equal(args: list, pointers: list[int | None], indices: list[int]) -> bool:
+def pointers_equal(args: list | tuple, pointers: list[int | None], indices: list[int]) -> bool:
     """Whether ``args[i].data_ptr() == pointers[i]`` for every ``i`` in ``indices`` (in C++ where torch has it)."""
     check = getattr(torch._C, "_tensors_data_ptrs_at_indices_equal", None)  # CUDA builds (Inductor's cudagraph trees)
     if check is not None:
-        return check(args, pointers, indices)
+        return check(args if isinstance(args, list) else list(args), pointers, indices)  # it takes lists only
     return all(args[i].data_ptr() == pointers[i] for i in indices)
 
 

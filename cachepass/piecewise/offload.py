@@ -481,6 +481,29 @@ def offload_stats(model: Any) -> OffloadStats | None:
     return None
 
 
+def check_budget_fits(model: torch.nn.Module, offload: OffloadConfig) -> None:
+    """Refuse, before tracing, a budget below what any choice of cache units needs.
+
+    Every item of a list of same-class modules may be a block; what is in no such list is a non-block
+    weight. The blocks the graph's discovery picks are some of those lists (the others' weights are
+    non-block), so the non-block weights plus one slot for the largest block are at least this.
+    """
+    in_lists: set[int] = set()
+    largest = 0
+    for module in model.modules():
+        if isinstance(module, torch.nn.ModuleList) and len(module) > 1 and len({type(m) for m in module}) == 1:
+            for item in module:
+                params = list(item.parameters())
+                in_lists.update(id(p) for p in params)
+                largest = max(largest, packed_offsets(params)[1])
+    nonblock = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()) if id(t) not in in_lists)
+    if largest and offload.budget < nonblock + largest:
+        raise CachepassError(
+            f"stepcache option offload.budget={format_bytes(offload.budget)} is too small: the non-block weights "
+            f"(at least {format_bytes(nonblock)}) plus one slot for the largest block ({format_bytes(largest)}) need "
+            f"{format_bytes(nonblock + largest)}")
+
+
 def check_not_offloaded_by_hooks(model: torch.nn.Module) -> None:
     """diffusers group / layerwise offloading and accelerate's CPU offload move weights behind the graph's back."""
     for path, module in model.named_modules():
