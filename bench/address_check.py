@@ -3,7 +3,7 @@
     python -m bench.address_check --workload wan-1.3b-1f --out bench/results
 
 Every replay first checks that the weights, buffers and cache state are where the captured graphs
-read them (`cachepass.piecewise.cudagraphs._pointers_equal`, the C++ check Inductor's cudagraph
+read them (`cachepass.cudagraphs.graphed._pointers_equal`, the C++ check Inductor's cudagraph
 trees use). This times that check over as many tensors as the workload's model has parameters and
 buffers (built on the meta device; the timed tensors are small CUDA tensors: only addresses matter).
 """
@@ -22,7 +22,7 @@ import torch
 
 from bench.timing import count_syncs
 from bench.workloads import WORKLOADS
-from cachepass.piecewise.cudagraphs import _pointers_equal
+from cachepass.cudagraphs.graphed import _pointers_equal
 
 
 def main(argv=None) -> int:

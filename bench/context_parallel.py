@@ -44,7 +44,7 @@ from bench.report import _fmt, _spread  # noqa: E402
 from bench.timing import count_syncs, fresh_compile_caches, median, peak_memory_gb, reset_peak_memory, timed  # noqa: E402
 from bench.variants import Context, Prepared, _cache_dit_decisions  # noqa: E402
 from bench.workloads import WORKLOADS  # noqa: E402
-from cachepass.quality import compare  # noqa: E402
+from cachepass.demo.quality import compare  # noqa: E402
 
 log = logging.getLogger("bench")
 BF16_ROUNDING = 2.0 ** -7  # relative: a diff this close to the threshold may fall either side in bf16

@@ -13,9 +13,9 @@ from torch import nn
 
 import cachepass
 from bench.timing import pinned_htod_bytes
-from cachepass.piecewise.offload import block_lists_paths, model_bytes
-from cachepass.piecewise.offload_plan import decisions_of, plan_generation
-from cachepass.runtime import states_of
+from cachepass.offload.runtime import block_lists_paths, model_bytes
+from cachepass.offload.plan import decisions_of, plan_generation
+from cachepass.state.runtime import states_of
 
 
 def nonblock_bytes(model: nn.Module, block_lists: tuple[str, ...]) -> int:

@@ -131,7 +131,7 @@ def cache_dit_group_offload(ctx: Context) -> Prepared:
 
 def stepcache(ctx: Context, inner: str = "inductor", mode: str | None = None, form: str = "piecewise",
               cudagraphs: str | None = None, offload: dict | None = None) -> Prepared:
-    """Outputs need no clone: with CUDA graphs the executor returns copies (see cachepass.piecewise.cudagraphs)."""
+    """Outputs need no clone: with CUDA graphs the executor returns copies (see cachepass.cudagraphs.graphed)."""
     fn = cachepass.compile(ctx.model, ctx.config, inner=inner, mode=mode, form=form, cudagraphs=cudagraphs,
                            offload=offload)
 

@@ -1,7 +1,7 @@
 """cachepass: DBCache + TaylorSeer step caching compiled into the graph as a torch.cond.
 
 The names below import their module on first use, so ``cachepass --help`` and ``import cachepass``
-do not load torch; submodules (``cachepass.reference``, ``cachepass.tensorrt``, ...) load the same way.
+do not load torch; submodules (``cachepass.reference``, ``cachepass.exported.tensorrt``, ...) load the same way.
 """
 
 from __future__ import annotations
@@ -14,9 +14,9 @@ _NAMES = {
     "explain": ("cachepass.api", "explain"),
     "reset": ("cachepass.api", "reset"),
     "stats": ("cachepass.api", "stats"),
-    "export": ("cachepass.exported", "export"),
-    "load_exported": ("cachepass.exported", "load"),
-    "export_onnx": ("cachepass.onnx", "export_onnx"),
+    "export": ("cachepass.exported.program", "export"),
+    "load_exported": ("cachepass.exported.program", "load"),
+    "export_onnx": ("cachepass.exported.onnx", "export_onnx"),
     "Form": ("cachepass.backend", "Form"),
     "Inner": ("cachepass.inner", "Inner"),
     "MaskPolicy": ("cachepass.config", "MaskPolicy"),
@@ -25,11 +25,11 @@ _NAMES = {
     "CachepassError": ("cachepass.errors", "CachepassError"),
     "PassError": ("cachepass.errors", "PassError"),
     "UnsupportedGraphError": ("cachepass.errors", "UnsupportedGraphError"),
-    "UnitStats": ("cachepass.runtime", "UnitStats"),
-    "OffloadStats": ("cachepass.piecewise.offload", "OffloadStats"),
-    "offload_stats": ("cachepass.piecewise.offload", "offload_stats"),
-    "OffloadConfig": ("cachepass.piecewise.offload_plan", "OffloadConfig"),
-    "OffloadPlan": ("cachepass.piecewise.offload_plan", "OffloadPlan"),
+    "UnitStats": ("cachepass.state.runtime", "UnitStats"),
+    "OffloadStats": ("cachepass.offload.runtime", "OffloadStats"),
+    "offload_stats": ("cachepass.offload.runtime", "offload_stats"),
+    "OffloadConfig": ("cachepass.offload.plan", "OffloadConfig"),
+    "OffloadPlan": ("cachepass.offload.plan", "OffloadPlan"),
 }
 
 __all__ = sorted(_NAMES)

@@ -14,16 +14,17 @@ from cachepass.backend import (BackendOptions, Form, coerce_config, outline_grap
 from cachepass.compat import trace_functional_all_gather
 from cachepass.config import StepCacheConfig
 from cachepass.errors import BlockDiscoveryError, CachepassError
-from cachepass.exported import ExportedState, capture
-from cachepass.sequence_parallel import SequenceParallel, check_option
-from cachepass.runtime import RuntimeState, StateLayout, UnitStats, current_state, states_of
-from cachepass.blocks import example_value
+from cachepass.exported.program import ExportedState, capture
+from cachepass.analysis.sequence_parallel import SequenceParallel, check_option
+from cachepass.state.layout import StateLayout
+from cachepass.state.runtime import RuntimeState, UnitStats, current_state, states_of
+from cachepass.analysis.blocks import example_value
 from cachepass.passes import cache_passes, run_passes
 from cachepass.piecewise.compile import CompileCount, PieceCompiler
 from cachepass.piecewise.execute import Plan, build_program
-from cachepass.piecewise.offload import check_budget_fits, check_not_offloaded_by_hooks, model_bytes
-from cachepass.piecewise.offload_plan import OffloadConfig, OffloadPlan, choose_residency, plan_generation
-from cachepass.timestep import TimestepInput, find_timestep_input
+from cachepass.offload.runtime import check_budget_fits, check_not_offloaded_by_hooks, model_bytes
+from cachepass.offload.plan import OffloadConfig, OffloadPlan, choose_residency, plan_generation
+from cachepass.analysis.timestep import TimestepInput, find_timestep_input
 from cachepass.unit import UnitSpec
 
 log = logging.getLogger("cachepass")
@@ -45,7 +46,7 @@ def compile(model: nn.Module, config: Any, *, calibrator_config: Any = None, inn
     default follows ``mode`` (``"reduce-overhead"``: piecewise). ``offload`` (piecewise form):
     ``{"budget": "8GB", "slots": 2}`` keeps that many bytes of weights on the device and streams the
     other blocks from pinned host memory, planned from the cache schedule (`OffloadConfig`).
-    ``sequence_parallel_group`` (context parallel, `cachepass.sequence_parallel`): ``"auto"`` finds
+    ``sequence_parallel_group`` (context parallel, `cachepass.analysis.sequence_parallel`): ``"auto"`` finds
     the group that shards the tokens from the graph's collectives, and every rank then takes the
     same decision from one all-reduce per cache unit; a ``ProcessGroup`` names it; None refuses a
     sharded graph. Shapes are static: a new

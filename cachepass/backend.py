@@ -9,7 +9,7 @@ The backend copies Dynamo's graph, outlines each cache unit's middle blocks, rew
 inner compiler and returns a function that appends the state tensors to every call. The piecewise
 form (the default) splits the graph and compiles each distinct piece once (`cachepass.piecewise`);
 on CUDA its program may run as CUDA graphs (``cudagraphs``, or ``mode="reduce-overhead"``) and stream
-block weights from host memory (``offload``, `cachepass.piecewise.offload`).
+block weights from host memory (``offload``, `cachepass.offload.runtime`).
 """
 
 from __future__ import annotations
@@ -23,20 +23,21 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 from torch import fx
 
-from cachepass.blocks import Discovery, plan_cache_units
+from cachepass.analysis.blocks import Discovery, plan_cache_units
 from cachepass.config import StepCacheConfig
 from cachepass.errors import CachepassError, UnsupportedGraphError
 from cachepass.inner import INDUCTOR_MODES, Inner, asks_for_cudagraphs, inner_compile
-from cachepass import sequence_parallel
+from cachepass.analysis import sequence_parallel
 from cachepass.passes import cache_passes, outline_passes, run_passes, split_before_first_block
 from cachepass.piecewise.compile import PieceCompiler
-from cachepass.piecewise.conditional_nodes import unavailable_reason as conditional_nodes_unavailable
-from cachepass.piecewise.cudagraphs import CudaGraphs, GraphedProgram
+from cachepass.cudagraphs.conditional_nodes import unavailable_reason as conditional_nodes_unavailable
+from cachepass.cudagraphs.graphed import CudaGraphs, GraphedProgram
 from cachepass.piecewise.execute import build_program
-from cachepass.piecewise.offload import ProgramOffload
-from cachepass.piecewise.offload_plan import OffloadConfig
-from cachepass.runtime import StateLayout, StateSet
-from cachepass.timestep import find_timestep_input
+from cachepass.offload.runtime import ProgramOffload
+from cachepass.offload.plan import OffloadConfig
+from cachepass.state.layout import StateLayout
+from cachepass.state.runtime import StateSet
+from cachepass.analysis.timestep import find_timestep_input
 from cachepass.unit import OutlinedUnit, UnitSpec
 
 log = logging.getLogger("cachepass")
@@ -157,7 +158,7 @@ def outline_graph(gm: fx.GraphModule, config: StepCacheConfig,
                   sequence_parallel_group: Any = None) -> tuple[fx.GraphModule, list[UnitSpec], Discovery]:
     """Find the cache units and outline their middle blocks; returns the outlined graph and the units.
 
-    ``sequence_parallel_group`` (see `cachepass.sequence_parallel`): None refuses a graph with collectives.
+    ``sequence_parallel_group`` (see `cachepass.analysis.sequence_parallel`): None refuses a graph with collectives.
     """
     gm = run_passes(gm, [split_before_first_block])
     plans, discovery = plan_cache_units(gm, config)

@@ -93,8 +93,8 @@ def demo(args) -> int:
     import torch
 
     import cachepass
-    from cachepass.models.demo import load_default
-    from cachepass.quality import compare
+    from cachepass.demo.model import load_default
+    from cachepass.demo.quality import compare
 
     device = _parse_device(args.device)
     _check_captions(args.captions)

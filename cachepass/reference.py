@@ -23,8 +23,8 @@ from torch import nn
 from cachepass.backend import copy_graph_module, coerce_config, outline_graph
 from cachepass.config import MaskPolicy, StepCacheConfig
 from cachepass.errors import CachepassError
-from cachepass.runtime import UnitStats
-from cachepass.timestep import find_timestep_input, follows, latents_sample
+from cachepass.state.runtime import UnitStats
+from cachepass.analysis.timestep import find_timestep_input, follows, latents_sample
 from cachepass.unit import UnitSpec
 
 

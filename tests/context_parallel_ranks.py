@@ -15,7 +15,7 @@ import torch.distributed as dist
 from torch._dynamo.utils import counters
 
 import cachepass
-from cachepass.runtime import current_state
+from cachepass.state.runtime import current_state
 from models import CASES, generate, toy_config
 
 STEPS = 8

@@ -14,7 +14,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from cachepass.sampling import sample
+from cachepass.demo.sampling import sample
 
 
 class ToyBlock(nn.Module):

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import cachepass
-from cachepass.piecewise.conditional_nodes import unavailable_reason
+from cachepass.cudagraphs.conditional_nodes import unavailable_reason
 from cachepass.piecewise.execute import CondStep
 from models import CASES, generate, toy_config
 

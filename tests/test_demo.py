@@ -9,8 +9,8 @@ from importlib import resources
 import pytest
 
 from cachepass.cli import GIF_HEADER, main
-from cachepass.models.demo import WEIGHTS, load_default
-from cachepass.models.shapes import COLORS, DIRECTIONS, SHAPES, caption, describe
+from cachepass.demo.model import WEIGHTS, load_default
+from cachepass.demo.shapes import COLORS, DIRECTIONS, SHAPES, caption, describe
 
 AXIS = {"left": "horizontal", "right": "horizontal", "up": "vertical", "down": "vertical", None: None}
 # Measured on the shipped weights (seed 0, 20 steps, guidance 4): colour 32/32, motion axis 31/32,
@@ -24,7 +24,7 @@ def model():
 
 
 def test_weights_ship_in_the_package_and_load_offline(model):
-    path = resources.files("cachepass.models") / WEIGHTS
+    path = resources.files("cachepass.demo") / WEIGHTS
     assert os.path.getsize(str(path)) <= 10 * 2**20
     n = sum(p.numel() for p in model.transformer.parameters()) + sum(p.numel() for p in model.text_encoder.parameters())
     assert n == model.card["parameters"] and 1e6 < n < 1e7

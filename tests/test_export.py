@@ -12,9 +12,9 @@ import torch
 
 import cachepass
 import cache_dit_helpers
-from cachepass.exported import StepCachedModule, trace
-from cachepass.onnx import Session, replace_bool_where
-from cachepass.tensorrt import problems
+from cachepass.exported.program import StepCachedModule, trace
+from cachepass.exported.onnx import Session, replace_bool_where
+from cachepass.exported.tensorrt import problems
 from models import CASES, generate, toy_config
 
 STEPS = 8
@@ -196,7 +196,7 @@ def test_each_module_of_an_exported_program_has_its_own_state(tmp_path):
     """Two ``program.module()`` interleaved step by step equal their solo runs; a module made after a
     cancelled generation starts fresh; ``cachepass.stats`` / ``reset`` read and reset an exported module
     (saved and loaded too), and stats equal the compiled model's."""
-    from cachepass.sampling import flow_sigmas
+    from cachepass.demo.sampling import flow_sigmas
 
     case = CASES["toy"]
     program = cachepass.export(case.model(), config(case), **example_call(case))

@@ -10,7 +10,7 @@ from torch import nn
 import cachepass
 from cachepass import CachepassError, StepCacheConfig
 from cachepass.reference import StepCacheReference
-from cachepass.sampling import sample
+from cachepass.demo.sampling import sample
 
 STEPS = 8
 

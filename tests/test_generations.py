@@ -18,8 +18,8 @@ from torch._dynamo.utils import counters
 
 import cachepass
 from cachepass.reference import StepCacheReference
-from cachepass.runtime import current_state
-from cachepass.sampling import sample
+from cachepass.state.runtime import current_state
+from cachepass.demo.sampling import sample
 from models import CASES, generate, toy_config as cfg
 
 STEPS = 12
@@ -145,7 +145,7 @@ def test_inference_mode_recompile_continues_the_same_generation(fresh_run):
     assert counters["stats"]["unique_graphs"] == 2
     torch.testing.assert_close(out, fresh_run[0], atol=0, rtol=0)
     assert cached(model) == fresh_run[1]
-    assert len({id(s) for s in cachepass.runtime.states_of(model)}) == 1
+    assert len({id(s) for s in cachepass.state.runtime.states_of(model)}) == 1
 
 
 def test_reference_tells_generations_apart_the_same_way(fresh_run):
@@ -203,7 +203,7 @@ def test_state_is_freed_with_the_model():
 def img2img(fn, start: int, steps: int = STEPS, seed: int = 9) -> torch.Tensor:
     """An img2img run of ``CASE``: the schedule of ``steps`` steps entered at step ``start`` from an image
     noised to that level with new noise (strength ``1 - start / steps``), Euler to 0 with separate CFG."""
-    from cachepass.sampling import flow_sigmas
+    from cachepass.demo.sampling import flow_sigmas
 
     g = torch.Generator().manual_seed(seed)
     image, cond, uncond = CASE.inputs(g)
@@ -238,7 +238,7 @@ def test_img2img_after_a_cancelled_generation_starts_a_new_one(caplog):
 def test_a_step_whose_latents_continue_the_last_ones_is_the_next_step():
     """The continuity rule on its own: a denoising step keeps most of the latents' direction even in a
     2-step schedule's last step; new noise does not."""
-    from cachepass.timestep import follows, latents_sample
+    from cachepass.analysis.timestep import follows, latents_sample
 
     g = torch.Generator().manual_seed(0)
     noise, image, other = (torch.randn(16, 9, 60, 104, generator=g) for _ in range(3))
@@ -255,7 +255,7 @@ def test_three_calls_per_step_are_reported_as_such_and_run_uncached(caplog):
     """Text and image guidance: three calls per step with one timestep and latents. Nothing caches (each
     extra call starts a generation), the result is the uncached model's, and the warning says so, not
     "set num_inference_steps=1" or "separate_cfg=False"."""
-    from cachepass.sampling import flow_sigmas
+    from cachepass.demo.sampling import flow_sigmas
 
     model, fn = compiled_model()
 

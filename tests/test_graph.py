@@ -7,7 +7,7 @@ import torch
 from torch._dynamo.utils import counters
 
 import cachepass
-from cachepass.runtime import current_state
+from cachepass.state.runtime import current_state
 from models import CASES, generate
 
 STEPS = 10

@@ -14,8 +14,8 @@ import torch
 
 import cachepass
 from cachepass.errors import CachepassError
-from cachepass.piecewise.offload import block_lists_paths, model_bytes
-from cachepass.piecewise.offload_plan import (OffloadConfig, choose_residency, decisions_of, plan_generation,
+from cachepass.offload.runtime import block_lists_paths, model_bytes
+from cachepass.offload.plan import (OffloadConfig, choose_residency, decisions_of, plan_generation,
                                               predicted_decision, residency_priority)
 from cachepass.unit import UnitSpec
 from models import CASES, generate, toy_config

@@ -9,7 +9,7 @@ from torch._dynamo.utils import counters
 import cachepass
 from cachepass.piecewise.split import PieceKind, is_cond, split_pieces
 from cachepass.reference import StepCacheReference
-from cachepass.runtime import current_state
+from cachepass.state.runtime import current_state
 from models import CASES, generate, toy_config
 
 STEPS = 10

@@ -15,7 +15,7 @@ import operator
 import torch
 from torch import fx
 
-from cachepass.blocks import CacheUnitPlan, describe_value, example_value
+from cachepass.analysis.blocks import CacheUnitPlan, describe_value, example_value
 from cachepass.errors import UnsupportedGraphError
 
 log = logging.getLogger("cachepass")

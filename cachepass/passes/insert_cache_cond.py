@@ -3,7 +3,7 @@
 Input: a graph from `outline_middle_blocks` (one ``call_module(stepcache_unit_i)`` per unit).
 Output: the same graph with
 
-* one placeholder per state tensor of `cachepass.runtime.StateLayout`, appended after the
+* one placeholder per state tensor of `cachepass.state.runtime.StateLayout`, appended after the
   original placeholders (the backend's wrapper passes them on every call);
 * a clock at the top: generation start, denoising step and CFG stream, told apart by the
   timestep input (a timestep that does not decrease starts a generation), the per-step schedule
@@ -34,11 +34,11 @@ from torch.multiprocessing.reductions import StorageWeakRef
 from torch._prims_common import make_contiguous_strides_for
 from torch.fx.proxy import GraphAppendingTracer, Proxy
 
-from cachepass.blocks import example_value
+from cachepass.analysis.blocks import example_value
 from cachepass.errors import UnsupportedGraphError
-from cachepass.runtime import Mismatch, StateLayout
-from cachepass.sequence_parallel import SequenceParallel
-from cachepass.timestep import TimestepInput, follows, latents_sample
+from cachepass.state.layout import Mismatch, StateLayout
+from cachepass.analysis.sequence_parallel import SequenceParallel
+from cachepass.analysis.timestep import TimestepInput, follows, latents_sample
 from cachepass.unit import OutlinedUnit, UnitSpec
 
 log = logging.getLogger("cachepass")
@@ -159,7 +159,7 @@ def _emit_clock(layout: StateLayout, st: dict[str, Proxy], timestep: Proxy | Non
     """Which generation, step and CFG stream this call is, decided on the device from the timestep.
 
     A call whose timestep is below the last one, with latents that continue the last call's (a
-    sample's cosine, `cachepass.timestep.follows`), is the next step; with separate CFG, a call at
+    sample's cosine, `cachepass.analysis.timestep.follows`), is the next step; with separate CFG, a call at
     the same timestep and with the same latents (sum and sum of squares) right after a step's first
     call is that step's second (CFG partner) call; any other call (new noise, an img2img start below
     a cancelled generation's last timestep) starts a new generation at step 0. Calls that do not

@@ -15,7 +15,7 @@ import operator
 
 from torch import fx
 
-from cachepass.blocks import CacheUnitPlan
+from cachepass.analysis.blocks import CacheUnitPlan
 from cachepass.errors import UnsupportedGraphError
 from cachepass.unit import OutlinedUnit, SlotSpec, UnitSpec
 

@@ -17,7 +17,7 @@ import operator
 import torch
 from torch import fx
 
-from cachepass.blocks import block_nodes_by_list_item, describe_value, normalize_module_path
+from cachepass.analysis.blocks import block_nodes_by_list_item, describe_value, normalize_module_path
 
 log = logging.getLogger("cachepass")
 

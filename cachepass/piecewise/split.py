@@ -17,7 +17,7 @@ import torch
 from torch import fx
 from torch.fx.passes.split_module import split_module
 
-from cachepass.blocks import list_items
+from cachepass.analysis.blocks import list_items
 
 
 class PieceKind(str, enum.Enum):

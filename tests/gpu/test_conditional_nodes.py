@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from cachepass.piecewise.conditional_nodes import ConditionalGraph, unavailable_reason
+from cachepass.cudagraphs.conditional_nodes import ConditionalGraph, unavailable_reason
 
 
 def _capture(fn, pool, stream):

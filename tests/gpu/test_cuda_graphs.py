@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import cachepass
-from cachepass.sampling import sample
+from cachepass.demo.sampling import sample
 from models import CASES, toy_config
 
 STEPS = 8

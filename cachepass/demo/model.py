@@ -16,8 +16,8 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from cachepass.models.shapes import COLORS, DIRECTIONS, SHAPES, ClipSpec
-from cachepass.sampling import sample
+from cachepass.demo.shapes import COLORS, DIRECTIONS, SHAPES, ClipSpec
+from cachepass.demo.sampling import sample
 
 SPEC = ClipSpec()
 TRANSFORMER_CONFIG = dict(
@@ -117,7 +117,7 @@ def load_default(device: str | torch.device = "cpu") -> DemoModel:
     """The shipped demo model, on ``device``, in eval mode."""
     from safetensors.torch import load_file
 
-    files = resources.files("cachepass.models")
+    files = resources.files("cachepass.demo")
     weights = load_file(str(files / WEIGHTS))
     card = json.loads((files / CARD).read_text())
     transformer, text_encoder = build_transformer(), TinyTextEncoder()

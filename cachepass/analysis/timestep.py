@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import fx
 
-from cachepass.blocks import example_value
+from cachepass.analysis.blocks import example_value
 from cachepass.config import StepCacheConfig
 from cachepass.errors import CachepassError
 

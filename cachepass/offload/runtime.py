@@ -38,12 +38,12 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import fx
 
-from cachepass.blocks import normalize_module_path
+from cachepass.analysis.blocks import normalize_module_path
 from cachepass.config import StepCacheConfig
 from cachepass.errors import CachepassError
-from cachepass.piecewise.cudagraphs import has_static_address, pointers_equal
+from cachepass.cudagraphs.graphed import has_static_address, pointers_equal
 from cachepass.piecewise.execute import CondStep
-from cachepass.piecewise.offload_plan import (Counters, OffloadConfig, Residency, SlotScheduler, Timeline,
+from cachepass.offload.plan import (Counters, OffloadConfig, Residency, SlotScheduler, Timeline,
                                               choose_residency, format_bytes)
 from cachepass.piecewise.split import PieceKind
 from cachepass.unit import UnitSpec
@@ -472,7 +472,7 @@ def _hooked(piece: Callable, offload: ProgramOffload) -> Callable:
 
 def offload_stats(model: Any) -> OffloadStats | None:
     """The offload of ``model`` (compiled or original module), None before its first call or without offload."""
-    from cachepass.runtime import states_of
+    from cachepass.state.runtime import states_of
 
     for state in reversed(states_of(model)):
         offload = getattr(state, "offload", None)

@@ -1,6 +1,6 @@
 """Train the demo model: rectified flow on procedural clips, with caption dropout for CFG.
 
-    python -m cachepass.models.train --out runs/demo --device cuda --minutes 7
+    python -m cachepass.demo.train --out runs/demo --device cuda --minutes 7
 
 Reproducible from ``--seed`` (data, init and noise come from seeded generators; GPU kernels may
 still differ in the last bits). Resumable: ``--out`` keeps ``checkpoint.pt`` (model, EMA,
@@ -21,8 +21,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-from cachepass.models.demo import CARD, TRANSFORMER_CONFIG, WEIGHTS, TinyTextEncoder, build_transformer, DemoModel
-from cachepass.models.shapes import COLORS, DIRECTIONS, SHAPES, caption, describe, random_batch
+from cachepass.demo.model import CARD, TRANSFORMER_CONFIG, WEIGHTS, TinyTextEncoder, build_transformer, DemoModel
+from cachepass.demo.shapes import COLORS, DIRECTIONS, SHAPES, caption, describe, random_batch
 
 
 def parse_args(argv=None):
@@ -149,7 +149,7 @@ def export(args, transformer, text, params, ema, history, step, trained_s, n_par
         "final_loss": history[-1][1] if history else None,
         "pixel_check": accuracy,
         "loss_history": history,
-        "command": "python -m cachepass.models.train " + " ".join(sys.argv[1:]),
+        "command": "python -m cachepass.demo.train " + " ".join(sys.argv[1:]),
     }
     with open(os.path.join(args.out, CARD), "w") as f:
         json.dump(card, f, indent=1)

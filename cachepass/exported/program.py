@@ -8,7 +8,7 @@ the call's arguments (by its path in them). Two modules run that graph:
   the cache state as buffers that the graph updates in place: what `cachepass.export` hands to
   ``torch.export`` (the updates become ``BUFFER_MUTATION`` outputs).
 - `FunctionalStepCached` takes the call's tensors and the mutable state as explicit inputs and
-  returns the outputs followed by the new state: what ONNX gets (`cachepass.onnx`), because an
+  returns the outputs followed by the new state: what ONNX gets (`cachepass.exported.onnx`), because an
   exporter turns buffers into constants and an update of a constant is lost.
 """
 
@@ -28,8 +28,9 @@ from cachepass.backend import coerce_config, copy_graph_module, outline_graph
 from cachepass.config import StepCacheConfig
 from cachepass.errors import CachepassError, UnsupportedGraphError
 from cachepass.passes import cache_passes, run_passes
-from cachepass.runtime import StateLayout, TensorSpec, mismatch_messages, read_stats
-from cachepass.timestep import find_timestep_input
+from cachepass.state.layout import StateLayout, TensorSpec, mismatch_messages
+from cachepass.state.runtime import read_stats
+from cachepass.analysis.timestep import find_timestep_input
 
 
 @dataclasses.dataclass(frozen=True)

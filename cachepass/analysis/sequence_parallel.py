@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 from torch import fx
 
-from cachepass.blocks import Discovery, example_value, normalize_module_path
+from cachepass.analysis.blocks import Discovery, example_value, normalize_module_path
 from cachepass.errors import CachepassError, UnsupportedGraphError
 
 log = logging.getLogger("cachepass")

@@ -34,7 +34,7 @@ from torch import fx
 from torch.utils import _pytree as pytree
 
 from cachepass.errors import CachepassError
-from cachepass.piecewise.conditional_nodes import ConditionalGraph
+from cachepass.cudagraphs.conditional_nodes import ConditionalGraph
 from cachepass.piecewise.execute import CondStep
 
 log = logging.getLogger("cachepass")

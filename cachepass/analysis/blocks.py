@@ -112,7 +112,7 @@ class BlockList:
 class Discovery:
     block_lists: list[BlockList]
     skipped: list[str]  # "path (N blocks of Class): reason"
-    parallel: Any = None  # the `cachepass.sequence_parallel.SequenceParallel` a sharded graph decides over
+    parallel: Any = None  # the `cachepass.analysis.sequence_parallel.SequenceParallel` a sharded graph decides over
 
 
 def find_block_lists(gm: fx.GraphModule) -> Discovery:

@@ -11,7 +11,7 @@ prefetched.
 `SlotScheduler` is the host-side logic: driven by the executor (a call starts, a block is about to
 run, a block ran, a decision is known, a call ended), it decides which copies to issue into which slot and when
 the compute stream must wait. It drives a `Transport` (real streams and events in
-`cachepass.piecewise.offload`); `plan_generation` drives it over a whole generation with a
+`cachepass.offload.runtime`); `plan_generation` drives it over a whole generation with a
 `RecordingTransport`, which is the `OffloadPlan` that ``cachepass.explain`` prints: the runtime and
 the plan are the same code.
 """

@@ -1,6 +1,6 @@
 """One CUDA graph per call: the captured pieces joined with CUDA-graph conditional (IF/ELSE) nodes.
 
-The piecewise CUDA graphs (`cachepass.piecewise.cudagraphs`) leave one host decision per cache unit:
+The piecewise CUDA graphs (`cachepass.cudagraphs.graphed`) leave one host decision per cache unit:
 read the predicate, replay one branch. Here the decision moves onto the device. The captured torch
 graphs become child graphs of one driver-API graph:
 
