@@ -23,10 +23,11 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 
-import cachepass  # noqa: E402
-from cachepass.state.runtime import current_state  # noqa: E402
-from cachepass.demo.sampling import sample  # noqa: E402
 from models import CASES, toy_config  # noqa: E402
+
+import cachepass  # noqa: E402
+from cachepass.demo.sampling import sample  # noqa: E402
+from cachepass.state.runtime import current_state  # noqa: E402
 
 STEPS = 12
 

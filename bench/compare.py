@@ -31,12 +31,12 @@ from torch._dynamo.utils import counters  # noqa: E402
 
 import cachepass  # noqa: E402
 from bench import offload, report  # noqa: E402
-from cachepass.offload.plan import parse_bytes  # noqa: E402
 from bench.timing import count_syncs, fresh_compile_caches, median, peak_memory_gb, reset_peak_memory, timed  # noqa: E402
 from bench.variants import VARIANTS, Context, cache_dit_compile_settings, remember_decisions  # noqa: E402
 from bench.workloads import STATIC_MASK, WORKLOADS  # noqa: E402
 from cachepass.demo.quality import compare  # noqa: E402
 from cachepass.demo.sampling import sample  # noqa: E402
+from cachepass.offload.plan import parse_bytes  # noqa: E402
 
 log = logging.getLogger("bench")
 

@@ -38,12 +38,12 @@ import torch.distributed as dist  # noqa: E402
 from torch._dynamo.utils import counters  # noqa: E402
 
 import cachepass  # noqa: E402
-from cachepass.compat import trace_functional_all_gather  # noqa: E402
 from bench.compare import device_name, generation, step_config  # noqa: E402
 from bench.report import _fmt, _spread  # noqa: E402
 from bench.timing import count_syncs, fresh_compile_caches, median, peak_memory_gb, reset_peak_memory, timed  # noqa: E402
 from bench.variants import Context, Prepared, _cache_dit_decisions  # noqa: E402
 from bench.workloads import WORKLOADS  # noqa: E402
+from cachepass.compat import trace_functional_all_gather  # noqa: E402
 from cachepass.demo.quality import compare  # noqa: E402
 
 log = logging.getLogger("bench")

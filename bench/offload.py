@@ -13,8 +13,8 @@ from torch import nn
 
 import cachepass
 from bench.timing import pinned_htod_bytes
-from cachepass.offload.runtime import block_lists_paths, model_bytes
 from cachepass.offload.plan import decisions_of, plan_generation
+from cachepass.offload.runtime import block_lists_paths, model_bytes
 from cachepass.state.runtime import states_of
 
 

@@ -9,25 +9,25 @@ from typing import Any
 import torch
 from torch import nn
 
-from cachepass.backend import (BackendOptions, Form, coerce_config, outline_graph, parse_options, static_example_state,
-                               stepcache)
+from cachepass.analysis.blocks import example_value
+from cachepass.analysis.sequence_parallel import SequenceParallel
+from cachepass.analysis.timestep import TimestepInput
+from cachepass.backend import stepcache
 from cachepass.compat import trace_functional_all_gather
 from cachepass.config import StepCacheConfig
+from cachepass.cudagraphs.graphed import CudaGraphs
 from cachepass.errors import BlockDiscoveryError, CachepassError
 from cachepass.exported.program import ExportedState, capture
-from cachepass.analysis.sequence_parallel import SequenceParallel, check_option
-from cachepass.state.layout import StateLayout
-from cachepass.state.runtime import RuntimeState, UnitStats, current_state, states_of
-from cachepass.analysis.blocks import example_value
-from cachepass.passes import cache_passes, run_passes
+from cachepass.offload.plan import OffloadPlan, choose_residency, plan_generation
+from cachepass.offload.runtime import check_budget_fits, check_not_offloaded_by_hooks, model_bytes
+from cachepass.options import CompileOptions, Form, parse_options
 from cachepass.piecewise.compile import CompileCount, PieceCompiler
 from cachepass.piecewise.execute import Plan, build_program
-from cachepass.offload.runtime import check_budget_fits, check_not_offloaded_by_hooks, model_bytes
-from cachepass.offload.plan import OffloadConfig, OffloadPlan, choose_residency, plan_generation
-from cachepass.analysis.timestep import TimestepInput, find_timestep_input
+from cachepass.pipeline import Rewritten, rewrite, static_example_state
+from cachepass.state.runtime import RuntimeState, UnitStats, current_state, states_of
 from cachepass.unit import UnitSpec
 
-log = logging.getLogger("cachepass")
+log = logging.getLogger(__name__)
 
 
 def compile(model: nn.Module, config: Any, *, calibrator_config: Any = None, inner: str = "inductor",
@@ -85,7 +85,7 @@ def compile(model: nn.Module, config: Any, *, calibrator_config: Any = None, inn
     return compiled
 
 
-def _check_device_options(options: BackendOptions, model: nn.Module) -> None:
+def _check_device_options(options: CompileOptions, model: nn.Module) -> None:
     """Options that cannot run on the model's device fail here, not at its first call."""
     param = next(model.parameters(), None)
     if param is None or options.form is not Form.PIECEWISE:
@@ -209,7 +209,7 @@ def _scoped_states(model: Any) -> list[RuntimeState]:
     return [s for s in states_of(model) if s.layout.config == options.config]
 
 
-def compile_options(model: Any) -> BackendOptions | None:
+def compile_options(model: Any) -> CompileOptions | None:
     """The stepcache options of a ``torch.compile``d module, or None if it is not one."""
     ctx = getattr(model, "dynamo_ctx", None)
     backend = getattr(ctx, "callback", None)
@@ -253,14 +253,12 @@ class Explanation:
         return "\n".join(lines)
 
 
-def _piecewise_plan(outlined: torch.fx.GraphModule, layout: StateLayout, timestep,
-                    parallel: SequenceParallel | None) -> tuple[Plan, CompileCount]:
-    """The plan the piecewise form would run, from the outlined graph (pieces are not compiled)."""
-    inputs = [example_value(n) for n in outlined.graph.nodes if n.op == "placeholder"]
-    gm = run_passes(outlined, cache_passes(layout, timestep, parallel))
-    state = static_example_state(inputs, layout, layout.units[0].hidden.device)
+def _piecewise_plan(rewritten: Rewritten) -> tuple[Plan, CompileCount]:
+    """The plan the piecewise form would run (pieces are not compiled)."""
+    inputs = [example_value(n) for n in rewritten.graph.graph.nodes if n.op == "placeholder"][:-len(rewritten.layout.specs)]
+    state = static_example_state(inputs, rewritten.layout, rewritten.units[0].hidden.device)
     compiler = PieceCompiler(lambda piece, piece_inputs: piece.forward)
-    _, plan = build_program(gm, [*inputs, *state], compiler, {u.name for u in layout.units})
+    _, plan = build_program(rewritten.graph, [*inputs, *state], compiler, {u.name for u in rewritten.units})
     return plan, compiler.count
 
 
@@ -272,35 +270,36 @@ def capture_graph(model: nn.Module, *args, **kwargs) -> torch.fx.GraphModule:
     return capture(model, args, kwargs).graph
 
 
-def explain(model: nn.Module, *example_args, config: StepCacheConfig | None = None, offload: Any = None,
-            cudagraphs: bool = False, sequence_parallel_group: Any = "auto", **example_kwargs) -> Explanation:
+def explain(model: nn.Module, *example_args, config: Any = None, offload: Any = None, cudagraphs: str | None = None,
+            sequence_parallel_group: Any = "auto", **example_kwargs) -> Explanation:
     """Trace ``model`` once (it runs eagerly) and report the cache units the pass would build.
 
-    With ``offload`` (as for `compile`; needs ``config.num_inference_steps``) it also plans one
-    generation of layerwise offload: which blocks stay resident, which copies go when, bytes moved.
-    Calls the threshold decides are planned as computed (the most bytes); ``cudagraphs=True`` plans
-    the captured form (each captured stretch loads what it runs). ``sequence_parallel_group`` as for `compile`.
+    The options are `compile`'s (``config`` defaults to ``StepCacheConfig()``). With ``offload`` (needs
+    ``config.num_inference_steps``) it also plans one generation of layerwise offload: which blocks
+    stay resident, which copies go when, bytes moved. Calls the threshold decides are planned as
+    computed (the most bytes); ``cudagraphs`` other than ``"off"`` plans the captured form (each
+    captured stretch loads what it runs).
     """
     given = config is not None
-    config = coerce_config(config) if given else StepCacheConfig()
-    offload_config = OffloadConfig.parse(offload)
-    group = check_option(sequence_parallel_group)
+    opts = parse_options({"config": config if given else StepCacheConfig(), "offload": offload,
+                          "cudagraphs": cudagraphs or CudaGraphs.OFF.value,
+                          "sequence_parallel_group": sequence_parallel_group})
     try:
-        gm, units, discovery = outline_graph(capture_graph(model, *example_args, **example_kwargs), config, group)
+        rewritten = rewrite(capture_graph(model, *example_args, **example_kwargs), opts.config,
+                            sequence_parallel_group=opts.sequence_parallel_group)
     except BlockDiscoveryError as error:
         if given:
             raise
         raise BlockDiscoveryError(f"{error} (explain used the default StepCacheConfig(), cache-dit's Fn=8 Bn=0, "
                                   "since no config was given: pass config=StepCacheConfig(num_head_blocks=...))") from None
-    timestep = find_timestep_input(gm, config)
-    layout = StateLayout(units, config, timestep=timestep)
-    plan, compiles = _piecewise_plan(gm, layout, timestep, discovery.parallel)
+    units, layout, discovery = rewritten.units, rewritten.layout, rewritten.discovery
+    plan, compiles = _piecewise_plan(rewritten)
     offload_plan = None
-    if offload_config is not None:
+    if opts.offload is not None:
         block_bytes, nonblock_bytes = model_bytes(model, [path for u in units for path in u.block_paths])
-        residency = choose_residency(units, block_bytes, nonblock_bytes, offload_config)
-        offload_plan = plan_generation(residency, units, config, graphed=cudagraphs)
-    report = Explanation(units, discovery.skipped, {u.name: layout.unit_nbytes(u) for u in units}, config,
-                         timestep, plan, compiles, offload_plan, discovery.parallel)
+        residency = choose_residency(units, block_bytes, nonblock_bytes, opts.offload)
+        offload_plan = plan_generation(residency, units, opts.config, graphed=opts.cudagraphs is not CudaGraphs.OFF)
+    report = Explanation(units, discovery.skipped, {u.name: layout.unit_nbytes(u) for u in units}, opts.config,
+                         rewritten.timestep, plan, compiles, offload_plan, discovery.parallel)
     log.debug("%s", report)
     return report

@@ -7,7 +7,7 @@ import math
 
 import torch
 
-log = logging.getLogger("cachepass")
+log = logging.getLogger(__name__)
 
 
 def trace_functional_all_gather() -> None:

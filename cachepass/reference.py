@@ -20,11 +20,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from cachepass.backend import copy_graph_module, coerce_config, outline_graph
+from cachepass.analysis.timestep import find_timestep_input, follows, latents_sample
 from cachepass.config import MaskPolicy, StepCacheConfig
 from cachepass.errors import CachepassError
+from cachepass.options import coerce_config
+from cachepass.pipeline import outline
 from cachepass.state.runtime import UnitStats
-from cachepass.analysis.timestep import find_timestep_input, follows, latents_sample
 from cachepass.unit import UnitSpec
 
 
@@ -43,7 +44,7 @@ class StepCacheReference(nn.Module):
         return self._traced(*args, **kwargs)
 
     def _capture(self, gm, example_inputs):
-        gm, units, _ = outline_graph(copy_graph_module(gm), self.config)
+        gm, units, _ = outline(gm, self.config)
         clock = GenerationClock(self.config)
         reference_units = []
         for spec in units:

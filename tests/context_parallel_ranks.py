@@ -12,11 +12,11 @@ import os
 
 import torch
 import torch.distributed as dist
+from models import CASES, generate, toy_config
 from torch._dynamo.utils import counters
 
 import cachepass
 from cachepass.state.runtime import current_state
-from models import CASES, generate, toy_config
 
 STEPS = 8
 GLOO_TIMEOUT_S = 30

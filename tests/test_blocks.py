@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
+import models
 import pytest
 import torch
+from models import CASES
 from torch import nn
 
 import cachepass
 from cachepass import BlockDiscoveryError, CachepassError, StepCacheConfig, UnsupportedGraphError
 from cachepass.api import capture_graph
-from cachepass.backend import copy_graph_module, outline_graph
+from cachepass.pipeline import outline
 from cachepass.unit import OutlinedUnit
-import models
-from models import CASES
 
 EXPECTED_UNITS = {
     "toy": [("blocks", 6, ["hidden"])],
@@ -66,13 +66,13 @@ def test_outlined_graph_computes_what_the_model_computes(name):
     case = CASES[name]
     model = case.model()
     kwargs = case_args(case)
-    outlined, units, _ = outline_graph(capture_graph(model, **kwargs), StepCacheConfig(num_head_blocks=1, num_tail_blocks=1))
+    outlined, units, _ = outline(capture_graph(model, **kwargs), StepCacheConfig(num_head_blocks=1, num_tail_blocks=1))
     assert len([m for m in outlined.modules() if isinstance(m, OutlinedUnit)]) == len(units)
     # Re-run Dynamo with a backend that swaps in the outlined graph: same outputs as eager.
     with torch.no_grad():
         expected = model(**kwargs)
-        got = torch.compile(model, backend=lambda g, ex: outline_graph(copy_graph_module(g),
-                            StepCacheConfig(num_head_blocks=1, num_tail_blocks=1))[0].forward, fullgraph=True)(**kwargs)
+        got = torch.compile(model, backend=lambda g, ex: outline(g, StepCacheConfig(num_head_blocks=1, num_tail_blocks=1))[0]
+                            .forward, fullgraph=True)(**kwargs)
     torch.testing.assert_close(got, expected, atol=0, rtol=0)
 
 

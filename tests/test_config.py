@@ -11,7 +11,8 @@ from cache_dit import DBCacheConfig, DBPruneConfig, TaylorSeerCalibratorConfig
 
 import cachepass
 from cachepass import MaskPolicy, StepCacheConfig
-from cachepass.backend import Inner, parse_options
+from cachepass.inner import Inner
+from cachepass.options import parse_options
 
 
 @pytest.mark.parametrize(

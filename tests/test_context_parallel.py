@@ -10,9 +10,8 @@ from __future__ import annotations
 
 import socket
 
-import torch.multiprocessing as mp
-
 import context_parallel_ranks
+import torch.multiprocessing as mp
 
 
 def _free_port() -> int:

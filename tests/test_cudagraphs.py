@@ -7,11 +7,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from models import CASES, generate, toy_config
 
 import cachepass
 from cachepass.cudagraphs.conditional_nodes import unavailable_reason
 from cachepass.piecewise.execute import CondStep
-from models import CASES, generate, toy_config
 
 STEPS = 8
 

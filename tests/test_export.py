@@ -6,16 +6,16 @@ from __future__ import annotations
 import math
 
 import cache_dit
+import cache_dit_helpers
 import onnx
 import pytest
 import torch
+from models import CASES, generate, toy_config
 
 import cachepass
-import cache_dit_helpers
-from cachepass.exported.program import StepCachedModule, trace
 from cachepass.exported.onnx import Session, replace_bool_where
+from cachepass.exported.program import StepCachedModule, trace
 from cachepass.exported.tensorrt import problems
-from models import CASES, generate, toy_config
 
 STEPS = 8
 

@@ -9,8 +9,8 @@ from torch import nn
 
 import cachepass
 from cachepass import CachepassError, StepCacheConfig
-from cachepass.reference import StepCacheReference
 from cachepass.demo.sampling import sample
+from cachepass.reference import StepCacheReference
 
 STEPS = 8
 

@@ -5,11 +5,11 @@ from __future__ import annotations
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from models import CASES, generate
 
 import cachepass
 from cachepass import StepCacheConfig
 from cachepass.reference import StepCacheReference
-from models import CASES, generate
 
 STEPS = 10
 CASE = CASES["toy"]

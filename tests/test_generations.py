@@ -14,13 +14,14 @@ import weakref
 
 import pytest
 import torch
+from models import CASES, generate
+from models import toy_config as cfg
 from torch._dynamo.utils import counters
 
 import cachepass
+from cachepass.demo.sampling import sample
 from cachepass.reference import StepCacheReference
 from cachepass.state.runtime import current_state
-from cachepass.demo.sampling import sample
-from models import CASES, generate, toy_config as cfg
 
 STEPS = 12
 CASE = CASES["toy"]
@@ -51,7 +52,7 @@ def interrupted(fn, calls: int, steps: int = STEPS, seed: int = 5):
 
 
 def mismatch_warnings(caplog) -> list[str]:
-    return [r.getMessage() for r in caplog.records if r.name == "cachepass" and r.levelno == logging.WARNING]
+    return [r.getMessage() for r in caplog.records if r.name.startswith("cachepass") and r.levelno == logging.WARNING]
 
 
 @pytest.fixture(scope="module")

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from models import CASES, generate
 from torch._dynamo.utils import counters
 
 import cachepass
 from cachepass.state.runtime import current_state
-from models import CASES, generate
 
 STEPS = 10
 UNITS = {"toy": 1, "wan": 1, "flux": 2, "hunyuan": 2}

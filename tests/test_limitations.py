@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from models import CASES
 
 import cachepass
 from cachepass import CachepassError, StepCacheConfig
-from models import CASES
 
 CASE = CASES["toy"]
 CFG = StepCacheConfig(num_head_blocks=1, threshold=0.04, separate_cfg=True, num_inference_steps=8)

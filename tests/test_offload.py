@@ -11,14 +11,20 @@ import dataclasses
 
 import pytest
 import torch
+from models import CASES, generate, toy_config
 
 import cachepass
 from cachepass.errors import CachepassError
+from cachepass.offload.plan import (
+    OffloadConfig,
+    choose_residency,
+    decisions_of,
+    plan_generation,
+    predicted_decision,
+    residency_priority,
+)
 from cachepass.offload.runtime import block_lists_paths, model_bytes
-from cachepass.offload.plan import (OffloadConfig, choose_residency, decisions_of, plan_generation,
-                                              predicted_decision, residency_priority)
 from cachepass.unit import UnitSpec
-from models import CASES, generate, toy_config
 
 STEPS = 8
 STATIC_MASK = (1, 1, 0, 1, 0, 0, 1, 1)

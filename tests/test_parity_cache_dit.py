@@ -13,11 +13,11 @@ import dataclasses
 import cache_dit
 import pytest
 import torch
+from cache_dit_helpers import enable, unit_stats
+from models import CASES, generate
 
 import cachepass
 from cachepass.reference import StepCacheReference
-from cache_dit_helpers import enable, unit_stats
-from models import CASES, generate
 
 STEPS = 20
 # fp32 on CPU: aot_eager runs the very same ATen ops as eager; Inductor reorders reductions.

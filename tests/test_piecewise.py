@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from models import CASES, generate, toy_config
 from torch._dynamo.utils import counters
 
 import cachepass
 from cachepass.piecewise.split import PieceKind, is_cond, split_pieces
 from cachepass.reference import StepCacheReference
 from cachepass.state.runtime import current_state
-from models import CASES, generate, toy_config
 
 STEPS = 10
 

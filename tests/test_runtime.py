@@ -6,13 +6,14 @@ import dataclasses
 
 import pytest
 import torch
+from cache_dit_helpers import enable, unit_stats
+from models import CASES, generate
+from models import toy_config as cfg
 from torch._dynamo.utils import counters
 
 import cachepass
 from cachepass import CachepassError
 from cachepass.reference import StepCacheReference
-from cache_dit_helpers import enable, unit_stats
-from models import CASES, generate, toy_config as cfg
 
 STEPS = 12
 CASE = CASES["toy"]

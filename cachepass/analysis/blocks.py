@@ -27,7 +27,7 @@ from torch import fx
 from cachepass.config import StepCacheConfig
 from cachepass.errors import BlockDiscoveryError, UnsupportedGraphError
 
-log = logging.getLogger("cachepass")
+log = logging.getLogger(__name__)
 
 _LIST_ITEM = re.compile(r"^(.*)\.(\d+)$")
 _ENCODER_WORDS = ("encoder", "context", "text", "txt")

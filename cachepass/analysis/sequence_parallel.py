@@ -28,7 +28,7 @@ from torch import fx
 from cachepass.analysis.blocks import Discovery, example_value, normalize_module_path
 from cachepass.errors import CachepassError, UnsupportedGraphError
 
-log = logging.getLogger("cachepass")
+log = logging.getLogger(__name__)
 
 AUTO = "auto"
 _GATHER = "all_gather_into_tensor"

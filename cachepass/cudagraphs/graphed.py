@@ -33,11 +33,12 @@ import torch
 from torch import fx
 from torch.utils import _pytree as pytree
 
-from cachepass.errors import CachepassError
 from cachepass.cudagraphs.conditional_nodes import ConditionalGraph
-from cachepass.piecewise.execute import CondStep
+from cachepass.errors import CachepassError
+from cachepass.piecewise.execute import CondStep, Piece
+from cachepass.piecewise.hooks import NO_HOOKS, ProgramHooks
 
-log = logging.getLogger("cachepass")
+log = logging.getLogger(__name__)
 
 
 class CudaGraphs(str, enum.Enum):
@@ -68,11 +69,11 @@ class GraphedProgram:
     """
 
     def __init__(self, program: fx.GraphModule, device: torch.device, mode: CudaGraphs, state_count: int,
-                 on_capture: Callable[[], None] = lambda: None):
+                 hooks: ProgramHooks = NO_HOOKS):
         if mode is CudaGraphs.OFF:
             raise ValueError("GraphedProgram needs cudagraphs='piecewise' or 'conditional'")
         self.program, self.device, self.mode, self.state_count = program, device, mode, state_count
-        self.on_capture = on_capture  # called as each graph's capture begins (offload joins its copy stream there)
+        self.hooks = hooks  # told as each graph's capture begins (offload joins its copy stream there)
         # id of the state's first tensor -> (a weak reference to it, the state's graphs). Not a WeakKeyDictionary:
         # its lookups compare keys with ==, which on tensors is an elementwise op and a host sync
         self._runners: dict[int, tuple[weakref.ref, _Runner]] = {}
@@ -98,7 +99,7 @@ class GraphedProgram:
         if mutated:
             log.info("stepcache: the model writes graph input(s) %s in place; CUDA graphs copy them back after "
                      "each replay", mutated)
-        runner = _Runner(self.program, args, static, copied, mutated, self.device, self.mode, self.on_capture)
+        runner = _Runner(self.program, args, static, copied, mutated, self.device, self.mode, self.hooks)
         runners = self._runners
         runners[id(key)] = (weakref.ref(key, lambda _, k=id(key): runners.pop(k, None)), runner)  # freed with the state
         self.captures += 1
@@ -120,9 +121,8 @@ class _BothBranches(fx.Interpreter):
     """Runs the program, each cond running both its branches (see `CondStep.run_both`)."""
 
     def call_function(self, target, args, kwargs):
-        step = getattr(target, "step", None)
-        if isinstance(step, CondStep):
-            return step.run_both(*args)
+        if isinstance(target, Piece) and target.cond is not None:
+            return target.cond.run_both(*args)
         return super().call_function(target, args, kwargs)
 
 
@@ -130,7 +130,7 @@ class _Runner:
     """The captured graphs of one model state, with the static buffers they read their inputs from."""
 
     def __init__(self, program: fx.GraphModule, args: tuple, static: list[int], copied: list[int],
-                 mutated: list[int], device: torch.device, mode: CudaGraphs, on_capture: Callable[[], None]):
+                 mutated: list[int], device: torch.device, mode: CudaGraphs, hooks: ProgramHooks):
         self.static, self.copied = static, copied
         self.pointers: list[int | None] = [None] * len(args)
         for i in self.static:
@@ -141,7 +141,7 @@ class _Runner:
         for i, buffer in zip(self.copied, self.buffers):
             inputs[i] = buffer
         self.written_back = [(i, inputs[i]) for i in mutated]  # inputs the model writes: their buffers
-        recorder = _Recorder(program, device, mode is CudaGraphs.CONDITIONAL, on_capture)
+        recorder = _Recorder(program, device, mode is CudaGraphs.CONDITIONAL, hooks)
         self.outputs = recorder.record(inputs)
         self.parts, self._live = recorder.parts, recorder.live  # _live: the pool memory between graphs stays theirs
         self.joined = ConditionalGraph(self.parts, device) if mode is CudaGraphs.CONDITIONAL else None
@@ -212,11 +212,10 @@ class _Recorder(fx.Interpreter):
     graph reads, so the pool memory behind it stays theirs.
     """
 
-    def __init__(self, program: fx.GraphModule, device: torch.device, keep_graphs: bool,
-                 on_capture: Callable[[], None]):
+    def __init__(self, program: fx.GraphModule, device: torch.device, keep_graphs: bool, hooks: ProgramHooks):
         super().__init__(program)
         self.pool, self.stream = _pool_and_stream(device)
-        self.keep_graphs, self.on_capture = keep_graphs, on_capture
+        self.keep_graphs, self.hooks = keep_graphs, hooks
         self.parts: list = []
         self.live: list = []
         self._open: tuple | None = None  # (graph, its capture context) while a stretch is being captured
@@ -229,16 +228,16 @@ class _Recorder(fx.Interpreter):
                 self._open[1].__exit__(None, None, None)
 
     def run_node(self, n: fx.Node) -> Any:
-        step = getattr(n.target, "step", None) if n.op == "call_function" else None
-        if isinstance(step, CondStep):
+        piece = n.target if n.op == "call_function" and isinstance(n.target, Piece) else None
+        if piece is not None and piece.cond is not None:
             self._close()
-            return self._record_cond(step, *self.fetch_args_kwargs_from_env(n)[0])
-        if step is not None and self._open is None:
+            return self._record_cond(piece.cond, *self.fetch_args_kwargs_from_env(n)[0])
+        if piece is not None and self._open is None:
             graph = torch.cuda.CUDAGraph(keep_graph=self.keep_graphs)
             context = torch.cuda.graph(graph, pool=self.pool, stream=self.stream)
             context.__enter__()
             self._open = (graph, context)
-            self.on_capture()
+            self.hooks.begin_capture()
         if n.op == "output":
             self._close()
         return super().run_node(n)
@@ -255,7 +254,7 @@ class _Recorder(fx.Interpreter):
     def _capture(self, fn: Callable[[], Any]) -> tuple[torch.cuda.CUDAGraph, Any]:
         graph = torch.cuda.CUDAGraph(keep_graph=self.keep_graphs)
         with torch.cuda.graph(graph, pool=self.pool, stream=self.stream):
-            self.on_capture()
+            self.hooks.begin_capture()
             out = fn()
         return graph, out
 

@@ -16,8 +16,8 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from cachepass.demo.shapes import COLORS, DIRECTIONS, SHAPES, ClipSpec
 from cachepass.demo.sampling import sample
+from cachepass.demo.shapes import COLORS, DIRECTIONS, SHAPES, ClipSpec
 
 SPEC = ClipSpec()
 TRANSFORMER_CONFIG = dict(

@@ -21,7 +21,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from cachepass.demo.model import CARD, TRANSFORMER_CONFIG, WEIGHTS, TinyTextEncoder, build_transformer, DemoModel
+from cachepass.demo.model import CARD, TRANSFORMER_CONFIG, WEIGHTS, DemoModel, TinyTextEncoder, build_transformer
 from cachepass.demo.shapes import COLORS, DIRECTIONS, SHAPES, caption, describe, random_batch
 
 

@@ -26,7 +26,7 @@ from torch import nn
 from cachepass.errors import CachepassError
 from cachepass.exported.program import FunctionalStepCached, call_tensors, trace
 
-log = logging.getLogger("cachepass")
+log = logging.getLogger(__name__)
 
 OPSET = 20  # the newest opset TensorRT 10.0-10.1 parse (9 to 20; `cachepass.exported.tensorrt.MAX_OPSET`)
 EXTERNAL_DATA_BYTES = 1 << 30  # weights above this go to a side file (protobuf's limit is 2 GB)

@@ -24,13 +24,12 @@ from torch import fx, nn
 from torch._dynamo import source as dynamo_source
 from torch.utils import _pytree as pytree
 
-from cachepass.backend import coerce_config, copy_graph_module, outline_graph
 from cachepass.config import StepCacheConfig
 from cachepass.errors import CachepassError, UnsupportedGraphError
-from cachepass.passes import cache_passes, run_passes
+from cachepass.options import coerce_config
+from cachepass.pipeline import copy_graph_module, rewrite
 from cachepass.state.layout import StateLayout, TensorSpec, mismatch_messages
 from cachepass.state.runtime import read_stats
-from cachepass.analysis.timestep import find_timestep_input
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,10 +93,8 @@ def trace(model: nn.Module, config: Any, args: tuple, kwargs: dict, narrow: bool
     captured = capture(model, args, kwargs)
     if isinstance(captured.inputs, UnsupportedGraphError):
         raise captured.inputs
-    gm, units, _ = outline_graph(captured.graph, config)
-    timestep = find_timestep_input(gm, config)
-    layout = StateLayout(units, config, narrow, timestep)
-    gm = run_passes(gm, cache_passes(layout, timestep))
+    rewritten = rewrite(captured.graph, config, narrow=narrow)
+    gm, layout = rewritten.graph, rewritten.layout
     outputs = captured.outputs
     leaves, spec = pytree.tree_flatten(outputs)
     returned = gm.graph.output_node().args[0]

@@ -27,7 +27,7 @@ from cachepass.config import MaskPolicy, StepCacheConfig
 from cachepass.errors import CachepassError
 from cachepass.unit import UnitSpec
 
-log = logging.getLogger("cachepass")
+log = logging.getLogger(__name__)
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(B|KB|MB|GB|TB|KiB|MiB|GiB|TiB)?\s*$", re.IGNORECASE)
 _UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,

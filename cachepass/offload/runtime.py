@@ -1,8 +1,8 @@
 """Layerwise offload at run time: pinned host weights, device slots, one copy stream, events.
 
-`ProgramOffload` attaches to a piecewise program: every block piece tells the model's
-`SlotScheduler` (`offload_plan`) before and after it runs, every cond tells it the decision, and
-each call tells it where the call starts and ends.
+`ProgramOffload` is the `ProgramHooks` of a piecewise program: every block piece tells the model's
+`SlotScheduler` (`cachepass.offload.plan`) before and after it runs, every cond tells it the
+decision, and each call tells it where the call starts and ends.
 
 The host copy is authoritative. On the first call of a model instance, `ModelOffload` packs each
 streamed block's weights into one pinned host buffer (registered at its exact size: the caching
@@ -33,22 +33,27 @@ from __future__ import annotations
 import dataclasses
 import logging
 import weakref
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import torch
 from torch import fx
 
 from cachepass.analysis.blocks import normalize_module_path
 from cachepass.config import StepCacheConfig
-from cachepass.errors import CachepassError
 from cachepass.cudagraphs.graphed import has_static_address, pointers_equal
-from cachepass.piecewise.execute import CondStep
-from cachepass.offload.plan import (Counters, OffloadConfig, Residency, SlotScheduler, Timeline,
-                                              choose_residency, format_bytes)
-from cachepass.piecewise.split import PieceKind
+from cachepass.errors import CachepassError
+from cachepass.offload.plan import (
+    Counters,
+    OffloadConfig,
+    Residency,
+    SlotScheduler,
+    Timeline,
+    choose_residency,
+    format_bytes,
+)
 from cachepass.unit import UnitSpec
 
-log = logging.getLogger("cachepass")
+log = logging.getLogger(__name__)
 
 ALIGNMENT = 256  # bytes: each parameter of a packed block starts at a multiple of this
 
@@ -336,7 +341,8 @@ class _CallInputs:
 
 
 class ProgramOffload:
-    """Attaches offload to one compiled piecewise program: hooks in its pieces, per-call bookkeeping.
+    """The `ProgramHooks` of one compiled piecewise program with offload: per-call bookkeeping, and the
+    model's scheduler driven from its pieces.
 
     One program serves every instance of a model class (Dynamo reuses the graph); the offload of
     the instance a call belongs to is found from the call's block parameters.
@@ -351,24 +357,12 @@ class ProgramOffload:
             raise CachepassError(f"offload: no graph input is a weight of {missing[0]} (blocks without parameters, "
                                  "or weights Dynamo did not lift as inputs): nothing to stream")
         self.block_indices = [i for indices in self.inputs.values() for i in indices]
+        self.unit_index = {u.name: u.index for u in self.units}
         self.current: ModelOffload | None = None
         self._calls: weakref.WeakKeyDictionary[ModelOffload, _CallInputs] = weakref.WeakKeyDictionary()
+        self._models: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # RuntimeState -> its model's offload
 
-    def attach(self, program: fx.GraphModule) -> None:
-        """Make ``program``'s block pieces and conds report to this object (recursively into cond branches)."""
-        unit_index = {u.name: u.index for u in self.units}
-        for node in program.graph.nodes:
-            step = getattr(node.target, "step", None) if node.op == "call_function" else None
-            if isinstance(step, CondStep):
-                step.on_decision = self._decided
-                step.unit = unit_index[node.target.owner]
-                self.attach(step.cached)
-                self.attach(step.compute)
-            elif step is not None and node.target.kind is PieceKind.BLOCK:
-                node.target = _hooked(node.target, self)
-        program.recompile()
-
-    def begin(self, args: Sequence[Any], state) -> list:
+    def begin_call(self, args: Sequence[Any], state) -> list:
         """Before a call: the model's offload (made on its first call) becomes the current one; returns
         the call's graph inputs with the streamed weights replaced by the views of their slots."""
         model = next((m for m in (_registered(args[i]) for i in self.block_indices) if m is not None), None)
@@ -381,14 +375,19 @@ class ProgramOffload:
         if inputs is None or not inputs.in_place(args):
             model, inputs = self._bring_in_changes(model, args, inputs)
             self._calls[model] = inputs
-        state.offload = model
+        self._models[state] = model
         self.current = model
         model.transport.join()  # the copies read the host copy after whatever the caller queued before
         model.scheduler.start_call()
         return inputs.substituted(args)
 
-    def end(self) -> None:
+    def end_call(self) -> None:
         self.current.scheduler.end_call()
+
+    def reset(self, state) -> None:
+        model = self._models.get(state)
+        if model is not None:
+            model.scheduler.start_generation()
 
     def _bring_in_changes(self, model: ModelOffload, args: Sequence[Any],
                           last: _CallInputs | None) -> tuple[ModelOffload, _CallInputs]:
@@ -452,33 +451,17 @@ class ProgramOffload:
         self.current.scheduler.boundary()
         self.current.transport.begin_capture()
 
-    def _decided(self, unit: int, cached: bool) -> None:
-        self.current.scheduler.decided(unit, cached)
-
-
-def _hooked(piece: Callable, offload: ProgramOffload) -> Callable:
-    owner = piece.owner
-
-    def block(*args):
-        offload.before_block(owner)
-        out = piece(*args)
-        offload.after_block(owner)
-        return out
-
-    block.__name__ = block.__qualname__ = piece.__name__
-    block.step, block.owner, block.kind = piece.step, owner, piece.kind
-    return block
+    def decided(self, unit: str, cached: bool) -> None:
+        self.current.scheduler.decided(self.unit_index[unit], cached)
 
 
 def offload_stats(model: Any) -> OffloadStats | None:
     """The offload of ``model`` (compiled or original module), None before its first call or without offload."""
-    from cachepass.state.runtime import states_of
-
-    for state in reversed(states_of(model)):
-        offload = getattr(state, "offload", None)
-        if offload is not None:
-            return OffloadStats(offload.residency, dataclasses.replace(offload.scheduler.counters), offload.graphed)
-    return None
+    module = getattr(model, "_orig_mod", model)
+    offload = next((m for m in map(_registered, module.parameters()) if m is not None), None)
+    if offload is None:
+        return None
+    return OffloadStats(offload.residency, dataclasses.replace(offload.scheduler.counters), offload.graphed)
 
 
 def check_budget_fits(model: torch.nn.Module, offload: OffloadConfig) -> None:

@@ -1,9 +1,10 @@
-"""The stepcache graph passes, in the order they run.
+"""The stepcache graph passes, in the order they run (`PASS_ORDER`; `cachepass.pipeline` runs them).
 
-``split_before_first_block`` runs before block discovery; ``outline_passes`` turn a Dynamo graph into one where each cache unit's middle blocks are a
-submodule call (what the eager reference runs); ``cache_passes`` then rewrite those calls into the
-compiled decision + ``torch.cond`` + state update. ``run_passes`` names a failing pass and the
-passes that ran before it. The graph invariants every pass keeps are in README.md beside this file.
+``before_discovery_passes`` run before block discovery; ``outline_passes`` turn a Dynamo graph into
+one where each cache unit's middle blocks are a submodule call (what the eager reference runs);
+``cache_passes`` then rewrite those calls into the compiled decision + ``torch.cond`` + state update.
+``run_passes`` names a failing pass and the passes that ran before it. The graph invariants every
+pass keeps, and the node metadata they write, are in README.md beside this file.
 """
 
 from __future__ import annotations
@@ -20,9 +21,14 @@ from cachepass.passes.insert_cache_cond import insert_cache_cond
 from cachepass.passes.outline_middle_blocks import outline_middle_blocks
 from cachepass.passes.split_before_first_block import split_before_first_block
 
-log = logging.getLogger("cachepass")
+log = logging.getLogger(__name__)
 
 Pass = Callable[[fx.GraphModule], fx.GraphModule]
+PASS_ORDER = ("split_before_first_block", "hoist_out_of_middle", "outline_middle_blocks", "insert_cache_cond")
+
+
+def before_discovery_passes() -> list[Pass]:
+    return [split_before_first_block]
 
 
 def outline_passes(plans) -> list[Pass]:

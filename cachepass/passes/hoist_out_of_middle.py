@@ -18,7 +18,7 @@ from torch import fx
 from cachepass.analysis.blocks import CacheUnitPlan, describe_value, example_value
 from cachepass.errors import UnsupportedGraphError
 
-log = logging.getLogger("cachepass")
+log = logging.getLogger(__name__)
 
 
 def hoist_out_of_middle(gm: fx.GraphModule, plans: list[CacheUnitPlan]) -> fx.GraphModule:

@@ -30,18 +30,18 @@ import zlib
 
 import torch
 from torch import fx
-from torch.multiprocessing.reductions import StorageWeakRef
 from torch._prims_common import make_contiguous_strides_for
 from torch.fx.proxy import GraphAppendingTracer, Proxy
+from torch.multiprocessing.reductions import StorageWeakRef
 
 from cachepass.analysis.blocks import example_value
-from cachepass.errors import UnsupportedGraphError
-from cachepass.state.layout import Mismatch, StateLayout
 from cachepass.analysis.sequence_parallel import SequenceParallel
 from cachepass.analysis.timestep import TimestepInput, follows, latents_sample
+from cachepass.errors import UnsupportedGraphError
+from cachepass.state.layout import Mismatch, StateLayout
 from cachepass.unit import OutlinedUnit, UnitSpec
 
-log = logging.getLogger("cachepass")
+log = logging.getLogger(__name__)
 
 
 def insert_cache_cond(gm: fx.GraphModule, layout: StateLayout, timestep: TimestepInput | None,

@@ -19,7 +19,7 @@ from cachepass.analysis.blocks import CacheUnitPlan
 from cachepass.errors import UnsupportedGraphError
 from cachepass.unit import OutlinedUnit, SlotSpec, UnitSpec
 
-log = logging.getLogger("cachepass")
+log = logging.getLogger(__name__)
 
 _INPLACE_FUNCTIONS = {operator.setitem, operator.iadd, operator.isub, operator.imul, operator.itruediv}
 

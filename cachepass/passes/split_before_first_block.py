@@ -19,7 +19,7 @@ from torch import fx
 
 from cachepass.analysis.blocks import block_nodes_by_list_item, describe_value, normalize_module_path
 
-log = logging.getLogger("cachepass")
+log = logging.getLogger(__name__)
 
 _SPLIT_METHODS = ("chunk", "split", "tensor_split", "unbind")
 _SPLIT_FUNCTIONS = (torch.chunk, torch.split, torch.tensor_split, torch.unbind)

@@ -5,7 +5,8 @@ The program is the split graph with each piece call rewritten into a call of its
 on the host (the one sync per unit and call) and runs the compiled program of one branch; the
 compute branch is itself split, so the middle blocks are block pieces too. The `Plan` is the data
 that says what runs: pieces in order, which block each belongs to, which artifact it shares, and
-the two branch plans of every cond. CUDA graphs, offload and context parallel attach to it.
+the two branch plans of every cond. Each call of the program is a `Piece`; block pieces and conds
+report to the program's `ProgramHooks` (offload), and CUDA graphs capture stretches of pieces.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 from torch.multiprocessing.reductions import StorageWeakRef
 
 from cachepass.piecewise.compile import PieceCompiler, significant_strides
+from cachepass.piecewise.hooks import NO_HOOKS, ProgramHooks
 from cachepass.piecewise.split import PieceKind, is_cond, split_pieces
 
 
@@ -64,17 +66,15 @@ class Plan:
 class CondStep:
     """A cache unit's ``torch.cond``, run by the host: read the predicate, call one branch's program."""
 
-    def __init__(self, pred_index: int, operand_indices: list[int], cached: Callable, compute: Callable):
-        self.pred_index, self.operand_indices = pred_index, operand_indices
-        self.cached, self.compute = cached, compute
-        self.unit: int | None = None  # the cache unit's index, and who hears each decision (offload)
-        self.on_decision: Callable[[int, bool], None] | None = None
+    def __init__(self, unit: str, pred_index: int, operand_indices: list[int], cached: Callable, compute: Callable,
+                 hooks: ProgramHooks):
+        self.unit, self.pred_index, self.operand_indices = unit, pred_index, operand_indices
+        self.cached, self.compute, self.hooks = cached, compute, hooks
 
     def __call__(self, *args):
         operands = [args[i] for i in self.operand_indices]
         cached = bool(args[self.pred_index])
-        if self.on_decision is not None:
-            self.on_decision(self.unit, cached)
+        self.hooks.decided(self.unit, cached)
         return (self.cached if cached else self.compute)(*operands)
 
     def run_both(self, *args):
@@ -89,9 +89,33 @@ class CondStep:
         return (self.cached if taken else self.compute)(*operands)
 
 
-def build_program(gm: fx.GraphModule, example_inputs: list, compiler: PieceCompiler,
-                  block_lists: set[str]) -> tuple[fx.GraphModule, Plan]:
-    """Split ``gm``, compile its pieces, and return the runnable program with its plan."""
+class Piece:
+    """One call of the program: a compiled piece (or a `CondStep`), what it is, and the block or unit it runs.
+
+    A block piece tells the program's hooks before and after it runs. The program's nodes call these
+    objects; CUDA-graph capture finds the pieces and conds among them by type.
+    """
+
+    def __init__(self, name: str, kind: PieceKind, owner: str | None, run: Callable, hooks: ProgramHooks):
+        self.__name__ = self.__qualname__ = name  # how the generated program's code names the call
+        self.kind, self.owner, self.run, self.hooks = kind, owner, run, hooks
+
+    @property
+    def cond(self) -> CondStep | None:
+        return self.run if isinstance(self.run, CondStep) else None
+
+    def __call__(self, *args):
+        if self.kind is not PieceKind.BLOCK:
+            return self.run(*args)
+        self.hooks.before_block(self.owner)
+        out = self.run(*args)
+        self.hooks.after_block(self.owner)
+        return out
+
+
+def build_program(gm: fx.GraphModule, example_inputs: list, compiler: PieceCompiler, block_lists: set[str],
+                  hooks: ProgramHooks = NO_HOOKS) -> tuple[fx.GraphModule, Plan]:
+    """Split ``gm``, compile its pieces, and return the runnable program (reporting to ``hooks``) with its plan."""
     program, infos = split_pieces(gm, block_lists)
     _propagate(program, example_inputs)
     steps = []
@@ -101,42 +125,31 @@ def build_program(gm: fx.GraphModule, example_inputs: list, compiler: PieceCompi
         info, piece = infos[node.target], program.get_submodule(node.target)
         inputs = [arg.meta["val"] for arg in node.args]
         if info.kind is PieceKind.COND:
-            fn, branches = _cond_step(piece, inputs, compiler, block_lists)
+            fn, branches = _cond_step(piece, inputs, compiler, block_lists, info.owner, hooks)
             artifact = None
         else:
             fn, branches = compiler(piece, inputs, info.kind.value), None
             artifact = compiler.number(fn)
         steps.append(Step(node.target, info.kind, info.owner, artifact, branches))
-        node.op, node.target = "call_function", _named(fn, f"{info.kind.value}_{node.target}", info)
+        node.op, node.target = "call_function", Piece(f"{info.kind.value}_{node.target}", info.kind, info.owner, fn, hooks)
     for name in infos:
         delattr(program, name)
     program.recompile()
     return program, Plan(tuple(steps))
 
 
-def _named(fn: Callable, name: str, info) -> Callable:
-    """A plain function calling ``fn``, named for the generated program's code; ``.step`` is ``fn``."""
-    def piece(*args):
-        return fn(*args)
-
-    piece.__name__ = piece.__qualname__ = name
-    piece.step = fn  # what CUDA-graph capture looks for: a compiled piece, or a CondStep
-    piece.kind, piece.owner = info.kind, info.owner  # what offload looks for: block pieces and their block
-    return piece
-
-
-def _cond_step(piece: fx.GraphModule, inputs: list, compiler: PieceCompiler,
-               block_lists: set[str]) -> tuple[CondStep, tuple[Plan, Plan]]:
+def _cond_step(piece: fx.GraphModule, inputs: list, compiler: PieceCompiler, block_lists: set[str], unit: str,
+               hooks: ProgramHooks) -> tuple[CondStep, tuple[Plan, Plan]]:
     cond = next(n for n in piece.graph.nodes if is_cond(n))
     position = {n: i for i, n in enumerate(n for n in piece.graph.nodes if n.op == "placeholder")}
     operand_indices = [position[a] for a in cond.args[3]]
     operands = [inputs[i] for i in operand_indices]
     programs, plans = [], []
     for branch in cond.args[1:3]:
-        program, plan = build_program(piece.get_submodule(branch.target), operands, compiler, block_lists)
+        program, plan = build_program(piece.get_submodule(branch.target), operands, compiler, block_lists, hooks)
         programs.append(program)
         plans.append(plan)
-    return CondStep(position[cond.args[0]], operand_indices, *programs), tuple(plans)
+    return CondStep(unit, position[cond.args[0]], operand_indices, *programs, hooks), tuple(plans)
 
 
 def _propagate(program: fx.GraphModule, example_inputs: list) -> None:

@@ -21,8 +21,8 @@ import torch
 from torch import nn
 
 from cachepass.errors import CachepassError
+from cachepass.piecewise.hooks import NO_HOOKS, ProgramHooks
 from cachepass.state.layout import Mismatch, StateLayout, mismatch_messages
-from cachepass.unit import UnitSpec
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +40,8 @@ class RuntimeState:
     across them. Freed with the model: the registry drops it when its anchor parameter dies.
     """
 
-    def __init__(self, layout: StateLayout, device: torch.device, anchor_id: int | None, graph=None, plan=None):
+    def __init__(self, layout: StateLayout, device: torch.device, anchor_id: int | None, graph=None, plan=None,
+                 hooks: ProgramHooks = NO_HOOKS):
         self.layout = layout
         self.tensors = [spec.allocate(device) for spec in layout.specs]
         self.graph = graph  # the rewritten GraphModule that made it, for inspection
@@ -49,7 +50,7 @@ class RuntimeState:
         self.mid_pair = False  # separate CFG: the first call of a step ran, its partner is due
         self.anchor_id = anchor_id
         self.reported: dict[Mismatch, str] = {}  # mismatch -> its message when first seen
-        self.offload = None  # the model's ModelOffload, set on its first call with offload on
+        self.hooks = hooks  # the program's features (offload), told of a reset
         self._busy = threading.Lock()
         self._report = _ReportReader(self["clock.report"])
 
@@ -128,8 +129,7 @@ class RuntimeState:
         self.reported.pop(Mismatch.RANKS_DIVERGED, None)
         self._report.discard()  # a copy posted before the reset still holds the bit
         self.mid_pair = False
-        if self.offload is not None:
-            self.offload.scheduler.start_generation()
+        self.hooks.reset(self)
 
     def stats(self) -> list["UnitStats"]:
         warnings = self.warnings()
@@ -207,9 +207,10 @@ class StateSet:
     the instance's state (see `RuntimeState`).
     """
 
-    def __init__(self, layout: StateLayout, device: torch.device, anchor_index: int | None, graph):
+    def __init__(self, layout: StateLayout, device: torch.device, anchor_index: int | None, graph, plan=None,
+                 hooks: ProgramHooks = NO_HOOKS):
         self.layout, self.device, self.anchor_index, self.graph = layout, device, anchor_index, graph
-        self.plan = None  # set by the backend for the piecewise form
+        self.plan, self.hooks = plan, hooks  # the piecewise executor's plan and features (None, none: one graph)
         # graphs with equal layouts share states; the number stands for the (large) key in per-call lookups
         self.key = _LAYOUT_NUMBERS.setdefault((layout.key, str(device)), len(_LAYOUT_NUMBERS))
         self._single: RuntimeState | None = None
@@ -217,7 +218,7 @@ class StateSet:
     def for_call(self, args) -> RuntimeState:
         if self.anchor_index is None:
             if self._single is None:
-                self._single = RuntimeState(self.layout, self.device, None, self.graph, self.plan)
+                self._single = RuntimeState(self.layout, self.device, None, self.graph, self.plan, self.hooks)
             return self._single
         anchor = args[self.anchor_index]
         entry = _REGISTRY.get(id(anchor))
@@ -225,7 +226,8 @@ class StateSet:
             entry = _REGISTRY[id(anchor)] = _AnchorStates(anchor)
         state = entry.states.get(self.key)
         if state is None:
-            state = entry.states[self.key] = RuntimeState(self.layout, self.device, id(anchor), self.graph, self.plan)
+            state = entry.states[self.key] = RuntimeState(self.layout, self.device, id(anchor), self.graph, self.plan,
+                                                          self.hooks)
         return state
 
 

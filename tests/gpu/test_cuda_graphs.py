@@ -9,10 +9,10 @@ import warnings
 
 import pytest
 import torch
+from models import CASES, toy_config
 
 import cachepass
 from cachepass.demo.sampling import sample
-from models import CASES, toy_config
 
 STEPS = 8
 

@@ -1,0 +1,130 @@
+"""The options of a stepcache compile: parsed and checked once, typed from then on.
+
+``cachepass.compile``, ``cachepass.explain``, the ``stepcache`` backend (``torch.compile(...,
+options={...})``) and ``cachepass.api.compile_options`` all go through `parse_options`; everything
+after it reads `CompileOptions` fields. Bad values raise ``ValueError`` naming the field and what is
+allowed; options that cannot run on the model's device raise `CachepassError` (`CompileOptions.cudagraphs_on`,
+`CompileOptions.check_offload_device`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import logging
+from typing import Any, Mapping
+
+import torch
+
+from cachepass.analysis import sequence_parallel
+from cachepass.config import StepCacheConfig
+from cachepass.cudagraphs.conditional_nodes import unavailable_reason as conditional_nodes_unavailable
+from cachepass.cudagraphs.graphed import CudaGraphs
+from cachepass.errors import CachepassError
+from cachepass.inner import INDUCTOR_MODES, Inner, asks_for_cudagraphs
+from cachepass.offload.plan import OffloadConfig
+
+log = logging.getLogger(__name__)
+
+
+OPTION_KEYS = ("config", "calibrator_config", "inner", "mode", "form", "cudagraphs", "offload", "sequence_parallel_group")
+
+
+class Form(str, enum.Enum):
+    """How the rewritten graph runs."""
+
+    PIECEWISE = "piecewise"  # the default: split at blocks and conds; each distinct piece compiled once; conds run by the executor
+    ONE_GRAPH = "one-graph"  # the whole graph, with its torch.cond, to the inner compiler (the export form)
+
+
+@dataclasses.dataclass(frozen=True)
+class CompileOptions:
+    """Every option of a stepcache compile, parsed and checked once (`parse_options`)."""
+
+    config: StepCacheConfig
+    inner: Inner = Inner.INDUCTOR
+    mode: str | None = None
+    form: Form = Form.PIECEWISE
+    cudagraphs: CudaGraphs | None = None  # None: as ``mode`` asks (reduce-overhead, max-autotune: piecewise)
+    offload: OffloadConfig | None = None  # stream block weights from pinned host memory (piecewise form)
+    sequence_parallel_group: Any = sequence_parallel.AUTO  # "auto", None, or a ProcessGroup (context parallel)
+
+    def check_offload_device(self, device: torch.device) -> None:
+        if self.offload is None or device.type == "cuda" or self.offload.allow_cpu:
+            return
+        raise CachepassError(f"stepcache option offload needs a CUDA device; the model runs on {device.type} "
+                             "(offload.allow_cpu=True runs the slot logic with CPU copies, for tests)")
+
+    def cudagraphs_on(self, device: torch.device) -> CudaGraphs:
+        """What the piecewise program runs with on ``device``; an explicit request that cannot run raises."""
+        if self.cudagraphs is None:
+            asked = self.inner is Inner.INDUCTOR and asks_for_cudagraphs(self.mode)
+            if asked and device.type != "cuda":
+                log.info("stepcache: mode=%r asks for CUDA graphs; the model runs on %s, so it runs without them",
+                         self.mode, device.type)
+            return CudaGraphs.PIECEWISE if asked and device.type == "cuda" else CudaGraphs.OFF
+        if self.cudagraphs is not CudaGraphs.OFF and device.type != "cuda":
+            raise CachepassError(f"stepcache option cudagraphs={self.cudagraphs.value!r} needs a CUDA device; "
+                                 f"the model runs on {device.type}. Use cudagraphs='off'")
+        if self.cudagraphs is CudaGraphs.CONDITIONAL:
+            reason = conditional_nodes_unavailable(device)
+            if reason is not None:
+                raise CachepassError(f"stepcache option cudagraphs='conditional' cannot run here: {reason}. "
+                                     "cudagraphs='piecewise' needs none of it (one host sync per cache unit)")
+        return self.cudagraphs
+
+
+def parse_options(options: Mapping[str, Any] | None, mode: str | None = None) -> CompileOptions:
+    """Validate ``options`` (and torch.compile's ``mode``) into `CompileOptions`: the one parser of every entry."""
+    options = dict(options or {})
+    unknown = sorted(set(options) - set(OPTION_KEYS))
+    if unknown:
+        raise ValueError(f"stepcache got unknown option(s) {unknown}; allowed options: {list(OPTION_KEYS)}")
+    config = coerce_config(options.get("config"), options.get("calibrator_config"))
+    inner = _enum_option(options, "inner", Inner.INDUCTOR)
+    form = _enum_option(options, "form", Form.PIECEWISE)
+    mode = options.get("mode", mode)
+    cudagraphs = _enum_option(options, "cudagraphs", CudaGraphs.OFF) if "cudagraphs" in options else None
+    if form is Form.ONE_GRAPH and cudagraphs not in (None, CudaGraphs.OFF):
+        raise ValueError(f"stepcache option cudagraphs={cudagraphs.value!r} needs form='piecewise': Inductor does not "
+                         "capture a graph that contains torch.cond (torch 2.11-2.14)")
+    offload = OffloadConfig.parse(options.get("offload"))
+    if offload is not None and form is Form.ONE_GRAPH:
+        raise ValueError("stepcache option offload needs form='piecewise': the executor issues the copies between pieces")
+    if mode is not None:
+        if inner is not Inner.INDUCTOR:
+            raise ValueError(f"stepcache option mode={mode!r} only applies to inner='inductor' (got inner={inner.value!r})")
+        if mode not in INDUCTOR_MODES:
+            raise ValueError(f"stepcache option mode={mode!r} is invalid; allowed: {list(INDUCTOR_MODES)}")
+    group = sequence_parallel.check_option(options.get("sequence_parallel_group", sequence_parallel.AUTO))
+    return CompileOptions(config, inner, mode, form, cudagraphs, offload, group)
+
+
+def _enum_option(options: Mapping[str, Any], key: str, default: enum.Enum) -> Any:
+    kind = type(default)
+    try:
+        return kind(options.get(key, default))
+    except ValueError:
+        raise ValueError(
+            f"stepcache option {key}={options[key]!r} is invalid; allowed: {[k.value for k in kind]}"
+        ) from None
+
+
+def coerce_config(config: Any, calibrator_config: Any = None) -> StepCacheConfig:
+    """Our config, a dict of its fields, or cache-dit's ``DBCacheConfig`` (+ ``TaylorSeerCalibratorConfig``)."""
+    if config is None:
+        raise ValueError("stepcache needs options={'config': ...}: a StepCacheConfig, a dict of its fields, "
+                         "or a cache-dit DBCacheConfig")
+    if calibrator_config is not None and isinstance(config, (StepCacheConfig, Mapping)):
+        raise ValueError("stepcache option calibrator_config goes with a cache-dit DBCacheConfig only; "
+                         "set taylorseer_order on StepCacheConfig instead")
+    if isinstance(config, StepCacheConfig):
+        return config
+    if isinstance(config, Mapping):
+        return StepCacheConfig.from_dict(config)
+    if hasattr(config, "Fn_compute_blocks"):
+        return StepCacheConfig.from_cache_dit(config, calibrator_config)
+    raise ValueError(
+        f"stepcache option config has type {type(config).__name__}; allowed: StepCacheConfig, dict, "
+        "cache_dit.DBCacheConfig"
+    )
