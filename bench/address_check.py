@@ -43,11 +43,18 @@ def main(argv=None) -> int:
             _pointers_equal(tensors, pointers, indices)
         rounds.append((time.perf_counter() - start) / 1000)
     device = torch.device("cuda")
-    row = {"workload": args.workload, "variant": f"address-check-{count}-inputs", "median_s": statistics.median(rounds),
-           "times_s": rounds, "cold_start_s": None,
-           "syncs_per_call": count_syncs(lambda: _pointers_equal(tensors, pointers, indices), device),
-           "device": torch.cuda.get_device_name(), "torch": torch.__version__, "date": datetime.date.today().isoformat(),
-           "command": f"python -m bench.address_check --workload {args.workload}"}
+    row = {
+        "workload": args.workload,
+        "variant": f"address-check-{count}-inputs",
+        "median_s": statistics.median(rounds),
+        "times_s": rounds,
+        "cold_start_s": None,
+        "syncs_per_call": count_syncs(lambda: _pointers_equal(tensors, pointers, indices), device),
+        "device": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "date": datetime.date.today().isoformat(),
+        "command": f"python -m bench.address_check --workload {args.workload}",
+    }
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, f"address_check-{row['device'].lower().replace(' ', '-')}-{row['date']}.json")
     with open(path, "w") as f:

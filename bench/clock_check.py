@@ -2,7 +2,7 @@
 
     python -m bench.clock_check --out bench/results
 
-On the toy DiT of ``tests/models.py`` (host-bound, so host costs show): for each inner compiler,
+On the toy DiT of ``bench/tiny_models.py`` (host-bound, so host costs show): for each inner compiler,
 (1) a generation aborted after 17 calls, then two full generations, compared bit for bit with a
 fresh state's generation; (2) host syncs per call in a warm generation (CUDA sync-debug mode); (3)
 host time of the wrapper's per-call bookkeeping (state lookup, mismatch report), microseconds.
@@ -21,13 +21,10 @@ import warnings
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
-
-from models import CASES, toy_config  # noqa: E402
-
-import cachepass  # noqa: E402
-from cachepass.demo.sampling import sample  # noqa: E402
-from cachepass.state.runtime import current_state  # noqa: E402
+import cachepass
+from bench.tiny_models import CASES, toy_config
+from cachepass.demo.sampling import sample
+from cachepass.state.runtime import current_state
 
 STEPS = 12
 
@@ -76,7 +73,8 @@ def check(inner: str) -> dict:
         rounds.append((time.perf_counter() - start) * 1e3)  # us per call
     torch.cuda.synchronize()
     unit = cachepass.stats(fn)[0]
-    return {"variant": f"stepcache-{inner}", "equal_to_fresh_after_interrupt": bool(torch.equal(after, fresh) and torch.equal(again, fresh)),
+    equal = bool(torch.equal(after, fresh) and torch.equal(again, fresh))
+    return {"variant": f"stepcache-{inner}", "equal_to_fresh_after_interrupt": equal,
             "syncs_per_call": syncs, "bookkeeping_us_per_call": statistics.median(rounds),
             "cached_steps": [unit.cached_steps, unit.cfg_cached_steps], "warnings": unit.warnings}
 

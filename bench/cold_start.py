@@ -107,7 +107,8 @@ def main(argv=None) -> int:
         rows.append({"variant": variant, "cold_start_s": cold["first_call_s"], "warm_start_s": warm["first_call_s"],
                      "second_call_s": cold["second_call_s"], "cold_backend_s": cold.get("backend_s"),
                      "warm_backend_s": warm.get("backend_s"), "cold_backend_log": cold.get("backend_log")})
-        backend = "" if cold.get("backend_s") is None else f"   backend cold {cold['backend_s']:.1f} s warm {warm['backend_s']:.1f} s"
+        backend = "" if cold.get("backend_s") is None else \
+            f"   backend cold {cold['backend_s']:.1f} s warm {warm['backend_s']:.1f} s"
         print(f"{variant:<22} cold {rows[-1]['cold_start_s']:7.1f} s   warm {rows[-1]['warm_start_s']:7.1f} s   "
               f"second call {rows[-1]['second_call_s'] * 1e3:7.1f} ms{backend}", flush=True)
     regional = next((r["cold_start_s"] for r in rows if r["variant"] == "regional-compile"), None)
@@ -116,7 +117,9 @@ def main(argv=None) -> int:
     device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"cpu ({os.cpu_count()} cores)"
     result = {
         "question": "cold start (first call, fresh Inductor caches) and warm start (second process, same caches)",
-        "device": device_name, "torch": torch.__version__, "date": datetime.date.today().isoformat(),
+        "device": device_name,
+        "torch": torch.__version__,
+        "date": datetime.date.today().isoformat(),
         "command": f"python -m bench.cold_start --blocks {args.blocks} --device {args.device} --variants {args.variants}",
         "model": f"diffusers WanTransformer3DModel, {args.blocks} blocks, dim 128, 256 tokens, random weights",
         "rows": rows,

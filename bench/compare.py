@@ -27,15 +27,14 @@ import traceback
 os.environ.setdefault("CACHE_DIT_FLUX_ENABLE_DUMMY_BLOCKS", "0")
 
 import torch  # noqa: E402
-from torch._dynamo.utils import counters  # noqa: E402
 
 import cachepass  # noqa: E402
 from bench import offload, report  # noqa: E402
-from bench.timing import count_syncs, fresh_compile_caches, median, peak_memory_gb, reset_peak_memory, timed  # noqa: E402
+from bench.measure import counted, generation, timed_generations  # noqa: E402
+from bench.timing import fresh_compile_caches  # noqa: E402
 from bench.variants import VARIANTS, Context, cache_dit_compile_settings, remember_decisions  # noqa: E402
 from bench.workloads import STATIC_MASK, WORKLOADS  # noqa: E402
 from cachepass.demo.quality import compare  # noqa: E402
-from cachepass.demo.sampling import sample  # noqa: E402
 from cachepass.offload.plan import parse_bytes  # noqa: E402
 
 log = logging.getLogger("bench")
@@ -50,47 +49,17 @@ def step_config(workload, schedule: str, threshold: float) -> cachepass.StepCach
     return cachepass.StepCacheConfig(**common, threshold=threshold, warmup_steps=4)
 
 
-def generation(ctx: Context, prepared, inputs, progress=None):
-    latents, cond, uncond = inputs
-    prepared.before_generation()
-
-    def velocity(x, sigma, kwargs):
-        if progress is not None:
-            progress.update(1)
-        return ctx.workload.call(prepared.fn, x, sigma, kwargs)
-
-    w = ctx.workload
-    return sample(velocity, latents, cond, uncond, w.num_steps, guidance=w.guidance, shift=w.shift)
-
-
 def run_variant(name: str, ctx: Context, inputs, reference, args, device, progress_factory) -> dict:
     row = {"variant": name}
     prepared = None
     try:
         with fresh_compile_caches():
-            counters.clear()
-            prepared = VARIANTS[name](ctx)
-            with progress_factory(f"{name} (cold)") as bar:
-                out, row["cold_start_s"] = timed(lambda: generation(ctx, prepared, inputs, bar), device)
-            graphs = counters["stats"]["unique_graphs"]
-            row["graph_count"] = graphs
-            row["graph_breaks"] = sum(counters["graph_break"].values())
-            reset_peak_memory(device)
-            times = []
-            for i in range(args.repeats):
-                with progress_factory(f"{name} ({i + 1}/{args.repeats})") as bar:
-                    out, seconds = timed(lambda: generation(ctx, prepared, inputs, bar), device)
-                times.append(seconds)
-            row["peak_mem_gb"] = peak_memory_gb(device)
-            row["median_s"], row["times_s"] = median(times), times
+            prepared, out, timing = timed_generations(name, ctx, lambda: VARIANTS[name](ctx), inputs, args.repeats, device,
+                                                      progress_factory)
+            row.update(timing)
             if "offload" in name and device.type == "cuda":
                 row.update(offload.measure(name, ctx.model, lambda: generation(ctx, prepared, inputs), ctx.shared))
-            syncs = count_syncs(lambda: generation(ctx, prepared, inputs), device)
-            row["syncs_per_call"] = None if syncs is None else syncs / ctx.workload.calls_per_generation
-            row["recompiles"] = counters["stats"]["unique_graphs"] - graphs
-            decisions = prepared.decisions()
-            row["cached_steps"] = None if decisions is None else sum(len(a) + len(b) for a, b in decisions)
-            row["decisions"] = decisions
+            counted(ctx, prepared, inputs, device, row)
             if name == "stepcache":
                 ctx.shared["stepcache_median_s"], ctx.shared["stepcache_output"] = row["median_s"], out
             elif name.startswith("stepcache") and "stepcache_output" in ctx.shared:

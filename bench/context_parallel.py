@@ -14,7 +14,8 @@ diffusers' ``enable_parallelism(ContextParallelConfig(ulysses_degree=world))``, 
     stepcache-cp                    cachepass.compile: one all-reduce per unit per call, in the graph
     stepcache-cp-{cudagraphs,conditional}   the same under CUDA graphs (not run unless named)
 
-Per variant: a cold first generation (fresh Inductor caches, compile included), ``--repeats`` timed ones (median), decisions and stats
+Per variant: a cold first generation (fresh Inductor caches, compile included), ``--repeats`` timed ones
+(median), decisions and stats
 gathered from every rank (equal?), decisions against single-GPU stepcache with the steps whose
 residual diff lies within bf16 rounding of the threshold flagged, PSNR of the latents against
 single-GPU stepcache. Also the cost of one all-reduce of the decision vector. Rows go to
@@ -35,12 +36,12 @@ os.environ.setdefault("CACHE_DIT_FLUX_ENABLE_DUMMY_BLOCKS", "0")
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
-from torch._dynamo.utils import counters  # noqa: E402
 
 import cachepass  # noqa: E402
-from bench.compare import device_name, generation, step_config  # noqa: E402
+from bench.compare import device_name, step_config  # noqa: E402
+from bench.measure import counted, timed_generations  # noqa: E402
 from bench.report import _fmt, _spread  # noqa: E402
-from bench.timing import count_syncs, fresh_compile_caches, median, peak_memory_gb, reset_peak_memory, timed  # noqa: E402
+from bench.timing import fresh_compile_caches, timed  # noqa: E402
 from bench.variants import Context, Prepared, _cache_dit_decisions  # noqa: E402
 from bench.workloads import WORKLOADS  # noqa: E402
 from cachepass.compat import trace_functional_all_gather  # noqa: E402
@@ -136,26 +137,13 @@ def _near_threshold_steps(decisions, reference, diffs, threshold: float) -> tupl
 def run_variant(name: str, ctx: Context, inputs, args, device) -> dict:
     row = {"variant": name.replace("-cp", f"-cp{dist.get_world_size()}")}
     try:
-        counters.clear()
         # every generation inside: leaving the context resets Dynamo; the first compiles with empty Inductor caches
         with fresh_compile_caches():
-            prepared = VARIANTS[name](ctx)
-            dist.barrier()
-            out, row["cold_start_s"] = timed(lambda: generation(ctx, prepared, inputs), device)
-            row["graph_count"], row["graph_breaks"] = counters["stats"]["unique_graphs"], sum(counters["graph_break"].values())
-            reset_peak_memory(device)
-            times = []
-            for _ in range(args.repeats):
-                dist.barrier()
-                out, seconds = timed(lambda: generation(ctx, prepared, inputs), device)
-                times.append(seconds)
-            row.update(median_s=median(times), times_s=times, peak_mem_gb=peak_memory_gb(device))
-            syncs = count_syncs(lambda: generation(ctx, prepared, inputs), device)
-            row["syncs_per_call"] = None if syncs is None else syncs / ctx.workload.calls_per_generation
-            row["recompiles"] = counters["stats"]["unique_graphs"] - row["graph_count"]
-            decisions = prepared.decisions()
-            row["decisions"] = decisions
-            row["cached_steps"] = None if decisions is None else sum(len(a) + len(b) for a, b in decisions)
+            prepared, out, timing = timed_generations(name, ctx, lambda: VARIANTS[name](ctx), inputs, args.repeats, device,
+                                                      before_each=dist.barrier)
+            row.update(timing)
+            counted(ctx, prepared, inputs, device, row)
+            decisions = row["decisions"]
             if name.startswith("stepcache"):
                 stats = [(u.residual_diffs, u.cfg_residual_diffs) for u in cachepass.stats(prepared.fn)]
                 row["residual_diffs"] = stats
@@ -258,7 +246,8 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", default="bench/results")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format=f"%(levelname)s rank{os.environ.get('RANK', 0)} %(name)s: %(message)s")
+    logging.basicConfig(level=logging.INFO, format=f"%(levelname)s rank{os.environ.get('RANK', 0)} %(name)s: "
+                                                   f"%(message)s")
     names = [v for v in args.variants.split(",") if v]
     if unknown := [v for v in names if v not in VARIANTS]:
         parser.error(f"unknown variant(s) {unknown}; choose from {list(VARIANTS)}")
@@ -278,17 +267,28 @@ def main(argv=None) -> int:
     model, inputs = workload.setup(device)
     ctx = Context(workload, model, step_config(workload, args.schedule, args.threshold), "inductor")
     ctx.shared.update(device=device, mesh=init_device_mesh(device.type, (1, world), mesh_dim_names=("ring", "ulysses")))
-    meta = {"workload": workload.name, "schedule": args.schedule, "threshold": args.threshold, "world": world,
-            "device": device_name(device), "torch": torch.__version__, "date": datetime.date.today().isoformat(),
-            "note": workload.note, "config": repr(ctx.config), "repeats": args.repeats,
-            "command": f"torchrun --nproc-per-node {world} -m bench.context_parallel " + " ".join(sys.argv[1:] if argv is None else argv)}
+    meta = {
+        "workload": workload.name,
+        "schedule": args.schedule,
+        "threshold": args.threshold,
+        "world": world,
+        "device": device_name(device),
+        "torch": torch.__version__,
+        "date": datetime.date.today().isoformat(),
+        "note": workload.note,
+        "config": repr(ctx.config),
+        "repeats": args.repeats,
+        "command": f"torchrun --nproc-per-node {world} -m bench.context_parallel "
+        + " ".join(sys.argv[1:] if argv is None else argv),
+    }
     rows = []
     with torch.no_grad():
         meta["allreduce_us"] = allreduce_us(device)
         for name in names:
             rows.append(run_variant(name, ctx, inputs, args, device))
             if rank == 0:
-                log.info("%s: %s", name, {k: v for k, v in rows[-1].items() if k not in ("decisions", "times_s", "residual_diffs")})
+                shown = {k: v for k, v in rows[-1].items() if k not in ("decisions", "times_s", "residual_diffs")}
+                log.info("%s: %s", name, shown)
     if rank == 0:
         print(table(rows))
         print("wrote", ", ".join(write(rows, meta, args.out)))

@@ -25,7 +25,8 @@ import sys
 import torch
 from torch.autograd import DeviceType
 
-from bench.compare import device_name, generation, step_config
+from bench.compare import device_name, step_config
+from bench.measure import generation
 from bench.timing import count_syncs, timed
 from bench.variants import VARIANTS, Context, remember_decisions
 from bench.workloads import WORKLOADS

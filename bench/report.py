@@ -114,11 +114,21 @@ def table(rows: list[dict]) -> str:
         if r.get("caveat"):
             status += f" ({r['caveat']})"
         cells = (
-            r["variant"], status, _fmt(r.get("median_s")), _spread(r.get("times_s")), _fmt(r.get("speedup_vs_eager")), _fmt(r.get("ratio_to_ideal"), 3),
-            _fmt(r.get("cold_start_s"), 1), _fmt(r.get("cached_steps")),
-            f"{_fmt(r.get('graph_count'))}/{_fmt(r.get('graph_breaks'))}", _fmt(r.get("recompiles")),
-            _fmt(r.get("syncs_per_call")), _fmt(r.get("peak_mem_gb"), 1), _fmt(r.get("psnr"), 1),
-            _fmt(r.get("ssim"), 4), _fmt(r.get("rel_l2"), 4),
+            r["variant"],
+            status,
+            _fmt(r.get("median_s")),
+            _spread(r.get("times_s")),
+            _fmt(r.get("speedup_vs_eager")),
+            _fmt(r.get("ratio_to_ideal"), 3),
+            _fmt(r.get("cold_start_s"), 1),
+            _fmt(r.get("cached_steps")),
+            f"{_fmt(r.get('graph_count'))}/{_fmt(r.get('graph_breaks'))}",
+            _fmt(r.get("recompiles")),
+            _fmt(r.get("syncs_per_call")),
+            _fmt(r.get("peak_mem_gb"), 1),
+            _fmt(r.get("psnr"), 1),
+            _fmt(r.get("ssim"), 4),
+            _fmt(r.get("rel_l2"), 4),
         )
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -77,5 +77,8 @@ def pinned_htod_bytes(fn: Callable, trace_path: str) -> tuple[object, int]:
     prof.export_chrome_trace(trace_path)
     with open(trace_path) as f:
         events = json.load(f)["traceEvents"]
-    return result, sum(int(e.get("args", {}).get("bytes", 0)) for e in events
-                       if e.get("cat") == "gpu_memcpy" and "HtoD" in e.get("name", "") and "Pinned" in e.get("name", ""))
+    return result, sum(
+        int(e.get("args", {}).get("bytes", 0))
+        for e in events
+        if e.get("cat") == "gpu_memcpy" and "HtoD" in e.get("name", "") and "Pinned" in e.get("name", "")
+    )

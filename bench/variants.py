@@ -34,7 +34,8 @@ class Context:
 class Prepared:
     fn: Callable
     before_generation: Callable[[], None] = lambda: None
-    decisions: Callable[[], list[tuple[list[int], list[int]]] | None] = lambda: None  # per unit: cached steps per stream
+    # per unit: cached steps per stream
+    decisions: Callable[[], list[tuple[list[int], list[int]]] | None] = lambda: None
     cleanup: Callable[[], None] = lambda: None
 
 

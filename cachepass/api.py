@@ -290,8 +290,10 @@ def explain(model: nn.Module, *example_args, config: Any = None, offload: Any = 
     except BlockDiscoveryError as error:
         if given:
             raise
-        raise BlockDiscoveryError(f"{error} (explain used the default StepCacheConfig(), cache-dit's Fn=8 Bn=0, "
-                                  "since no config was given: pass config=StepCacheConfig(num_head_blocks=...))") from None
+        raise BlockDiscoveryError(
+            f"{error} (explain used the default StepCacheConfig(), cache-dit's Fn=8 Bn=0, "
+            "since no config was given: pass config=StepCacheConfig(num_head_blocks=...))"
+        ) from None
     units, layout, discovery = rewritten.units, rewritten.layout, rewritten.discovery
     plan, compiles = _piecewise_plan(rewritten)
     offload_plan = None

@@ -182,8 +182,10 @@ class StepCacheConfig:
             if self.steps_computation_mask is not None:
                 forced |= {t for t, m in enumerate(self.steps_computation_mask) if m == 1}
             if len(forced) >= self.num_inference_steps:
-                return (f"warmup (warmup_steps={self.warmup_steps}, warmup_interval={self.warmup_interval}) and "
-                        f"steps_computation_mask force all num_inference_steps={self.num_inference_steps} steps to compute")
+                return (
+                    f"warmup (warmup_steps={self.warmup_steps}, warmup_interval={self.warmup_interval}) and "
+                    f"steps_computation_mask force all num_inference_steps={self.num_inference_steps} steps to compute"
+                )
         return None
 
     # ------------------------------------------------------------------ constructors

@@ -27,13 +27,23 @@ from cachepass.offload.plan import OffloadConfig
 log = logging.getLogger(__name__)
 
 
-OPTION_KEYS = ("config", "calibrator_config", "inner", "mode", "form", "cudagraphs", "offload", "sequence_parallel_group")
+OPTION_KEYS = (
+    "config",
+    "calibrator_config",
+    "inner",
+    "mode",
+    "form",
+    "cudagraphs",
+    "offload",
+    "sequence_parallel_group",
+)
 
 
 class Form(str, enum.Enum):
     """How the rewritten graph runs."""
 
-    PIECEWISE = "piecewise"  # the default: split at blocks and conds; each distinct piece compiled once; conds run by the executor
+    # the default: split at blocks and conds; each distinct piece compiled once; conds run by the executor
+    PIECEWISE = "piecewise"
     ONE_GRAPH = "one-graph"  # the whole graph, with its torch.cond, to the inner compiler (the export form)
 
 
@@ -93,7 +103,8 @@ def parse_options(options: Mapping[str, Any] | None, mode: str | None = None) ->
         raise ValueError("stepcache option offload needs form='piecewise': the executor issues the copies between pieces")
     if mode is not None:
         if inner is not Inner.INDUCTOR:
-            raise ValueError(f"stepcache option mode={mode!r} only applies to inner='inductor' (got inner={inner.value!r})")
+            raise ValueError(f"stepcache option mode={mode!r} only applies to inner='inductor' (got "
+                             f"inner={inner.value!r})")
         if mode not in INDUCTOR_MODES:
             raise ValueError(f"stepcache option mode={mode!r} is invalid; allowed: {list(INDUCTOR_MODES)}")
     group = sequence_parallel.check_option(options.get("sequence_parallel_group", sequence_parallel.AUTO))

@@ -25,5 +25,6 @@ def unit_stats(model) -> list[tuple[list[int], list[int], dict, dict]]:
     result = []
     for name in model._context_names:
         ctx = manager.get_context(name)
-        result.append((ctx.get_cached_steps(), ctx.get_cfg_cached_steps(), ctx.get_residual_diffs(), ctx.get_cfg_residual_diffs()))
+        result.append((ctx.get_cached_steps(), ctx.get_cfg_cached_steps(), ctx.get_residual_diffs(),
+                       ctx.get_cfg_residual_diffs()))
     return result

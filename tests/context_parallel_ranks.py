@@ -12,10 +12,10 @@ import os
 
 import torch
 import torch.distributed as dist
-from models import CASES, generate, toy_config
 from torch._dynamo.utils import counters
 
 import cachepass
+from bench.tiny_models import CASES, generate, toy_config
 from cachepass.state.runtime import current_state
 
 STEPS = 8
@@ -139,7 +139,8 @@ def _guards(case, mesh, model, compiled, stats) -> None:
             cachepass.reset(compiled)
         latents = generate(case, compiled, STEPS)
         torch.testing.assert_close(latents, uncached, atol=1e-5, rtol=1e-5)
-        _raises(lambda: cachepass.stats(compiled), cachepass.CachepassError, "ranks of the sequence-parallel group were out of step")
+        _raises(lambda: cachepass.stats(compiled), cachepass.CachepassError,
+                "ranks of the sequence-parallel group were out of step")
 
         # every rank resets: back in step, the same decisions as before
         cachepass.reset(compiled)

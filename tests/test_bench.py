@@ -7,6 +7,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from bench.report import REQUIRED
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -41,6 +43,7 @@ def test_compare_writes_json_table_and_plot(tmp_path):
     assert json_path.with_suffix(".png").stat().st_size > 10_000
 
 
+@pytest.mark.slow  # multi-minute on 2 cores; CI runs it
 def test_profile_gap_reports_busy_and_idle_time_per_variant(tmp_path):
     out = tmp_path / "gap.json"
     command = [sys.executable, "-m", "bench.profile_gap", "--workload", "tiny", "--device", "cpu",

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import models
 import pytest
 import torch
-from models import CASES
 from torch import nn
 
 import cachepass
+from bench import tiny_models as models
+from bench.tiny_models import CASES
 from cachepass import BlockDiscoveryError, CachepassError, StepCacheConfig, UnsupportedGraphError
 from cachepass.api import capture_graph
 from cachepass.pipeline import outline
@@ -18,7 +18,10 @@ EXPECTED_UNITS = {
     "toy": [("blocks", 6, ["hidden"])],
     "wan": [("blocks", 5, ["hidden"])],
     "flux": [("transformer_blocks", 4, ["hidden", "encoder"]), ("single_transformer_blocks", 4, ["encoder", "hidden"])],
-    "hunyuan": [("transformer_blocks", 4, ["hidden", "encoder"]), ("single_transformer_blocks", 4, ["hidden", "encoder"])],
+    "hunyuan": [
+        ("transformer_blocks", 4, ["hidden", "encoder"]),
+        ("single_transformer_blocks", 4, ["hidden", "encoder"]),
+    ],
     "sd3": [("transformer_blocks", 4, ["hidden", "encoder"])],
 }
 
@@ -49,7 +52,8 @@ def test_explain_reports_units_ranges_and_carried_values(name):
     assert report.plan.blocks == [path for unit in report.units for path in unit.block_paths]
     assert "piecewise plan (block: " in text and "if compute:" in text
     if name == "hunyuan":
-        assert report.skipped == ["context_embedder.token_refiner.refiner_blocks (2 x HunyuanVideoIndividualTokenRefinerBlock): nested below the trunk"]
+        assert report.skipped == ["context_embedder.token_refiner.refiner_blocks "
+                                  "(2 x HunyuanVideoIndividualTokenRefinerBlock): nested below the trunk"]
 
 
 def test_hidden_slot_is_the_image_stream_in_two_stream_models():
@@ -220,8 +224,12 @@ def test_collectives_without_a_gather_of_the_hidden_states_need_the_group_named(
     dist.init_process_group("gloo", init_method=f"file://{tmp_path}/rendezvous", rank=0, world_size=1)
     try:
         model = AllReduced(case.model())
-        with pytest.raises(CachepassError, match=r"the graph has collectives \(_c10d_functional\.all_reduce, .*\) but no "
-                                                 r"all_gather of the last block's hidden states.*sequence_parallel_group"):
+        with pytest.raises(
+            CachepassError,
+            match=r"the graph has collectives \(_c10d_functional\.all_reduce, .*\) but "
+            r"no "
+            r"all_gather of the last block's hidden states.*sequence_parallel_group",
+        ):
             cachepass.explain(model, config=StepCacheConfig(num_head_blocks=1), **case_args(case))
         with pytest.raises(UnsupportedGraphError, match=r"the graph has collectives .*would differ between ranks and "
                                                         r"hang them"):

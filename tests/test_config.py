@@ -140,7 +140,10 @@ def test_options_accept_our_config_a_dict_or_cache_dit_objects():
         ({"config": 0.08}, "config has type float"),
         ({"config": StepCacheConfig(), "inner": "tensorrt"}, "inner='tensorrt' is invalid"),
         ({"config": StepCacheConfig(), "mode": "fast"}, "mode='fast' is invalid"),
-        ({"config": StepCacheConfig(), "inner": "aot_eager", "mode": "reduce-overhead"}, "only applies to inner='inductor'"),
+        (
+            {"config": StepCacheConfig(), "inner": "aot_eager", "mode": "reduce-overhead"},
+            "only applies to inner='inductor'",
+        ),
         ({"config": StepCacheConfig(), "calibrator_config": TaylorSeerCalibratorConfig()}, "goes with a cache-dit"),
     ],
 )

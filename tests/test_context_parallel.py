@@ -11,6 +11,7 @@ from __future__ import annotations
 import socket
 
 import context_parallel_ranks
+import pytest
 import torch.multiprocessing as mp
 
 
@@ -20,5 +21,6 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow  # multi-minute on 2 cores; CI runs it
 def test_sharded_wan_and_flux_decide_as_one_process_on_every_rank():
     mp.spawn(context_parallel_ranks.main, args=(2, _free_port()), nprocs=2)

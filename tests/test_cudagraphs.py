@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from models import CASES, generate, toy_config
 
 import cachepass
+from bench.tiny_models import CASES, generate, toy_config
 from cachepass.cudagraphs.conditional_nodes import unavailable_reason
 from cachepass.piecewise.execute import CondStep
 

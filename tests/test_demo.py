@@ -31,6 +31,7 @@ def test_weights_ship_in_the_package_and_load_offline(model):
     assert type(model.transformer).__name__ == "WanTransformer3DModel"
 
 
+@pytest.mark.slow  # multi-minute on 2 cores; CI runs it
 def test_generated_clips_show_the_captioned_colour_and_motion(model):
     captions = [caption(c, SHAPES[i % len(SHAPES)], d)
                 for i, (c, d) in enumerate((c, d) for c in COLORS for d in DIRECTIONS)]
@@ -50,6 +51,7 @@ def test_each_caption_gets_its_own_colour_from_the_same_noise(model):
     assert describe(cond[0])[0] == "blue" and describe(other[0])[0] == "orange"
 
 
+@pytest.mark.slow  # multi-minute on 2 cores; CI runs it
 def test_demo_writes_gif_and_a_consistent_table(tmp_path, capsys):
     out = tmp_path / "demo"
     code = main(["demo", "--steps", "12", "--threshold", "0.15", "--inner", "aot_eager", "--repeats", "2",

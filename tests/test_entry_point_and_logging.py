@@ -7,9 +7,8 @@ import subprocess
 import sys
 from importlib.metadata import entry_points
 
-from models import CASES, generate
-
 import cachepass
+from bench.tiny_models import CASES, generate
 
 
 def test_entry_point_is_registered():

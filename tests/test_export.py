@@ -10,9 +10,9 @@ import cache_dit_helpers
 import onnx
 import pytest
 import torch
-from models import CASES, generate, toy_config
 
 import cachepass
+from bench.tiny_models import CASES, generate, toy_config
 from cachepass.exported.onnx import Session, replace_bool_where
 from cachepass.exported.program import StepCachedModule, trace
 from cachepass.exported.tensorrt import problems
@@ -252,7 +252,8 @@ def test_onnx_session_reset_numbers_and_bad_inputs(tmp_path):
     by_number = session(**{**kwargs, "timestep": float(kwargs["timestep"])})
     session.reset()
     torch.testing.assert_close(torch.as_tensor(by_number[0]), session(**kwargs)[0], atol=0, rtol=0)
-    with pytest.raises(cachepass.CachepassError, match=r"'hidden_states' is a bfloat16 tensor.*pass \.to\(torch\.float32\)"):
+    with pytest.raises(cachepass.CachepassError, match=r"'hidden_states' is a bfloat16 tensor.*pass "
+                                                       r"\.to\(torch\.float32\)"):
         session(**{**kwargs, "hidden_states": kwargs["hidden_states"].bfloat16()})
     with pytest.raises(TypeError, match=r"'hidden_states' takes float32\[1, 16, 4\].*got float32\[1, 8, 4\]"):
         session(**{**kwargs, "hidden_states": kwargs["hidden_states"][:, :8]})

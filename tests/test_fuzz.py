@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from models import CASES, generate
 
 import cachepass
+from bench.tiny_models import CASES, generate
 from cachepass import StepCacheConfig
 from cachepass.reference import StepCacheReference
 
@@ -45,6 +46,7 @@ def configs(draw) -> StepCacheConfig:
     )
 
 
+@pytest.mark.slow  # multi-minute on 2 cores; CI runs it
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(cfg=configs())
 def test_compiled_graph_agrees_with_reference(cfg):

@@ -14,11 +14,11 @@ import weakref
 
 import pytest
 import torch
-from models import CASES, generate
-from models import toy_config as cfg
 from torch._dynamo.utils import counters
 
 import cachepass
+from bench.tiny_models import CASES, generate
+from bench.tiny_models import toy_config as cfg
 from cachepass.demo.sampling import sample
 from cachepass.reference import StepCacheReference
 from cachepass.state.runtime import current_state

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from models import CASES, generate
 from torch._dynamo.utils import counters
 
 import cachepass
+from bench.tiny_models import CASES, generate
 from cachepass.state.runtime import current_state
 
 STEPS = 10

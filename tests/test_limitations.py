@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from models import CASES
 
 import cachepass
+from bench.tiny_models import CASES
 from cachepass import CachepassError, StepCacheConfig
 
 CASE = CASES["toy"]
@@ -67,6 +67,7 @@ def test_more_shapes_than_dynamos_recompile_limit_need_max_shapes():
         torch._dynamo.config.recompile_limit = limit
 
 
+@pytest.mark.slow  # multi-minute on 2 cores; CI runs it
 def test_more_configs_of_one_class_than_the_recompile_limit_raise_it_and_say_so(caplog):
     """One graph per config and shape: nine configs at one shape pass Dynamo's limit of eight; each compile's
     first call makes room for its graph (logged), and a limit hit names the cause and the fix."""

@@ -11,9 +11,9 @@ import dataclasses
 
 import pytest
 import torch
-from models import CASES, generate, toy_config
 
 import cachepass
+from bench.tiny_models import CASES, generate, toy_config
 from cachepass.errors import CachepassError
 from cachepass.offload.plan import (
     OffloadConfig,

@@ -14,9 +14,9 @@ import cache_dit
 import pytest
 import torch
 from cache_dit_helpers import enable, unit_stats
-from models import CASES, generate
 
 import cachepass
+from bench.tiny_models import CASES, generate
 from cachepass.reference import StepCacheReference
 
 STEPS = 20

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from models import CASES, generate, toy_config
 from torch._dynamo.utils import counters
 
 import cachepass
+from bench.tiny_models import CASES, generate, toy_config
 from cachepass.piecewise.split import PieceKind, is_cond, split_pieces
 from cachepass.reference import StepCacheReference
 from cachepass.state.runtime import current_state
@@ -90,9 +90,9 @@ def test_only_cond_pieces_hold_a_cond():
     graphs = []
     original = cachepass.backend.build_program
 
-    def spy(gm, inputs, compiler, block_lists):
+    def spy(gm, inputs, compiler, block_lists, *hooks):
         graphs.append((gm, block_lists))
-        return original(gm, inputs, compiler, block_lists)
+        return original(gm, inputs, compiler, block_lists, *hooks)
 
     cachepass.backend.build_program = spy
     try:

@@ -7,11 +7,11 @@ import dataclasses
 import pytest
 import torch
 from cache_dit_helpers import enable, unit_stats
-from models import CASES, generate
-from models import toy_config as cfg
 from torch._dynamo.utils import counters
 
 import cachepass
+from bench.tiny_models import CASES, generate
+from bench.tiny_models import toy_config as cfg
 from cachepass import CachepassError
 from cachepass.reference import StepCacheReference
 
@@ -172,8 +172,11 @@ def test_cfg_prompts_of_different_lengths_share_the_state_when_no_text_state_is_
 def test_cfg_prompts_of_different_lengths_are_refused_when_text_state_is_carried():
     case = _short_uncond_prompt(CASES["flux"])
     compiled = cachepass.compile(case.model(), cfg(), inner="eager")
-    with pytest.raises(CachepassError, match=r"two CFG calls of one step have inputs of different shapes.*"
-                                             r"u0.slot1.terms \[2, 2, 1, 5, 16\] vs \[2, 2, 1, 3, 16\].*pad the embeddings"):
+    with pytest.raises(
+        CachepassError,
+        match=r"two CFG calls of one step have inputs of different shapes.*"
+        r"u0.slot1.terms \[2, 2, 1, 5, 16\] vs \[2, 2, 1, 3, 16\].*pad the embeddings",
+    ):
         generate(case, compiled, 1)
 
 

@@ -535,7 +535,8 @@ def _slot_plan(bl, slot, enter, out, middle_blocks) -> SlotPlan:
 def _require_same_meta(a: fx.Node, b: fx.Node, where_a: str, where_b: str) -> None:
     va, vb = example_value(a), example_value(b)
     if not isinstance(va, torch.Tensor) or not isinstance(vb, torch.Tensor):
-        raise UnsupportedGraphError(f"carried value is not a tensor: {where_a} {describe_value(a)}, {where_b} {describe_value(b)}")
+        raise UnsupportedGraphError(f"carried value is not a tensor: {where_a} {describe_value(a)}, {where_b} "
+                                    f"{describe_value(b)}")
     if tuple(va.shape) != tuple(vb.shape) or va.dtype != vb.dtype:
         raise UnsupportedGraphError(
             f"carried value changes shape or dtype across the cached region: {where_a} is "

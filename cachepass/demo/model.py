@@ -121,7 +121,7 @@ def load_default(device: str | torch.device = "cpu") -> DemoModel:
     weights = load_file(str(files / WEIGHTS))
     card = json.loads((files / CARD).read_text())
     transformer, text_encoder = build_transformer(), TinyTextEncoder()
-    transformer.load_state_dict({k[len("transformer."):]: v.float() for k, v in weights.items() if k.startswith("transformer.")})
-    text_encoder.load_state_dict({k[len("text_encoder."):]: v.float() for k, v in weights.items() if k.startswith("text_encoder.")})
+    for prefix, module in (("transformer.", transformer), ("text_encoder.", text_encoder)):
+        module.load_state_dict({k[len(prefix):]: v.float() for k, v in weights.items() if k.startswith(prefix)})
     model = DemoModel(transformer.eval(), text_encoder.eval(), card)
     return model.to(device)

@@ -6,7 +6,7 @@ Reproducible from ``--seed`` (data, init and noise come from seeded generators; 
 still differ in the last bits). Resumable: ``--out`` keeps ``checkpoint.pt`` (model, EMA,
 optimizer, step, generators) every ``--save-every`` steps; running again continues. At the end it
 writes the EMA weights as fp16 safetensors plus the model card JSON and the loss curve PNG, which
-are what ships in ``cachepass/models/``.
+are what ships in ``cachepass/demo/``.
 """
 
 from __future__ import annotations
@@ -138,11 +138,19 @@ def export(args, transformer, text, params, ema, history, step, trained_s, n_par
     card = {
         "architecture": f"diffusers WanTransformer3DModel {TRANSFORMER_CONFIG} + TinyTextEncoder",
         "parameters": n_params,
-        "data": "procedural clips: 8 frames of 32x32 RGB, shapes " + ", ".join(SHAPES) + "; colours "
-                + ", ".join(COLORS) + "; directions " + ", ".join(DIRECTIONS) + "; plain, striped or checked backgrounds",
+        "data": "procedural clips: 8 frames of 32x32 RGB, shapes "
+        + ", ".join(SHAPES)
+        + "; colours "
+        + ", ".join(COLORS)
+        + "; directions "
+        + ", ".join(DIRECTIONS)
+        + "; plain, striped or checked backgrounds",
         "objective": "rectified flow (velocity = noise - data), logit-normal timesteps, "
-                     f"caption dropout {args.caption_dropout}, EMA {args.ema}",
-        "steps": step, "batch": args.batch, "lr": args.lr, "seed": args.seed,
+        f"caption dropout {args.caption_dropout}, EMA {args.ema}",
+        "steps": step,
+        "batch": args.batch,
+        "lr": args.lr,
+        "seed": args.seed,
         "training_minutes": round(trained_s / 60, 2),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "torch": torch.__version__,
@@ -180,7 +188,7 @@ def plot_loss(history, path: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 3.2))
-    ax.plot([s for s, _ in history], [l for _, l in history])
+    ax.plot([s for s, _ in history], [loss for _, loss in history])
     ax.set_xlabel("step")
     ax.set_ylabel("flow-matching MSE")
     ax.set_yscale("log")

@@ -258,10 +258,14 @@ def _numpy(name: str, value: Any, onnx_type: str, shape: list):
     expected = f"{dtype}{list(shape)}"
     if isinstance(value, torch.Tensor):
         if value.dtype == torch.bfloat16:
-            raise CachepassError(f"Session input {name!r} is a bfloat16 tensor; numpy (and so onnxruntime's Python API) "
-                                 f"has no bfloat16. The file takes {expected}: pass .to(torch.{dtype})" if dtype != "bfloat16"
-                                 else f"Session input {name!r}: this file takes bfloat16, which numpy cannot hold; "
-                                 "export the model in float32 or float16 for onnxruntime")
+            raise CachepassError(
+                f"Session input {name!r} is a bfloat16 tensor; numpy (and so onnxruntime's Python "
+                f"API) "
+                f"has no bfloat16. The file takes {expected}: pass .to(torch.{dtype})"
+                if dtype != "bfloat16"
+                else f"Session input {name!r}: this file takes bfloat16, which numpy cannot hold; "
+                "export the model in float32 or float16 for onnxruntime"
+            )
         value = value.detach().cpu().numpy()
     elif isinstance(value, (bool, int, float, np.generic)) and dtype != "bfloat16":
         if math.prod(d if isinstance(d, int) else 1 for d in shape) != 1:

@@ -136,7 +136,8 @@ def _input_ref(node: fx.Node, owned: dict[int, str], positional: list[str]) -> I
     if path is None or path[0] not in ("args", "kwargs"):
         raise UnsupportedGraphError(
             f"graph input {node.name} comes from {_source_name(grapharg.source)}; export takes tensors that are parameters or "
-            "buffers of the model, or found in the call's arguments by key, index or attribute")
+            "buffers of the model, or found in the call's arguments by key, index or attribute"
+        )
     head = path[1]
     if path[0] == "args":
         head = positional[head] if head < len(positional) else f"args.{head}"
@@ -275,8 +276,11 @@ def export(model: nn.Module, config: StepCacheConfig | Any, *example_args, **exa
 def _call_options(model: nn.Module, kwargs: dict) -> dict:
     """The call's non-tensor keyword arguments at export (``return_dict=False``) and the forward's defaults
     for the others: a call may leave them out, or give them, as it gave the model."""
-    defaults = {p.name: p.default for p in inspect.signature(model.forward).parameters.values()
-                if p.default is not inspect.Parameter.empty and isinstance(p.default, (bool, int, float, str, type(None)))}
+    defaults = {
+        p.name: p.default
+        for p in inspect.signature(model.forward).parameters.values()
+        if p.default is not inspect.Parameter.empty and isinstance(p.default, (bool, int, float, str, type(None)))
+    }
     given = {k: v for k, v in kwargs.items() if isinstance(v, (bool, int, float, str, type(None)))}
     return {"exported": given, "defaults": defaults}
 
@@ -345,7 +349,8 @@ def _accept_call_options(module: nn.Module, options: dict) -> None:
                 else:
                     kwargs[name] = exported[name]
                 continue
-            raise CachepassError(f"this module was exported with {name}={expected!r} and is called with {name}={value!r}: "
+            raise CachepassError(f"this module was exported with {name}={expected!r} and is called with "
+                                 f"{name}={value!r}: "
                                  "export again with the arguments the model is called with"
                                  if expected is not _MISSING else
                                  f"this module was exported without {name}; export again with the arguments "

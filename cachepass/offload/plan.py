@@ -418,9 +418,11 @@ class OffloadPlan:
 
     def describe(self, indent: str = "") -> str:
         r = self.residency
-        lines = [f"{indent}offload: {format_bytes(r.device_bytes)} of weights on the device "
-                 f"(non-block {format_bytes(r.nonblock_bytes)}, {len(r.resident)} resident blocks, "
-                 f"{r.slots} slot(s) x {format_bytes(r.slot_bytes)}); {len(r.slot_of)} blocks streamed from pinned host memory"]
+        lines = [
+            f"{indent}offload: {format_bytes(r.device_bytes)} of weights on the device "
+            f"(non-block {format_bytes(r.nonblock_bytes)}, {len(r.resident)} resident blocks, "
+            f"{r.slots} slot(s) x {format_bytes(r.slot_bytes)}); {len(r.slot_of)} blocks streamed from pinned host memory"
+        ]
         if not r.slot_of:
             return lines[0] + " (everything fits: nothing moves)"
         lines.append(f"{indent}  resident: {', '.join(r.resident) or 'none'}")

@@ -276,7 +276,8 @@ class ModelOffload:
 
     def describe(self) -> str:
         r = self.residency
-        return (f"{format_bytes(r.device_bytes)} of weights on {self.device} (non-block {format_bytes(r.nonblock_bytes)}, "
+        return (f"{format_bytes(r.device_bytes)} of weights on {self.device} (non-block "
+                f"{format_bytes(r.nonblock_bytes)}, "
                 f"{len(r.resident)} resident blocks, {r.slots} slot(s) of {format_bytes(r.slot_bytes)}), "
                 f"{len(r.slot_of)} blocks ({format_bytes(sum(t.numel() for t in self.host.values()))}) in pinned host "
                 f"memory{', copies captured per CUDA graph' if self.graphed else ''}")
@@ -427,7 +428,8 @@ class ProgramOffload:
                                      "only weights stream")
             wrong = next((p for p in params if p.device != self.device), None)
             if wrong is not None:
-                raise CachepassError(f"offload: a weight of {path} is on {wrong.device}, the model runs on {self.device}: "
+                raise CachepassError(f"offload: a weight of {path} is on {wrong.device}, the model runs on "
+                                     f"{self.device}: "
                                      "is the model offloaded by diffusers or accelerate hooks? Remove them "
                                      "(cachepass streams the blocks itself) and move the model to the device")
         in_blocks = {id(p) for params in blocks.values() for p in params}

@@ -139,7 +139,8 @@ def _progress(layout: StateLayout, calls: Proxy, timestep: Proxy | None) -> Prox
     call count, which restarts after ``num_inference_steps`` steps per stream.
     """
     if timestep is not None:
-        return timestep.detach().to(layout.float_dtype).max()  # a full reduction; max() also exports to ONNX (onnxscript needs amax dims)
+        # a full reduction; max() also exports to ONNX (onnxscript needs amax dims)
+        return timestep.detach().to(layout.float_dtype).max()
     cfg = layout.config
     position = calls % (cfg.num_inference_steps * cfg.num_streams) if cfg.num_inference_steps else calls
     return -(position // cfg.num_streams).to(layout.float_dtype)
@@ -199,7 +200,8 @@ def _emit_clock(layout: StateLayout, st: dict[str, Proxy], timestep: Proxy | Non
         flags = _set_flag(flags, Mismatch.FEWER_STEPS, ended_early)
         ended = torch.where(ended_early, last_step + 1, ended)
 
-    step_slot = torch.where(step > layout.capacity, layout.capacity, step)  # Where, not Clip: ONNX-TensorRT clips floats only
+    # Where, not Clip: ONNX-TensorRT clips floats only
+    step_slot = torch.where(step > layout.capacity, layout.capacity, step)
     forced = _at(st["schedule.warmup"], step_slot) | _at(st["schedule.mask_compute"], step_slot)
     return Clock(
         calls=calls,
@@ -508,7 +510,8 @@ def _compute_branch(compute: fx.GraphModule, num_extra: int) -> fx.GraphModule:
             output = node
             continue
         env[node] = graph.node_copy(node, lambda a: env[a])
-    taken = {StorageWeakRef(example_value(p).untyped_storage()) for p in placeholders if isinstance(example_value(p), torch.Tensor)}
+    taken = {StorageWeakRef(example_value(p).untyped_storage())
+             for p in placeholders if isinstance(example_value(p), torch.Tensor)}
     results = []
     for out in output.args[0]:
         value = example_value(out)
@@ -537,10 +540,12 @@ def _cached_branch(spec: UnitSpec, layout: StateLayout, region_values: list) -> 
     results = []
     for slot, (terms, valid) in zip(spec.slots, taylor):
         order = layout.taylor_order(slot.role)
-        terms, valid = _pick_stream(terms, stream, layout.config.num_streams), _pick_stream(valid, stream, layout.config.num_streams)
+        streams = layout.config.num_streams
+        terms, valid = _pick_stream(terms, stream, streams), _pick_stream(valid, stream, streams)
         approx = terms[0]
         for i in range(1, order + 1):
-            term = terms[i] * (1 / math.factorial(i)) * elapsed.to(terms[i].dtype) ** i  # float Pow: TensorRT has no int Pow
+            # float Pow: TensorRT has no int Pow
+            term = terms[i] * (1 / math.factorial(i)) * elapsed.to(terms[i].dtype) ** i
             approx = approx + torch.where(valid[i], term, 0.0)
         out = approx + inputs[slot.input_position]
         if not _is_standard_contiguous(region_values[slot.input_position]):

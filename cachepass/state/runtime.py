@@ -165,8 +165,9 @@ class _ReportReader:
     """Reads ``clock.report`` without a host sync: a non-blocking copy after a call, read once it landed.
 
     On an accelerator the copy and its event cost several microseconds of host time per call, so
-    one call in `DEVICE_REPORT_EVERY` posts one (bookkeeping per call: bench/clock_check.py); warnings come that many calls late at most (``stats``
-    reads the state itself). On the CPU the graph has finished when the call returns: read directly.
+    one call in `DEVICE_REPORT_EVERY` posts one (bookkeeping per call: bench/clock_check.py); warnings come that
+    many calls late at most (``stats`` reads the state itself). On the CPU the graph has finished when the
+    call returns: read directly.
     """
 
     def __init__(self, report: torch.Tensor):

@@ -9,12 +9,12 @@ and events that order it (inner='aot_eager': the pieces run aten ops).
 import sys
 
 import torch
-from models import CASES
 from test_cuda_graphs import config, generate_on_gpu
 from test_offload_gpu import budget
 from torch.cuda._sanitizer import CUDASanitizerErrors, enable_cuda_sanitizer
 
 import cachepass
+from bench.tiny_models import CASES
 
 case = CASES["wan"]
 model = case.model().cuda()

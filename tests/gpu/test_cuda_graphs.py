@@ -9,9 +9,9 @@ import warnings
 
 import pytest
 import torch
-from models import CASES, toy_config
 
 import cachepass
+from bench.tiny_models import CASES, toy_config
 from cachepass.demo.sampling import sample
 
 STEPS = 8

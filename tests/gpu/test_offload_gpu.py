@@ -10,12 +10,12 @@ import sys
 
 import pytest
 import torch
-from models import CASES
 from test_cuda_graphs import config, decisions, generate_on_gpu
 from test_offload import check_weight_changes, weight_change_session
 
 import cachepass
 from bench.timing import pinned_htod_bytes
+from bench.tiny_models import CASES
 from cachepass.offload.plan import decisions_of, plan_generation
 from cachepass.offload.runtime import block_lists_paths, model_bytes
 from cachepass.state.runtime import states_of

@@ -124,8 +124,16 @@ def _flux_inputs(g):
     shared = {"img_ids": torch.randn(16, 3, generator=g), "txt_ids": torch.randn(5, 3, generator=g)}
     return (
         torch.randn(1, 16, 8, generator=g),
-        {"encoder_hidden_states": torch.randn(1, 5, 16, generator=g), "pooled_projections": torch.randn(1, 8, generator=g), **shared},
-        {"encoder_hidden_states": torch.randn(1, 5, 16, generator=g), "pooled_projections": torch.randn(1, 8, generator=g), **shared},
+        {
+            "encoder_hidden_states": torch.randn(1, 5, 16, generator=g),
+            "pooled_projections": torch.randn(1, 8, generator=g),
+            **shared,
+        },
+        {
+            "encoder_hidden_states": torch.randn(1, 5, 16, generator=g),
+            "pooled_projections": torch.randn(1, 8, generator=g),
+            **shared,
+        },
     )
 
 
@@ -164,8 +172,17 @@ def _sd3():
 
     # the last block is built with context_pre_only=True: it consumes the text stream and returns only hidden states
     return SD3Transformer2DModel(
-        sample_size=8, patch_size=2, in_channels=4, num_layers=4, attention_head_dim=8, num_attention_heads=2,
-        joint_attention_dim=16, caption_projection_dim=16, pooled_projection_dim=8, out_channels=4, pos_embed_max_size=16,
+        sample_size=8,
+        patch_size=2,
+        in_channels=4,
+        num_layers=4,
+        attention_head_dim=8,
+        num_attention_heads=2,
+        joint_attention_dim=16,
+        caption_projection_dim=16,
+        pooled_projection_dim=8,
+        out_channels=4,
+        pos_embed_max_size=16,
     )
 
 
