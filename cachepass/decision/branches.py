@@ -1,0 +1,127 @@
+"""The two branches of a cache unit's ``torch.cond`` (the middle blocks, or the cached residual with its
+TaylorSeer extrapolation) and the operand fixes ``cond`` needs (no aliases, standard strides)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import fx
+from torch._prims_common import make_contiguous_strides_for
+from torch.fx.proxy import GraphAppendingTracer, Proxy
+from torch.multiprocessing.reductions import StorageWeakRef
+
+from cachepass.analysis.blocks import example_value
+from cachepass.decision.ops import pick_stream
+from cachepass.state.layout import StateLayout
+from cachepass.unit import UnitSpec
+
+
+def without_aliases(graph: fx.Graph, inputs: list[fx.Node]) -> list[fx.Node]:
+    """cond operands may not alias each other: clone all but the largest of tensors sharing storage.
+
+    FLUX's and HunyuanVideo's single blocks split hidden and encoder states out of one tensor, so
+    the head hands the middle region two views of one buffer; the (small) encoder view is copied.
+    """
+    groups: dict[StorageWeakRef, list[int]] = {}
+    for i, node in enumerate(inputs):
+        value = example_value(node)
+        if isinstance(value, torch.Tensor):
+            groups.setdefault(StorageWeakRef(value.untyped_storage()), []).append(i)
+    result = list(inputs)
+    for members in groups.values():
+        members = sorted(members, key=lambda i: example_value(inputs[i]).numel(), reverse=True)
+        for i in members[1:]:
+            clone = graph.call_method("clone", (inputs[i],))
+            clone.meta["example_value"] = example_value(inputs[i])
+            result[i] = clone
+    return result
+
+
+def contiguous(graph: fx.Graph, inputs: list[fx.Node]) -> list[fx.Node]:
+    """Give non-contiguous cond operands standard strides (FastVideo's ``flatten(2).transpose(1, 2)`` tokens).
+
+    Inductor stores such a head output contiguously but compiles the branches for the strides in
+    the example value, and the cond then fails its stride assertion (torch 2.11-2.13); a copy
+    whose example value is contiguous keeps both sides in agreement.
+    """
+    result = []
+    for node in inputs:
+        value = example_value(node)
+        if isinstance(value, torch.Tensor) and not is_standard_contiguous(value):
+            copy = graph.call_method("contiguous", (node,))
+            copy.meta["example_value"] = value.contiguous()
+            node = copy
+        result.append(node)
+    return result
+
+
+def is_standard_contiguous(value: torch.Tensor) -> bool:
+    return tuple(value.stride()) == tuple(make_contiguous_strides_for(value.shape))
+
+
+def compute_branch(compute: fx.GraphModule, num_extra: int) -> fx.GraphModule:
+    """The middle blocks, taking (and ignoring) the cached branch's extra operands.
+
+    Outputs must have standard contiguous strides (as the cached branch's) and alias neither an
+    input nor each other: such outputs are cloned, the rest returned as computed.
+    """
+    graph = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    placeholders = [n for n in compute.graph.nodes if n.op == "placeholder"]
+    for node in placeholders:
+        env[node] = graph.placeholder(node.name)
+        env[node].meta.update(node.meta)
+    for i in range(num_extra):
+        graph.placeholder(f"unused_{i}")
+    output = None
+    for node in compute.graph.nodes:
+        if node.op == "placeholder":
+            continue
+        if node.op == "output":
+            output = node
+            continue
+        env[node] = graph.node_copy(node, lambda a: env[a])
+    taken = {StorageWeakRef(example_value(p).untyped_storage())
+             for p in placeholders if isinstance(example_value(p), torch.Tensor)}
+    results = []
+    for out in output.args[0]:
+        value = example_value(out)
+        storage = StorageWeakRef(value.untyped_storage())
+        if is_standard_contiguous(value) and storage not in taken:
+            results.append(env[out])
+        else:
+            results.append(graph.call_method("clone", (env[out],), {"memory_format": torch.contiguous_format}))
+        taken.add(storage)
+    graph.output(tuple(results))
+    return fx.GraphModule(compute, graph, class_name=f"{type(compute).__name__}Compute")
+
+
+def cached_branch(spec: UnitSpec, layout: StateLayout, region_values: list) -> fx.GraphModule:
+    """``H_F + sum_i dY(i) * elapsed^i / i!`` per carried slot (order 0: ``H_F + R_M``)."""
+    graph = fx.Graph()
+    tracer = GraphAppendingTracer(graph)
+    inputs = [Proxy(graph.placeholder(f"region_{i}"), tracer) for i in range(len(region_values))]
+    taylor = []
+    for slot in spec.slots:
+        terms = Proxy(graph.placeholder(f"slot{slot.slot}_terms"), tracer)
+        valid = Proxy(graph.placeholder(f"slot{slot.slot}_valid"), tracer)
+        taylor.append((terms, valid))
+    stream = Proxy(graph.placeholder("stream"), tracer)
+    elapsed = Proxy(graph.placeholder("elapsed"), tracer)
+    results = []
+    for slot, (terms, valid) in zip(spec.slots, taylor):
+        order = layout.taylor_order(slot.role)
+        streams = layout.config.num_streams
+        terms, valid = pick_stream(terms, stream, streams), pick_stream(valid, stream, streams)
+        approx = terms[0]
+        for i in range(1, order + 1):
+            # float Pow: TensorRT has no int Pow
+            term = terms[i] * (1 / math.factorial(i)) * elapsed.to(terms[i].dtype) ** i
+            approx = approx + torch.where(valid[i], term, 0.0)
+        out = approx + inputs[slot.input_position]
+        if not is_standard_contiguous(region_values[slot.input_position]):
+            out = out.clone(memory_format=torch.contiguous_format)
+        results.append(out.node)
+    graph.output(tuple(results))
+    return fx.GraphModule(torch.nn.Module(), graph, class_name=f"StepcacheCached{spec.index}")

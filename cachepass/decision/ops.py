@@ -1,0 +1,42 @@
+"""Tensor ops the decision graph is built from, chosen to export: gathers by a 0-dim index, picks and masked
+writes per CFG stream, flag bits in plain arithmetic (ONNX-TensorRT has no BitwiseOr)."""
+
+from __future__ import annotations
+
+import torch
+from torch.fx.proxy import Proxy
+
+from cachepass.state.layout import Mismatch
+
+
+def at(x: Proxy, index: Proxy) -> Proxy:
+    """``x[index]`` for a 0-dim index tensor, as a gather (plain indexing would call ``.item()``)."""
+    return torch.index_select(x, 0, index.reshape(1)).squeeze(0)
+
+
+def pick_stream(x: Proxy, stream: Proxy, num_streams: int) -> Proxy:
+    """``x[stream]`` over the (at most two) CFG streams by ``where`` on static slices.
+
+    No indirect indexing into the large buffers: elementwise kernels read them directly (and
+    Inductor 2.11's CPU codegen mishandles a gather inside a transposed tile).
+    """
+    picked = x[0]
+    for s in range(1, num_streams):
+        picked = torch.where(stream == s, x[s], picked)
+    return picked
+
+
+def write_stream(state: Proxy, clock, value: Proxy, when: Proxy) -> None:
+    """``state[stream] = value`` where ``when`` holds, as one masked full-buffer ``copy_``."""
+    mask = clock.stream_mask.reshape(-1, *([1] * (len(state.node.meta["stepcache_shape"]) - 1))) & when
+    state.copy_(torch.where(mask, value.unsqueeze(0), state))
+
+
+def set_flag(flags: Proxy, flag: Mismatch, when: Proxy) -> Proxy:
+    """``flags | flag`` where ``when`` holds, in plain arithmetic on the non-negative flags.
+
+    ONNX-TensorRT has no BitwiseOr, and exporters expand an integer ``//`` or ``%`` into sign tests on
+    bools that it does not take either: bit ``flag`` is ``trunc(flags / flag) - 2 * trunc(flags / (2 * flag))``.
+    """
+    bit = torch.div(flags, int(flag), rounding_mode="trunc") - 2 * torch.div(flags, 2 * int(flag), rounding_mode="trunc")
+    return torch.where(when & (bit == 0), flags + int(flag), flags)
