@@ -457,10 +457,15 @@ class ProgramOffload:
         self.current.scheduler.decided(self.unit_index[unit], cached)
 
 
-def offload_stats(model: Any) -> OffloadStats | None:
+def model_offload(model: Any) -> ModelOffload | None:
     """The offload of ``model`` (compiled or original module), None before its first call or without offload."""
     module = getattr(model, "_orig_mod", model)
-    offload = next((m for m in map(_registered, module.parameters()) if m is not None), None)
+    return next((m for m in map(_registered, module.parameters()) if m is not None), None)
+
+
+def offload_stats(model: Any) -> OffloadStats | None:
+    """What offload did for ``model`` (compiled or original module); None before its first call or without offload."""
+    offload = model_offload(model)
     if offload is None:
         return None
     return OffloadStats(offload.residency, dataclasses.replace(offload.scheduler.counters), offload.graphed)

@@ -17,7 +17,7 @@ import cachepass
 from bench.timing import pinned_htod_bytes
 from bench.tiny_models import CASES
 from cachepass.offload.plan import decisions_of, plan_generation
-from cachepass.offload.runtime import block_lists_paths, model_bytes
+from cachepass.offload.runtime import block_lists_paths, model_bytes, model_offload
 from cachepass.state.runtime import states_of
 
 BLOCK_LISTS = {"wan": ("blocks",), "flux": ("transformer_blocks", "single_transformer_blocks")}
@@ -51,8 +51,7 @@ def test_offload_matches_the_resident_model_with_and_without_cuda_graphs(name, t
             torch.testing.assert_close(out, want, atol=0, rtol=0)
         assert decisions(model) == expected_decisions, mode
         assert measured == syncs, f"{mode}: {measured} host syncs per call, expected {syncs}: {where}"
-        state = states_of(model)[-1]
-        assert all(t.is_pinned() for t in state.offload.host.values())
+        assert all(t.is_pinned() for t in model_offload(model).host.values())
         assert stats.residency.slot_of and stats.graphed == (mode != "off")
         plan = plan_generation(stats.residency, layout.units, layout.config,
                                decisions_of(cachepass.stats(model), layout.config), graphed=mode != "off")
