@@ -3,7 +3,7 @@
     python -m bench.address_check --workload wan-1.3b-1f --out bench/results
 
 Every replay first checks that the weights, buffers and cache state are where the captured graphs
-read them (`cachepass.cudagraphs.graphed._pointers_equal`, the C++ check Inductor's cudagraph
+read them (`cachepass.piecewise.static_inputs.pointers_equal`, the C++ check Inductor's cudagraph
 trees use). This times that check over as many tensors as the workload's model has parameters and
 buffers (built on the meta device; the timed tensors are small CUDA tensors: only addresses matter).
 """
@@ -22,7 +22,7 @@ import torch
 
 from bench.timing import count_syncs
 from bench.workloads import WORKLOADS
-from cachepass.cudagraphs.graphed import _pointers_equal
+from cachepass.piecewise.static_inputs import pointers_equal
 
 
 def main(argv=None) -> int:
@@ -40,7 +40,7 @@ def main(argv=None) -> int:
     for _ in range(21):
         start = time.perf_counter()
         for _ in range(1000):
-            _pointers_equal(tensors, pointers, indices)
+            pointers_equal(tensors, pointers, indices)
         rounds.append((time.perf_counter() - start) / 1000)
     device = torch.device("cuda")
     row = {
@@ -49,7 +49,7 @@ def main(argv=None) -> int:
         "median_s": statistics.median(rounds),
         "times_s": rounds,
         "cold_start_s": None,
-        "syncs_per_call": count_syncs(lambda: _pointers_equal(tensors, pointers, indices), device),
+        "syncs_per_call": count_syncs(lambda: pointers_equal(tensors, pointers, indices), device),
         "device": torch.cuda.get_device_name(),
         "torch": torch.__version__,
         "date": datetime.date.today().isoformat(),

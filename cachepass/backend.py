@@ -79,10 +79,10 @@ def stepcache(gm: fx.GraphModule, example_inputs: Sequence[Any], *, mode: str | 
     log.info("stepcache: piecewise, %d block pieces, cudagraphs=%s; %s; backend %.1f s (passes %.1f s, compiles: %s)",
              len(plan.blocks), cudagraphs.value, compiler.count, time.perf_counter() - start,
              passes_done - start, compiler.count.timings())
-    states = StateSet(layout, device, _anchor_index(example_inputs), rewritten.graph, plan, hooks)
+    states = StateSet(layout, device, _anchor_index(example_inputs), rewritten.graph, plan, hooks.reset)
     if cudagraphs is CudaGraphs.OFF:
-        return _with_state(program.forward, states)
-    return _with_state(GraphedProgram(program, device, cudagraphs, len(layout.specs), hooks), states)
+        return _with_state(program.forward, states, hooks)
+    return _with_state(GraphedProgram(program, device, cudagraphs, len(layout.specs), hooks), states, hooks)
 
 
 def _program_hooks(rewritten: Rewritten, opts: CompileOptions, device: torch.device, graphed: bool) -> ProgramHooks:
@@ -131,12 +131,11 @@ def _warn_if_cudagraphs_asked(opts: CompileOptions, why: str) -> None:
                     opts.mode, why, opts.form.value)
 
 
-def _with_state(compiled: Callable, states: StateSet) -> Callable:
+def _with_state(compiled: Callable, states: StateSet, hooks: ProgramHooks = NO_HOOKS) -> Callable:
     """Dynamo calls the backend's function with the graph inputs; append the caller's state tensors.
 
     The program's hooks see the call begin (offload hands the pieces the streamed weights' slots) and end.
     """
-    hooks = states.hooks
 
     def run(*args):
         state = states.for_call(args)

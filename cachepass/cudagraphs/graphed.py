@@ -37,6 +37,7 @@ from cachepass.cudagraphs.conditional_nodes import ConditionalGraph
 from cachepass.errors import CachepassError
 from cachepass.piecewise.execute import CondStep, Piece
 from cachepass.piecewise.hooks import NO_HOOKS, ProgramHooks
+from cachepass.piecewise.static_inputs import has_static_address, pointers_equal
 
 log = logging.getLogger(__name__)
 
@@ -178,14 +179,6 @@ class _Runner:
         return f"{graphs} graphs, {decisions} decision(s) read on the host per call; {len(self.copied)} input(s) copied in"
 
 
-def pointers_equal(args: list | tuple, pointers: list[int | None], indices: list[int]) -> bool:
-    """Whether ``args[i].data_ptr() == pointers[i]`` for every ``i`` in ``indices`` (in C++ where torch has it)."""
-    check = getattr(torch._C, "_tensors_data_ptrs_at_indices_equal", None)  # CUDA builds (Inductor's cudagraph trees)
-    if check is not None:
-        return check(args if isinstance(args, list) else list(args), pointers, indices)  # it takes lists only
-    return all(args[i].data_ptr() == pointers[i] for i in indices)
-
-
 def _split_inputs(args: tuple, state_count: int) -> tuple[list[int], list[int]]:
     """Graph inputs the graphs read in place (weights, buffers, state), and those copied in per call."""
     first_state = len(args) - state_count
@@ -196,12 +189,6 @@ def _split_inputs(args: tuple, state_count: int) -> tuple[list[int], list[int]]:
             raise CachepassError(f"CUDA graphs: graph input {i} is a {type(args[i]).__name__}, not a tensor; "
                                  "a captured graph cannot take it. Compile with cudagraphs='off'")
     return static, copied
-
-
-def has_static_address(value: Any) -> bool:
-    """Weights and buffers: Dynamo marks a module's parameters and buffers as static inputs."""
-    return isinstance(value, torch.nn.Parameter) or (
-        isinstance(value, torch.Tensor) and torch._dynamo.utils.get_static_address_type(value) is not None)
 
 
 class _Recorder(fx.Interpreter):

@@ -40,7 +40,6 @@ from torch import fx
 
 from cachepass.analysis.blocks import normalize_module_path
 from cachepass.config import StepCacheConfig
-from cachepass.cudagraphs.graphed import has_static_address, pointers_equal
 from cachepass.errors import CachepassError
 from cachepass.offload.plan import (
     Counters,
@@ -51,6 +50,7 @@ from cachepass.offload.plan import (
     choose_residency,
     format_bytes,
 )
+from cachepass.piecewise.static_inputs import has_static_address, pointers_equal
 from cachepass.unit import UnitSpec
 
 log = logging.getLogger(__name__)

@@ -15,13 +15,12 @@ import logging
 import math
 import threading
 import weakref
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
 
 from cachepass.errors import CachepassError
-from cachepass.piecewise.hooks import NO_HOOKS, ProgramHooks
 from cachepass.state.layout import Mismatch, StateLayout, mismatch_messages
 
 log = logging.getLogger(__name__)
@@ -41,7 +40,7 @@ class RuntimeState:
     """
 
     def __init__(self, layout: StateLayout, device: torch.device, anchor_id: int | None, graph=None, plan=None,
-                 hooks: ProgramHooks = NO_HOOKS):
+                 on_reset: Callable[["RuntimeState"], None] = lambda state: None):
         self.layout = layout
         self.tensors = [spec.allocate(device) for spec in layout.specs]
         self.graph = graph  # the rewritten GraphModule that made it, for inspection
@@ -50,7 +49,7 @@ class RuntimeState:
         self.mid_pair = False  # separate CFG: the first call of a step ran, its partner is due
         self.anchor_id = anchor_id
         self.reported: dict[Mismatch, str] = {}  # mismatch -> its message when first seen
-        self.hooks = hooks  # the program's features (offload), told of a reset
+        self.on_reset = on_reset  # tells the program's features (offload) that a generation starts
         self._busy = threading.Lock()
         self._report = _ReportReader(self["clock.report"])
 
@@ -129,7 +128,7 @@ class RuntimeState:
         self.reported.pop(Mismatch.RANKS_DIVERGED, None)
         self._report.discard()  # a copy posted before the reset still holds the bit
         self.mid_pair = False
-        self.hooks.reset(self)
+        self.on_reset(self)
 
     def stats(self) -> list["UnitStats"]:
         warnings = self.warnings()
@@ -209,9 +208,9 @@ class StateSet:
     """
 
     def __init__(self, layout: StateLayout, device: torch.device, anchor_index: int | None, graph, plan=None,
-                 hooks: ProgramHooks = NO_HOOKS):
+                 on_reset: Callable[[RuntimeState], None] = lambda state: None):
         self.layout, self.device, self.anchor_index, self.graph = layout, device, anchor_index, graph
-        self.plan, self.hooks = plan, hooks  # the piecewise executor's plan and features (None, none: one graph)
+        self.plan, self.on_reset = plan, on_reset  # the piecewise executor's plan (None: one graph), reset listener
         # graphs with equal layouts share states; the number stands for the (large) key in per-call lookups
         self.key = _LAYOUT_NUMBERS.setdefault((layout.key, str(device)), len(_LAYOUT_NUMBERS))
         self._single: RuntimeState | None = None
@@ -219,7 +218,7 @@ class StateSet:
     def for_call(self, args) -> RuntimeState:
         if self.anchor_index is None:
             if self._single is None:
-                self._single = RuntimeState(self.layout, self.device, None, self.graph, self.plan, self.hooks)
+                self._single = RuntimeState(self.layout, self.device, None, self.graph, self.plan, self.on_reset)
             return self._single
         anchor = args[self.anchor_index]
         entry = _REGISTRY.get(id(anchor))
@@ -228,7 +227,7 @@ class StateSet:
         state = entry.states.get(self.key)
         if state is None:
             state = entry.states[self.key] = RuntimeState(self.layout, self.device, id(anchor), self.graph, self.plan,
-                                                          self.hooks)
+                                                          self.on_reset)
         return state
 
 
