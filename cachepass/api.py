@@ -18,8 +18,9 @@ from cachepass.config import StepCacheConfig
 from cachepass.cudagraphs.graphed import CudaGraphs
 from cachepass.errors import BlockDiscoveryError, CachepassError
 from cachepass.exported.program import ExportedState, capture
+from cachepass.offload.host_start import check_budget_fits, place_for_offload
 from cachepass.offload.plan import OffloadPlan, choose_residency, plan_generation
-from cachepass.offload.runtime import check_budget_fits, check_not_offloaded_by_hooks, model_bytes
+from cachepass.offload.runtime import check_not_offloaded_by_hooks, model_bytes
 from cachepass.options import CompileOptions, Form, parse_options
 from cachepass.piecewise.compile import CompileCount, PieceCompiler
 from cachepass.piecewise.execute import Plan, build_program
@@ -33,7 +34,7 @@ log = logging.getLogger(__name__)
 def compile(model: nn.Module, config: Any, *, calibrator_config: Any = None, inner: str = "inductor",
             mode: str | None = None, form: str = "piecewise", cudagraphs: str | None = None,
             offload: Any = None, sequence_parallel_group: Any = "auto", fullgraph: bool = True,
-            max_shapes: int | None = None) -> nn.Module:
+            max_shapes: int | None = None, device: Any = None) -> nn.Module:
     """``torch.compile(model, backend="stepcache", dynamic=False, ...)`` with the options checked up front.
 
     ``config`` is a `StepCacheConfig`, a dict of its fields, or a cache-dit ``DBCacheConfig``
@@ -46,6 +47,10 @@ def compile(model: nn.Module, config: Any, *, calibrator_config: Any = None, inn
     default follows ``mode`` (``"reduce-overhead"``: piecewise). ``offload`` (piecewise form):
     ``{"budget": "8GB", "slots": 2}`` keeps that many bytes of weights on the device and streams the
     other blocks from pinned host memory, planned from the cache schedule (`OffloadConfig`).
+    ``device``: where the model runs (default: where its weights are). With ``offload`` and a model
+    on the CPU (as ``from_pretrained`` leaves it), the non-block weights move to ``device`` now and
+    every block is packed into pinned host memory, so the device never holds more than the budget.
+    Without offload the model moves there (``model.to(device)``).
     ``sequence_parallel_group`` (context parallel, `cachepass.analysis.sequence_parallel`): ``"auto"`` finds
     the group that shards the tokens from the graph's collectives, and every rank then takes the
     same decision from one all-reduce per cache unit; a ``ProcessGroup`` names it; None refuses a
@@ -73,11 +78,15 @@ def compile(model: nn.Module, config: Any, *, calibrator_config: Any = None, inn
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         trace_functional_all_gather()
     parsed = parse_options(options)
+    target = _target_device(model, device)
     if parsed.offload is not None:
         check_not_offloaded_by_hooks(model)
-    _check_device_options(parsed, model)
+    _check_device_options(parsed, target)
     if parsed.offload is not None:
         check_budget_fits(model, parsed.offload)
+        place_for_offload(model, target)  # the device gets the non-block weights; the blocks wait in host memory
+    elif device is not None:
+        model.to(target)
     if max_shapes is not None:
         _raise_recompile_limit(max_shapes, "max_shapes")
     compiled = torch.compile(model, backend=stepcache, fullgraph=fullgraph, dynamic=False, options=options)
@@ -85,14 +94,25 @@ def compile(model: nn.Module, config: Any, *, calibrator_config: Any = None, inn
     return compiled
 
 
-def _check_device_options(options: CompileOptions, model: nn.Module) -> None:
-    """Options that cannot run on the model's device fail here, not at its first call."""
+def _target_device(model: nn.Module, device: Any) -> torch.device:
+    """The device the compiled model runs on: ``device``, or where its weights are."""
+    if device is not None:
+        try:
+            return torch.device(device)
+        except (RuntimeError, TypeError):
+            raise ValueError(f"cachepass.compile device={device!r} is invalid; allowed: a torch.device or a string "
+                             "such as 'cuda' or 'cuda:1'") from None
     param = next(model.parameters(), None)
-    if param is None or options.form is not Form.PIECEWISE:
+    return param.device if param is not None else torch.device("cpu")
+
+
+def _check_device_options(options: CompileOptions, device: torch.device) -> None:
+    """Options that cannot run on the model's device fail here, not at its first call."""
+    if options.form is not Form.PIECEWISE:
         return
     if options.cudagraphs is not None:
-        options.cudagraphs_on(param.device)
-    options.check_offload_device(param.device)
+        options.cudagraphs_on(device)
+    options.check_offload_device(device)
 
 
 def _raise_recompile_limit(graphs: int, why: str) -> None:

@@ -392,3 +392,51 @@ def test_weight_changes_between_generations_reach_the_streamed_blocks(caplog):
     with caplog.at_level("INFO", logger="cachepass"):
         outputs, model, streamed = weight_change_session("cpu", run, offload=True)
     check_weight_changes(expected, reference, outputs, model, streamed, caplog.text)
+
+
+def _bytes_in(tensors, buffers) -> tuple[int, int]:
+    """Bytes of ``tensors`` whose memory lies inside one of ``buffers`` (host side), and of the others."""
+    ranges = [(b.data_ptr(), b.data_ptr() + b.numel()) for b in buffers]
+    inside = outside = 0
+    for t in tensors:
+        nbytes = t.numel() * t.element_size()
+        if any(lo <= t.data_ptr() < hi for lo, hi in ranges):
+            inside += nbytes
+        else:
+            outside += nbytes
+    return inside, outside
+
+
+def test_a_model_on_the_cpu_starts_in_host_memory_and_the_device_never_holds_more_than_the_budget():
+    """``device=`` with offload: at compile the non-block weights go to the device and every block is packed into
+    host memory (the "device" here is the CPU, ``allow_cpu``; the same code runs on CUDA with mapped pinned memory);
+    after the first call the device holds the non-block weights, the resident blocks and the slots: the budget. The
+    outputs equal the resident model's, bit for bit."""
+    from cachepass.offload.host_start import _PACKED
+    from cachepass.offload.runtime import model_offload
+
+    case = CASES["wan"]
+    cfg = toy_config(num_inference_steps=STEPS, threshold=case.threshold * 3, num_head_blocks=1, num_tail_blocks=1)
+    expected = generate(case, cachepass.compile(case.model(), cfg, inner="aot_eager"), STEPS)
+    model = case.model()
+    block_params = [p for block in model.blocks for p in block.parameters()]
+    other = [t for t in (*model.parameters(), *model.buffers()) if all(t is not p for p in block_params)]
+    budget = _budget(model, 0.6)
+    compiled = cachepass.compile(model, cfg, inner="aot_eager", offload={"budget": budget, "allow_cpu": True},
+                                 device="cpu")
+    packed = {id(entry[1]): entry[1] for entry in _PACKED.values()}.values()
+    host, device_side = _bytes_in(block_params, packed)
+    assert host == sum(p.numel() * p.element_size() for p in block_params) and device_side == 0
+    assert _bytes_in(other, packed) == (0, sum(t.numel() * t.element_size() for t in other))
+
+    torch.testing.assert_close(generate(case, compiled, STEPS), expected, atol=0, rtol=0)
+    offload = model_offload(model)
+    stats = cachepass.offload_stats(model)
+    host, device_side = _bytes_in(block_params, offload.host.values())
+    streamed = sum(stats.residency.block_bytes[b] for b in stats.residency.slot_of)
+    assert stats.host_bytes == streamed and host <= streamed and stats.residency.resident
+    slots = sum(s.numel() for s in offload.slots)
+    other_bytes = sum(t.numel() * t.element_size() for t in other)
+    assert other_bytes + device_side + slots <= budget
+    resident = [p for b in stats.residency.resident for p in model.get_submodule(b).parameters()]
+    assert device_side == sum(p.numel() * p.element_size() for p in resident) > 0  # only resident blocks are on the device

@@ -41,6 +41,8 @@ from torch import fx
 from cachepass.analysis.blocks import normalize_module_path
 from cachepass.config import StepCacheConfig
 from cachepass.errors import CachepassError
+from cachepass.offload.host_start import materialize, packed_buffer
+from cachepass.offload.memory import host_view, own_storage, packed_offsets, pinned_host_buffer
 from cachepass.offload.plan import (
     Counters,
     OffloadConfig,
@@ -55,19 +57,7 @@ from cachepass.unit import UnitSpec
 
 log = logging.getLogger(__name__)
 
-ALIGNMENT = 256  # bytes: each parameter of a packed block starts at a multiple of this
-
-
 # ---------------------------------------------------------------------------- packing
-def packed_offsets(params: Sequence[torch.Tensor]) -> tuple[list[int], int]:
-    """Byte offset of each parameter in a block's packed buffer, and the buffer's size."""
-    offsets, size = [], 0
-    for p in params:
-        offsets.append(size)
-        size += -(-p.numel() * p.element_size() // ALIGNMENT) * ALIGNMENT
-    return offsets, size
-
-
 def block_lists_paths(model: torch.nn.Module, block_lists: Sequence[str]) -> list[str]:
     """``["blocks"]`` -> ``["blocks.0", "blocks.1", ...]``: the block paths of the named lists."""
     return [f"{name}.{i}" for name in block_lists for i in range(len(model.get_submodule(name)))]
@@ -95,64 +85,6 @@ def block_inputs(gm: fx.GraphModule, units: Sequence[UnitSpec]) -> dict[str, lis
         if owner is not None:
             found[owner].append(i)
     return found
-
-
-# ---------------------------------------------------------------------------- memory
-_HOST_REGISTER_PORTABLE_MAPPED = 3  # cudaHostRegisterPortable | cudaHostRegisterMapped
-
-
-def pinned_host_buffer(nbytes: int, device: torch.device) -> torch.Tensor:
-    """``nbytes`` of page-locked host memory, exactly, mapped into the device's address space.
-
-    (cudaHostRegister on a plain allocation; on a CPU "device" a plain allocation.)
-    """
-    buffer = torch.empty(nbytes, dtype=torch.uint8)
-    if device.type != "cuda" or nbytes == 0:
-        return buffer
-    cudart = torch.cuda.cudart()
-    code = cudart.cudaHostRegister(buffer.data_ptr(), nbytes, _HOST_REGISTER_PORTABLE_MAPPED)
-    if int(code) != 0:
-        raise CachepassError(f"offload: cudaHostRegister of {format_bytes(nbytes)} failed ({code}); the host may be "
-                             "out of lockable memory (ulimit -l)")
-    weakref.finalize(buffer, cudart.cudaHostUnregister, buffer.data_ptr())
-    return buffer
-
-
-class _MappedHostMemory:
-    """A byte range of a pinned host buffer, seen from the device (``__cuda_array_interface__``).
-
-    With unified addressing the device address of registered host memory is its host address
-    (cudaDevAttrCanUseHostPointerForRegisteredMem, which Linux on x86-64 and Grace have).
-    """
-
-    def __init__(self, buffer: torch.Tensor, offset: int, nbytes: int):
-        self.buffer = buffer  # keeps the pinned memory alive as long as the view
-        self.__cuda_array_interface__ = {"shape": (nbytes,), "typestr": "|u1", "version": 3, "strides": None,
-                                         "data": (buffer.data_ptr() + offset, False), "stream": None}
-
-
-def host_view(buffer: torch.Tensor, offset: int, like: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """``like``'s place in a packed host buffer, as a tensor on ``device`` with a storage of its own.
-
-    On CUDA it reads and writes the pinned host memory itself (mapped); on a CPU "device", the buffer.
-    """
-    nbytes = like.numel() * like.element_size()
-    if nbytes == 0:
-        return torch.empty(like.shape, dtype=like.dtype, device=device)
-    if device.type == "cuda":
-        raw = torch.as_tensor(_MappedHostMemory(buffer, offset, nbytes), device=device)
-    else:
-        raw = _own_storage(buffer[offset: offset + nbytes])
-    return raw.view(like.dtype).view(like.shape)
-
-
-def _own_storage(view: torch.Tensor) -> torch.Tensor:
-    """``view``'s memory as a tensor with a storage of its own (through DLPack; it keeps ``view`` alive).
-
-    Views of one slot would share its storage: compiled code would see the weights of the blocks
-    that take turns in a slot as aliases of each other.
-    """
-    return torch.from_dlpack(view)
 
 
 class StreamTransport:
@@ -253,19 +185,28 @@ class ModelOffload:
         self.records: dict[int, _Streamed] = {}  # id of a streamed parameter -> its record
         self.slots = [torch.empty(self.residency.slot_bytes, dtype=torch.uint8, device=device)
                       for _ in range(self.residency.slots)]
+        for path in self.residency.resident:  # placed in host memory before tracing (`host_start`): now on the device
+            for param in blocks[path]:
+                materialize(param, device)
         for path, slot in self.residency.slot_of.items():
             offsets, size = layouts[path]
-            host = self.host[path] = pinned_host_buffer(size, device)
+            packed = packed_buffer(blocks[path])  # the block was packed before tracing: it streams from there
+            if packed is not None:
+                host, offsets = packed
+            else:
+                host = pinned_host_buffer(size, device)
+            self.host[path] = host
             for param, offset in zip(blocks[path], offsets):
                 if not param.is_contiguous():  # its slot view would have other strides: a guard failure
                     raise CachepassError(f"offload: a weight of {path} ({list(param.shape)}, strides "
                                          f"{param.stride()}) is not contiguous; call .contiguous() on it first")
                 nbytes = param.numel() * param.element_size()
                 slot_view = self.slots[slot][offset: offset + nbytes].view(param.dtype).view(param.shape)
-                record = _Streamed(weakref.ref(param), host_view(host, offset, param, device),
-                                   torch.nn.Parameter(_own_storage(slot_view), requires_grad=False))
-                record.host.copy_(param.detach())
-                param.data = record.host
+                memory = param.data if packed is not None else host_view(host, offset, param, device)
+                record = _Streamed(weakref.ref(param), memory, torch.nn.Parameter(own_storage(slot_view), requires_grad=False))
+                if packed is None:
+                    record.host.copy_(param.detach())
+                    param.data = record.host
                 self.records[id(param)] = record
         transport = StreamTransport(device, self.host, self.slots) if device.type == "cuda" else \
             CopyTransport(self.host, self.slots)
@@ -305,6 +246,7 @@ class OffloadStats:
     residency: Residency
     counters: Counters
     graphed: bool
+    host_bytes: int  # page-locked host memory holding the streamed blocks
 
 
 _MODELS: dict[int, tuple[weakref.ref, ModelOffload]] = {}  # id of a streamed parameter -> its model's offload
@@ -433,6 +375,9 @@ class ProgramOffload:
                                      "is the model offloaded by diffusers or accelerate hooks? Remove them "
                                      "(cachepass streams the blocks itself) and move the model to the device")
         in_blocks = {id(p) for params in blocks.values() for p in params}
+        for a in args:  # packed before tracing but not a block of a cache unit: a non-block weight, on the device
+            if id(a) not in in_blocks and isinstance(a, torch.nn.Parameter):
+                materialize(a, self.device)
         seen, nonblock = set(), 0
         for a in args:  # every other weight and buffer stays on the device
             if has_static_address(a) and id(a) not in in_blocks and id(a) not in seen:
@@ -468,30 +413,8 @@ def offload_stats(model: Any) -> OffloadStats | None:
     offload = model_offload(model)
     if offload is None:
         return None
-    return OffloadStats(offload.residency, dataclasses.replace(offload.scheduler.counters), offload.graphed)
-
-
-def check_budget_fits(model: torch.nn.Module, offload: OffloadConfig) -> None:
-    """Refuse, before tracing, a budget below what any choice of cache units needs.
-
-    Every item of a list of same-class modules may be a block; what is in no such list is a non-block
-    weight. The blocks the graph's discovery picks are some of those lists (the others' weights are
-    non-block), so the non-block weights plus one slot for the largest block are at least this.
-    """
-    in_lists: set[int] = set()
-    largest = 0
-    for module in model.modules():
-        if isinstance(module, torch.nn.ModuleList) and len(module) > 1 and len({type(m) for m in module}) == 1:
-            for item in module:
-                params = list(item.parameters())
-                in_lists.update(id(p) for p in params)
-                largest = max(largest, packed_offsets(params)[1])
-    nonblock = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()) if id(t) not in in_lists)
-    if largest and offload.budget < nonblock + largest:
-        raise CachepassError(
-            f"stepcache option offload.budget={format_bytes(offload.budget)} is too small: the non-block weights "
-            f"(at least {format_bytes(nonblock)}) plus one slot for the largest block ({format_bytes(largest)}) need "
-            f"{format_bytes(nonblock + largest)}")
+    return OffloadStats(offload.residency, dataclasses.replace(offload.scheduler.counters), offload.graphed,
+                        sum(t.numel() for t in offload.host.values()))
 
 
 def check_not_offloaded_by_hooks(model: torch.nn.Module) -> None:
