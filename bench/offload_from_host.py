@@ -74,7 +74,7 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default="bench/results")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    device, workload = torch.device("cuda"), WORKLOADS[args.workload]
+    device, workload = torch.device("cuda", torch.cuda.current_device()), WORKLOADS[args.workload]
     cfg = step_config(workload, "static", 0.08)
     total = torch.cuda.get_device_properties(device).total_memory
 
