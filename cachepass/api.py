@@ -20,7 +20,7 @@ from cachepass.errors import BlockDiscoveryError, CachepassError
 from cachepass.exported.program import ExportedState, capture
 from cachepass.offload.host_start import check_budget_fits, place_for_offload
 from cachepass.offload.plan import OffloadPlan, choose_residency, plan_generation
-from cachepass.offload.runtime import check_not_offloaded_by_hooks, model_bytes
+from cachepass.offload.runtime import check_not_offloaded_by_fastvideo, check_not_offloaded_by_hooks, model_bytes
 from cachepass.options import CompileOptions, Form, parse_options
 from cachepass.piecewise.compile import CompileCount, PieceCompiler
 from cachepass.piecewise.execute import Plan, build_program
@@ -79,6 +79,7 @@ def compile(model: nn.Module, config: Any, *, calibrator_config: Any = None, inn
         trace_functional_all_gather()
     parsed = parse_options(options)
     target = _target_device(model, device)
+    check_not_offloaded_by_fastvideo(model)
     if parsed.offload is not None:
         check_not_offloaded_by_hooks(model)
     _check_device_options(parsed, target)

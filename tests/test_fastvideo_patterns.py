@@ -86,3 +86,24 @@ def test_compiler_disabled_attention_is_named_with_the_fix():
     with pytest.raises(CachepassError, match=r"blocks\.0\.attn \(DisabledAttention\)\.forward is wrapped in "
                                              r"torch\.compiler\.disable.*FASTVIDEO_DISABLE_ATTENTION_COMPILE=0"):
         cachepass.compile(model, StepCacheConfig(num_head_blocks=1))
+
+
+def test_fastvideo_dit_offload_is_refused_with_the_fix():
+    """FastVideo attaches its layerwise offload as a forward hook in a ``_hook_manager`` on each block (on by
+    default), and dit_cpu_offload wraps the model in FSDP: either is refused, with or without offload=, naming the
+    FastVideo settings to turn off and cachepass's own offload."""
+    import types
+
+    from bench.tiny_models import CASES, toy_config
+
+    model = CASES["toy"].model()
+    model.blocks[2]._hook_manager = types.SimpleNamespace(forward_hooks={"LayerwiseOffloadHook": object()})
+    for offload in (None, {"budget": "1GB", "allow_cpu": True}):
+        with pytest.raises(cachepass.CachepassError, match=r"blocks.2 is offloaded by FastVideo's LayerwiseOffloadHook "
+                                                           r"\(dit_layerwise_offload\): turn FastVideo's DiT offload off"):
+            cachepass.compile(model, toy_config(), offload=offload)
+    fsdp_class = type("FSDPToyDiT", (type(CASES["toy"].model()),), {})
+    sharded = CASES["toy"].model()
+    sharded.__class__ = fsdp_class
+    with pytest.raises(cachepass.CachepassError, match=r"managed by FSDP \(FSDPToyDiT; FastVideo's dit_cpu_offload\)"):
+        cachepass.compile(sharded, toy_config())

@@ -429,3 +429,23 @@ def check_not_offloaded_by_hooks(model: torch.nn.Module) -> None:
                 f"offload: {path or 'the model'} is already offloaded by {what}; cachepass streams the blocks itself. "
                 "Remove those hooks (e.g. diffusers' model.disable_group_offload() / reload the model) and move the "
                 "model to the GPU")
+
+
+FASTVIDEO_FIX = ("turn FastVideo's DiT offload off (dit_layerwise_offload=False, dit_cpu_offload=False; on the command line "
+                 "--dit-layerwise-offload false --dit-cpu-offload false) and pass offload={'budget': ...} to "
+                 "cachepass.compile, which streams the blocks from the cache schedule")
+
+
+def check_not_offloaded_by_fastvideo(model: torch.nn.Module) -> None:
+    """FastVideo's DiT offload: its layerwise hooks (``_hook_manager``, on by default) swap weights for empty
+    placeholders around each block behind ``torch.compiler.disable``, and ``dit_cpu_offload`` shards the model
+    with FSDP's CPU offload; neither can run inside one compiled graph, with or without cachepass's offload."""
+    for path, module in model.named_modules():
+        hooks = getattr(getattr(module, "_hook_manager", None), "forward_hooks", None) or {}
+        offloading = [name for name in hooks if "offload" in name.lower()]
+        if offloading:
+            raise CachepassError(f"{path or 'the model'} is offloaded by FastVideo's {offloading[0]} "
+                                 f"(dit_layerwise_offload): {FASTVIDEO_FIX}")
+        if type(module).__name__.startswith("FSDP"):
+            raise CachepassError(f"{path or 'the model'} is managed by FSDP ({type(module).__name__}; FastVideo's "
+                                 f"dit_cpu_offload): {FASTVIDEO_FIX}")
