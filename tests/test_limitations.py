@@ -98,3 +98,8 @@ def test_backend_errors_come_as_cachepass_errors_without_dynamos_wrapper():
     with pytest.raises(cachepass.BlockDiscoveryError) as e, torch.no_grad():
         call_once(compiled)
     assert "report a bug to PyTorch" not in str(e.value) and "num_head_blocks" in str(e.value)
+
+
+def test_a_device_that_is_not_one_is_named():
+    with pytest.raises(ValueError, match=r"cachepass.compile device='gpu0' is invalid; allowed: a torch.device"):
+        cachepass.compile(CASE.model(), CFG, device="gpu0")
