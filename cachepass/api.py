@@ -25,17 +25,22 @@ from cachepass.options import CompileOptions, Form, parse_options
 from cachepass.piecewise.compile import CompileCount, PieceCompiler
 from cachepass.piecewise.execute import Plan, build_program
 from cachepass.pipeline import Rewritten, rewrite, static_example_state
+from cachepass.pipelines import compile_pipeline, is_pipeline
 from cachepass.state.runtime import RuntimeState, UnitStats, current_state, states_of
 from cachepass.unit import UnitSpec
 
 log = logging.getLogger(__name__)
 
 
-def compile(model: nn.Module, config: Any, *, calibrator_config: Any = None, inner: str = "inductor",
+def compile(model: nn.Module, config: Any = None, *, calibrator_config: Any = None, inner: str = "inductor",
             mode: str | None = None, form: str = "piecewise", cudagraphs: str | None = None,
             offload: Any = None, sequence_parallel_group: Any = "auto", fullgraph: bool = True,
             max_shapes: int | None = None, device: Any = None) -> nn.Module:
     """``torch.compile(model, backend="stepcache", dynamic=False, ...)`` with the options checked up front.
+
+    ``model`` may also be a diffusers pipeline: its DiT components are compiled in place and the pipeline
+    is returned; ``config=None`` then takes cache-dit's defaults with the family's CFG layout
+    (`cachepass.pipelines`). A module needs a config.
 
     ``config`` is a `StepCacheConfig`, a dict of its fields, or a cache-dit ``DBCacheConfig``
     (then ``calibrator_config`` may be its ``TaylorSeerCalibratorConfig``). ``form`` is
@@ -61,6 +66,11 @@ def compile(model: nn.Module, config: Any, *, calibrator_config: Any = None, inn
     (process-wide) when larger, and each compile's first call makes room for its own graph.
     Options that cannot run on the model's device raise here.
     """
+    if is_pipeline(model):
+        return compile_pipeline(model, config, compile, calibrator_config=calibrator_config, inner=inner, mode=mode,
+                                form=form, cudagraphs=cudagraphs, offload=offload,
+                                sequence_parallel_group=sequence_parallel_group, fullgraph=fullgraph,
+                                max_shapes=max_shapes, device=device)
     if max_shapes is not None and (isinstance(max_shapes, bool) or not isinstance(max_shapes, int) or max_shapes < 1):
         raise ValueError(f"cachepass.compile max_shapes={max_shapes!r} is invalid; allowed: an integer >= 1 or None")
     _reject_compiler_disabled(model)

@@ -1,0 +1,70 @@
+"""Pipelines in one line: ``cachepass.compile(pipe, cfg)`` on diffusers pipelines built offline with tiny
+components, held to ``cache_dit.enable_cache(pipe, ...)`` on the same pipeline."""
+
+from __future__ import annotations
+
+import cache_dit
+import pytest
+import torch
+from cache_dit_helpers import unit_stats
+
+import cachepass
+from bench.tiny_models import CASES, toy_config
+from cachepass.api import compile_options
+
+STEPS = 8
+
+
+def wan_pipeline():
+    from diffusers import UniPCMultistepScheduler, WanPipeline
+
+    scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0)
+    return WanPipeline(tokenizer=None, text_encoder=None, vae=None, transformer=CASES["wan"].model(), scheduler=scheduler)
+
+
+def run(pipe) -> torch.Tensor:
+    g = torch.Generator().manual_seed(0)
+    prompt, negative = torch.randn(1, 7, 16, generator=g), torch.randn(1, 7, 16, generator=g)
+    with torch.no_grad():
+        return pipe(prompt_embeds=prompt, negative_prompt_embeds=negative, height=64, width=64, num_frames=9,
+                    num_inference_steps=STEPS, guidance_scale=5.0, output_type="latent",
+                    generator=torch.Generator().manual_seed(1)).frames
+
+
+def test_a_wan_pipeline_compiles_in_one_line_and_matches_cache_dit_on_it():
+    cfg = toy_config(num_head_blocks=1, num_tail_blocks=1, threshold=CASES["wan"].threshold * 3,
+                     num_inference_steps=STEPS)
+    ours = wan_pipeline()
+    assert cachepass.compile(ours, cfg, inner="aot_eager") is ours
+    assert compile_options(ours.transformer).config == cfg  # the component was replaced by its compiled module
+    latents = [run(ours) for _ in range(2)]
+
+    theirs = wan_pipeline()
+    db, calibrator = cfg.to_cache_dit()
+    cache_dit.enable_cache(theirs, cache_config=db, calibrator_config=calibrator)
+    expected = [run(theirs)]
+    cache_dit.refresh_context(theirs.transformer)
+    expected.append(run(theirs))
+
+    decisions = [(u.cached_steps, u.cfg_cached_steps) for u in cachepass.stats(ours.transformer)]
+    assert decisions == [(c, u) for c, u, _, _ in unit_stats(theirs.transformer)]
+    assert any(steps for unit in decisions for steps in unit)
+    for got, want in zip(latents, expected):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_without_a_config_the_family_gives_the_cfg_layout():
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
+
+    wan = cachepass.compile(wan_pipeline())
+    assert compile_options(wan.transformer).config == cachepass.StepCacheConfig(separate_cfg=True)
+    flux = FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=None, text_encoder=None, tokenizer=None,
+                        text_encoder_2=None, tokenizer_2=None, transformer=CASES["flux"].model())
+    assert compile_options(cachepass.compile(flux).transformer).config.separate_cfg is False
+
+    class MyVideoPipeline(type(wan_pipeline())):
+        pass
+
+    with pytest.raises(cachepass.CachepassError, match=r"does not know the CFG layout of MyVideoPipeline: pass a config"):
+        cachepass.compile(MyVideoPipeline(tokenizer=None, text_encoder=None, vae=None, transformer=CASES["wan"].model(),
+                                          scheduler=wan_pipeline().scheduler))
