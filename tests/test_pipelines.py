@@ -68,3 +68,41 @@ def test_without_a_config_the_family_gives_the_cfg_layout():
     with pytest.raises(cachepass.CachepassError, match=r"does not know the CFG layout of MyVideoPipeline: pass a config"):
         cachepass.compile(MyVideoPipeline(tokenizer=None, text_encoder=None, vae=None, transformer=CASES["wan"].model(),
                                           scheduler=wan_pipeline().scheduler))
+
+
+def test_one_compiled_pipeline_takes_the_calls_users_make():
+    """Step counts 10, 6 and 14, CFG off (guidance 1) and two videos per prompt, one after another on one compiled
+    pipeline whose config leaves the step count open: each result equals a freshly compiled pipeline's, with no
+    recompile for a step count (a new batch size compiles once) and no warning."""
+    import logging
+
+    cfg = toy_config(num_head_blocks=1, num_tail_blocks=1, threshold=CASES["wan"].threshold * 3, num_inference_steps=None)
+    calls = [dict(num_inference_steps=10), dict(num_inference_steps=6), dict(num_inference_steps=14),
+             dict(num_inference_steps=8, guidance_scale=1.0), dict(num_inference_steps=8, num_videos_per_prompt=2)]
+
+    def call(pipe, options):
+        g = torch.Generator().manual_seed(0)
+        prompt, negative = torch.randn(1, 7, 16, generator=g), torch.randn(1, 7, 16, generator=g)
+        with torch.no_grad():
+            return pipe(prompt_embeds=prompt, negative_prompt_embeds=negative, height=64, width=64, num_frames=9,
+                        output_type="latent", generator=torch.Generator().manual_seed(1),
+                        **{"guidance_scale": 5.0, **options}).frames
+
+    shared = cachepass.compile(wan_pipeline(), cfg, inner="aot_eager")
+    logger = logging.getLogger("cachepass")
+    warned = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = warned.append
+    logger.addHandler(handler)
+    try:
+        got = [call(shared, options) for options in calls[:3]]
+        with torch.compiler.set_stance("fail_on_recompile"):  # the step count is no compile-time constant
+            got.append(call(shared, calls[0]))
+        got += [call(shared, options) for options in calls[3:]]
+    finally:
+        logger.removeHandler(handler)
+    expected = [call(cachepass.compile(wan_pipeline(), cfg, inner="aot_eager"), options)
+                for options in [*calls[:3], calls[0], *calls[3:]]]
+    for options, a, b in zip([*calls[:3], calls[0], *calls[3:]], got, expected):
+        torch.testing.assert_close(a, b, atol=0, rtol=0, msg=lambda m, o=options: f"{o}: {m}")
+    assert [r.getMessage() for r in warned if "one call" not in r.getMessage()] == []  # CFG off: a note, right result
