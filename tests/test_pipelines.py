@@ -106,3 +106,32 @@ def test_one_compiled_pipeline_takes_the_calls_users_make():
     for options, a, b in zip([*calls[:3], calls[0], *calls[3:]], got, expected):
         torch.testing.assert_close(a, b, atol=0, rtol=0, msg=lambda m, o=options: f"{o}: {m}")
     assert [r.getMessage() for r in warned if "one call" not in r.getMessage()] == []  # CFG off: a note, right result
+
+
+def test_a_flux_pipeline_one_call_per_step_matches_cache_dit_on_it():
+    """Guidance-distilled: one transformer call per step (separate_cfg=False), guidance embedded; two block lists."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
+
+    def flux_pipeline():
+        return FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=None, text_encoder=None, tokenizer=None,
+                            text_encoder_2=None, tokenizer_2=None, transformer=CASES["flux"].model())
+
+    def run_flux(pipe):
+        g = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            return pipe(prompt_embeds=torch.randn(1, 5, 16, generator=g), pooled_prompt_embeds=torch.randn(1, 8, generator=g),
+                        height=64, width=64, num_inference_steps=STEPS, guidance_scale=3.5, output_type="latent",
+                        generator=torch.Generator().manual_seed(1)).images
+
+    cfg = toy_config(num_head_blocks=1, num_tail_blocks=1, threshold=CASES["flux"].threshold, separate_cfg=False,
+                     num_inference_steps=STEPS)
+    ours = cachepass.compile(flux_pipeline(), cfg, inner="aot_eager")
+    got = run_flux(ours)
+    theirs = flux_pipeline()
+    db, calibrator = cfg.to_cache_dit()
+    cache_dit.enable_cache(theirs, cache_config=db, calibrator_config=calibrator)
+    expected = run_flux(theirs)
+    decisions = [(u.cached_steps, u.cfg_cached_steps) for u in cachepass.stats(ours.transformer)]
+    assert decisions == [(c, u) for c, u, _, _ in unit_stats(theirs.transformer)]
+    assert len(decisions) == 2 and any(unit[0] for unit in decisions)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
