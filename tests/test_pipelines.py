@@ -135,3 +135,36 @@ def test_a_flux_pipeline_one_call_per_step_matches_cache_dit_on_it():
     assert decisions == [(c, u) for c, u, _, _ in unit_stats(theirs.transformer)]
     assert len(decisions) == 2 and any(unit[0] for unit in decisions)
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_a_batched_cfg_pipeline_matches_cache_dit_on_it():
+    """SD3 batches both CFG branches into one call of batch 2 (separate_cfg=False, the family default)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
+
+    def sd3_pipeline():
+        return StableDiffusion3Pipeline(transformer=CASES["sd3"].model(), scheduler=FlowMatchEulerDiscreteScheduler(),
+                                        vae=None, text_encoder=None, tokenizer=None, text_encoder_2=None,
+                                        tokenizer_2=None, text_encoder_3=None, tokenizer_3=None)
+
+    def run_sd3(pipe):
+        g = torch.Generator().manual_seed(0)
+        prompt = dict(prompt_embeds=torch.randn(1, 5, 16, generator=g), negative_prompt_embeds=torch.randn(1, 5, 16, generator=g),
+                      pooled_prompt_embeds=torch.randn(1, 8, generator=g),
+                      negative_pooled_prompt_embeds=torch.randn(1, 8, generator=g))
+        with torch.no_grad():
+            return pipe(**prompt, height=64, width=64, num_inference_steps=STEPS, guidance_scale=5.0, output_type="latent",
+                        generator=torch.Generator().manual_seed(1)).images
+
+    assert compile_options(cachepass.compile(sd3_pipeline()).transformer).config.separate_cfg is False
+    cfg = toy_config(num_head_blocks=1, num_tail_blocks=1, threshold=CASES["sd3"].threshold * 3, separate_cfg=False,
+                     num_inference_steps=STEPS)
+    ours = cachepass.compile(sd3_pipeline(), cfg, inner="aot_eager")
+    got = run_sd3(ours)
+    theirs = sd3_pipeline()
+    db, calibrator = cfg.to_cache_dit()
+    cache_dit.enable_cache(theirs, cache_config=db, calibrator_config=calibrator)
+    expected = run_sd3(theirs)
+    decisions = [(u.cached_steps, u.cfg_cached_steps) for u in cachepass.stats(ours.transformer)]
+    assert decisions == [(c, u) for c, u, _, _ in unit_stats(theirs.transformer)]
+    assert any(unit[0] for unit in decisions)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
