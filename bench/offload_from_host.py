@@ -4,7 +4,8 @@ a device memory cap, against the same model resident on the GPU (uncapped, same 
     python -m bench.offload_from_host --workload wan-1.3b-33f --offload-blocks 1.2GB --caps-gb 2.5 --out bench/results
 
 Both models are built on the CPU from the same seed, so their weights are equal. Per row: cold first
-generation (compile included), ``--repeats`` timed generations (median, min-max), peak device memory
+generation (compile included, in this process: not a fresh-process cold start), ``--repeats`` timed
+generations (median, min-max), host syncs per call (one more generation), peak device memory
 of the caching allocator (the cap applies to it; the CUDA context is outside it), host bytes pinned,
 and the largest difference of the latents from the resident run's.
 """
@@ -23,7 +24,7 @@ import torch
 
 import cachepass
 from bench.compare import device_name, step_config
-from bench.timing import median, timed
+from bench.timing import count_syncs, median, timed
 from bench.workloads import WORKLOADS
 from cachepass.demo.sampling import sample
 from cachepass.offload.plan import format_bytes, parse_bytes
@@ -51,8 +52,10 @@ def _run(name: str, workload, compiled, inputs, repeats: int, device: torch.devi
     for _ in range(repeats):
         out, seconds = timed(lambda: _generate(workload, compiled, inputs), device)
         times.append(seconds)
+    syncs = count_syncs(lambda: _generate(workload, compiled, inputs), device)
     row = {"variant": name, "cold_start_s": cold, "median_s": median(times), "times_s": times,
-           "peak_mem_gb": torch.cuda.max_memory_allocated(device) / 2**30}
+           "peak_mem_gb": torch.cuda.max_memory_allocated(device) / 2**30,
+           "syncs_per_call": None if syncs is None else syncs / workload.calls_per_generation}
     log.info("%s: %s", name, row)
     return out, row
 

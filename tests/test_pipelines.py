@@ -125,16 +125,8 @@ def test_a_flux_pipeline_one_call_per_step_matches_cache_dit_on_it():
 
     cfg = toy_config(num_head_blocks=1, num_tail_blocks=1, threshold=CASES["flux"].threshold, separate_cfg=False,
                      num_inference_steps=STEPS)
-    ours = cachepass.compile(flux_pipeline(), cfg, inner="aot_eager")
-    got = run_flux(ours)
-    theirs = flux_pipeline()
-    db, calibrator = cfg.to_cache_dit()
-    cache_dit.enable_cache(theirs, cache_config=db, calibrator_config=calibrator)
-    expected = run_flux(theirs)
-    decisions = [(u.cached_steps, u.cfg_cached_steps) for u in cachepass.stats(ours.transformer)]
-    assert decisions == [(c, u) for c, u, _, _ in unit_stats(theirs.transformer)]
+    decisions = matches_cache_dit(flux_pipeline, run_flux, cfg)
     assert len(decisions) == 2 and any(unit[0] for unit in decisions)
-    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
 
 
 def test_a_batched_cfg_pipeline_matches_cache_dit_on_it():
@@ -158,13 +150,20 @@ def test_a_batched_cfg_pipeline_matches_cache_dit_on_it():
     assert compile_options(cachepass.compile(sd3_pipeline()).transformer).config.separate_cfg is False
     cfg = toy_config(num_head_blocks=1, num_tail_blocks=1, threshold=CASES["sd3"].threshold * 3, separate_cfg=False,
                      num_inference_steps=STEPS)
-    ours = cachepass.compile(sd3_pipeline(), cfg, inner="aot_eager")
-    got = run_sd3(ours)
-    theirs = sd3_pipeline()
+    decisions = matches_cache_dit(sd3_pipeline, run_sd3, cfg)
+    assert any(unit[0] for unit in decisions)
+
+
+def matches_cache_dit(build, run, cfg) -> list[tuple[list[int], list[int]]]:
+    """``run`` on a pipeline from ``build`` compiled with ``cfg`` and on one under ``cache_dit.enable_cache``: the same
+    cached steps per unit and stream, latents within 1e-5. Returns the decisions."""
+    ours = cachepass.compile(build(), cfg, inner="aot_eager")
+    got = run(ours)
+    theirs = build()
     db, calibrator = cfg.to_cache_dit()
     cache_dit.enable_cache(theirs, cache_config=db, calibrator_config=calibrator)
-    expected = run_sd3(theirs)
+    expected = run(theirs)
     decisions = [(u.cached_steps, u.cfg_cached_steps) for u in cachepass.stats(ours.transformer)]
     assert decisions == [(c, u) for c, u, _, _ in unit_stats(theirs.transformer)]
-    assert any(unit[0] for unit in decisions)
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    return decisions

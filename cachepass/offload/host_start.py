@@ -60,7 +60,7 @@ def place_for_offload(model: nn.Module, device: torch.device) -> int:
     blocks = candidate_blocks(model)
     in_blocks = {id(p) for block in blocks for p in block.parameters()}
     for module in model.modules():
-        for name, param in module._parameters.items():
+        for param in module._parameters.values():
             if param is not None and id(param) not in in_blocks and param.device != device:
                 param.data = param.data.to(device)
         for name, buffer in module._buffers.items():

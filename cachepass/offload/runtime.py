@@ -339,8 +339,7 @@ class ProgramOffload:
         ``last``: this program's inputs for ``model`` at its last call, which say whose place a new
         ``Parameter`` object takes; without it (a new shape's first call) weights are known by identity.
         """
-        paths = [path for path in model.residency.slot_of for _ in self.inputs[path]]
-        indices = [i for path in model.residency.slot_of for i in self.inputs[path]]
+        paths, indices = self._streamed(model)
         records = last.records if last is not None else [model.record_of(args[i]) for i in indices]
         changed = [k for k, (i, r) in enumerate(zip(indices, records)) if r is None or not r.holds(args[i])]
         blocks = ", ".join(dict.fromkeys(paths[k] for k in changed))
@@ -358,8 +357,13 @@ class ProgramOffload:
         return model, _CallInputs(indices, records, len(args))
 
     def _call_inputs(self, model: ModelOffload, args: Sequence[Any]) -> _CallInputs:
-        indices = [i for path in model.residency.slot_of for i in self.inputs[path]]
+        indices = self._streamed(model)[1]
         return _CallInputs(indices, [model.record_of(args[i]) for i in indices], len(args))
+
+    def _streamed(self, model: ModelOffload) -> tuple[list[str], list[int]]:
+        """The block path and graph-input position of each streamed weight, in streaming order."""
+        pairs = [(path, i) for path in model.residency.slot_of for i in self.inputs[path]]
+        return [path for path, _ in pairs], [i for _, i in pairs]
 
     def _offload(self, args: Sequence[Any]) -> ModelOffload:
         blocks = {path: [args[i] for i in indices] for path, indices in self.inputs.items()}
