@@ -192,9 +192,10 @@ VARIANTS: dict[str, Callable[[Context], Prepared]] = {
     "cache-dit": cache_dit_variant,
     "cache-dit+compile": lambda ctx: cache_dit_variant(ctx, "whole"),
     "cache-dit+compiled-blocks": lambda ctx: cache_dit_variant(ctx, "blocks"),
-    "stepcache": stepcache,
+    "stepcache": stepcache,  # the default: on CUDA, conditional CUDA graphs
+    "stepcache-no-graphs": lambda ctx: stepcache(ctx, cudagraphs="off"),
     "stepcache-one-graph": lambda ctx: stepcache(ctx, form="one-graph"),
-    "stepcache-reduce-overhead": lambda ctx: stepcache(ctx, mode="reduce-overhead"),  # = cudagraphs="piecewise"
+    "stepcache-piecewise-graphs": lambda ctx: stepcache(ctx, cudagraphs="piecewise"),
     "stepcache-conditional": lambda ctx: stepcache(ctx, cudagraphs="conditional"),
     "stepcache-aot_eager": lambda ctx: stepcache(ctx, inner="aot_eager"),
     "stepcache-eager": lambda ctx: stepcache(ctx, inner="eager"),

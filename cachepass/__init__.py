@@ -14,6 +14,7 @@ _NAMES = {
     "explain": ("cachepass.api", "explain"),
     "reset": ("cachepass.api", "reset"),
     "stats": ("cachepass.api", "stats"),
+    "release": ("cachepass.api", "release"),
     "export": ("cachepass.exported.program", "export"),
     "load_exported": ("cachepass.exported.program", "load"),
     "export_onnx": ("cachepass.exported.onnx", "export_onnx"),

@@ -15,6 +15,7 @@ from cachepass.analysis.timestep import TimestepInput
 from cachepass.backend import stepcache
 from cachepass.compat import trace_functional_all_gather
 from cachepass.config import StepCacheConfig
+from cachepass.cudagraphs import memory as graph_memory
 from cachepass.cudagraphs.graphed import CudaGraphs
 from cachepass.errors import BlockDiscoveryError, CachepassError
 from cachepass.exported.program import ExportedState, capture
@@ -25,7 +26,7 @@ from cachepass.options import CompileOptions, Form, parse_options
 from cachepass.piecewise.compile import CompileCount, PieceCompiler
 from cachepass.piecewise.execute import Plan, build_program
 from cachepass.pipeline import Rewritten, rewrite, static_example_state
-from cachepass.pipelines import compile_pipeline, is_pipeline
+from cachepass.pipelines import DIT_COMPONENTS, compile_pipeline, is_pipeline
 from cachepass.state.runtime import RuntimeState, UnitStats, current_state, states_of
 from cachepass.unit import UnitSpec
 
@@ -224,6 +225,25 @@ def reset(model: Any) -> None:
         return
     for state in _scoped_states(model):
         state.reset()
+
+
+def release(model: Any) -> int:
+    """Free the device memory ``model``'s CUDA graphs hold (every shape); its next call captures again.
+
+    ``model``: the compiled module, the original one, or a pipeline (its DiT components).
+
+    Graph sets beyond ``$CACHEPASS_MAX_GRAPH_SETS`` per device (8) are dropped least recently
+    replayed first without this; a device with no graphs left gives its memory pool back. Returns
+    the graph sets dropped (0 before the first call, or without CUDA graphs).
+    """
+    if is_pipeline(model):
+        return sum(release(model.components[name]) for name in DIT_COMPONENTS if model.components.get(name) is not None)
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"cachepass.release expects a compiled module, the original nn.Module or a diffusers "
+                        f"pipeline, got {type(model).__name__}")
+    dropped = graph_memory.release({id(state.tensors[0]) for state in states_of(model)})
+    log.info("stepcache: released %d CUDA graph set(s) of %s", dropped, type(model).__name__)
+    return dropped
 
 
 def _scoped_states(model: Any) -> list[RuntimeState]:

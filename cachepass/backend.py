@@ -65,7 +65,7 @@ def stepcache(gm: fx.GraphModule, example_inputs: Sequence[Any], *, mode: str | 
         log.info("stepcache: one graph; backend %.1f s (passes %.1f s)", time.perf_counter() - start,
                  passes_done - start)
         return _with_state(compiled, StateSet(layout, device, _anchor_index(example_inputs), rewritten.graph))
-    cudagraphs = opts.cudagraphs_on(device)
+    cudagraphs = opts.cudagraphs_on(device, sharded=parallel is not None)
     if cudagraphs is CudaGraphs.CONDITIONAL and parallel is not None:
         raise CachepassError("stepcache option cudagraphs='conditional' is not supported on a sharded model: "
                              "NCCL collectives inside CUDA-graph IF/ELSE bodies are not verified. "
@@ -82,7 +82,8 @@ def stepcache(gm: fx.GraphModule, example_inputs: Sequence[Any], *, mode: str | 
     states = StateSet(layout, device, _anchor_index(example_inputs), rewritten.graph, plan, hooks.reset)
     if cudagraphs is CudaGraphs.OFF:
         return _with_state(program.forward, states, hooks)
-    return _with_state(GraphedProgram(program, device, cudagraphs, len(layout.specs), hooks), states, hooks)
+    graphed = GraphedProgram(program, device, cudagraphs, len(layout.specs), hooks, chosen_by_default=opts.cudagraphs is None)
+    return _with_state(graphed, states, hooks)
 
 
 def _program_hooks(rewritten: Rewritten, opts: CompileOptions, device: torch.device, graphed: bool) -> ProgramHooks:

@@ -21,7 +21,7 @@ from cachepass.config import StepCacheConfig
 from cachepass.cudagraphs.conditional_nodes import unavailable_reason as conditional_nodes_unavailable
 from cachepass.cudagraphs.graphed import CudaGraphs
 from cachepass.errors import CachepassError
-from cachepass.inner import INDUCTOR_MODES, Inner, asks_for_cudagraphs
+from cachepass.inner import INDUCTOR_MODES, Inner
 from cachepass.offload.plan import OffloadConfig
 
 log = logging.getLogger(__name__)
@@ -55,7 +55,7 @@ class CompileOptions:
     inner: Inner = Inner.INDUCTOR
     mode: str | None = None
     form: Form = Form.PIECEWISE
-    cudagraphs: CudaGraphs | None = None  # None: as ``mode`` asks (reduce-overhead, max-autotune: piecewise)
+    cudagraphs: CudaGraphs | None = None  # None: the fastest form that runs (`CompileOptions.default_cudagraphs`)
     offload: OffloadConfig | None = None  # stream block weights from pinned host memory (piecewise form)
     sequence_parallel_group: Any = sequence_parallel.AUTO  # "auto", None, or a ProcessGroup (context parallel)
 
@@ -65,14 +65,15 @@ class CompileOptions:
         raise CachepassError(f"stepcache option offload needs a CUDA device; the model runs on {device.type} "
                              "(offload.allow_cpu=True runs the slot logic with CPU copies, for tests)")
 
-    def cudagraphs_on(self, device: torch.device) -> CudaGraphs:
-        """What the piecewise program runs with on ``device``; an explicit request that cannot run raises."""
+    def cudagraphs_on(self, device: torch.device, sharded: bool = False) -> CudaGraphs:
+        """What the piecewise program runs with on ``device``; an explicit request that cannot run raises.
+
+        Not set: the fastest path that runs here (`default_cudagraphs`), logged with the reason.
+        """
         if self.cudagraphs is None:
-            asked = self.inner is Inner.INDUCTOR and asks_for_cudagraphs(self.mode)
-            if asked and device.type != "cuda":
-                log.info("stepcache: mode=%r asks for CUDA graphs; the model runs on %s, so it runs without them",
-                         self.mode, device.type)
-            return CudaGraphs.PIECEWISE if asked and device.type == "cuda" else CudaGraphs.OFF
+            chosen, reason = self.default_cudagraphs(device, sharded)
+            log.info("stepcache: cudagraphs=%r by default: %s (the cudagraphs option sets it)", chosen.value, reason)
+            return chosen
         if self.cudagraphs is not CudaGraphs.OFF and device.type != "cuda":
             raise CachepassError(f"stepcache option cudagraphs={self.cudagraphs.value!r} needs a CUDA device; "
                                  f"the model runs on {device.type}. Use cudagraphs='off'")
@@ -82,6 +83,23 @@ class CompileOptions:
                 raise CachepassError(f"stepcache option cudagraphs='conditional' cannot run here: {reason}. "
                                      "cudagraphs='piecewise' needs none of it (one host sync per cache unit)")
         return self.cudagraphs
+
+    def default_cudagraphs(self, device: torch.device, sharded: bool = False) -> tuple[CudaGraphs, str]:
+        """The fastest form that runs on ``device`` with these options, and why it was chosen."""
+        if device.type != "cuda":
+            return CudaGraphs.OFF, f"the model runs on {device.type}"
+        if self.mode == "max-autotune-no-cudagraphs":
+            return CudaGraphs.OFF, f"mode={self.mode!r}"
+        if self.offload is not None:
+            return CudaGraphs.OFF, ("offload overlaps its copies with compute only without CUDA graphs so far "
+                                    "(1.2-1.9x slower under graphs on an H200)")
+        if sharded:
+            return CudaGraphs.PIECEWISE, ("the model is sharded and NCCL collectives inside IF/ELSE bodies are not "
+                                          "verified: one host read of each decision per call")
+        reason = conditional_nodes_unavailable(device)
+        if reason is not None:
+            return CudaGraphs.PIECEWISE, f"IF/ELSE nodes cannot run here ({reason}): one host read per decision"
+        return CudaGraphs.CONDITIONAL, "CUDA graphs joined by IF/ELSE nodes, one launch per call and no host sync"
 
 
 def parse_options(options: Mapping[str, Any] | None, mode: str | None = None) -> CompileOptions:

@@ -74,3 +74,70 @@ def test_warm_up_runs_both_branches_without_touching_the_state(name, monkeypatch
     torch.testing.assert_close(both, plain, atol=0, rtol=0)
     decisions = lambda m: [(u.cached_steps, u.cfg_cached_steps) for u in cachepass.stats(m)]  # noqa: E731
     assert decisions(both_model) == decisions(plain_model) and any(s for u in decisions(plain_model) for s in u)
+
+
+def test_the_default_is_the_fastest_form_that_runs_here(monkeypatch):
+    """On CUDA: IF/ELSE graphs; piecewise graphs where those cannot run or the model is sharded; none with
+    offload (its copies overlap only without graphs so far), with mode='max-autotune-no-cudagraphs', or off CUDA."""
+    from cachepass import options as options_module
+    from cachepass.cudagraphs.graphed import CudaGraphs
+    from cachepass.options import parse_options
+
+    cuda = torch.device("cuda", 0)
+    plain = parse_options({"config": toy_config()})
+    monkeypatch.setattr(options_module, "conditional_nodes_unavailable", lambda device: None)
+    assert plain.default_cudagraphs(torch.device("cpu")) == (CudaGraphs.OFF, "the model runs on cpu")
+    assert plain.default_cudagraphs(cuda)[0] is CudaGraphs.CONDITIONAL
+    assert plain.default_cudagraphs(cuda, sharded=True)[0] is CudaGraphs.PIECEWISE
+    offloaded = parse_options({"config": toy_config(), "offload": {"budget": "1GB"}})
+    assert offloaded.default_cudagraphs(cuda)[0] is CudaGraphs.OFF and "offload" in offloaded.default_cudagraphs(cuda)[1]
+    no_graphs = parse_options({"config": toy_config()}, mode="max-autotune-no-cudagraphs")
+    assert no_graphs.default_cudagraphs(cuda)[0] is CudaGraphs.OFF
+    monkeypatch.setattr(options_module, "conditional_nodes_unavailable", lambda device: "no cuda-bindings")
+    chosen, reason = plain.default_cudagraphs(cuda)
+    assert chosen is CudaGraphs.PIECEWISE and "no cuda-bindings" in reason
+    assert plain.cudagraphs_on(cuda) is CudaGraphs.PIECEWISE  # what the backend asks
+
+
+class _Holder:
+    def __init__(self):
+        self.dropped = []
+
+    def drop(self, key):
+        self.dropped.append(key)
+
+
+def test_graph_sets_beyond_the_bound_are_dropped_least_recently_replayed_first(monkeypatch):
+    """The bookkeeping of `cachepass.cudagraphs.memory` (the memory it bounds: tests/gpu/test_cuda_graphs.py)."""
+    import collections
+
+    from cachepass.cudagraphs import memory
+
+    class Device:
+        def __init__(self, index):
+            self.pool, self.stream, self.sets = (0, index + 1), None, collections.OrderedDict()
+
+    monkeypatch.setattr(memory, "_Device", Device)
+    monkeypatch.setattr(memory, "_DEVICES", {})
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda index: None)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    monkeypatch.setenv(memory.MAX_GRAPH_SETS_ENV, "2")
+    cuda = torch.device("cuda", 0)
+    first, second = _Holder(), _Holder()
+    memory.pool_and_stream(cuda)
+    memory.added(first, 1, cuda)
+    memory.added(second, 2, cuda)
+    memory.replayed(first, 1, cuda)  # now the second set is the one replayed longest ago
+    memory.added(first, 3, cuda)
+    assert second.dropped == [2] and first.dropped == [] and memory.graph_sets(cuda) == 2
+    assert memory.release({3}) == 1 and first.dropped == [3] and memory.graph_sets(cuda) == 1
+    assert memory.release({1}) == 1 and memory.graph_sets(cuda) == 0 and not memory._DEVICES  # pool given back
+    monkeypatch.setenv(memory.MAX_GRAPH_SETS_ENV, "0")
+    with pytest.raises(ValueError, match=r"CACHEPASS_MAX_GRAPH_SETS='0' is invalid; allowed: an integer >= 1"):
+        memory.max_graph_sets()
+
+
+def test_release_before_any_call_and_on_the_wrong_type():
+    assert cachepass.release(cachepass.compile(CASES["toy"].model(), toy_config(), inner="aot_eager")) == 0
+    with pytest.raises(TypeError, match="cachepass.release expects a compiled module"):
+        cachepass.release("model")

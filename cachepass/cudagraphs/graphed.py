@@ -33,6 +33,7 @@ import torch
 from torch import fx
 from torch.utils import _pytree as pytree
 
+from cachepass.cudagraphs import memory
 from cachepass.cudagraphs.conditional_nodes import ConditionalGraph
 from cachepass.errors import CachepassError
 from cachepass.piecewise.execute import CondStep, Piece
@@ -50,18 +51,6 @@ class CudaGraphs(str, enum.Enum):
     CONDITIONAL = "conditional"  # those graphs joined by IF/ELSE nodes: one launch, no host sync
 
 
-_POOLS: dict[int, tuple] = {}  # device index -> the memory pool every capture on it shares
-_STREAMS: dict[int, torch.cuda.Stream] = {}  # device index -> the stream warm-up and capture run on
-
-
-def _pool_and_stream(device: torch.device) -> tuple[tuple, torch.cuda.Stream]:
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    if index not in _POOLS:
-        _POOLS[index] = torch.cuda.graph_pool_handle()
-        _STREAMS[index] = torch.cuda.Stream(index)
-    return _POOLS[index], _STREAMS[index]
-
-
 class GraphedProgram:
     """The piecewise program run through CUDA graphs; one set of graphs per model state.
 
@@ -70,15 +59,19 @@ class GraphedProgram:
     """
 
     def __init__(self, program: fx.GraphModule, device: torch.device, mode: CudaGraphs, state_count: int,
-                 hooks: ProgramHooks = NO_HOOKS):
+                 hooks: ProgramHooks = NO_HOOKS, chosen_by_default: bool = False):
         if mode is CudaGraphs.OFF:
             raise ValueError("GraphedProgram needs cudagraphs='piecewise' or 'conditional'")
         self.program, self.device, self.mode, self.state_count = program, device, mode, state_count
         self.hooks = hooks  # told as each graph's capture begins (offload joins its copy stream there)
+        # not asked for: a program the graphs cannot take runs without them (logged) instead of failing
+        self.chosen_by_default = chosen_by_default
+        self.without_graphs: str | None = None  # why it runs without them, once it does
         # id of the state's first tensor -> (a weak reference to it, the state's graphs). Not a WeakKeyDictionary:
         # its lookups compare keys with ==, which on tensors is an elementwise op and a host sync
         self._runners: dict[int, tuple[weakref.ref, _Runner]] = {}
-        self.captures = 0  # graph sets captured (one per state, more when weights or state moved)
+        self.captures = 0  # graph sets captured (one per state, more when weights or state moved or sets were dropped)
+        self.moves = 0  # captures dropped because weights or state moved
 
     def __call__(self, *args):
         key = args[len(args) - self.state_count]
@@ -87,10 +80,37 @@ class GraphedProgram:
         if runner is not None:
             moved = runner.moved(args)
             if moved is None:
+                memory.replayed(self, id(key), self.device)
                 return runner.replay(args)
-            log.warning("stepcache: %s moved since the CUDA graphs were captured (the model was offloaded, or its "
-                        "weights replaced); capturing them again (capture %d)", moved, self.captures + 1)
-            del self._runners[id(key)]
+            self.drop(id(key))
+            self.moves += 1
+            if self.chosen_by_default and self.moves > 1:
+                self.without_graphs = f"{moved} moved again since the last capture"
+                log.warning("stepcache: %s moved again since the CUDA graphs were captured (weights that move between "
+                            "calls: an offload hook, or weights replaced again); this program runs without CUDA graphs "
+                            "from now on (they were the default, not asked for)", moved)
+            else:
+                log.warning("stepcache: %s moved since the CUDA graphs were captured (the model was offloaded, or its "
+                            "weights replaced); capturing them again (capture %d)", moved, self.captures + 1)
+        if self.without_graphs is not None:
+            return self.program(*args)
+        try:
+            return self._capture(key, args)
+        except CachepassError as error:
+            if not self.chosen_by_default:
+                raise
+            self.without_graphs = str(error)
+            log.warning("stepcache: %s; this program runs without CUDA graphs (they were the default, not asked for)",
+                        error)
+            return self.program(*args)
+
+    def drop(self, key: int) -> None:
+        """Forget the graphs of state ``key``: its next call captures again (`memory.HoldsGraphSets`)."""
+        if self._runners.pop(key, None) is not None:
+            memory.forgotten(self, key, self.device)
+
+    def _capture(self, key: torch.Tensor, args: tuple) -> Any:
+        """The first call of a state: run it (warming every kernel), then capture its graphs."""
         start = time.perf_counter()
         static, copied = _split_inputs(args, self.state_count)
         before = [args[i].clone() for i in copied]
@@ -100,9 +120,13 @@ class GraphedProgram:
         if mutated:
             log.info("stepcache: the model writes graph input(s) %s in place; CUDA graphs copy them back after "
                      "each replay", mutated)
-        runner = _Runner(self.program, args, static, copied, mutated, self.device, self.mode, self.hooks)
-        runners = self._runners
-        runners[id(key)] = (weakref.ref(key, lambda _, k=id(key): runners.pop(k, None)), runner)  # freed with the state
+        try:
+            runner = _Runner(self.program, args, static, copied, mutated, self.device, self.mode, self.hooks)
+        except RuntimeError as error:  # CUDA refused to capture (an op that syncs, a CPU tensor, ...)
+            raise CachepassError(f"CUDA graphs could not capture this program: {error}") from error
+        runners, key_id = self._runners, id(key)
+        runners[key_id] = (weakref.ref(key, lambda _: self.drop(key_id)), runner)  # freed with the state
+        memory.added(self, key_id, self.device)
         self.captures += 1
         log.info("stepcache: captured CUDA graphs (%s) in %.2f s after a %.2f s warm-up call: %s", self.mode.value,
                  time.perf_counter() - warmed, warmed - start, runner.describe())
@@ -110,7 +134,7 @@ class GraphedProgram:
 
     def _warm(self, args) -> Any:
         """The call itself, run as the program is on the capture stream, with both branches of every cond."""
-        _, stream = _pool_and_stream(self.device)
+        _, stream = memory.pool_and_stream(self.device)
         stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(stream):
             out = _BothBranches(self.program).run(*args)
@@ -188,6 +212,10 @@ def _split_inputs(args: tuple, state_count: int) -> tuple[list[int], list[int]]:
         if not isinstance(args[i], torch.Tensor):
             raise CachepassError(f"CUDA graphs: graph input {i} is a {type(args[i]).__name__}, not a tensor; "
                                  "a captured graph cannot take it. Compile with cudagraphs='off'")
+        if args[i].device.type != "cuda":
+            raise CachepassError(f"CUDA graphs: graph input {i} is on {args[i].device.type} (shape "
+                                 f"{list(args[i].shape)}); a captured graph would keep its value at capture. "
+                                 "Pass it on the GPU, or compile with cudagraphs='off'")
     return static, copied
 
 
@@ -201,7 +229,7 @@ class _Recorder(fx.Interpreter):
 
     def __init__(self, program: fx.GraphModule, device: torch.device, keep_graphs: bool, hooks: ProgramHooks):
         super().__init__(program)
-        self.pool, self.stream = _pool_and_stream(device)
+        self.pool, self.stream = memory.pool_and_stream(device)
         self.keep_graphs, self.hooks = keep_graphs, hooks
         self.parts: list = []
         self.live: list = []

@@ -57,7 +57,7 @@ def decisions(model):
 def test_graphs_make_the_same_decisions_and_outputs_with_the_promised_syncs(name, inner, caplog):
     case = CASES[name]
     plain_model = case.model().cuda()
-    plain = cachepass.compile(plain_model, config(case), inner=inner)
+    plain = cachepass.compile(plain_model, config(case), inner=inner, cudagraphs="off")
     expected = [generate_on_gpu(case, plain, seed) for seed in (1, 2)]
     expected_decisions = decisions(plain_model)
     assert any(s for unit in expected_decisions for s in unit), "the config must cache some steps"
@@ -79,7 +79,7 @@ def test_graphs_make_the_same_decisions_and_outputs_with_the_promised_syncs(name
 
 def test_moved_weights_are_captured_again_and_stay_right(caplog):
     case = CASES["wan"]
-    plain = cachepass.compile(case.model().cuda(), config(case), inner="aot_eager")
+    plain = cachepass.compile(case.model().cuda(), config(case), inner="aot_eager", cudagraphs="off")
     expected = generate_on_gpu(case, plain, 2)
     model = case.model().cuda()
     compiled = cachepass.compile(model, config(case), inner="aot_eager", cudagraphs="conditional")
@@ -116,7 +116,7 @@ def test_each_model_state_and_shape_gets_its_own_graphs(caplog):
     first, second = case.two_experts()
     plain_first, plain_second = case.two_experts()
     graphed = [cachepass.compile(m.cuda(), cfg, inner="aot_eager", cudagraphs="conditional") for m in (first, second)]
-    plain = [cachepass.compile(m.cuda(), cfg, inner="aot_eager") for m in (plain_first, plain_second)]
+    plain = [cachepass.compile(m.cuda(), cfg, inner="aot_eager", cudagraphs="off") for m in (plain_first, plain_second)]
     def more_tokens(g):
         latents, cond, uncond = case.inputs(g)
         return torch.cat([latents, latents], 1), cond, uncond
@@ -151,3 +151,99 @@ def test_an_input_the_model_writes_is_written_back(caplog):
     assert "writes graph input(s)" in caplog.text
     for ours, theirs in zip(results[1], results[0]):
         torch.testing.assert_close(ours, theirs, atol=0, rtol=0)
+
+
+def test_the_default_on_cuda_is_conditional_graphs(caplog):
+    """No option set: IF/ELSE graphs, no host sync, the outputs of the program without graphs (Inductor)."""
+    case = CASES["wan"]
+    expected = generate_on_gpu(case, cachepass.compile(case.model().cuda(), config(case), cudagraphs="off"), 1)
+    model = case.model().cuda()
+    with caplog.at_level("INFO", logger="cachepass"):
+        compiled = cachepass.compile(model, config(case))
+        first = generate_on_gpu(case, compiled, 1)
+        _, syncs, where = generate_on_gpu(case, compiled, 1, count_syncs=True)
+    assert "cudagraphs='conditional' by default" in caplog.text
+    assert caplog.text.count("captured CUDA graphs (conditional)") == 1
+    assert syncs == 0, where
+    torch.testing.assert_close(first, expected, atol=0, rtol=0)
+
+
+class ScaledByAHostScalar(type(CASES["toy"].model())):
+    def forward(self, hidden_states, timestep, encoder_hidden_states, scale):
+        return super().forward(hidden_states, timestep, encoder_hidden_states) * scale  # scale: a 0-dim CPU tensor
+
+
+def test_a_program_the_default_graphs_cannot_take_runs_without_them(caplog):
+    """A CPU tensor input would be read once, at capture: the default falls back (a warning), an explicit
+    request fails; both scales give the results of the program without graphs."""
+    case = CASES["toy"]
+    cfg = toy_config(num_inference_steps=STEPS)
+    results = {}
+    for cudagraphs in ("off", None, "conditional"):
+        torch.manual_seed(0)
+        model = ScaledByAHostScalar().eval().cuda()
+        compiled = cachepass.compile(model, cfg, inner="aot_eager", cudagraphs=cudagraphs)
+        latents, cond, uncond = case.inputs(torch.Generator().manual_seed(1))
+        outs = []
+        for scale in (1.0, 0.5):
+            kw = [{**{k: v.cuda() for k, v in c.items()}, "scale": torch.tensor(scale)} for c in (cond, uncond)]
+            run = lambda: sample(lambda x, sigma, c: case.call(compiled, x, sigma, c), latents.cuda(), *kw, STEPS)  # noqa: E731
+            if cudagraphs == "conditional":
+                with pytest.raises(cachepass.CachepassError, match="graph input .* is on cpu"):
+                    run()
+                break
+            with caplog.at_level("WARNING", logger="cachepass"):
+                outs.append(run())
+        results[cudagraphs] = outs
+    assert "runs without CUDA graphs (they were the default, not asked for)" in caplog.text
+    for ours, theirs in zip(results[None], results["off"]):
+        torch.testing.assert_close(ours, theirs, atol=0, rtol=0)
+
+
+def _pool_bytes(pool) -> int:
+    return sum(s["total_size"] for s in torch.cuda.memory._snapshot()["segments"]
+               if tuple(s.get("segment_pool_id", (0, 0))) == tuple(pool))
+
+
+def test_graph_memory_stays_bounded_over_ten_shapes_and_release_returns_it(monkeypatch, caplog):
+    from cachepass.cudagraphs import memory
+
+    monkeypatch.setenv("CACHEPASS_MAX_GRAPH_SETS", "3")
+    case = CASES["toy"]
+    model = case.model().cuda()
+    compiled = cachepass.compile(model, toy_config(num_inference_steps=STEPS), inner="aot_eager", max_shapes=10)
+    device = torch.device("cuda", torch.cuda.current_device())
+    held = []
+    with caplog.at_level("INFO", logger="cachepass"):
+        for i in range(10):  # largest first: every later set fits in memory a dropped one gave back
+            tokens = 4096 - 64 * i
+            latents = torch.randn(1, tokens, 4, device="cuda")
+            text = {"encoder_hidden_states": torch.randn(1, 5, 8, device="cuda")}
+            sample(lambda x, sigma, c: case.call(compiled, x, sigma, c), latents, text, text, STEPS)
+            held.append(_pool_bytes(memory.pool_and_stream(device)[0]))
+    assert caplog.text.count("captured CUDA graphs") == 10
+    assert caplog.text.count("dropped the CUDA graphs of the model state replayed longest ago") == 7
+    assert memory.graph_sets(device) == 3
+    assert max(held[3:]) <= held[2], held  # three sets' worth, not ten
+    pool = memory.pool_and_stream(device)[0]
+    assert cachepass.release(compiled) == 3 and memory.graph_sets(device) == 0
+    assert _pool_bytes(pool) == 0
+    out = sample(lambda x, sigma, c: case.call(compiled, x, sigma, c), latents, text, text, STEPS)  # captures again
+    assert torch.isfinite(out).all() and memory.graph_sets(device) == 1
+
+
+def test_weights_that_keep_moving_turn_the_default_graphs_off(caplog):
+    """What an offload hook does (weights at new addresses every generation): one capture again, then no graphs."""
+    case = CASES["wan"]
+    expected = generate_on_gpu(case, cachepass.compile(case.model().cuda(), config(case), inner="aot_eager",
+                                                       cudagraphs="off"), 2)
+    model = case.model().cuda()
+    compiled = cachepass.compile(model, config(case), inner="aot_eager")
+    generate_on_gpu(case, compiled, 1)
+    with caplog.at_level("WARNING", logger="cachepass"):
+        for _ in range(2):
+            for p in model.parameters():
+                p.data = p.data.clone()
+            torch.testing.assert_close(generate_on_gpu(case, compiled, 2), expected, atol=0, rtol=0)
+    assert "capturing them again" in caplog.text
+    assert "runs without CUDA graphs from now on" in caplog.text
