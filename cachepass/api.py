@@ -49,8 +49,9 @@ def compile(model: nn.Module, config: Any = None, *, calibrator_config: Any = No
     ``"one-graph"`` (the rewritten graph with its ``torch.cond`` to the inner compiler, as export sees it).
     ``cudagraphs`` (piecewise form, CUDA): ``"piecewise"`` captures the pieces between cache
     decisions as CUDA graphs and reads each decision on the host; ``"conditional"`` joins them with
-    IF/ELSE nodes into one graph launch with no host sync (needs cuda-bindings); ``"off"``. The
-    default follows ``mode`` (``"reduce-overhead"``: piecewise). ``offload`` (piecewise form):
+    IF/ELSE nodes into one graph launch with no host sync (needs cuda-bindings); ``"off"``. Not
+    set: the fastest that runs (`CompileOptions.default_cudagraphs`: conditional on CUDA, off on the
+    CPU and with offload), logged. ``offload`` (piecewise form):
     ``{"budget": "8GB", "slots": 2}`` keeps that many bytes of weights on the device and streams the
     other blocks from pinned host memory, planned from the cache schedule (`OffloadConfig`).
     ``device``: where the model runs (default: where its weights are). With ``offload`` and a model
