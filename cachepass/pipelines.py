@@ -12,13 +12,20 @@ other field is cache-dit's default.
 
 from __future__ import annotations
 
+import copy
+import dataclasses
+import functools
+import inspect
 import logging
+import weakref
 from typing import Any, Callable
 
 from torch import nn
 
 from cachepass.config import StepCacheConfig
 from cachepass.errors import CachepassError
+from cachepass.options import coerce_config
+from cachepass.state.runtime import generation_steps, states_of
 
 log = logging.getLogger(__name__)
 
@@ -44,12 +51,89 @@ def default_config(pipe: Any) -> StepCacheConfig:
 
 
 def compile_pipeline(pipe: Any, config: Any, compile_module: Callable[..., nn.Module], **options) -> Any:
-    """Compile each DiT component of ``pipe`` in place with ``compile_module(component, config, **options)``."""
+    """Compile each DiT component of ``pipe`` in place with ``compile_module(component, config, **options)``;
+    its calls then begin a generation each, with the call's step count (`_begin_generation`)."""
     found = [name for name in DIT_COMPONENTS if isinstance(getattr(pipe, name, None), nn.Module)]
     if not found:
         raise CachepassError(f"{type(pipe).__name__} has no DiT component to compile (looked for {list(DIT_COMPONENTS)})")
-    config = default_config(pipe) if config is None else config
+    config = coerce_config(default_config(pipe) if config is None else config, options.pop("calibrator_config", None))
+    if config.num_inference_steps is not None and config.steps_computation_mask is None:
+        log.info("stepcache: %s: the step count comes from each pipeline call (num_inference_steps=%d is not "
+                 "needed)", type(pipe).__name__, config.num_inference_steps)
+        config = dataclasses.replace(config, num_inference_steps=None)
     for name in found:
         setattr(pipe, name, compile_module(getattr(pipe, name), config, **options))
-    log.info("stepcache: %s: compiled %s", type(pipe).__name__, ", ".join(found))
+    _COMPILED[pipe] = config
+    pipe.__class__ = _generation_class(type(pipe))
+    log.info("stepcache: %s: compiled %s; each call begins a generation", type(pipe).__name__, ", ".join(found))
     return pipe
+
+
+_COMPILED: "weakref.WeakKeyDictionary[Any, StepCacheConfig]" = weakref.WeakKeyDictionary()  # pipeline -> its config
+_GENERATION_CLASSES: dict[type, type] = {}  # pipeline class -> its subclass whose call begins a generation
+
+
+def _generation_class(cls: type) -> type:
+    """``cls`` with a ``__call__`` that begins a generation first (the same name, so diffusers sees its class)."""
+    if cls in _GENERATION_CLASSES.values():
+        return cls
+    if cls not in _GENERATION_CLASSES:
+        original = cls.__call__
+
+        @functools.wraps(original)
+        def __call__(self, *args, **kwargs):
+            with _begin_generation(self, args, kwargs):
+                return original(self, *args, **kwargs)
+
+        _GENERATION_CLASSES[cls] = type(cls.__name__, (cls,), {"__call__": __call__, "__module__": cls.__module__,
+                                                               "__doc__": cls.__doc__})
+    return _GENERATION_CLASSES[cls]
+
+
+def _begin_generation(pipe: Any, args: tuple, kwargs: dict):
+    """A pipeline call is one generation (as with cache-dit's ``enable_cache(pipe)``): every DiT component's
+    state starts fresh, and runs the call's step count (each expert its share), a device value, so no recompile."""
+    config = _COMPILED.get(pipe)
+    modules = {name: getattr(pipe, name) for name in DIT_COMPONENTS if isinstance(getattr(pipe, name, None), nn.Module)}
+    steps = _call_steps(pipe, args, kwargs)
+    counts = _expert_shares(pipe, steps, modules) if steps is not None else dict.fromkeys(modules, None)
+    if config is not None and config.steps_computation_mask is not None:
+        wrong = {name: n for name, n in counts.items() if n is not None and n != config.num_inference_steps}
+        if wrong:
+            raise CachepassError(
+                f"steps_computation_mask has {config.num_inference_steps} entries (num_inference_steps="
+                f"{config.num_inference_steps}), but this call of {type(pipe).__name__} runs "
+                f"{', '.join(f'{n} steps on {name}' for name, n in wrong.items())}: call it with num_inference_steps="
+                f"{config.num_inference_steps}, or compile with a mask of that many entries")
+    for module in modules.values():
+        for state in states_of(module):
+            state.reset()
+    return generation_steps({modules[name]: n for name, n in counts.items()})
+
+
+def _call_steps(pipe: Any, args: tuple, kwargs: dict) -> int | None:
+    """The denoising steps a pipeline call asks for: its ``timesteps`` / ``sigmas`` list, else ``num_inference_steps``."""
+    original = next(c for c in type(pipe).__mro__ if c not in _GENERATION_CLASSES.values()).__call__
+    try:
+        bound = inspect.signature(original).bind(pipe, *args, **kwargs)
+    except TypeError:
+        return None  # the pipeline raises its own error
+    bound.apply_defaults()
+    given = bound.arguments
+    for name in ("timesteps", "sigmas"):
+        if given.get(name) is not None:
+            return len(given[name])
+    steps = given.get("num_inference_steps")
+    return steps if isinstance(steps, int) else None
+
+
+def _expert_shares(pipe: Any, steps: int, modules: dict[str, nn.Module]) -> dict[str, int | None]:
+    """Wan 2.2: ``transformer`` runs the steps whose timestep is at or above ``boundary_ratio`` of the
+    training timesteps, ``transformer_2`` the rest; one DiT runs every step."""
+    ratio = getattr(getattr(pipe, "config", None), "boundary_ratio", None)
+    if len(modules) < 2 or ratio is None:
+        return dict.fromkeys(modules, steps)
+    scheduler = copy.deepcopy(pipe.scheduler)
+    scheduler.set_timesteps(steps, device="cpu")
+    high = int((scheduler.timesteps >= ratio * scheduler.config.num_train_timesteps).sum())
+    return {"transformer": high, "transformer_2": steps - high}

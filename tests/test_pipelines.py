@@ -3,6 +3,8 @@ components, held to ``cache_dit.enable_cache(pipe, ...)`` on the same pipeline."
 
 from __future__ import annotations
 
+import dataclasses
+
 import cache_dit
 import pytest
 import torch
@@ -11,6 +13,7 @@ from cache_dit_helpers import unit_stats
 import cachepass
 from bench.tiny_models import CASES, toy_config
 from cachepass.api import compile_options
+from cachepass.state.runtime import states_of
 
 STEPS = 8
 
@@ -22,13 +25,13 @@ def wan_pipeline():
     return WanPipeline(tokenizer=None, text_encoder=None, vae=None, transformer=CASES["wan"].model(), scheduler=scheduler)
 
 
-def run(pipe) -> torch.Tensor:
+def run(pipe, **options) -> torch.Tensor:
     g = torch.Generator().manual_seed(0)
     prompt, negative = torch.randn(1, 7, 16, generator=g), torch.randn(1, 7, 16, generator=g)
     with torch.no_grad():
         return pipe(prompt_embeds=prompt, negative_prompt_embeds=negative, height=64, width=64, num_frames=9,
                     num_inference_steps=STEPS, guidance_scale=5.0, output_type="latent",
-                    generator=torch.Generator().manual_seed(1)).frames
+                    generator=torch.Generator().manual_seed(1), **options).frames
 
 
 def test_a_wan_pipeline_compiles_in_one_line_and_matches_cache_dit_on_it():
@@ -36,7 +39,8 @@ def test_a_wan_pipeline_compiles_in_one_line_and_matches_cache_dit_on_it():
                      num_inference_steps=STEPS)
     ours = wan_pipeline()
     assert cachepass.compile(ours, cfg, inner="aot_eager") is ours
-    assert compile_options(ours.transformer).config == cfg  # the component was replaced by its compiled module
+    # the component was replaced by its compiled module; the step count comes from each call
+    assert compile_options(ours.transformer).config == dataclasses.replace(cfg, num_inference_steps=None)
     latents = [run(ours) for _ in range(2)]
 
     theirs = wan_pipeline()
@@ -72,11 +76,12 @@ def test_without_a_config_the_family_gives_the_cfg_layout():
 
 def test_one_compiled_pipeline_takes_the_calls_users_make():
     """Step counts 10, 6 and 14, CFG off (guidance 1) and two videos per prompt, one after another on one compiled
-    pipeline whose config leaves the step count open: each result equals a freshly compiled pipeline's, with no
-    recompile for a step count (a new batch size compiles once) and no warning."""
+    pipeline whose config says 8 steps: each call's count is device state, so each result equals the transformer
+    compiled alone with that count, with no recompile for a step count (a new batch size compiles once) and no
+    warning."""
     import logging
 
-    cfg = toy_config(num_head_blocks=1, num_tail_blocks=1, threshold=CASES["wan"].threshold * 3, num_inference_steps=None)
+    cfg = toy_config(num_head_blocks=1, num_tail_blocks=1, threshold=CASES["wan"].threshold * 3, num_inference_steps=8)
     calls = [dict(num_inference_steps=10), dict(num_inference_steps=6), dict(num_inference_steps=14),
              dict(num_inference_steps=8, guidance_scale=1.0), dict(num_inference_steps=8, num_videos_per_prompt=2)]
 
@@ -101,8 +106,13 @@ def test_one_compiled_pipeline_takes_the_calls_users_make():
         got += [call(shared, options) for options in calls[3:]]
     finally:
         logger.removeHandler(handler)
-    expected = [call(cachepass.compile(wan_pipeline(), cfg, inner="aot_eager"), options)
-                for options in [*calls[:3], calls[0], *calls[3:]]]
+    def alone(options):  # the transformer compiled by itself, its config's count the call's
+        pipe = wan_pipeline()
+        count = dataclasses.replace(cfg, num_inference_steps=options["num_inference_steps"])
+        pipe.transformer = cachepass.compile(pipe.transformer, count, inner="aot_eager")
+        return call(pipe, options)
+
+    expected = [alone(options) for options in [*calls[:3], calls[0], *calls[3:]]]
     for options, a, b in zip([*calls[:3], calls[0], *calls[3:]], got, expected):
         torch.testing.assert_close(a, b, atol=0, rtol=0, msg=lambda m, o=options: f"{o}: {m}")
     assert [r.getMessage() for r in warned if "one call" not in r.getMessage()] == []  # CFG off: a note, right result
@@ -167,3 +177,96 @@ def matches_cache_dit(build, run, cfg) -> list[tuple[list[int], list[int]]]:
     assert decisions == [(c, u) for c, u, _, _ in unit_stats(theirs.transformer)]
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
     return decisions
+
+
+def wan22_pipeline():
+    from diffusers import UniPCMultistepScheduler, WanPipeline
+
+    high, low = CASES["wan"].two_experts()
+    scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0)
+    return WanPipeline(tokenizer=None, text_encoder=None, vae=None, transformer=high, transformer_2=low,
+                       scheduler=scheduler, boundary_ratio=0.6)
+
+
+def test_wan22_two_experts_each_run_their_share_and_match_cache_dit():
+    """Wan 2.2: ``transformer`` takes the steps at or above the boundary, ``transformer_2`` the rest, each with its
+    own state; the pipeline call gives each expert its step count from the boundary (no mismatch warning)."""
+    cfg = toy_config(num_head_blocks=1, num_tail_blocks=1, threshold=CASES["wan"].threshold * 3,
+                     num_inference_steps=None)
+    ours = cachepass.compile(wan22_pipeline(), cfg, inner="aot_eager")
+    given = {}
+
+    def record_counts(pipe, step, t, tensors):  # what each expert's state runs, as the call goes
+        given.update({name: states_of(getattr(pipe, name))[-1].num_steps for name in ("transformer", "transformer_2")
+                      if states_of(getattr(pipe, name))})
+        return tensors
+
+    got = run(ours, callback_on_step_end=record_counts)
+    theirs = wan22_pipeline()
+    db, calibrator = cfg.to_cache_dit()
+    cache_dit.enable_cache(theirs, cache_config=db, calibrator_config=calibrator)
+    expected = run(theirs)
+    states = {name: states_of(getattr(ours, name))[-1] for name in ("transformer", "transformer_2")}
+    assert sum(given.values()) == STEPS and min(given.values()) > 0, given
+    for name, state in states.items():  # the count each expert was given is the count it ran
+        assert int(state["clock.step"]) + 1 == given[name], name
+    for name in ("transformer", "transformer_2"):
+        decisions = [(u.cached_steps, u.cfg_cached_steps) for u in cachepass.stats(getattr(ours, name))]
+        assert decisions == [(c, u) for c, u, _, _ in unit_stats(getattr(theirs, name))], name
+        assert states[name].warnings() == [], name
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_a_mask_for_another_step_count_is_refused_before_the_call():
+    mask = (1, 1, 1, 0, 1, 0, 1, 1)
+    cfg = toy_config(num_head_blocks=1, num_tail_blocks=1, num_inference_steps=8, steps_computation_mask=mask,
+                     steps_computation_policy="static")
+    pipe = cachepass.compile(wan_pipeline(), cfg, inner="aot_eager")
+    with pytest.raises(cachepass.CachepassError, match=r"steps_computation_mask has 8 entries \(num_inference_steps=8\), "
+                                                        r"but this call of WanPipeline runs 6 steps on transformer"):
+        with torch.no_grad():
+            pipe(prompt_embeds=torch.randn(1, 7, 16), negative_prompt_embeds=torch.randn(1, 7, 16), height=64, width=64,
+                 num_frames=9, num_inference_steps=6, output_type="latent")
+    assert compile_options(pipe.transformer).config.num_inference_steps == 8  # a mask keeps its count
+
+
+def flux_parts():
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=2, block_out_channels=(8, 8),
+                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                        layers_per_block=1, norm_num_groups=8, shift_factor=0.0, scaling_factor=1.0)
+    return dict(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae.eval(), text_encoder=None, tokenizer=None,
+                text_encoder_2=None, tokenizer_2=None)
+
+
+def test_img2img_right_after_an_interrupted_txt2img_equals_a_fresh_run():
+    """txt2img stopped in step 3 through ``callback_on_step_end`` (``pipe._interrupt``), then img2img (strength 0.6)
+    through ``FluxImg2ImgPipeline.from_pipe`` on the same compiled transformer: equal to img2img on a fresh compile."""
+    from diffusers import FluxImg2ImgPipeline, FluxPipeline
+
+    cfg = toy_config(num_head_blocks=1, num_tail_blocks=1, threshold=CASES["flux"].threshold, separate_cfg=False,
+                     num_inference_steps=None)
+    g = torch.Generator().manual_seed(0)
+    prompt = dict(prompt_embeds=torch.randn(1, 5, 16, generator=g), pooled_prompt_embeds=torch.randn(1, 8, generator=g))
+    image = torch.rand(1, 3, 16, 16, generator=g)
+
+    def stop_in_step_3(pipe, step, t, tensors):
+        pipe._interrupt = step == 2
+        return tensors
+
+    def img2img(pipe):
+        with torch.no_grad():
+            return FluxImg2ImgPipeline.from_pipe(pipe)(**prompt, image=image, strength=0.6, height=16, width=16,
+                                                       num_inference_steps=STEPS, guidance_scale=3.5, output_type="latent",
+                                                       generator=torch.Generator().manual_seed(2)).images
+
+    txt2img = cachepass.compile(FluxPipeline(transformer=CASES["flux"].model(), **flux_parts()), cfg, inner="aot_eager")
+    with torch.no_grad():
+        txt2img(**prompt, height=16, width=16, num_inference_steps=STEPS, guidance_scale=3.5, output_type="latent",
+                generator=torch.Generator().manual_seed(1), callback_on_step_end=stop_in_step_3)
+    got = img2img(txt2img)
+    fresh = cachepass.compile(FluxPipeline(transformer=CASES["flux"].model(), **flux_parts()), cfg, inner="aot_eager")
+    torch.testing.assert_close(got, img2img(fresh), atol=0, rtol=0)
+    assert cachepass.stats(txt2img.transformer) == cachepass.stats(fresh.transformer)  # the same generation

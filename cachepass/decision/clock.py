@@ -30,18 +30,19 @@ class Clock:
     updates: dict[str, Proxy]  # the other clock state written back after the units
 
 
-def progress(layout: StateLayout, calls: Proxy, timestep: Proxy | None) -> Proxy:
+def progress(layout: StateLayout, calls: Proxy, num_steps: Proxy, timestep: Proxy | None) -> Proxy:
     """A scalar (the layout's float dtype) that decreases from one denoising step to the next within a generation.
 
     The timestep input itself (its largest entry) when the graph has one; else one derived from the
-    call count, which restarts after ``num_inference_steps`` steps per stream.
+    call count, which restarts after ``num_steps`` steps per stream (when known).
     """
     if timestep is not None:
         # a full reduction; max() also exports to ONNX (onnxscript needs amax dims)
         return timestep.detach().to(layout.float_dtype).max()
-    cfg = layout.config
-    position = calls % (cfg.num_inference_steps * cfg.num_streams) if cfg.num_inference_steps else calls
-    return -(position // cfg.num_streams).to(layout.float_dtype)
+    streams = layout.config.num_streams
+    per_generation = num_steps * streams
+    position = torch.where(num_steps > 0, calls % torch.where(num_steps > 0, per_generation, 1), calls)
+    return -(position // streams).to(layout.float_dtype)
 
 
 def emit_clock(layout: StateLayout, st: dict[str, Proxy], timestep: Proxy | None, latents: Proxy | None) -> Clock:
@@ -55,9 +56,9 @@ def emit_clock(layout: StateLayout, st: dict[str, Proxy], timestep: Proxy | None
     fit the config set `Mismatch` bits.
     """
     cfg = layout.config
-    steps = cfg.num_inference_steps
+    steps = st["schedule.num_steps"]  # the config's count, or the pipeline call's (`RuntimeState.set_steps`)
     calls, last_step, pending, last_t = st["clock.calls"], st["clock.step"], st["clock.pending"], st["clock.last_t"]
-    t = progress(layout, calls, timestep)
+    t = progress(layout, calls, steps, timestep)
     fresh = calls == 0
     same_t = ~fresh & (t == last_t)
     fingerprint, sample = st["clock.last_latents"], st["clock.last_sample"]
@@ -82,11 +83,11 @@ def emit_clock(layout: StateLayout, st: dict[str, Proxy], timestep: Proxy | None
         flags = set_flag(flags, Mismatch.EXTRA_CALLS, same_call & ~pending)  # a third call of one step
     else:
         flags = set_flag(flags, Mismatch.SHARED_TIMESTEP, same_t)
-    if steps:
-        ended_early = first & ~fresh & (last_step + 1 < steps)
-        flags = set_flag(flags, Mismatch.MORE_STEPS, step >= steps)
-        flags = set_flag(flags, Mismatch.FEWER_STEPS, ended_early)
-        ended = torch.where(ended_early, last_step + 1, ended)
+    known = steps > 0
+    ended_early = known & first & ~fresh & (last_step + 1 < steps)
+    flags = set_flag(flags, Mismatch.MORE_STEPS, known & (step >= steps))
+    flags = set_flag(flags, Mismatch.FEWER_STEPS, ended_early)
+    ended = torch.where(ended_early, last_step + 1, ended)
 
     # Where, not Clip: ONNX-TensorRT clips floats only
     step_slot = torch.where(step > layout.capacity, layout.capacity, step)

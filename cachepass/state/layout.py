@@ -12,6 +12,7 @@ Layout (S streams, C = step capacity = num_inference_steps, or 1024 without it):
     clock.last_sample            [L]           an evenly strided sample of the last call's latents (L <= 4096)
     clock.report                 [2]           [Mismatch flags (sticky), steps of the last generation that ended early]
     schedule.{warmup,mask_compute,mask_static}  [C+1]  per-step constants from the config
+    schedule.num_steps           []            steps per generation (0: not known); a pipeline call sets it
     schedule.{stream_ids,step_ids}              [S], [C+1]
     u{i}.prev_residual           [S, *hidden]  head residual of the last computed step
     u{i}.{has_prev,cached_count,streak,last_cached_step,last_compute_step,accumulated_diff}  [S]
@@ -165,6 +166,7 @@ class StateLayout:
                 torch.bool,
                 values=tuple(static and not (t < len(mask) and mask[t] == 1) for t in steps),
             ),
+            TensorSpec("schedule.num_steps", (), self.int_dtype, values=(cfg.num_inference_steps or 0,)),
             TensorSpec("schedule.stream_ids", (s,), self.int_dtype, values=tuple(range(s))),
             TensorSpec("schedule.step_ids", (cap + 1,), self.int_dtype, values=tuple(steps)),
         ]

@@ -50,6 +50,9 @@ class RuntimeState:
         self.anchor_id = anchor_id
         self.reported: dict[Mismatch, str] = {}  # mismatch -> its message when first seen
         self.on_reset = on_reset  # tells the program's features (offload) that a generation starts
+        self.num_steps = layout.config.num_inference_steps  # the host's copy of schedule.num_steps (None: unknown)
+        if _GENERATION.steps is not None:  # made during a pipeline call that set the step count
+            self.set_steps(_GENERATION.steps.get(anchor_id, self.num_steps))
         self._busy = threading.Lock()
         self._report = _ReportReader(self["clock.report"])
 
@@ -108,7 +111,7 @@ class RuntimeState:
     def _warn_new_mismatches(self, report: list[int] | None) -> None:
         if report is None:
             return
-        for flag, message in mismatch_messages(report, self.layout.config.num_inference_steps).items():
+        for flag, message in mismatch_messages(report, self.num_steps).items():
             if flag not in self.reported:
                 self.reported[flag] = message
                 log.warning("stepcache: %s", message)
@@ -129,6 +132,12 @@ class RuntimeState:
         self._report.discard()  # a copy posted before the reset still holds the bit
         self.mid_pair = False
         self.on_reset(self)
+
+    def set_steps(self, num_steps: int | None) -> None:
+        """The step count of the generations from now on (None: unknown); ``schedule.num_steps`` in place."""
+        if num_steps != self.num_steps:
+            self["schedule.num_steps"].fill_(num_steps or 0)
+            self.num_steps = num_steps
 
     def stats(self) -> list["UnitStats"]:
         warnings = self.warnings()
@@ -270,6 +279,33 @@ _LAYOUT_NUMBERS: dict[tuple, int] = {}  # (layout key, device) -> a number, for 
 # the module object): anchor id -> the states of that model instance.
 _REGISTRY: dict[int, _AnchorStates] = {}
 _LAST_CALLED: dict[int, weakref.ref] = {}  # anchor id -> state of the graph that ran last
+
+
+class _Generation(threading.local):
+    steps: dict[int, int | None] | None = None  # anchor id -> step count, during a pipeline call
+
+
+_GENERATION = _Generation()
+
+
+@contextlib.contextmanager
+def generation_steps(counts: dict[nn.Module, int | None]):
+    """During a pipeline call: each module's states run ``counts[module]`` steps, those made in the call too;
+    afterwards, the config's count again (a call outside the pipeline, e.g. through ``from_pipe``, is not its
+    continuation: an interrupted call is not reported as a short generation)."""
+    by_anchor = {id(p): steps for module, steps in counts.items() for p in itertools.chain(module.parameters(),
+                                                                                            module.buffers())}
+    for module, steps in counts.items():
+        for state in states_of(module):
+            state.set_steps(steps)
+    outer, _GENERATION.steps = _GENERATION.steps, by_anchor
+    try:
+        yield
+    finally:
+        _GENERATION.steps = outer
+        for module in counts:
+            for state in states_of(module):
+                state.set_steps(state.layout.config.num_inference_steps)
 
 
 def states_of(model: Any) -> list[RuntimeState]:
