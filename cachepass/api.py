@@ -184,9 +184,20 @@ def _recompile_limit_message(model: nn.Module) -> str:
 
 
 def _reject_compiler_disabled(model: nn.Module) -> None:
-    """A ``torch.compiler.disable``d forward is a graph break: name it before tracing fails on it."""
+    """A ``torch.compiler.disable``d forward is a graph break: name it before tracing fails on it.
+
+    Also a forward that dispatches to a disabled copy of itself unless the instance's
+    ``_compile_forward_enabled`` is set (FastVideo's attention, ``fastvideo.attention.layer``).
+    """
     for path, module in model.named_modules():
         forward = module.__dict__.get("forward", type(module).forward)
+        if _dispatches_to_disabled(forward) and getattr(module, "_compile_forward_enabled", True) is False:
+            raise CachepassError(
+                f"{path or 'the model'} ({type(module).__module__}.{type(module).__name__}).forward runs a "
+                "torch.compiler.disable'd copy of itself unless the instance's _compile_forward_enabled is set, a graph "
+                "break; stepcache needs the whole model in one graph. For FastVideo, call "
+                "fastvideo's _enable_regional_attention_compile(transformer) (it sets the flag on the model's attention "
+                "modules) or set FASTVIDEO_DISABLE_ATTENTION_COMPILE=0 before the model is built")
         if getattr(forward, "_torchdynamo_disable", False):
             raise CachepassError(
                 f"{path or 'the model'} ({type(module).__name__}).forward is wrapped in torch.compiler.disable, "
@@ -194,6 +205,19 @@ def _reject_compiler_disabled(model: nn.Module) -> None:
                 "its attention unless FASTVIDEO_DISABLE_ATTENTION_COMPILE=0 is set before fastvideo is imported "
                 "(or call fastvideo's _enable_regional_attention_compile(transformer) first)"
             )
+
+
+def _dispatches_to_disabled(forward: Any) -> bool:
+    """Whether ``forward`` closes over a ``torch.compiler.disable``d function (a dispatcher that may call it)."""
+    cells = getattr(getattr(forward, "__func__", forward), "__closure__", None) or ()
+    for cell in cells:
+        try:
+            value = cell.cell_contents
+        except ValueError:  # an empty cell
+            continue
+        if callable(value) and getattr(value, "_torchdynamo_disable", False):
+            return True
+    return False
 
 
 def stats(model: Any) -> list[UnitStats]:

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 from torch import nn
@@ -86,6 +88,52 @@ def test_compiler_disabled_attention_is_named_with_the_fix():
     with pytest.raises(CachepassError, match=r"blocks\.0\.attn \(DisabledAttention\)\.forward is wrapped in "
                                              r"torch\.compiler\.disable.*FASTVIDEO_DISABLE_ATTENTION_COMPILE=0"):
         cachepass.compile(model, StepCacheConfig(num_head_blocks=1))
+
+
+def maybe_compiler_disable(fn):
+    """FastVideo 0.2's ``fastvideo.attention.layer._maybe_compiler_disable``: ``forward`` is a dispatcher that runs
+    a ``torch.compiler.disable``d copy unless the instance opted in."""
+    disabled = torch.compiler.disable(fn)
+
+    @functools.wraps(fn)
+    def dispatch(self, *args, **kwargs):
+        if self._compile_forward_enabled:
+            return fn(self, *args, **kwargs)
+        return disabled(self, *args, **kwargs)
+
+    return dispatch
+
+
+class DispatchedAttention(nn.Module):
+    def __init__(self, dim: int):
+        super().__init__()
+        self.proj = nn.Linear(dim, dim)
+        self._compile_forward_enabled = False  # FastVideo's default (FASTVIDEO_DISABLE_ATTENTION_COMPILE unset)
+
+    @maybe_compiler_disable
+    def forward(self, x):
+        return torch.softmax(x @ x.transpose(1, 2), dim=-1) @ self.proj(x)
+
+
+class DispatchedAttentionBlock(AttentionBlock):
+    def __init__(self, dim: int):
+        super().__init__(dim)
+        self.attn = DispatchedAttention(dim)
+
+
+def test_an_attention_dispatcher_to_a_disabled_copy_is_named_with_the_fix_and_compiles_once_opted_in():
+    cfg = StepCacheConfig(num_head_blocks=1, threshold=0.3, warmup_steps=1, num_inference_steps=STEPS)
+    torch.manual_seed(0)
+    model = TransposedTokens().eval()
+    model.blocks = nn.ModuleList(DispatchedAttentionBlock(32) for _ in range(4))
+    with pytest.raises(CachepassError, match=r"blocks\.0\.attn \(.*DispatchedAttention\)\.forward runs a torch\.compiler"
+                                             r"\.disable'd copy of itself unless the instance's _compile_forward_enabled "
+                                             r"is set.*_enable_regional_attention_compile\(transformer\)"):
+        cachepass.compile(model, cfg)
+    for block in model.blocks:  # what fastvideo's _enable_regional_attention_compile does
+        block.attn._compile_forward_enabled = True
+    out = run(cachepass.compile(model, cfg, inner="aot_eager"))
+    torch.testing.assert_close(out, run(StepCacheReference(model, cfg)), atol=1e-5, rtol=1e-5)
 
 
 def test_fastvideo_dit_offload_is_refused_with_the_fix():
