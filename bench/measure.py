@@ -29,6 +29,16 @@ def generation(ctx: Context, prepared: Prepared, inputs, progress=None) -> torch
     return sample(velocity, latents, cond, uncond, w.num_steps, guidance=w.guidance, shift=w.shift)
 
 
+@contextlib.contextmanager
+def new_graphs(row: dict[str, Any]):
+    """Count Dynamo graphs made inside the block into ``row["recompiles"]``."""
+    before = counters["stats"]["unique_graphs"]
+    try:
+        yield
+    finally:
+        row["recompiles"] = row.get("recompiles", 0) + counters["stats"]["unique_graphs"] - before
+
+
 def _no_progress(label: str):
     return contextlib.nullcontext(None)
 
@@ -58,10 +68,17 @@ def timed_generations(name: str, ctx: Context, prepare: Callable[[], Prepared], 
 
 
 def counted(ctx: Context, prepared: Prepared, inputs, device: torch.device, row: dict[str, Any]) -> None:
-    """Add host syncs per call (one more generation), recompiles since the cold one, and the decisions."""
+    """Add host syncs per call (one more generation), recompiles since the cold one, and the decisions.
+
+    Recompiles: Dynamo's graphs made since the cold generation, or, when ``row["recompiles"]`` is already
+    counted (generations of several variants interleaved, `new_graphs`), those plus this generation's."""
+    before = counters["stats"]["unique_graphs"]
     syncs = count_syncs(lambda: generation(ctx, prepared, inputs), device)
     row["syncs_per_call"] = None if syncs is None else syncs / ctx.workload.calls_per_generation
-    row["recompiles"] = counters["stats"]["unique_graphs"] - row["graph_count"]
+    if "recompiles" in row:
+        row["recompiles"] += counters["stats"]["unique_graphs"] - before
+    else:
+        row["recompiles"] = counters["stats"]["unique_graphs"] - row["graph_count"]
     decisions = prepared.decisions()
     row["decisions"] = decisions
     row["cached_steps"] = None if decisions is None else sum(len(a) + len(b) for a, b in decisions)

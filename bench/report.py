@@ -143,10 +143,22 @@ def markdown(rows: list[dict]) -> str:
             title += ", every variant under cache_dit.set_compile_configs()"
         parts.append(title + "\n")
         parts.append(f"{first.get('note', '')}. Device: {first['device']}, torch {first['torch']}, {first['date']}, "
-                     f"{first.get('repeats')} timed repeats (median). Config: `{first.get('config')}`.\n")
+                     f"{first.get('repeats')} timed repeats (median), {_order(first)}. Config: `{first.get('config')}`.\n")
         parts.append(f"Command: `{first.get('command')}`\n")
         parts.append(table(group) + "\n")
     return "\n".join(parts)
+
+
+def _order(row: dict) -> str:
+    """How the repeats were taken and what the cold column includes."""
+    order = row.get("order") or "one variant after another"
+    text = ("repeats round-robin across variants, each on its own copy of the model" if order == "interleaved"
+            else "each variant's repeats in a row")
+    warmup = row.get("compiler_warmup_s")
+    if warmup is None:
+        return text + "; cold s includes the process's compiler start-up for the first compiled variant"
+    return (text + f"; cold s: fresh compile caches, after a {warmup:.1f} s warm-up that paid the process's "
+            "compiler start-up for all; peak GB: what the variant holds plus its generation's peak")
 
 
 def plot(rows: list[dict], path: str) -> str:

@@ -43,6 +43,25 @@ def test_compare_writes_json_table_and_plot(tmp_path):
     assert json_path.with_suffix(".png").stat().st_size > 10_000
 
 
+def test_compare_interleaves_repeats_across_variants(tmp_path):
+    """--interleave: every variant on its own model copy, repeats round-robin; the same decisions and columns."""
+    variants = "eager,cache-dit,stepcache-aot_eager,ideal"
+    command = [sys.executable, "-m", "bench.compare", "--workload", "tiny", "--device", "cpu", "--repeats", "2",
+               "--compile-backend", "aot_eager", "--variants", variants, "--interleave", "--out", str(tmp_path)]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = {r["variant"]: r for r in json.loads(next(tmp_path.glob("cpu-*.json")).read_text())}
+    assert list(rows) == variants.split(",") and all(r["status"] == "ok" for r in rows.values())
+    assert all(r["order"] == "interleaved" and r["compiler_warmup_s"] > 0 and len(r["times_s"]) == 2
+               for r in rows.values())
+    assert rows["stepcache-aot_eager"]["matches_cache_dit"] is True and rows["stepcache-aot_eager"]["recompiles"] == 0
+    assert rows["stepcache-aot_eager"]["cached_steps"] == rows["cache-dit"]["cached_steps"] == 16
+    assert "repeats round-robin across variants" in next(tmp_path.glob("cpu-*.md")).read_text()
+    command[command.index("--variants") + 1] = "stepcache-offload"
+    refused = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert refused.returncode == 2 and "offload variants need it alone" in refused.stderr
+
+
 @pytest.mark.slow  # multi-minute on 2 cores; CI runs it
 def test_profile_gap_reports_busy_and_idle_time_per_variant(tmp_path):
     out = tmp_path / "gap.json"
