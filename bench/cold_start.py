@@ -27,21 +27,27 @@ import time
 VARIANTS = ("stepcache-piecewise", "stepcache-one-graph", "regional-compile", "compile", "dynamo-trace")
 
 
-def child(variant: str, blocks: int, device: str) -> dict:
+WIDTHS = {  # WanTransformer3DModel sizes: the small default, and Wan2.1-1.3B's (random weights, bf16)
+    "small": dict(num_attention_heads=4, attention_head_dim=32, text_dim=64, freq_dim=64, ffn_dim=512),
+    "wan-1.3b": dict(num_attention_heads=12, attention_head_dim=128, text_dim=4096, freq_dim=256, ffn_dim=8960),
+}
+
+
+def child(variant: str, blocks: int, device: str, width: str) -> dict:
     import torch
     from diffusers import WanTransformer3DModel
 
     import cachepass
 
     torch.manual_seed(0)
+    dtype = torch.bfloat16 if width != "small" else torch.float32
     model = WanTransformer3DModel(
-        patch_size=(1, 2, 2), num_attention_heads=4, attention_head_dim=32, in_channels=16, out_channels=16,
-        text_dim=64, freq_dim=64, ffn_dim=512, num_layers=blocks, cross_attn_norm=True,
-        qk_norm="rms_norm_across_heads", rope_max_seq_len=64,
-    ).to(device).eval()
+        patch_size=(1, 2, 2), in_channels=16, out_channels=16, num_layers=blocks, cross_attn_norm=True,
+        qk_norm="rms_norm_across_heads", rope_max_seq_len=64, **WIDTHS[width],
+    ).to(device, dtype).eval()
     g = torch.Generator().manual_seed(1)
-    latents = torch.randn(1, 16, 4, 16, 16, generator=g).to(device)
-    text = torch.randn(1, 16, 64, generator=g).to(device)
+    latents = torch.randn(1, 16, 4, 16, 16, generator=g).to(device, dtype)
+    text = torch.randn(1, 16, WIDTHS[width]["text_dim"], generator=g).to(device, dtype)
     backend_log = _BackendLog()
     logging.getLogger("cachepass").addHandler(backend_log)
     logging.getLogger("cachepass").setLevel(logging.INFO)
@@ -54,15 +60,17 @@ def child(variant: str, blocks: int, device: str) -> dict:
         cfg = cachepass.StepCacheConfig(num_head_blocks=1, threshold=0.1, warmup_steps=1, num_inference_steps=8)
         fn = cachepass.compile(model, cfg, form=variant.removeprefix("stepcache-"))
     times = []
+    wider = torch.cat([latents, latents], dim=-1)  # a new resolution mid-session: twice the tokens
     with torch.no_grad():
-        for t in (999, 874):
+        for t, x in ((999, latents), (874, latents), (999, wider)):
             start = time.perf_counter()
-            fn(hidden_states=latents, timestep=torch.tensor([t], device=device), encoder_hidden_states=text,
+            fn(hidden_states=x, timestep=torch.tensor([t], device=device), encoder_hidden_states=text,
                return_dict=False)
             if device.startswith("cuda"):
                 torch.cuda.synchronize()
             times.append(time.perf_counter() - start)
-    return {"variant": variant, "first_call_s": times[0], "second_call_s": times[1], **backend_log.found}
+    return {"variant": variant, "first_call_s": times[0], "second_call_s": times[1], "new_shape_s": times[2],
+            **backend_log.found}
 
 
 class _BackendLog(logging.Handler):
@@ -75,13 +83,14 @@ class _BackendLog(logging.Handler):
     def emit(self, record):
         text = record.getMessage()
         seconds = re.search(r"backend ([0-9.]+) s", text)
-        if seconds:
+        if seconds and not self.found:  # the first call's compile, not the new shape's
             self.found = {"backend_s": float(seconds.group(1)), "backend_log": text}
 
 
-def run(variant: str, blocks: int, device: str, cache: str) -> dict:
+def run(variant: str, blocks: int, device: str, width: str, cache: str) -> dict:
     env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache, "TRITON_CACHE_DIR": os.path.join(cache, "triton")}
-    command = [sys.executable, "-m", "bench.cold_start", "--child", variant, "--blocks", str(blocks), "--device", device]
+    command = [sys.executable, "-m", "bench.cold_start", "--child", variant, "--blocks", str(blocks), "--device", device,
+               "--width", width]
     out = subprocess.run(command, env=env, capture_output=True, text=True, check=True).stdout
     return json.loads(out.strip().splitlines()[-1])
 
@@ -90,43 +99,52 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--blocks", type=int, default=12)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--width", choices=sorted(WIDTHS), default="small")
     p.add_argument("--variants", default=",".join(VARIANTS))
     p.add_argument("--out", default="bench/results")
     p.add_argument("--child", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
-        print(json.dumps(child(args.child, args.blocks, args.device)))
+        print(json.dumps(child(args.child, args.blocks, args.device, args.width)))
         return 0
     import torch
 
     rows = []
     for variant in args.variants.split(","):
         with tempfile.TemporaryDirectory() as cache:
-            cold = run(variant, args.blocks, args.device, cache)
-            warm = run(variant, args.blocks, args.device, cache)
+            cold = run(variant, args.blocks, args.device, args.width, cache)
+            warm = run(variant, args.blocks, args.device, args.width, cache)
         rows.append({"variant": variant, "cold_start_s": cold["first_call_s"], "warm_start_s": warm["first_call_s"],
-                     "second_call_s": cold["second_call_s"], "cold_backend_s": cold.get("backend_s"),
+                     "second_call_s": cold["second_call_s"], "new_shape_s": cold["new_shape_s"],
+                     "cold_backend_s": cold.get("backend_s"),
                      "warm_backend_s": warm.get("backend_s"), "cold_backend_log": cold.get("backend_log")})
         backend = "" if cold.get("backend_s") is None else \
             f"   backend cold {cold['backend_s']:.1f} s warm {warm['backend_s']:.1f} s"
         print(f"{variant:<22} cold {rows[-1]['cold_start_s']:7.1f} s   warm {rows[-1]['warm_start_s']:7.1f} s   "
-              f"second call {rows[-1]['second_call_s'] * 1e3:7.1f} ms{backend}", flush=True)
+              f"second call {rows[-1]['second_call_s'] * 1e3:7.1f} ms   new shape {rows[-1]['new_shape_s']:6.1f} s{backend}",
+              flush=True)
     regional = next((r["cold_start_s"] for r in rows if r["variant"] == "regional-compile"), None)
+    base = next((r for r in rows if r["variant"] == "regional-compile"), None)
     for row in rows:
         row["cold_vs_regional"] = row["cold_start_s"] / regional if regional else None
+        row["warm_vs_regional"] = row["warm_start_s"] / base["warm_start_s"] if base else None
+        row["new_shape_vs_regional"] = row["new_shape_s"] / base["new_shape_s"] if base else None
     device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"cpu ({os.cpu_count()} cores)"
     result = {
         "question": "cold start (first call, fresh Inductor caches) and warm start (second process, same caches)",
         "device": device_name,
         "torch": torch.__version__,
         "date": datetime.date.today().isoformat(),
-        "command": f"python -m bench.cold_start --blocks {args.blocks} --device {args.device} --variants {args.variants}",
-        "model": f"diffusers WanTransformer3DModel, {args.blocks} blocks, dim 128, 256 tokens, random weights",
+        "command": f"python -m bench.cold_start --blocks {args.blocks} --device {args.device} --width {args.width} "
+                   f"--variants {args.variants}",
+        "model": f"diffusers WanTransformer3DModel, {args.blocks} blocks, {args.width} width "
+                 f"({WIDTHS[args.width]['num_attention_heads'] * WIDTHS[args.width]['attention_head_dim']}), 256 tokens "
+                 "(512 for the new shape), random weights",
         "rows": rows,
     }
     os.makedirs(args.out, exist_ok=True)
     slug = "cpu" if args.device == "cpu" else device_name.lower().replace(" ", "-")
-    path = os.path.join(args.out, f"cold_start-{slug}-{result['date']}.json")
+    path = os.path.join(args.out, f"cold_start-{slug}-{result['date']}-{args.width}-{args.blocks}blocks.json")
     with open(path, "w") as f:
         json.dump(result, f, indent=1)
     print(f"wrote {path}")

@@ -131,10 +131,10 @@ def cache_dit_group_offload(ctx: Context) -> Prepared:
 
 
 def stepcache(ctx: Context, inner: str = "inductor", mode: str | None = None, form: str = "piecewise",
-              cudagraphs: str | None = None, offload: dict | None = None) -> Prepared:
+              cudagraphs: str | None = None, offload: dict | None = None, glue: str | None = None) -> Prepared:
     """Outputs need no clone: with CUDA graphs the executor returns copies (see cachepass.cudagraphs.graphed)."""
     fn = cachepass.compile(ctx.model, ctx.config, inner=inner, mode=mode, form=form, cudagraphs=cudagraphs,
-                           offload=offload)
+                           offload=offload, glue=glue)
 
     def decisions():
         return [(u.cached_steps, u.cfg_cached_steps) for u in cachepass.stats(ctx.model)]
@@ -194,6 +194,7 @@ VARIANTS: dict[str, Callable[[Context], Prepared]] = {
     "cache-dit+compiled-blocks": lambda ctx: cache_dit_variant(ctx, "blocks"),
     "stepcache": stepcache,  # the default: on CUDA, conditional CUDA graphs
     "stepcache-no-graphs": lambda ctx: stepcache(ctx, cudagraphs="off"),
+    "stepcache-inductor-glue": lambda ctx: stepcache(ctx, glue="inductor"),  # the default with Inductor glue too
     "stepcache-one-graph": lambda ctx: stepcache(ctx, form="one-graph"),
     "stepcache-piecewise-graphs": lambda ctx: stepcache(ctx, cudagraphs="piecewise"),
     "stepcache-conditional": lambda ctx: stepcache(ctx, cudagraphs="conditional"),

@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 def compile(model: nn.Module, config: Any = None, *, calibrator_config: Any = None, inner: str = "inductor",
             mode: str | None = None, form: str = "piecewise", cudagraphs: str | None = None,
             offload: Any = None, sequence_parallel_group: Any = "auto", fullgraph: bool = True,
-            max_shapes: int | None = None, device: Any = None) -> nn.Module:
+            max_shapes: int | None = None, device: Any = None, glue: str | None = None) -> nn.Module:
     """``torch.compile(model, backend="stepcache", dynamic=False, ...)`` with the options checked up front.
 
     ``model`` may also be a diffusers pipeline: its DiT components are compiled in place and the pipeline
@@ -51,7 +51,8 @@ def compile(model: nn.Module, config: Any = None, *, calibrator_config: Any = No
     decisions as CUDA graphs and reads each decision on the host; ``"conditional"`` joins them with
     IF/ELSE nodes into one graph launch with no host sync (needs cuda-bindings); ``"off"``. Not
     set: the fastest that runs (`CompileOptions.default_cudagraphs`: conditional on CUDA, off on the
-    CPU and with offload), logged. ``offload`` (piecewise form):
+    CPU and with offload), logged. ``glue``: the compiler of the pieces between blocks (default: ``inner``,
+    but ``"aot_eager"`` for Inductor under CUDA graphs, `CompileOptions.glue_compiler`). ``offload`` (piecewise form):
     ``{"budget": "8GB", "slots": 2}`` keeps that many bytes of weights on the device and streams the
     other blocks from pinned host memory, planned from the cache schedule (`OffloadConfig`).
     ``device``: where the model runs (default: where its weights are). With ``offload`` and a model
@@ -70,7 +71,7 @@ def compile(model: nn.Module, config: Any = None, *, calibrator_config: Any = No
     """
     if is_pipeline(model):
         return compile_pipeline(model, config, compile, calibrator_config=calibrator_config, inner=inner, mode=mode,
-                                form=form, cudagraphs=cudagraphs, offload=offload,
+                                form=form, cudagraphs=cudagraphs, offload=offload, glue=glue,
                                 sequence_parallel_group=sequence_parallel_group, fullgraph=fullgraph,
                                 max_shapes=max_shapes, device=device)
     if max_shapes is not None and (isinstance(max_shapes, bool) or not isinstance(max_shapes, int) or max_shapes < 1):
@@ -83,6 +84,8 @@ def compile(model: nn.Module, config: Any = None, *, calibrator_config: Any = No
         options["mode"] = mode
     if cudagraphs is not None:
         options["cudagraphs"] = cudagraphs
+    if glue is not None:
+        options["glue"] = glue
     if offload is not None:
         options["offload"] = offload
     if sequence_parallel_group != "auto":
@@ -333,7 +336,7 @@ def _piecewise_plan(rewritten: Rewritten) -> tuple[Plan, CompileCount]:
     """The plan the piecewise form would run (pieces are not compiled)."""
     inputs = [example_value(n) for n in rewritten.graph.graph.nodes if n.op == "placeholder"][:-len(rewritten.layout.specs)]
     state = static_example_state(inputs, rewritten.layout, rewritten.units[0].hidden.device)
-    compiler = PieceCompiler(lambda piece, piece_inputs: piece.forward)
+    compiler = PieceCompiler(lambda piece, piece_inputs, kind: piece.forward)
     _, plan = build_program(rewritten.graph, [*inputs, *state], compiler, {u.name for u in rewritten.units})
     return plan, compiler.count
 

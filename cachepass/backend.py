@@ -72,13 +72,17 @@ def stepcache(gm: fx.GraphModule, example_inputs: Sequence[Any], *, mode: str | 
                              "cudagraphs='piecewise' runs it (one host read of each decision per call)")
     opts.check_offload_device(device)
     hooks = _program_hooks(rewritten, opts, device, graphed=cudagraphs is not CudaGraphs.OFF)
-    # the executor captures CUDA graphs over whole stretches of pieces; Inductor must not capture each piece
-    compiler = PieceCompiler(lambda piece, piece_inputs: inner_compile(piece, piece_inputs, opts.inner, opts.mode,
-                                                                       cudagraphs=False))
+    glue = opts.glue_compiler(cudagraphs)
+
+    def compile_piece(piece: fx.GraphModule, piece_inputs: list, kind: str) -> Callable:
+        # the executor captures CUDA graphs over whole stretches of pieces; Inductor must not capture each piece
+        return inner_compile(piece, piece_inputs, opts.inner if kind == "block" else glue, opts.mode, cudagraphs=False)
+
+    compiler = PieceCompiler(compile_piece)
     program, plan = build_program(rewritten.graph, inputs, compiler, {u.name for u in units}, hooks)
-    log.info("stepcache: piecewise, %d block pieces, cudagraphs=%s; %s; backend %.1f s (passes %.1f s, compiles: %s)",
-             len(plan.blocks), cudagraphs.value, compiler.count, time.perf_counter() - start,
-             passes_done - start, compiler.count.timings())
+    log.info("stepcache: piecewise, %d block pieces, cudagraphs=%s, glue=%s; %s; backend %.1f s (passes %.1f s, "
+             "compiles: %s)", len(plan.blocks), cudagraphs.value, glue.value, compiler.count,
+             time.perf_counter() - start, passes_done - start, compiler.count.timings())
     states = StateSet(layout, device, _anchor_index(example_inputs), rewritten.graph, plan, hooks.reset)
     if cudagraphs is CudaGraphs.OFF:
         return _with_state(program.forward, states, hooks)

@@ -47,7 +47,7 @@ def test_cudagraphs_off_is_the_plain_program(caplog):
     cfg = toy_config(num_inference_steps=STEPS)
     with caplog.at_level("INFO", logger="cachepass"):
         off = generate(case, cachepass.compile(case.model(), cfg, inner="aot_eager", cudagraphs="off"), STEPS)
-    assert "cudagraphs=off" in caplog.text
+    assert "cudagraphs=off, glue=aot_eager" in caplog.text
     torch.testing.assert_close(off, generate(case, cachepass.compile(case.model(), cfg, inner="aot_eager"), STEPS),
                                atol=0, rtol=0)
 
@@ -81,6 +81,7 @@ def test_the_default_is_the_fastest_form_that_runs_here(monkeypatch):
     offload (its copies overlap only without graphs so far), with mode='max-autotune-no-cudagraphs', or off CUDA."""
     from cachepass import options as options_module
     from cachepass.cudagraphs.graphed import CudaGraphs
+    from cachepass.inner import Inner
     from cachepass.options import parse_options
 
     cuda = torch.device("cuda", 0)
@@ -97,6 +98,12 @@ def test_the_default_is_the_fastest_form_that_runs_here(monkeypatch):
     chosen, reason = plain.default_cudagraphs(cuda)
     assert chosen is CudaGraphs.PIECEWISE and "no cuda-bindings" in reason
     assert plain.cudagraphs_on(cuda) is CudaGraphs.PIECEWISE  # what the backend asks
+    # glue under graphs: aot_eager (replay already removed its launches); without: the inner compiler; or as set
+    assert plain.glue_compiler(CudaGraphs.CONDITIONAL) is Inner.AOT_EAGER
+    assert plain.glue_compiler(CudaGraphs.OFF) is Inner.INDUCTOR
+    assert parse_options({"config": toy_config(), "glue": "inductor"}).glue_compiler(CudaGraphs.PIECEWISE) is Inner.INDUCTOR
+    with pytest.raises(ValueError, match=r"glue='tvm' is invalid; allowed: \['inductor', 'aot_eager', 'eager'\]"):
+        cachepass.compile(torch.nn.Linear(2, 2), toy_config(), glue="tvm")
 
 
 class _Holder:

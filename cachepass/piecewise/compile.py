@@ -68,7 +68,7 @@ class PieceCompiler:
     def _compile(self, piece: fx.GraphModule, example_inputs: list, kind: str) -> Callable:
         start = time.perf_counter()
         _give_example_values(piece, example_inputs)
-        artifact = self.compile_fn(piece, example_inputs)
+        artifact = self.compile_fn(piece, example_inputs, kind)
         seconds = time.perf_counter() - start
         self.count.seconds[kind] += seconds
         self.count.each.append((kind, seconds))
