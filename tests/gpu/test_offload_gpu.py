@@ -62,6 +62,19 @@ def test_offload_matches_the_resident_model_with_and_without_cuda_graphs(name, t
             assert stats.counters.bytes_moved - before.bytes_moved == copied
 
 
+def test_offload_is_bit_identical_to_the_resident_model_under_inductor():
+    """The streamed blocks run the resident model's kernels: slot views have the parameters' layout, and one
+    compiled block serves resident and streamed blocks alike; off, piecewise and conditional graphs."""
+    case = CASES["wan"]
+    for mode in ("off", "piecewise", "conditional"):
+        resident = generate_on_gpu(case, cachepass.compile(case.model().cuda(), config(case), cudagraphs=mode), 1)
+        model = case.model().cuda()
+        compiled = cachepass.compile(model, config(case), cudagraphs=mode, offload={"budget": budget(model, "wan", 0.6)})
+        offloaded = generate_on_gpu(case, compiled, 1)
+        assert cachepass.offload_stats(model).residency.slot_of, mode  # some blocks streamed
+        assert torch.equal(offloaded, resident), f"{mode}: max abs {(offloaded - resident).abs().max().item()}"
+
+
 @pytest.mark.parametrize("mode", ["off", "conditional"])
 def test_weight_changes_between_generations_reach_the_streamed_blocks(mode, caplog):
     """As on the CPU (tests/test_offload.py), with the streamed weights in mapped pinned host memory:
