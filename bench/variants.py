@@ -194,7 +194,7 @@ VARIANTS: dict[str, Callable[[Context], Prepared]] = {
     "cache-dit+compiled-blocks": lambda ctx: cache_dit_variant(ctx, "blocks"),
     "stepcache": stepcache,  # the default: on CUDA, conditional CUDA graphs
     "stepcache-no-graphs": lambda ctx: stepcache(ctx, cudagraphs="off"),
-    "stepcache-inductor-glue": lambda ctx: stepcache(ctx, glue="inductor"),  # the default with Inductor glue too
+    "stepcache-eager-glue": lambda ctx: stepcache(ctx, glue="aot_eager"),  # faster cold start, slower run
     "stepcache-one-graph": lambda ctx: stepcache(ctx, form="one-graph"),
     "stepcache-piecewise-graphs": lambda ctx: stepcache(ctx, cudagraphs="piecewise"),
     "stepcache-conditional": lambda ctx: stepcache(ctx, cudagraphs="conditional"),

@@ -98,10 +98,9 @@ def test_the_default_is_the_fastest_form_that_runs_here(monkeypatch):
     chosen, reason = plain.default_cudagraphs(cuda)
     assert chosen is CudaGraphs.PIECEWISE and "no cuda-bindings" in reason
     assert plain.cudagraphs_on(cuda) is CudaGraphs.PIECEWISE  # what the backend asks
-    # glue under graphs: aot_eager (replay already removed its launches); without: the inner compiler; or as set
-    assert plain.glue_compiler(CudaGraphs.CONDITIONAL) is Inner.AOT_EAGER
-    assert plain.glue_compiler(CudaGraphs.OFF) is Inner.INDUCTOR
-    assert parse_options({"config": toy_config(), "glue": "inductor"}).glue_compiler(CudaGraphs.PIECEWISE) is Inner.INDUCTOR
+    # the glue pieces: the inner compiler, or as set
+    assert plain.glue_compiler() is Inner.INDUCTOR
+    assert parse_options({"config": toy_config(), "glue": "aot_eager"}).glue_compiler() is Inner.AOT_EAGER
     with pytest.raises(ValueError, match=r"glue='tvm' is invalid; allowed: \['inductor', 'aot_eager', 'eager'\]"):
         cachepass.compile(torch.nn.Linear(2, 2), toy_config(), glue="tvm")
 

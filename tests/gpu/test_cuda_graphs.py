@@ -155,17 +155,15 @@ def test_an_input_the_model_writes_is_written_back(caplog):
 
 
 def test_the_default_on_cuda_is_conditional_graphs(caplog):
-    """No option set: IF/ELSE graphs with the glue under aot_eager, no host sync, the outputs of the same
-    pieces run without graphs (Inductor blocks)."""
+    """No option set: IF/ELSE graphs, no host sync, the outputs of the program without graphs (Inductor)."""
     case = CASES["wan"]
-    expected = generate_on_gpu(case, cachepass.compile(case.model().cuda(), config(case), cudagraphs="off",
-                                                       glue="aot_eager"), 1)
+    expected = generate_on_gpu(case, cachepass.compile(case.model().cuda(), config(case), cudagraphs="off"), 1)
     model = case.model().cuda()
     with caplog.at_level("INFO", logger="cachepass"):
         compiled = cachepass.compile(model, config(case))
         first = generate_on_gpu(case, compiled, 1)
         _, syncs, where = generate_on_gpu(case, compiled, 1, count_syncs=True)
-    assert "cudagraphs='conditional' by default" in caplog.text and "cudagraphs=conditional, glue=aot_eager" in caplog.text
+    assert "cudagraphs='conditional' by default" in caplog.text and "cudagraphs=conditional, glue=inductor" in caplog.text
     assert caplog.text.count("captured CUDA graphs (conditional)") == 1
     assert syncs == 0, where
     torch.testing.assert_close(first, expected, atol=0, rtol=0)
