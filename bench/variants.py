@@ -117,15 +117,19 @@ def _rebuild(ctx: Context) -> None:
     ctx.model, _ = ctx.workload.setup(device)
 
 
-def cache_dit_group_offload(ctx: Context) -> Prepared:
-    """diffusers group offloading (block level, one block per group, prefetch on a stream) + cache-dit."""
+def cache_dit_group_offload(ctx: Context, cache_first: bool = False) -> Prepared:
+    """diffusers group offloading (block level, one block per group, prefetch on a stream) + cache-dit: the hooks
+    then the cache (the order that cached no step on 2026-11-28), or the cache then the hooks."""
     import cache_dit
 
     model = ctx.model.to("cpu")
+    db, taylor = ctx.config.to_cache_dit()
+    if cache_first:
+        cache_dit.enable_cache(model, cache_config=db, calibrator_config=taylor)
     model.enable_group_offload(onload_device=ctx.shared["device"], offload_device=torch.device("cpu"),
                                offload_type="block_level", num_blocks_per_group=1, use_stream=True)
-    db, taylor = ctx.config.to_cache_dit()
-    cache_dit.enable_cache(model, cache_config=db, calibrator_config=taylor)
+    if not cache_first:
+        cache_dit.enable_cache(model, cache_config=db, calibrator_config=taylor)
     return Prepared(model, lambda: cache_dit.refresh_context(model), lambda: _cache_dit_decisions(model),
                     lambda: _rebuild(ctx))
 
@@ -202,7 +206,8 @@ VARIANTS: dict[str, Callable[[Context], Prepared]] = {
     "stepcache-eager": lambda ctx: stepcache(ctx, inner="eager"),
     "stepcache-offload": stepcache_offload,
     "stepcache-offload-conditional": lambda ctx: stepcache_offload(ctx, cudagraphs="conditional"),
-    "cache-dit+group-offload": cache_dit_group_offload,
+    "cache-dit+group-offload": cache_dit_group_offload,  # hooks, then cache
+    "cache-dit-first+group-offload": lambda ctx: cache_dit_group_offload(ctx, cache_first=True),
     "ideal": ideal,
     "ideal-reduce-overhead": lambda ctx: ideal(ctx, "reduce-overhead"),
 }

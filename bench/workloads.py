@@ -193,6 +193,11 @@ WORKLOADS = {
         _wan_call, _video_channels, ("blocks",), shift=3.0,
         note="Wan2.1-T2V-14B config (40 blocks, dim 5120, ffn 13824, 28 GB bf16), 480x832, 33 frames (14040 tokens)",
     ),
+    "wan-1.3b-9f": Workload(
+        "wan-1.3b-9f", _diffusers("WanTransformer3DModel", WAN_1_3B), _wan_inputs(9, 480, 832, 4096),
+        _wan_call, _video_channels, ("blocks",), shift=3.0,
+        note="Wan2.1-T2V-1.3B config, 480x832, 9 frames (3 latent frames, 4680 tokens): offload's worst bytes/compute",
+    ),
     "wan-1.3b-1f": Workload(
         "wan-1.3b-1f", _diffusers("WanTransformer3DModel", WAN_1_3B), _wan_inputs(1, 480, 832, 4096),
         _wan_call, _video_channels, ("blocks",), shift=3.0,
