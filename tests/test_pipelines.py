@@ -62,6 +62,7 @@ def test_without_a_config_the_family_gives_the_cfg_layout():
 
     wan = cachepass.compile(wan_pipeline())
     assert compile_options(wan.transformer).config == cachepass.StepCacheConfig(separate_cfg=True)
+    assert cachepass.release(wan) == 0  # a pipeline's DiT components; no CUDA graphs on the CPU
     flux = FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=None, text_encoder=None, tokenizer=None,
                         text_encoder_2=None, tokenizer_2=None, transformer=CASES["flux"].model())
     assert compile_options(cachepass.compile(flux).transformer).config.separate_cfg is False
