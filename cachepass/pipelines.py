@@ -134,6 +134,12 @@ def _expert_shares(pipe: Any, steps: int, modules: dict[str, nn.Module]) -> dict
     if len(modules) < 2 or ratio is None:
         return dict.fromkeys(modules, steps)
     scheduler = copy.deepcopy(pipe.scheduler)
-    scheduler.set_timesteps(steps, device="cpu")
+    try:
+        scheduler.set_timesteps(steps, device="cpu")
+    except Exception as error:  # a scheduler that needs more than the count (e.g. ``mu``)
+        log.warning("stepcache: %s: could not split %d steps between the experts at boundary_ratio=%s (%s); each "
+                    "expert's step count is left open (no count warnings for it)", type(pipe).__name__, steps, ratio,
+                    error)
+        return dict.fromkeys(modules, None)
     high = int((scheduler.timesteps >= ratio * scheduler.config.num_train_timesteps).sum())
     return {"transformer": high, "transformer_2": steps - high}
