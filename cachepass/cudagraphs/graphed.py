@@ -94,15 +94,14 @@ class GraphedProgram:
                             "weights replaced); capturing them again (capture %d)", moved, self.captures + 1)
         if self.without_graphs is not None:
             return self.program(*args)
-        try:
-            return self._capture(key, args)
-        except CachepassError as error:
-            if not self.chosen_by_default:
-                raise
-            self.without_graphs = str(error)
-            log.warning("stepcache: %s; this program runs without CUDA graphs (they were the default, not asked for)",
-                        error)
-            return self.program(*args)
+        return self._capture(key, args)
+
+    def _give_up(self, error: CachepassError) -> None:
+        """Graphs cannot take this program: an error if they were asked for, else no graphs from now on (logged)."""
+        if not self.chosen_by_default:
+            raise error
+        self.without_graphs = str(error)
+        log.warning("stepcache: %s; this program runs without CUDA graphs (they were the default, not asked for)", error)
 
     def drop(self, key: int) -> None:
         """Forget the graphs of state ``key``: its next call captures again (`memory.HoldsGraphSets`)."""
@@ -112,7 +111,11 @@ class GraphedProgram:
     def _capture(self, key: torch.Tensor, args: tuple) -> Any:
         """The first call of a state: run it (warming every kernel), then capture its graphs."""
         start = time.perf_counter()
-        static, copied = _split_inputs(args, self.state_count)
+        try:
+            static, copied = _split_inputs(args, self.state_count)
+        except CachepassError as error:
+            self._give_up(error)
+            return self.program(*args)
         before = [args[i].clone() for i in copied]
         out = self._warm(args)
         warmed = time.perf_counter()
@@ -122,8 +125,11 @@ class GraphedProgram:
                      "each replay", mutated)
         try:
             runner = _Runner(self.program, args, static, copied, mutated, self.device, self.mode, self.hooks)
-        except RuntimeError as error:  # CUDA refused to capture (an op that syncs, a CPU tensor, ...)
-            raise CachepassError(f"CUDA graphs could not capture this program: {error}") from error
+        except RuntimeError as error:  # CUDA refused to capture (an op that syncs, ...); the call itself has run
+            failure = CachepassError(f"CUDA graphs could not capture this program: {error}")
+            failure.__cause__ = error
+            self._give_up(failure)
+            return out
         runners, key_id = self._runners, id(key)
         runners[key_id] = (weakref.ref(key, lambda _: self.drop(key_id)), runner)  # freed with the state
         memory.added(self, key_id, self.device)
