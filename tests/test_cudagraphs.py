@@ -147,3 +147,35 @@ def test_release_before_any_call_and_on_the_wrong_type():
     assert cachepass.release(cachepass.compile(CASES["toy"].model(), toy_config(), inner="aot_eager")) == 0
     with pytest.raises(TypeError, match="cachepass.release expects a compiled module"):
         cachepass.release("model")
+
+
+class _CountsItsCalls(torch.nn.Module):
+    def forward(self, x, calls):
+        calls.add_(1)  # the state: a second run of one call would count twice
+        return x * 2
+
+
+def test_a_refused_capture_returns_the_warm_up_call_and_the_default_runs_on_without_graphs(monkeypatch, caplog):
+    """The control flow around a capture CUDA refuses (its capture itself needs a GPU: tests/gpu): the call that
+    warmed up is the call's result (the state advanced once), then no graphs if they were the default, and an
+    error naming the cause if they were asked for."""
+    from cachepass.cudagraphs import graphed
+    from cachepass.cudagraphs.graphed import CudaGraphs, GraphedProgram
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(graphed, "_split_inputs", lambda args, state_count: ([1], [0]))
+    monkeypatch.setattr(GraphedProgram, "_warm", lambda self, args: self.program(*args))
+    monkeypatch.setattr(graphed, "_Runner", refuse)
+    program = torch.fx.symbolic_trace(_CountsItsCalls())
+    x = torch.ones(2)
+    asked = GraphedProgram(program, torch.device("cuda", 0), CudaGraphs.CONDITIONAL, 1)
+    with pytest.raises(cachepass.CachepassError, match="could not capture this program: operation not permitted"):
+        asked(x, torch.zeros(()))
+    default = GraphedProgram(program, torch.device("cuda", 0), CudaGraphs.CONDITIONAL, 1, chosen_by_default=True)
+    calls = torch.zeros(())
+    with caplog.at_level("WARNING", logger="cachepass"):
+        assert torch.equal(default(x, calls), x * 2) and calls.item() == 1
+    assert "runs without CUDA graphs (they were the default, not asked for)" in caplog.text
+    assert torch.equal(default(x, calls), x * 2) and calls.item() == 2 and default.without_graphs is not None
