@@ -25,7 +25,7 @@ from torch import nn
 from cachepass.config import StepCacheConfig
 from cachepass.errors import CachepassError
 from cachepass.options import coerce_config
-from cachepass.state.runtime import generation_steps, states_of
+from cachepass.state.runtime import pipeline_generation
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +82,7 @@ def _generation_class(cls: type) -> type:
 
         @functools.wraps(original)
         def __call__(self, *args, **kwargs):
-            with _begin_generation(self, args, kwargs):
+            with _begin_generation(self, original, args, kwargs):
                 return original(self, *args, **kwargs)
 
         _GENERATION_CLASSES[cls] = type(cls.__name__, (cls,), {"__call__": __call__, "__module__": cls.__module__,
@@ -90,12 +90,12 @@ def _generation_class(cls: type) -> type:
     return _GENERATION_CLASSES[cls]
 
 
-def _begin_generation(pipe: Any, args: tuple, kwargs: dict):
+def _begin_generation(pipe: Any, call: Callable, args: tuple, kwargs: dict):
     """A pipeline call is one generation (as with cache-dit's ``enable_cache(pipe)``): every DiT component's
     state starts fresh, and runs the call's step count (each expert its share), a device value, so no recompile."""
     config = _COMPILED.get(pipe)
     modules = {name: getattr(pipe, name) for name in DIT_COMPONENTS if isinstance(getattr(pipe, name, None), nn.Module)}
-    steps = _call_steps(pipe, args, kwargs)
+    steps = _call_steps(pipe, call, args, kwargs)
     counts = _expert_shares(pipe, steps, modules) if steps is not None else dict.fromkeys(modules, None)
     if config is not None and config.steps_computation_mask is not None:
         wrong = {name: n for name, n in counts.items() if n is not None and n != config.num_inference_steps}
@@ -105,17 +105,13 @@ def _begin_generation(pipe: Any, args: tuple, kwargs: dict):
                 f"{config.num_inference_steps}), but this call of {type(pipe).__name__} runs "
                 f"{', '.join(f'{n} steps on {name}' for name, n in wrong.items())}: call it with num_inference_steps="
                 f"{config.num_inference_steps}, or compile with a mask of that many entries")
-    for module in modules.values():
-        for state in states_of(module):
-            state.reset()
-    return generation_steps({modules[name]: n for name, n in counts.items()})
+    return pipeline_generation({modules[name]: n for name, n in counts.items()})
 
 
-def _call_steps(pipe: Any, args: tuple, kwargs: dict) -> int | None:
-    """The denoising steps a pipeline call asks for: its ``timesteps`` / ``sigmas`` list, else ``num_inference_steps``."""
-    original = next(c for c in type(pipe).__mro__ if c not in _GENERATION_CLASSES.values()).__call__
+def _call_steps(pipe: Any, call: Callable, args: tuple, kwargs: dict) -> int | None:
+    """The denoising steps a pipeline ``call`` asks for: its ``timesteps`` / ``sigmas`` list, else ``num_inference_steps``."""
     try:
-        bound = inspect.signature(original).bind(pipe, *args, **kwargs)
+        bound = inspect.signature(call).bind(pipe, *args, **kwargs)
     except TypeError:
         return None  # the pipeline raises its own error
     bound.apply_defaults()

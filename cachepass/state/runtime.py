@@ -289,14 +289,15 @@ _GENERATION = _Generation()
 
 
 @contextlib.contextmanager
-def generation_steps(counts: dict[nn.Module, int | None]):
-    """During a pipeline call: each module's states run ``counts[module]`` steps, those made in the call too;
-    afterwards, the config's count again (a call outside the pipeline, e.g. through ``from_pipe``, is not its
-    continuation: an interrupted call is not reported as a short generation)."""
+def pipeline_generation(counts: dict[nn.Module, int | None]):
+    """A pipeline call: each module's states start a generation of ``counts[module]`` steps, as do those made
+    during the call; afterwards, the config's count again (a call outside the pipeline, e.g. through
+    ``from_pipe``, is not its continuation: an interrupted call is not reported as a short generation)."""
     by_anchor = {id(p): steps for module, steps in counts.items() for p in itertools.chain(module.parameters(),
                                                                                             module.buffers())}
     for module, steps in counts.items():
         for state in states_of(module):
+            state.reset()
             state.set_steps(steps)
     outer, _GENERATION.steps = _GENERATION.steps, by_anchor
     try:
