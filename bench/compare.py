@@ -240,10 +240,9 @@ def _run_interleaved(names, ctx, inputs, args, device, progress_factory, meta) -
     from torch._inductor import utils
 
     fresh_inductor = getattr(utils, "fresh_cache", None) or utils.fresh_inductor_cache
-    template = copy.deepcopy(ctx.model).to("cpu")
-    ctx.model.to("cpu")
+    template = ctx.model.to("cpu")  # each variant gets a copy of it on the device
     live = []  # (row, ctx, prepared, last output)
-    rows, reference = [], None
+    rows = []
     with torch.no_grad():
         for name in names:
             held = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
