@@ -89,9 +89,9 @@ class CompileOptions:
     def glue_compiler(self) -> Inner:
         """The compiler of the glue pieces (everything but the blocks: embeddings, decisions, the output head).
 
-        Not set: ``inner``. ``aot_eager`` under CUDA graphs starts faster (Wan2.1-1.3B, 30 blocks, H200: 22.7
-        s cold instead of 28.8) but runs 9% slower at one frame (0.247 vs 0.226 s per generation), and its
-        pieces miss the cross-process cache, so it is not the default.
+        Not set: ``inner``. ``aot_eager`` under CUDA graphs compiles faster (Wan2.1-1.3B, 30 blocks, H200: a first
+        call of 22.7 s instead of 28.8, in one process) but runs 9% slower at one frame (0.247 vs 0.226 s per
+        generation), so it is not the default.
         """
         return self.glue if self.glue is not None else self.inner
 
