@@ -9,6 +9,12 @@ Python), inflated by the profiler's own overhead, so compare idle between varian
 ``wall_s`` (one unprofiled generation; use bench.compare for timings). A variant slower than the
 ideal with the same busy time loses on the host side. ``--host`` adds where the host's time goes:
 one more generation under cProfile, its top functions by own time (``host_top``).
+
+On CUDA the same trace also gives (`bench.device_trace`) the seconds of kernels, of host-to-device
+copies and of the copies that ran beside no kernel (``HtoD exposed``): the overlap offload lives on.
+
+    python -m bench.profile_gap --workload wan-1.3b-9f --offload-blocks 1.2GB \
+        --variants stepcache-offload,stepcache-offload-piecewise,stepcache-offload-conditional
 """
 
 from __future__ import annotations
@@ -25,11 +31,13 @@ import sys
 import torch
 from torch.autograd import DeviceType
 
+from bench import device_trace
 from bench.compare import device_name, step_config
 from bench.measure import generation
 from bench.timing import count_syncs, timed
 from bench.variants import VARIANTS, Context, remember_decisions
 from bench.workloads import WORKLOADS
+from cachepass.offload.plan import parse_bytes
 
 
 def profile(ctx: Context, name: str, inputs, device: torch.device, host: bool = False) -> dict:
@@ -39,6 +47,7 @@ def profile(ctx: Context, name: str, inputs, device: torch.device, host: bool = 
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]) as prof:
         _, profiled_wall = timed(lambda: generation(ctx, prepared, inputs), device)
     busy_us = sum(e.self_device_time_total for e in prof.key_averages() if e.device_type == DeviceType.CUDA)
+    trace = device_trace.of(prof) if device.type == "cuda" else None
     if name.startswith("stepcache"):
         remember_decisions(ctx, prepared.decisions())
     calls = ctx.workload.calls_per_generation
@@ -46,7 +55,7 @@ def profile(ctx: Context, name: str, inputs, device: torch.device, host: bool = 
     host_top = _host_profile(lambda: generation(ctx, prepared, inputs), device) if host else None
     prepared.cleanup()
     return {
-        "host_top": host_top,
+        "host_top": host_top, "device_trace": trace,
         "variant": name, "wall_s": wall, "profiled_wall_s": profiled_wall, "device_busy_s": busy_us / 1e6,
         "device_idle_s": profiled_wall - busy_us / 1e6, "calls": calls,
         "syncs_per_call": None if syncs is None else syncs / calls,
@@ -72,20 +81,26 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", default=None, help="write the rows as JSON here")
     parser.add_argument("--host", action="store_true", help="also profile one generation's host time with cProfile")
+    parser.add_argument("--offload-blocks", default="8GB",
+                        help="device bytes for block weights in the stepcache-offload variants (resident + slots)")
     args = parser.parse_args(argv)
     device, workload = torch.device(args.device), WORKLOADS[args.workload]
     model, inputs = workload.setup(device)
     ctx = Context(workload, model, step_config(workload, "static", 0.08), "inductor")
+    ctx.shared.update(device=device, offload_block_bytes=parse_bytes(args.offload_blocks))
     with torch.no_grad():
         rows = [profile(ctx, name, inputs, device, args.host) for name in args.variants.split(",")]
     meta = {"workload": workload.name, "device": device_name(device), "torch": torch.__version__,
             "date": datetime.date.today().isoformat(),
             "command": "python -m bench.profile_gap " + " ".join(argv or sys.argv[1:])}
-    print("| variant | wall s | device busy s | device idle s | idle ms/call | syncs/call |")
-    print("|---|---|---|---|---|---|")
+    print("| variant | wall s | device busy s | device idle s | idle ms/call | syncs/call | kernel s | HtoD s | "
+          "HtoD exposed s | HtoD GB/s |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
+        t = r["device_trace"] or {}
+        copies = " | ".join(f"{t[k]:.3f}" if k in t else "" for k in ("kernel_s", "htod_s", "htod_exposed_s", "htod_gbps"))
         print(f"| {r['variant']} | {r['wall_s']:.3f} | {r['device_busy_s']:.3f} | {r['device_idle_s']:.3f} | "
-              f"{1e3 * r['device_idle_s'] / r['calls']:.2f} | {r['syncs_per_call']} |")
+              f"{1e3 * r['device_idle_s'] / r['calls']:.2f} | {r['syncs_per_call']} | {copies} |")
     for r in rows if args.host else ():
         print(f"host time of {r['variant']}, one generation:\n{r['host_top']}")
     if args.out:

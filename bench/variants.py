@@ -205,6 +205,7 @@ VARIANTS: dict[str, Callable[[Context], Prepared]] = {
     "stepcache-aot_eager": lambda ctx: stepcache(ctx, inner="aot_eager"),
     "stepcache-eager": lambda ctx: stepcache(ctx, inner="eager"),
     "stepcache-offload": stepcache_offload,
+    "stepcache-offload-piecewise": lambda ctx: stepcache_offload(ctx, cudagraphs="piecewise"),
     "stepcache-offload-conditional": lambda ctx: stepcache_offload(ctx, cudagraphs="conditional"),
     "cache-dit+group-offload": cache_dit_group_offload,  # hooks, then cache
     "cache-dit-first+group-offload": lambda ctx: cache_dit_group_offload(ctx, cache_first=True),

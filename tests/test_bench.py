@@ -78,3 +78,24 @@ def test_profile_gap_reports_busy_and_idle_time_per_variant(tmp_path):
         assert row["device_busy_s"] == 0  # no device kernels on CPU: all of the wall is host time
         assert row["device_idle_s"] == row["profiled_wall_s"] > 0
     assert "| stepcache-aot_eager |" in result.stdout
+
+
+def test_device_trace_counts_only_the_copy_time_no_kernel_ran_beside_as_exposed():
+    from bench.device_trace import summarize
+
+    events = [
+        {"cat": "kernel", "name": "k", "ts": 0, "dur": 100, "tid": 7},
+        {"cat": "kernel", "name": "k", "ts": 50, "dur": 100, "tid": 7},  # overlaps the first: 150 us of kernels
+        {"cat": "gpu_memcpy", "name": "Memcpy HtoD (Pinned -> Device)", "ts": 120, "dur": 60, "tid": 9,
+         "args": {"bytes": 6000}},  # 30 us beside the kernels, 30 after them
+        {"cat": "gpu_memcpy", "name": "Memcpy DtoD (Device -> Device)", "ts": 0, "dur": 10, "tid": 7},
+        {"cat": "cpu_op", "name": "aten::add", "ts": 0, "dur": 1000},
+    ]
+    t = summarize(events)
+    assert t["kernel_s"] == pytest.approx(150e-6)
+    assert t["htod_s"] == pytest.approx(60e-6)
+    assert t["htod_overlapped_s"] == pytest.approx(30e-6)
+    assert t["htod_exposed_s"] == pytest.approx(30e-6)
+    assert t["htod_gbps"] == pytest.approx(0.1)  # 6000 B in 60 us
+    assert t["copy_kinds"]["Memcpy DtoD (Device -> Device)"]["count"] == 1
+    assert t["copy_streams"] == [9] and t["kernel_streams"] == [7]

@@ -18,11 +18,11 @@ nodes of its own for eager ``torch.cond``; this path works on torch 2.11 too.
 from __future__ import annotations
 
 import ctypes
-import functools
 from typing import Sequence
 
 import torch
 
+from cachepass.cudagraphs.nvrtc import check, kernel
 from cachepass.errors import CachepassError
 
 MIN_DRIVER = 12080  # IF nodes with an ELSE body (conditional.size = 2)
@@ -45,7 +45,7 @@ def unavailable_reason(device: torch.device) -> str | None:
         from cuda.bindings import driver
     except ImportError:
         return "the cuda-bindings package is not installed (pip install cuda-bindings, the major version of your CUDA)"
-    version = _check(driver.cuDriverGetVersion())
+    version = check(driver.cuDriverGetVersion())
     if version < MIN_DRIVER:
         return f"the CUDA driver supports CUDA {version // 1000}.{version % 1000 // 10}; IF/ELSE nodes need 12.8 or newer"
     try:
@@ -53,14 +53,6 @@ def unavailable_reason(device: torch.device) -> str | None:
     except Exception as error:  # NVRTC missing or failing: say so, with its message
         return f"compiling the set-condition kernel with NVRTC failed: {error}"
     return None
-
-
-def _check(result):
-    """cuda-bindings returns (status, *values): raise on a bad status, return the value(s)."""
-    status, *values = result if isinstance(result, tuple) else (result,)
-    if int(status) != 0:
-        raise CachepassError(f"CUDA driver call failed: {status!r}")
-    return values[0] if len(values) == 1 else tuple(values)
 
 
 def _add_node(driver, graph, dependencies: list, params):
@@ -72,25 +64,8 @@ def _add_node(driver, graph, dependencies: list, params):
     return driver.cuGraphAddNode(graph, dependencies, len(dependencies), params)
 
 
-@functools.cache
 def _set_condition_kernel(device_index: int):
-    from cuda.bindings import driver, nvrtc
-
-    with torch.cuda.device(device_index):
-        torch.cuda.synchronize()  # makes the device's primary context current on this thread (driver calls need it)
-        major, minor = torch.cuda.get_device_capability(device_index)
-        program = _check(nvrtc.nvrtcCreateProgram(_SET_CONDITION.encode(), b"cachepass_set_condition.cu", 0, [], []))
-        options = [f"--gpu-architecture=compute_{major}{minor}".encode()]
-        status, = nvrtc.nvrtcCompileProgram(program, len(options), options)
-        if int(status) != 0:
-            size = _check(nvrtc.nvrtcGetProgramLogSize(program))
-            log = bytearray(size)
-            nvrtc.nvrtcGetProgramLog(program, log)
-            raise CachepassError(f"NVRTC failed on the set-condition kernel: {log.decode(errors='replace')}")
-        ptx = bytearray(_check(nvrtc.nvrtcGetPTXSize(program)))
-        _check(nvrtc.nvrtcGetPTX(program, ptx))
-        module = _check(driver.cuModuleLoadData(bytes(ptx)))
-        return module, _check(driver.cuModuleGetFunction(module, b"cachepass_set_condition"))
+    return kernel(_SET_CONDITION, "cachepass_set_condition", device_index)
 
 
 class ConditionalGraph:
@@ -105,44 +80,44 @@ class ConditionalGraph:
 
         self._driver = driver
         self._keep = list(parts)  # the torch graphs own the pool memory the child graphs use
-        _, kernel = _set_condition_kernel(device.index)
-        context = _check(driver.cuCtxGetCurrent())
-        graph = _check(driver.cuGraphCreate(0))
+        set_condition = _set_condition_kernel(device.index)
+        context = check(driver.cuCtxGetCurrent())
+        graph = check(driver.cuGraphCreate(0))
         last: list = []
         for part in parts:
             if isinstance(part, tuple):
-                last = self._add_decision(graph, last, context, kernel, *part)
+                last = self._add_decision(graph, last, context, set_condition, *part)
             else:
-                last = [_check(driver.cuGraphAddChildGraphNode(graph, last, len(last), part.raw_cuda_graph()))]
+                last = [check(driver.cuGraphAddChildGraphNode(graph, last, len(last), part.raw_cuda_graph()))]
         self._graph = graph
-        self._exec = _check(driver.cuGraphInstantiate(graph, 0))
+        self._exec = check(driver.cuGraphInstantiate(graph, 0))
 
-    def _add_decision(self, graph, last: list, context, kernel, pred: torch.Tensor, cached, compute) -> list:
+    def _add_decision(self, graph, last: list, context, set_condition, pred: torch.Tensor, cached, compute) -> list:
         driver = self._driver
         if pred.dtype != torch.bool or pred.numel() != 1:
             raise CachepassError(f"a cache decision must be one bool; got {pred.dtype} of shape {tuple(pred.shape)}")
-        handle = _check(driver.cuGraphConditionalHandleCreate(graph, context, 0, 0))
+        handle = check(driver.cuGraphConditionalHandleCreate(graph, context, 0, 0))
         values = (ctypes.c_ulonglong(int(handle)), ctypes.c_void_p(pred.data_ptr()))
         pointers = (ctypes.c_void_p * 2)(*(ctypes.addressof(v) for v in values))
         kernel_params = driver.CUDA_KERNEL_NODE_PARAMS()
-        kernel_params.func = kernel
+        kernel_params.func = set_condition
         kernel_params.gridDimX = kernel_params.gridDimY = kernel_params.gridDimZ = 1
         kernel_params.blockDimX = kernel_params.blockDimY = kernel_params.blockDimZ = 1
         kernel_params.kernelParams = ctypes.addressof(pointers)  # copied into the node by the call
-        set_node = _check(driver.cuGraphAddKernelNode(graph, last, len(last), kernel_params))
+        set_node = check(driver.cuGraphAddKernelNode(graph, last, len(last), kernel_params))
         params = driver.CUgraphNodeParams()
         params.type = driver.CUgraphNodeType.CU_GRAPH_NODE_TYPE_CONDITIONAL
         params.conditional.handle = handle
         params.conditional.type = driver.CUgraphConditionalNodeType.CU_GRAPH_COND_TYPE_IF
         params.conditional.size = 2  # body 0 runs when the condition is nonzero, body 1 otherwise
         params.conditional.ctx = context
-        node = _check(_add_node(driver, graph, [set_node], params))
+        node = check(_add_node(driver, graph, [set_node], params))
         for body, branch in zip(params.conditional.phGraph_out, (cached, compute)):
-            _check(driver.cuGraphAddChildGraphNode(body, None, 0, branch.raw_cuda_graph()))
+            check(driver.cuGraphAddChildGraphNode(body, None, 0, branch.raw_cuda_graph()))
         return [node]
 
     def launch(self) -> None:
-        _check(self._driver.cuGraphLaunch(self._exec, torch.cuda.current_stream().cuda_stream))
+        check(self._driver.cuGraphLaunch(self._exec, torch.cuda.current_stream().cuda_stream))
 
     def __del__(self):
         driver = getattr(self, "_driver", None)

@@ -258,7 +258,7 @@ class _Recorder(fx.Interpreter):
             context = torch.cuda.graph(graph, pool=self.pool, stream=self.stream)
             context.__enter__()
             self._open = (graph, context)
-            self.hooks.begin_capture()
+            self.hooks.begin_capture(False)
         if n.op == "output":
             self._close()
         return super().run_node(n)
@@ -275,7 +275,7 @@ class _Recorder(fx.Interpreter):
     def _capture(self, fn: Callable[[], Any]) -> tuple[torch.cuda.CUDAGraph, Any]:
         graph = torch.cuda.CUDAGraph(keep_graph=self.keep_graphs)
         with torch.cuda.graph(graph, pool=self.pool, stream=self.stream):
-            self.hooks.begin_capture()
+            self.hooks.begin_capture(self.keep_graphs)  # a branch: an IF/ELSE body when the graphs are joined
             out = fn()
         return graph, out
 

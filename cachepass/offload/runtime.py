@@ -26,6 +26,8 @@ overwriting it: no host syncs, no ``record_stream``, no allocations during a gen
 copies wait for the work queued before the call (the user's writes to the weights). Under
 CUDA-graph capture the copy stream joins each capture through an event recorded at its start,
 and each captured stretch loads the blocks it runs (`SlotScheduler` with ``across_decisions=False``).
+A copy captured into an IF/ELSE body is a few-SM kernel (`cachepass.offload.sm_copy`): a memcpy node
+there runs as a kernel on the whole device and overlaps nothing (`bench.copy_check`).
 """
 
 from __future__ import annotations
@@ -40,7 +42,9 @@ from torch import fx
 
 from cachepass.analysis.blocks import normalize_module_path
 from cachepass.config import StepCacheConfig
+from cachepass.cudagraphs.conditional_nodes import unavailable_reason as conditional_nodes_unavailable
 from cachepass.errors import CachepassError
+from cachepass.offload import sm_copy
 from cachepass.offload.host_start import materialize, packed_buffer
 from cachepass.offload.memory import host_view, own_storage, packed_offsets, pinned_host_buffer
 from cachepass.offload.plan import (
@@ -90,20 +94,24 @@ def block_inputs(gm: fx.GraphModule, units: Sequence[UnitSpec]) -> dict[str, lis
 class StreamTransport:
     """The `Transport` of a CUDA device: a copy stream, and a ready and a free event per slot."""
 
-    def __init__(self, device: torch.device, host: dict[str, torch.Tensor], slots: list[torch.Tensor]):
+    def __init__(self, device: torch.device, host: dict[str, torch.Tensor], slots: list[torch.Tensor], graphed: bool):
         self.device, self.host, self.slots = device, host, slots
-        self.copy_stream = torch.cuda.Stream(device)
+        if graphed and conditional_nodes_unavailable(device) is None:
+            sm_copy.prepare(device)  # IF/ELSE bodies may copy with it
+        self.copy_stream = torch.cuda.Stream(device, priority=-1)  # its copy kernels go before waiting compute
         self.ready = [torch.cuda.Event() for _ in slots]
         self.free = [torch.cuda.Event() for _ in slots]
         self._fork: torch.cuda.Event | None = None  # recorded where the capture in progress began
         self._joined = False
         self._freed_in_capture = [False] * len(slots)
+        self._sm_copies = False  # the capture in progress is an IF/ELSE body: copy with `sm_copy`
 
     def join(self) -> None:
         """The copy stream waits for all compute so far: replayed graphs recorded no event the host knows of."""
         self.copy_stream.wait_stream(torch.cuda.current_stream(self.device))
 
-    def begin_capture(self) -> None:
+    def begin_capture(self, conditional_body: bool) -> None:
+        self._sm_copies = conditional_body
         self._fork = torch.cuda.Event()
         self._fork.record(torch.cuda.current_stream(self.device))
         self._joined = False
@@ -121,7 +129,10 @@ class StreamTransport:
             self.copy_stream.wait_event(self.free[slot])
         source = self.host[block]
         with torch.cuda.stream(self.copy_stream):
-            self.slots[slot][: source.numel()].copy_(source, non_blocking=True)
+            if self._sm_copies and torch.cuda.is_current_stream_capturing():
+                sm_copy.sm_copy(self.slots[slot], source)
+            else:
+                self.slots[slot][: source.numel()].copy_(source, non_blocking=True)
         self.ready[slot].record(self.copy_stream)
 
     def wait_ready(self, slot: int) -> None:
@@ -139,7 +150,7 @@ class CopyTransport:
     def __init__(self, host: dict[str, torch.Tensor], slots: list[torch.Tensor]):
         self.host, self.slots = host, slots
 
-    def begin_capture(self) -> None:
+    def begin_capture(self, conditional_body: bool) -> None:
         pass
 
     def join(self) -> None:
@@ -208,7 +219,7 @@ class ModelOffload:
                     record.host.copy_(param.detach())
                     param.data = record.host
                 self.records[id(param)] = record
-        transport = StreamTransport(device, self.host, self.slots) if device.type == "cuda" else \
+        transport = StreamTransport(device, self.host, self.slots, graphed) if device.type == "cuda" else \
             CopyTransport(self.host, self.slots)
         self.transport = transport
         self.scheduler = SlotScheduler(self.residency, Timeline.of(units), config, transport,
@@ -398,9 +409,9 @@ class ProgramOffload:
     def after_block(self, block: str) -> None:
         self.current.scheduler.after_block(block)
 
-    def begin_capture(self) -> None:
+    def begin_capture(self, conditional_body: bool) -> None:
         self.current.scheduler.boundary()
-        self.current.transport.begin_capture()
+        self.current.transport.begin_capture(conditional_body)
 
     def decided(self, unit: str, cached: bool) -> None:
         self.current.scheduler.decided(self.unit_index[unit], cached)

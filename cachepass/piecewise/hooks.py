@@ -26,8 +26,9 @@ class ProgramHooks(Protocol):
     def decided(self, unit: str, cached: bool) -> None:
         """Cache unit ``unit`` (its block list's path) read its decision on the host."""
 
-    def begin_capture(self) -> None:
-        """A CUDA graph's capture begins: nothing issued before it is part of it."""
+    def begin_capture(self, conditional_body: bool) -> None:
+        """A CUDA graph's capture begins: nothing issued before it is part of it. ``conditional_body``: the graph
+        runs as the body of an IF/ELSE node, where a memcpy node runs as a kernel on the whole device."""
 
     def reset(self, state: Any) -> None:
         """``cachepass.reset`` on ``state``: its next call starts a generation."""
@@ -49,7 +50,7 @@ class _NoHooks:
     def decided(self, unit: str, cached: bool) -> None:
         pass
 
-    def begin_capture(self) -> None:
+    def begin_capture(self, conditional_body: bool) -> None:
         pass
 
     def reset(self, state) -> None:
