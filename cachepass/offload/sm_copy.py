@@ -31,7 +31,9 @@ extern "C" __global__ void cachepass_sm_copy(const uint4* __restrict__ src, uint
 """
 
 THREADS = 1024
-DEFAULT_BLOCKS = 16  # thread blocks (one per SM at most); `bench.copy_check` measures the choice
+# thread blocks: 4 and 8 copy at 49 GB/s beside a matmul chain with full overlap, 16 and more take SMs from it
+# (`bench/results/copy_check-nvidia-h200-2026-12-04.md`)
+DEFAULT_BLOCKS = 8
 
 
 def prepare(device: torch.device) -> None:
