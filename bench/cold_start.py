@@ -24,7 +24,8 @@ import sys
 import tempfile
 import time
 
-VARIANTS = ("stepcache-piecewise", "stepcache-one-graph", "regional-compile", "compile", "dynamo-trace")
+VARIANTS = ("stepcache-piecewise", "stepcache-piecewise-eager-glue", "stepcache-one-graph", "regional-compile", "compile",
+            "dynamo-trace")
 
 
 WIDTHS = {  # WanTransformer3DModel sizes: the small default, and Wan2.1-1.3B's (random weights, bf16)
@@ -58,7 +59,8 @@ def child(variant: str, blocks: int, device: str, width: str) -> dict:
         fn = torch.compile(model, fullgraph=True, backend="inductor" if variant == "compile" else "eager")
     else:
         cfg = cachepass.StepCacheConfig(num_head_blocks=1, threshold=0.1, warmup_steps=1, num_inference_steps=8)
-        fn = cachepass.compile(model, cfg, form=variant.removeprefix("stepcache-"))
+        glue = "aot_eager" if variant.endswith("-eager-glue") else None
+        fn = cachepass.compile(model, cfg, form=variant.removeprefix("stepcache-").removesuffix("-eager-glue"), glue=glue)
     times = []
     wider = torch.cat([latents, latents], dim=-1)  # a new resolution mid-session: twice the tokens
     with torch.no_grad():

@@ -1,0 +1,203 @@
+"""FastVideo's own Wan DiT under cachepass, against FastVideo uncached and cache-dit applied by hand (issue #24).
+
+    FASTVIDEO_DISABLE_ATTENTION_COMPILE=0 FASTVIDEO_ATTENTION_BACKEND=TORCH_SDPA \\
+        python -m bench.fastvideo_wan --frames 9 --out bench/results
+
+FastVideo 0.2.1's ``WanTransformer3DModel`` with the Wan2.1-1.3B architecture and random bf16 weights
+(no download), built directly, so FastVideo's own DiT offload is off (its pipeline adds those hooks).
+Every variant runs the same denoising loop (`cachepass.demo.sampling.sample`: flow matching, 16 steps,
+separate CFG, static mask) under FastVideo's forward context:
+
+- ``uncached``: ``torch.compile`` of the DiT (the reference latents);
+- ``cache-dit``: cache-dit's DBCache on the blocks (``BlockAdapter``, Pattern_2), blocks compiled;
+- ``cachepass``: ``cachepass.compile(dit, cfg)`` with no other option (conditional CUDA graphs);
+- ``cachepass-offload``: the same with ``offload={"budget": ...}`` and conditional graphs.
+
+Reported per variant: seconds per generation (median, min-max, repeats interleaved), cached steps,
+and PSNR / SSIM of the decoded-free latents against ``uncached`` (pytorch-msssim, as FastVideo's
+own cache-dit A/B harness does, on the latent frames scaled to [0, 1]).
+
+Needs, beside cachepass: fastvideo==0.2.1 (``--no-deps``), torchvision built for the installed torch,
+transformers, einops, cloudpickle, imageio, remote_pdb, ftfy, psutil, diffusers, cache-dit and
+pytorch-msssim (`bench/NOTES.md`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+import cachepass
+from cachepass.demo.sampling import sample
+from cachepass.offload.plan import parse_bytes
+
+STEPS, GUIDANCE, SHIFT = 16, 5.0, 3.0
+
+
+def build(device: torch.device, layers: int):
+    from fastvideo.configs.models.dits.wanvideo import WanVideoArchConfig, WanVideoConfig
+    from fastvideo.distributed.parallel_state import maybe_init_distributed_environment_and_model_parallel
+    from fastvideo.models.dits.wanvideo import WanTransformer3DModel
+
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", "29533")
+    maybe_init_distributed_environment_and_model_parallel(1, 1)
+    arch = WanVideoArchConfig(num_attention_heads=12, attention_head_dim=128, ffn_dim=8960, num_layers=layers,
+                              text_dim=4096, freq_dim=256)
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = WanTransformer3DModel(config=WanVideoConfig(arch_config=arch), hf_config={})
+    return model.to(device, torch.bfloat16).eval()
+
+
+def config(steps: int) -> cachepass.StepCacheConfig:
+    """FastVideo's --cachedit-* defaults for Wan with a static mask: compute steps 0-7 and every other one after."""
+    mask = [1] * 8 + [1, 0] * ((steps - 8) // 2) + [1] * ((steps - 8) % 2)
+    return cachepass.StepCacheConfig(num_head_blocks=8, num_tail_blocks=0, warmup_steps=8, separate_cfg=True,
+                                     num_inference_steps=steps, steps_computation_mask=mask,
+                                     steps_computation_policy="static")
+
+
+def inputs(device: torch.device, frames: int, height: int, width: int):
+    g = torch.Generator().manual_seed(1)
+    latent_frames = (frames - 1) // 4 + 1
+    latents = torch.randn(1, 16, latent_frames, height // 8, width // 8, generator=g).to(device, torch.bfloat16)
+    cond = torch.randn(1, 512, 4096, generator=g).to(device, torch.bfloat16)
+    uncond = torch.randn(1, 512, 4096, generator=g).to(device, torch.bfloat16)
+    return latents, cond, uncond
+
+
+def generate(fn, latents, cond, uncond, before=lambda: None) -> torch.Tensor:
+    from fastvideo.forward_context import set_forward_context
+
+    before()
+
+    def velocity(x, sigma, kwargs):
+        t = (sigma * 1000).to(x.device, torch.float32).reshape(1)
+        with set_forward_context(current_timestep=t, attn_metadata=None):
+            return fn(hidden_states=x, encoder_hidden_states=kwargs["encoder_hidden_states"], timestep=t)
+
+    with torch.no_grad():
+        return sample(velocity, latents, {"encoder_hidden_states": cond}, {"encoder_hidden_states": uncond}, STEPS,
+                      guidance=GUIDANCE, shift=SHIFT)
+
+
+def variants(device: torch.device, layers: int, budget_blocks: str):
+    """name -> (callable, before_generation, cached steps of the last generation, cleanup)."""
+
+    def uncached():
+        model = build(device, layers)
+        return torch.compile(model), lambda: None, lambda: [], model
+
+    def cache_dit():
+        import cache_dit
+        from cache_dit import BlockAdapter, ForwardPattern
+
+        model = build(device, layers)
+        db, taylor = config(STEPS).to_cache_dit()
+        cache_dit.enable_cache(BlockAdapter(transformer=model, blocks=model.blocks, forward_pattern=ForwardPattern.Pattern_2),
+                               cache_config=db, calibrator_config=taylor)
+        for block in model.blocks:
+            block.compile()
+        context = model._context_manager.get_context(model._context_names[0])
+        return model, lambda: cache_dit.refresh_context(model), context.get_cached_steps, model
+
+    def stepcache(offload: bool):
+        def make():
+            model = build(device, layers)
+            options = {}
+            if offload:
+                blocks = sum(p.numel() * p.element_size() for p in model.blocks.parameters())
+                nonblock = sum(p.numel() * p.element_size() for p in model.parameters()) - blocks
+                options = dict(offload={"budget": nonblock + parse_bytes(budget_blocks)},
+                               cudagraphs="conditional")
+            fn = cachepass.compile(model, config(STEPS), **options)
+            return fn, lambda: cachepass.reset(model), lambda: cachepass.stats(model)[0].cached_steps, model
+        return make
+
+    return {"uncached": uncached, "cache-dit": cache_dit, "cachepass": stepcache(False),
+            "cachepass-offload": stepcache(True)}
+
+
+def quality(out: torch.Tensor, ref: torch.Tensor) -> dict:
+    from pytorch_msssim import ssim
+
+    def frames(x):  # (1, C, T, H, W) -> (T, C, H, W) in [0, 1], with the reference's range
+        return x[0].float().permute(1, 0, 2, 3)
+
+    low, high = ref.float().min(), ref.float().max()
+    a, b = [((frames(t) - low) / (high - low)).clamp(0, 1) for t in (out, ref)]
+    mse = torch.mean((a - b) ** 2).item()
+    return {"psnr_db": float("inf") if mse == 0 else 10 * torch.log10(torch.tensor(1.0 / mse)).item(),
+            "ssim": ssim(a, b, data_range=1.0, size_average=True).item(),
+            "max_abs": (out.float() - ref.float()).abs().max().item()}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--frames", type=int, default=9)
+    parser.add_argument("--height", type=int, default=480)
+    parser.add_argument("--width", type=int, default=832)
+    parser.add_argument("--layers", type=int, default=30)
+    parser.add_argument("--offload-blocks", default="1.2GB", help="device bytes of block weights for cachepass-offload")
+    parser.add_argument("--variants", default="uncached,cache-dit,cachepass,cachepass-offload")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--out", default="bench/results")
+    args = parser.parse_args(argv)
+    if os.environ.get("FASTVIDEO_DISABLE_ATTENTION_COMPILE") != "0":
+        parser.error("set FASTVIDEO_DISABLE_ATTENTION_COMPILE=0 before running (README, 'Using with FastVideo')")
+    device = torch.device("cuda")
+    x, cond, uncond = inputs(device, args.frames, args.height, args.width)
+    makers = variants(device, args.layers, args.offload_blocks)
+    prepared, rows = {}, {}
+    for name in args.variants.split(","):
+        start = time.perf_counter()
+        fn, before, cached, model = makers[name]()
+        out = generate(fn, x, cond, uncond, before)
+        torch.cuda.synchronize()
+        prepared[name] = (fn, before, cached, model)
+        rows[name] = {"variant": name, "cold_s": time.perf_counter() - start, "times_s": [], "output": out}
+    for _ in range(args.repeats):  # interleaved: every variant once per round
+        for name, (fn, before, cached, _) in prepared.items():
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            rows[name]["output"] = generate(fn, x, cond, uncond, before)
+            torch.cuda.synchronize()
+            rows[name]["times_s"].append(time.perf_counter() - start)
+            rows[name]["cached_steps"] = list(cached())
+    reference = rows.get("uncached", {}).get("output")
+    for row in rows.values():
+        row["median_s"] = statistics.median(row["times_s"])
+        out = row.pop("output")
+        if reference is not None:
+            row.update(quality(out, reference))
+    meta = {"workload": f"FastVideo WanTransformer3DModel, Wan2.1-1.3B arch, {args.layers} blocks, {args.frames} frames "
+                        f"{args.height}x{args.width}, {STEPS} steps, separate CFG, static mask (8 warmup, then every "
+                        "other step)",
+            "device": torch.cuda.get_device_name(device), "torch": torch.__version__,
+            "date": datetime.date.today().isoformat(),
+            "command": "python -m bench.fastvideo_wan " + " ".join(argv or sys.argv[1:])}
+    print(f"| variant | s / generation (min-max) | cold s | cached steps | PSNR dB | SSIM |  ({meta['device']}, torch "
+          f"{meta['torch']})")
+    print("|---|---|---|---|---|---|")
+    for r in rows.values():
+        print(f"| {r['variant']} | {r['median_s']:.3f} ({min(r['times_s']):.3f}-{max(r['times_s']):.3f}) | "
+              f"{r['cold_s']:.1f} | {len(r.get('cached_steps', []))} | {r.get('psnr_db', float('nan')):.1f} | "
+              f"{r.get('ssim', float('nan')):.4f} |")
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, f"fastvideo_wan-{meta['date']}-{args.frames}f.json")
+    with open(path, "w") as f:
+        json.dump({**meta, "rows": list(rows.values())}, f, indent=1)
+    print("wrote", path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
