@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from cachepass import block_regions
 from cachepass.analysis.blocks import example_value
 from cachepass.analysis.sequence_parallel import SequenceParallel
 from cachepass.analysis.timestep import TimestepInput
@@ -153,8 +154,10 @@ def _with_clear_errors(forward, model: nn.Module):
     further shapes count against the limit (``max_shapes``).
     """
     first = [True]
+    regions = block_regions.block_classes(model) if block_regions.enabled() else ()
 
     def call(*args, **kwargs):
+        nonlocal regions
         if first[0]:
             first[0] = False
             graphs = _graphs_of(model)
@@ -162,6 +165,16 @@ def _with_clear_errors(forward, model: nn.Module):
                 _raise_recompile_limit(graphs + 1, f"a new config of {type(model).__name__}: {graphs} graphs of its "
                                                    "forward exist in this process")
         try:
+            if regions:
+                try:
+                    with block_regions.marked(regions):
+                        return forward(*args, **kwargs)
+                except torch._dynamo.exc.TorchDynamoException as error:
+                    if isinstance(error, (torch._dynamo.exc.BackendCompilerFailed,
+                                          torch._dynamo.exc.FailOnRecompileLimitHit)):
+                        raise
+                    block_regions.refuse(regions, error)  # Dynamo failed tracing: nothing ran yet
+                    regions = ()
             return forward(*args, **kwargs)
         except torch._dynamo.exc.BackendCompilerFailed as failed:
             if isinstance(failed.inner_exception, (CachepassError, ValueError)):

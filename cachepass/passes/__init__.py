@@ -17,6 +17,7 @@ from torch import fx
 
 from cachepass.errors import CachepassError, PassError
 from cachepass.passes.hoist_out_of_middle import hoist_out_of_middle
+from cachepass.passes.inline_block_regions import inline_block_regions
 from cachepass.passes.insert_cache_cond import insert_cache_cond
 from cachepass.passes.outline_middle_blocks import outline_middle_blocks
 from cachepass.passes.split_before_first_block import split_before_first_block
@@ -24,11 +25,12 @@ from cachepass.passes.split_before_first_block import split_before_first_block
 log = logging.getLogger(__name__)
 
 Pass = Callable[[fx.GraphModule], fx.GraphModule]
-PASS_ORDER = ("split_before_first_block", "hoist_out_of_middle", "outline_middle_blocks", "insert_cache_cond")
+PASS_ORDER = ("inline_block_regions", "split_before_first_block", "hoist_out_of_middle", "outline_middle_blocks",
+              "insert_cache_cond")
 
 
 def before_discovery_passes() -> list[Pass]:
-    return [split_before_first_block]
+    return [inline_block_regions, split_before_first_block]
 
 
 def outline_passes(plans) -> list[Pass]:
