@@ -24,7 +24,8 @@ import sys
 import tempfile
 import time
 
-VARIANTS = ("stepcache-piecewise", "stepcache-piecewise-eager-glue", "stepcache-one-graph", "regional-compile", "compile",
+VARIANTS = ("stepcache-piecewise", "stepcache-piecewise-inline-trace", "stepcache-piecewise-eager-glue",
+            "stepcache-one-graph", "regional-compile", "compile",
             "dynamo-trace")
 
 
@@ -60,7 +61,10 @@ def child(variant: str, blocks: int, device: str, width: str) -> dict:
     else:
         cfg = cachepass.StepCacheConfig(num_head_blocks=1, threshold=0.1, warmup_steps=1, num_inference_steps=8)
         glue = "aot_eager" if variant.endswith("-eager-glue") else None
-        fn = cachepass.compile(model, cfg, form=variant.removeprefix("stepcache-").removesuffix("-eager-glue"), glue=glue)
+        if variant.endswith("-inline-trace"):  # Dynamo inlines every block (cachepass/block_regions.py off)
+            os.environ["CACHEPASS_BLOCK_REGIONS"] = "0"
+        form = variant.removeprefix("stepcache-").removesuffix("-eager-glue").removesuffix("-inline-trace")
+        fn = cachepass.compile(model, cfg, form=form, glue=glue)
     times = []
     wider = torch.cat([latents, latents], dim=-1)  # a new resolution mid-session: twice the tokens
     with torch.no_grad():

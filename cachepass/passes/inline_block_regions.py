@@ -16,6 +16,8 @@ import operator
 
 import torch
 from torch import fx
+from torch.fx.passes.fake_tensor_prop import FakeTensorProp
+from torch.utils import _pytree as pytree
 
 from cachepass.errors import CachepassError
 
@@ -75,6 +77,56 @@ def _inline(gm: fx.GraphModule, call: fx.Node, body: fx.GraphModule, traced_on: 
         user.replace_all_uses_with(outputs[user.args[1]])
         gm.graph.erase_node(user)
     gm.graph.erase_node(call)
+    _fresh_example_values(body, operands, env)
+
+
+def _fresh_example_values(body: fx.GraphModule, operands: tuple, env: dict) -> None:
+    """Each copy's own fake values for what leaves it (the body's outputs). Dynamo's values of the body are one
+    set for every call: shared between blocks, the values passed from block to block would look like aliases
+    to the passes (which then clone cond operands), and the executor maps piece outputs by their storage. An
+    output over memory the body made becomes the same view of new memory made once per copy (aliasing among
+    the outputs kept, none between copies). Nodes inside a copy keep the body's values: they are read for
+    shapes only, within the block's own piece. Where a view changes dtype, the body's values are computed
+    again from the operands (`FakeTensorProp`, slower)."""
+    values = [a.meta.get("example_value") if isinstance(a, fx.Node) else a for a in operands]
+    modes = {id(v.fake_mode): v.fake_mode for v in values if isinstance(v, torch._subclasses.FakeTensor)}
+    if len(modes) != 1:
+        raise CachepassError(f"a block region's operands carry fake values of {len(modes)} fake modes, not one: cannot "
+                             "give its inlined copy values of its own")
+    mode = next(iter(modes.values()))
+    placeholders = [n for n in body.graph.nodes if n.op == "placeholder"]
+    memory = {_storage(p.meta["example_value"]): v for p, v in zip(placeholders, values)
+              if isinstance(p.meta.get("example_value"), torch.Tensor) and isinstance(v, torch.Tensor)}
+    nodes = list(dict.fromkeys(a for a in body.graph.output_node().args[0] if isinstance(a, fx.Node)))
+    nodes = [n for n in nodes if n.op != "placeholder"]
+    try:
+        with mode:
+            fresh = [pytree.tree_map_only(torch.Tensor, lambda v: _view_of(v, memory), n.meta.get("example_value"))
+                     for n in nodes]
+    except _DtypeView:
+        FakeTensorProp(body, mode=mode).propagate_dont_convert_inputs(*values)
+        fresh = [n.meta.get("val") for n in nodes]
+    for node, value in zip(nodes, fresh):
+        env[node].meta["example_value"] = value
+
+
+class _DtypeView(Exception):
+    """A value views memory as another dtype than its owner: remapping it needs the op that made it."""
+
+
+def _storage(value: torch.Tensor) -> int:
+    return value.untyped_storage()._cdata
+
+
+def _view_of(value: torch.Tensor, memory: dict) -> torch.Tensor:
+    key = _storage(value)
+    owner = memory.get(key)
+    if owner is None:  # memory the body made: new memory for this copy, shared by its views
+        owner = memory[key] = torch.empty(value.untyped_storage().nbytes() // value.element_size(), dtype=value.dtype,
+                                          device=value.device)
+    if owner.dtype != value.dtype:
+        raise _DtypeView
+    return owner.as_strided(value.shape, value.stride(), value.storage_offset())
 
 
 def _moved(path: str, traced_on: str, caller: str) -> str:
