@@ -16,6 +16,7 @@ is the slot that reaches the model output (followed backwards through later list
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import re
 from collections import OrderedDict
@@ -38,6 +39,7 @@ _HOOKED_ROOT = re.compile(r"^L\['function_reference'\]\.forward\.__self__")
 _HOOKED_MODULE = re.compile(r"\.forward\.(?:func\.)?__closure__\.\d+\.cell_contents\.forward\.__self__")
 
 
+@functools.lru_cache(maxsize=65536)  # pure; a graph repeats a few hundred paths over tens of thousands of nodes
 def normalize_module_path(dynamo_path: str) -> str:
     """``L['self'].__dict__['_modules']['blocks'].3.attn`` (or ``L['self'].blocks[3]``) -> ``blocks.3.attn``.
 
@@ -57,12 +59,13 @@ def normalize_module_path(dynamo_path: str) -> str:
 def list_items(node: fx.Node) -> list[tuple[str, int, str]]:
     """(list path, index, block class) for every list item on the node's module stack, outermost first."""
     stack = node.meta.get("nn_module_stack") or {}
-    items = []
-    for path, cls in stack.values():
-        match = _LIST_ITEM.match(normalize_module_path(path))
-        if match:
-            items.append((match.group(1), int(match.group(2)), getattr(cls, "__name__", str(cls))))
-    return items
+    return [item for path, cls in stack.values() for item in _list_item(path, getattr(cls, "__name__", str(cls)))]
+
+
+@functools.lru_cache(maxsize=65536)
+def _list_item(path: str, cls_name: str) -> tuple[tuple[str, int, str], ...]:
+    match = _LIST_ITEM.match(normalize_module_path(path))
+    return ((match.group(1), int(match.group(2)), cls_name),) if match else ()
 
 
 def _is_computation(node: fx.Node) -> bool:
