@@ -42,7 +42,7 @@ from bench.compare import device_name, step_config  # noqa: E402
 from bench.measure import counted, timed_generations  # noqa: E402
 from bench.report import _fmt, _spread  # noqa: E402
 from bench.timing import fresh_compile_caches, timed  # noqa: E402
-from bench.variants import Context, Prepared, _cache_dit_decisions  # noqa: E402
+from bench.variants import Context, Prepared, cache_dit_decisions  # noqa: E402
 from bench.workloads import WORKLOADS  # noqa: E402
 from cachepass.compat import trace_functional_all_gather  # noqa: E402
 from cachepass.demo.quality import compare  # noqa: E402
@@ -96,7 +96,7 @@ def cache_dit_cp(ctx: Context, compiled_blocks: bool = False) -> Prepared:
     cache_dit.enable_cache(model, cache_config=db, calibrator_config=taylor)
     if compiled_blocks:
         model.compile_repeated_blocks()
-    return Prepared(model, lambda: cache_dit.refresh_context(model), lambda: _cache_dit_decisions(model))
+    return Prepared(model, lambda: cache_dit.refresh_context(model), lambda: cache_dit_decisions(model))
 
 
 def stepcache_cp(ctx: Context, cudagraphs: str | None = None) -> Prepared:

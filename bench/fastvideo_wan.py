@@ -35,6 +35,7 @@ import time
 import torch
 
 import cachepass
+from bench.variants import cache_dit_decisions
 from cachepass.demo.sampling import sample
 from cachepass.offload.plan import parse_bytes
 
@@ -90,7 +91,7 @@ def generate(fn, latents, cond, uncond, before=lambda: None) -> torch.Tensor:
 
 
 def variants(device: torch.device, layers: int, budget_blocks: str):
-    """name -> (callable, before_generation, cached steps of the last generation, cleanup)."""
+    """name -> a maker of (callable, before each generation, cached steps of the last generation, the model)."""
 
     def uncached():
         model = build(device, layers)
@@ -106,8 +107,7 @@ def variants(device: torch.device, layers: int, budget_blocks: str):
                                cache_config=db, calibrator_config=taylor)
         for block in model.blocks:
             block.compile()
-        context = model._context_manager.get_context(model._context_names[0])
-        return model, lambda: cache_dit.refresh_context(model), context.get_cached_steps, model
+        return model, lambda: cache_dit.refresh_context(model), lambda: cache_dit_decisions(model)[0][0], model
 
     def stepcache(offload: bool):
         def make():

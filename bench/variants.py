@@ -100,10 +100,10 @@ def cache_dit_variant(ctx: Context, compile_how: str | None = None) -> Prepared:
         model.to("cpu")
         ctx.model.to(device)
 
-    return Prepared(fn, lambda: cache_dit.refresh_context(model), lambda: _cache_dit_decisions(model), cleanup)
+    return Prepared(fn, lambda: cache_dit.refresh_context(model), lambda: cache_dit_decisions(model), cleanup)
 
 
-def _cache_dit_decisions(model) -> list[tuple[list[int], list[int]]]:
+def cache_dit_decisions(model) -> list[tuple[list[int], list[int]]]:
     manager = model._context_manager
     return [(manager.get_context(n).get_cached_steps(), manager.get_context(n).get_cfg_cached_steps())
             for n in model._context_names]
@@ -130,7 +130,7 @@ def cache_dit_group_offload(ctx: Context, cache_first: bool = False) -> Prepared
                                offload_type="block_level", num_blocks_per_group=1, use_stream=True)
     if not cache_first:
         cache_dit.enable_cache(model, cache_config=db, calibrator_config=taylor)
-    return Prepared(model, lambda: cache_dit.refresh_context(model), lambda: _cache_dit_decisions(model),
+    return Prepared(model, lambda: cache_dit.refresh_context(model), lambda: cache_dit_decisions(model),
                     lambda: _rebuild(ctx))
 
 
