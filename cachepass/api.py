@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import weakref
 from typing import Any
 
 import torch
@@ -32,6 +33,9 @@ from cachepass.state.runtime import RuntimeState, UnitStats, current_state, stat
 from cachepass.unit import UnitSpec
 
 log = logging.getLogger(__name__)
+
+# original module -> the config cachepass.compile gave it: reset / stats on it are no-ops before its first call
+_COMPILED_ORIGINALS: "weakref.WeakKeyDictionary[nn.Module, StepCacheConfig]" = weakref.WeakKeyDictionary()
 
 
 def compile(model: nn.Module, config: Any = None, *, calibrator_config: Any = None, inner: str = "inductor",
@@ -108,6 +112,7 @@ def compile(model: nn.Module, config: Any = None, *, calibrator_config: Any = No
         _raise_recompile_limit(max_shapes, "max_shapes")
     compiled = torch.compile(model, backend=stepcache, fullgraph=fullgraph, dynamic=False, options=options)
     compiled.forward = _with_clear_errors(compiled.forward, model)
+    _COMPILED_ORIGINALS[model] = parsed.config
     return compiled
 
 
@@ -290,15 +295,18 @@ def release(model: Any) -> int:
 def _scoped_states(model: Any) -> list[RuntimeState]:
     """The states a stats / reset call on ``model`` means, least recently used first.
 
-    A module compiled with the stepcache backend has its compile's config: only states of that
-    config count (one model compiled twice keeps two scopes). The original module: all its states,
-    and an error if it has none (it was never compiled with stepcache, or never called).
+    A module compiled with the stepcache backend, or the original module ``cachepass.compile``
+    compiled, has its compile's config: only states of that config count (one model compiled twice
+    keeps two scopes; none before the first call). Another original module: all its states, and an
+    error if it has none (it was never compiled with stepcache, or never called).
     """
     options = compile_options(model)
-    if options is None:
+    config = options.config if options is not None else (
+        _COMPILED_ORIGINALS.get(model) if isinstance(model, nn.Module) else None)
+    if config is None:
         current_state(model)  # raises the "no stepcache state" error if there is none
         return states_of(model)
-    return [s for s in states_of(model) if s.layout.config == options.config]
+    return [s for s in states_of(model) if s.layout.config == config]
 
 
 def compile_options(model: Any) -> CompileOptions | None:
