@@ -113,7 +113,7 @@ def main(argv=None) -> int:
                                                                                         else argv)}
     os.makedirs(args.out, exist_ok=True)
     stem = os.path.join(args.out, f"offload-from-host-{meta['device'].lower().replace(' ', '-')}-{meta['date']}-"
-                                  f"{workload.name}")
+                                  f"{workload.name}" + ("" if args.cudagraphs == "off" else f"-{args.cudagraphs}"))
     with open(stem + ".json", "w") as f:
         json.dump({**meta, "rows": rows}, f, indent=1)
     lines = [f"### {workload.name}: built on the CPU, offloaded from host memory", "",
