@@ -52,10 +52,22 @@ def build(device: torch.device, layers: int):
     maybe_init_distributed_environment_and_model_parallel(1, 1)
     arch = WanVideoArchConfig(num_attention_heads=12, attention_head_dim=128, ffn_dim=8960, num_layers=layers,
                               text_dim=4096, freq_dim=256)
-    torch.manual_seed(0)
     with torch.device(device):
         model = WanTransformer3DModel(config=WanVideoConfig(arch_config=arch), hf_config={})
+    initialize(model)
     return model.to(device, torch.bfloat16).eval()
+
+
+def initialize(model: torch.nn.Module) -> None:
+    """The same weights in every build: FastVideo's layers allocate with ``torch.empty`` (a checkpoint fills
+    them), which left each build with whatever the allocator reused (NaNs included)."""
+    generator = torch.Generator(next(model.parameters()).device).manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 1:  # norm scales 1, biases 0
+                p.fill_(1.0 if name.endswith("weight") else 0.0)
+            else:
+                p.copy_(torch.randn(p.shape, generator=generator, device=p.device) / p[0].numel() ** 0.5)
 
 
 def config(steps: int) -> cachepass.StepCacheConfig:
@@ -173,6 +185,9 @@ def main(argv=None) -> int:
             rows[name]["times_s"].append(time.perf_counter() - start)
             rows[name]["cached_steps"] = list(cached())
     reference = rows.get("uncached", {}).get("output")
+    for name, row in rows.items():
+        if not torch.isfinite(row["output"]).all():
+            print(f"ERROR: {name}'s latents are not finite", file=sys.stderr)
     for row in rows.values():
         row["median_s"] = statistics.median(row["times_s"])
         out = row.pop("output")
