@@ -30,6 +30,7 @@ from cachepass.options import CompileOptions, Form, parse_options
 from cachepass.piecewise.compile import PieceCompiler
 from cachepass.piecewise.execute import build_program
 from cachepass.piecewise.hooks import NO_HOOKS, ProgramHooks
+from cachepass.piecewise.host_inputs import HostInputs
 from cachepass.pipeline import Rewritten, rewrite, static_example_state
 from cachepass.state.runtime import StateSet
 
@@ -48,6 +49,8 @@ def stepcache(gm: fx.GraphModule, example_inputs: Sequence[Any], *, mode: str | 
             "torch.no_grad() or torch.inference_mode(), as diffusers pipelines do"
         )
     _require_static_shapes(example_inputs)
+    host = HostInputs.find(gm, example_inputs, _accelerator_of(example_inputs))
+    example_inputs = host.retarget(gm, example_inputs)
     rewritten = rewrite(gm, opts.config, sequence_parallel_group=opts.sequence_parallel_group)
     units, layout, timestep, parallel = rewritten.units, rewritten.layout, rewritten.timestep, rewritten.discovery.parallel
     for skipped in rewritten.discovery.skipped:
@@ -64,7 +67,8 @@ def stepcache(gm: fx.GraphModule, example_inputs: Sequence[Any], *, mode: str | 
         compiled = _compile_one_graph(rewritten.graph, inputs, opts)
         log.info("stepcache: one graph; backend %.1f s (passes %.1f s)", time.perf_counter() - start,
                  passes_done - start)
-        return _with_state(compiled, StateSet(layout, device, _anchor_index(example_inputs), rewritten.graph))
+        return _with_state(compiled, StateSet(layout, device, _anchor_index(example_inputs), rewritten.graph),
+                           host=host)
     cudagraphs = opts.cudagraphs_on(device, sharded=parallel is not None)
     if cudagraphs is CudaGraphs.CONDITIONAL and parallel is not None:
         raise CachepassError("stepcache option cudagraphs='conditional' is not supported on a sharded model: "
@@ -85,9 +89,9 @@ def stepcache(gm: fx.GraphModule, example_inputs: Sequence[Any], *, mode: str | 
              time.perf_counter() - start, passes_done - start, compiler.count.timings())
     states = StateSet(layout, device, _anchor_index(example_inputs), rewritten.graph, plan, hooks.reset)
     if cudagraphs is CudaGraphs.OFF:
-        return _with_state(program.forward, states, hooks)
+        return _with_state(program.forward, states, hooks, host)
     graphed = GraphedProgram(program, device, cudagraphs, len(layout.specs), hooks, chosen_by_default=opts.cudagraphs is None)
-    return _with_state(graphed, states, hooks)
+    return _with_state(graphed, states, hooks, host)
 
 
 def _program_hooks(rewritten: Rewritten, opts: CompileOptions, device: torch.device, graphed: bool) -> ProgramHooks:
@@ -120,6 +124,12 @@ def _warn_if_never_caches(config: StepCacheConfig) -> None:
         log.warning("stepcache: this config never caches a step (%s); every call runs all blocks", reason)
 
 
+def _accelerator_of(example_inputs: Sequence[Any]) -> torch.device:
+    """The device the graph's tensors are on besides the host (the CPU when all are)."""
+    return next((t.device for t in example_inputs if isinstance(t, torch.Tensor) and t.device.type != "cpu"),
+                torch.device("cpu"))
+
+
 def _anchor_index(example_inputs: Sequence[Any]) -> int | None:
     """Position of a model parameter among the graph inputs: it identifies the model instance."""
     return next((i for i, t in enumerate(example_inputs) if isinstance(t, torch.nn.Parameter)), None)
@@ -136,13 +146,17 @@ def _warn_if_cudagraphs_asked(opts: CompileOptions, why: str) -> None:
                     opts.mode, why, opts.form.value)
 
 
-def _with_state(compiled: Callable, states: StateSet, hooks: ProgramHooks = NO_HOOKS) -> Callable:
+def _with_state(compiled: Callable, states: StateSet, hooks: ProgramHooks = NO_HOOKS,
+                host: HostInputs | None = None) -> Callable:
     """Dynamo calls the backend's function with the graph inputs; append the caller's state tensors.
 
-    The program's hooks see the call begin (offload hands the pieces the streamed weights' slots) and end.
+    Host inputs the model only moves to the device are passed as their device copies. The program's
+    hooks see the call begin (offload hands the pieces the streamed weights' slots) and end.
     """
 
     def run(*args):
+        if host is not None:
+            args = host.move(args)
         state = states.for_call(args)
         with state.one_call_at_a_time():
             state.before_call()

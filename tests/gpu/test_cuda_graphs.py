@@ -201,6 +201,45 @@ def test_a_program_the_default_graphs_cannot_take_runs_without_them(caplog):
         torch.testing.assert_close(ours, theirs, atol=0, rtol=0)
 
 
+HOST_TABLES: dict[str, torch.Tensor] = {}  # as FastVideo's rotary-table cache: CPU tensors forward moves to the GPU
+
+
+class AddsAHostTable(type(CASES["toy"].model())):
+    def forward(self, hidden_states, timestep, encoder_hidden_states):
+        table = HOST_TABLES["table"].to(hidden_states.device).to(hidden_states.dtype)
+        return super().forward(hidden_states + table, timestep, encoder_hidden_states)
+
+
+def test_a_host_table_the_model_moves_keeps_the_default_graphs_and_its_changes_are_seen(caplog):
+    """A CPU tensor whose only use is a move to the GPU is moved once per change, outside the graphs: the
+    default stays conditional graphs, and the outputs follow the table as the eager reference does."""
+    from cachepass.reference import StepCacheReference
+
+    case = CASES["toy"]
+    cfg = toy_config(num_inference_steps=STEPS)
+
+    def session(compile_fn):
+        torch.manual_seed(0)
+        fn = compile_fn(AddsAHostTable().eval().cuda())
+        HOST_TABLES["table"] = torch.linspace(-1, 1, 64, dtype=torch.float64).reshape(16, 4)
+        outs = [generate_on_gpu(case, fn, 1)]
+        HOST_TABLES["table"].mul_(2)  # in place
+        outs.append(generate_on_gpu(case, fn, 1))
+        HOST_TABLES["table"] = -HOST_TABLES["table"]  # another tensor
+        outs.append(generate_on_gpu(case, fn, 1))
+        return outs
+
+    expected = session(lambda model: StepCacheReference(model, cfg))
+    with caplog.at_level("INFO", logger="cachepass"):
+        got = session(lambda model: cachepass.compile(model, cfg, inner="aot_eager"))
+    assert "are CPU tensors the model moves to cuda" in caplog.text
+    assert caplog.text.count("captured CUDA graphs (conditional)") == 1
+    assert "runs without CUDA graphs" not in caplog.text
+    assert not torch.equal(expected[0], expected[1]) and not torch.equal(expected[1], expected[2])
+    for ours, reference in zip(got, expected):
+        torch.testing.assert_close(ours, reference, atol=1e-5, rtol=1e-5)
+
+
 def _pool_bytes(pool) -> int:
     return sum(s["total_size"] for s in torch.cuda.memory._snapshot()["segments"]
                if tuple(s.get("segment_pool_id", (0, 0))) == tuple(pool))
