@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import functools
+import logging
 
 import pytest
 import torch
@@ -155,3 +156,39 @@ def test_fastvideo_dit_offload_is_refused_with_the_fix():
     sharded.__class__ = fsdp_class
     with pytest.raises(cachepass.CachepassError, match=r"managed by FSDP \(FSDPToyDiT; FastVideo's dit_cpu_offload\)"):
         cachepass.compile(sharded, toy_config())
+
+
+_TABLES: dict[int, torch.Tensor] = {}  # FastVideo's _ROTARY_POS_EMBED_CACHE: filled by the first call at each size
+
+
+class CachedTable(TransposedTokens):
+    def forward(self, hidden_states, timestep):
+        key = hidden_states.shape[-1]
+        if key not in _TABLES:
+            _TABLES[key] = torch.linspace(0, 1, key, dtype=torch.float64)
+        return super().forward(hidden_states + _TABLES[key].to(hidden_states.device).float(), timestep)
+
+
+def test_a_table_cache_filled_by_the_first_call_gives_two_graphs_and_the_reference_results(caplog):
+    """The first call traces with the cache empty, the second with the table as an input: two graphs in the
+    first CFG pair, yet one generation for the clock (the reference's steps and latents, no warning)."""
+    cfg = StepCacheConfig(num_head_blocks=1, num_tail_blocks=1, threshold=0.5, warmup_steps=2, separate_cfg=True,
+                          num_inference_steps=STEPS)
+    latents = torch.randn(1, 4, 16, generator=torch.Generator().manual_seed(0))
+
+    def generate(fn):
+        return sample(lambda x, sigma, kw: fn(x, (sigma * 1000).reshape(1)), latents, {}, {}, STEPS)
+
+    torch.manual_seed(0)
+    model = CachedTable().eval()
+    torch.manual_seed(0)
+    reference = StepCacheReference(CachedTable().eval(), cfg)
+    _TABLES.clear()
+    torch._dynamo.reset()
+    compiled = cachepass.compile(model, cfg, inner="aot_eager", max_shapes=2)
+    with torch.no_grad(), caplog.at_level("INFO", logger="cachepass"):
+        for _ in range(2):
+            torch.testing.assert_close(generate(compiled), generate(reference), atol=1e-5, rtol=1e-5)
+            assert cachepass.stats(model)[0].cached_steps == cachepass.stats(reference)[0].cached_steps != []
+    assert caplog.text.count("cache unit(s)") == 2  # the backend ran for two graphs
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
