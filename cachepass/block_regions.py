@@ -13,8 +13,9 @@ The mark sits on the class only while a call runs, and each class gets one marke
 process (Dynamo guards on it): other code using the class between calls, cache-dit's block-pattern
 matching among it, sees the original. It is not put on instances: on torch 2.13 Dynamo then passed
 block 0's weights to every block. A trace the marks make fail runs again without them (logged).
-On by default from torch 2.13, the version the tests compared traces on; ``CACHEPASS_BLOCK_REGIONS=1``
-or ``0`` forces it on or off.
+On by default on every supported torch: the CPU parity suites (cache-dit, generations, piecewise,
+regions) pass with it on torch 2.11 and 2.13, the GPU tests on torch 2.11; ``CACHEPASS_BLOCK_REGIONS=0``
+turns it off.
 """
 
 from __future__ import annotations
@@ -38,15 +39,9 @@ _OWN: dict[type, Callable | None] = {}  # class -> the forward in its own __dict
 _REFUSED: set[type] = set()  # classes whose marked trace failed: never marked again
 
 
-VERIFIED_FROM = (2, 13)  # the torch whose traces the tests compared; older ones trace inline unless told
-
-
 def enabled() -> bool:
-    """``CACHEPASS_BLOCK_REGIONS=1`` / ``0`` force it; unset, on from the torch version the tests verified."""
-    forced = os.environ.get("CACHEPASS_BLOCK_REGIONS")
-    if forced is not None:
-        return forced != "0"
-    return tuple(int(p) for p in torch.__version__.split(".")[:2]) >= VERIFIED_FROM
+    """On unless ``CACHEPASS_BLOCK_REGIONS=0``."""
+    return os.environ.get("CACHEPASS_BLOCK_REGIONS", "1") != "0"
 
 
 def block_classes(model: nn.Module) -> tuple[type, ...]:
