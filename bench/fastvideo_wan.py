@@ -42,7 +42,11 @@ from cachepass.offload.plan import parse_bytes
 STEPS, GUIDANCE, SHIFT = 16, 5.0, 3.0
 
 
-def build(device: torch.device, layers: int):
+WAN_1_3B = dict(num_attention_heads=12, attention_head_dim=128, ffn_dim=8960, text_dim=4096, freq_dim=256)
+
+
+def build(device: torch.device, layers: int, dtype: torch.dtype = torch.bfloat16, **arch):
+    """FastVideo's Wan DiT with seeded weights: the Wan2.1-1.3B architecture, or ``arch``'s fields instead."""
     from fastvideo.configs.models.dits.wanvideo import WanVideoArchConfig, WanVideoConfig
     from fastvideo.distributed.parallel_state import maybe_init_distributed_environment_and_model_parallel
     from fastvideo.models.dits.wanvideo import WanTransformer3DModel
@@ -50,12 +54,11 @@ def build(device: torch.device, layers: int):
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", "29533")
     maybe_init_distributed_environment_and_model_parallel(1, 1)
-    arch = WanVideoArchConfig(num_attention_heads=12, attention_head_dim=128, ffn_dim=8960, num_layers=layers,
-                              text_dim=4096, freq_dim=256)
+    config = WanVideoConfig(arch_config=WanVideoArchConfig(num_layers=layers, **{**WAN_1_3B, **arch}))
     with torch.device(device):
-        model = WanTransformer3DModel(config=WanVideoConfig(arch_config=arch), hf_config={})
+        model = WanTransformer3DModel(config=config, hf_config={})
     initialize(model)
-    return model.to(device, torch.bfloat16).eval()
+    return model.to(device, dtype).eval()
 
 
 def initialize(model: torch.nn.Module) -> None:
@@ -78,12 +81,13 @@ def config(steps: int) -> cachepass.StepCacheConfig:
                                      steps_computation_policy="static")
 
 
-def inputs(device: torch.device, frames: int, height: int, width: int):
+def inputs(device: torch.device, frames: int, height: int, width: int, dtype: torch.dtype = torch.bfloat16,
+           text_dim: int = 4096, text_tokens: int = 512):
     g = torch.Generator().manual_seed(1)
     latent_frames = (frames - 1) // 4 + 1
-    latents = torch.randn(1, 16, latent_frames, height // 8, width // 8, generator=g).to(device, torch.bfloat16)
-    cond = torch.randn(1, 512, 4096, generator=g).to(device, torch.bfloat16)
-    uncond = torch.randn(1, 512, 4096, generator=g).to(device, torch.bfloat16)
+    latents = torch.randn(1, 16, latent_frames, height // 8, width // 8, generator=g).to(device, dtype)
+    cond = torch.randn(1, text_tokens, text_dim, generator=g).to(device, dtype)
+    uncond = torch.randn(1, text_tokens, text_dim, generator=g).to(device, dtype)
     return latents, cond, uncond
 
 

@@ -1,0 +1,75 @@
+"""FastVideo's own Wan DiT (a tiny config of its ``WanTransformer3DModel``) under cachepass against cache-dit
+applied to the same blocks: cached steps equal, latents within the inner compiler's tolerance.
+
+Skipped when FastVideo cannot be imported (it is not a test dependency: it pins a torch of its own and
+needs a torchvision built for the installed torch; `bench/NOTES.md` lists what it takes). Runs where it
+is installed, e.g. ``pip install --no-deps fastvideo==0.2.1`` beside torch 2.11 and torchvision 0.26.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("FASTVIDEO_DISABLE_ATTENTION_COMPILE", "0")  # before fastvideo is imported (README)
+os.environ.setdefault("FASTVIDEO_ATTENTION_BACKEND", "TORCH_SDPA")
+pytest.importorskip("fastvideo.models.dits.wanvideo", reason="FastVideo is not installed", exc_type=ImportError)
+
+import cachepass  # noqa: E402
+from bench.fastvideo_wan import build, config, generate, inputs  # noqa: E402
+from bench.variants import cache_dit_decisions  # noqa: E402
+
+TINY = dict(num_attention_heads=2, attention_head_dim=16, ffn_dim=64, text_dim=32, freq_dim=32)
+LAYERS = 4
+
+
+@pytest.fixture(autouse=True)
+def sdpa_attention_on_the_cpu(monkeypatch):
+    """FastVideo's CPU platform names no attention backend (it runs on GPUs and MPS): give it SDPA's, which
+    is what it picks on CUDA and MPS with FASTVIDEO_ATTENTION_BACKEND=TORCH_SDPA."""
+    from fastvideo.platforms import AttentionBackendEnum, current_platform
+
+    platform = type(current_platform)
+    if not platform.get_attn_backend_cls(AttentionBackendEnum.TORCH_SDPA, 16, torch.float32):
+        monkeypatch.setattr(platform, "get_attn_backend_cls",
+                            classmethod(lambda cls, *args: "fastvideo.attention.backends.sdpa.SDPABackend"))
+
+
+def tiny(**overrides):
+    return build(torch.device("cpu"), LAYERS, torch.float32, **TINY, **overrides)
+
+
+def latents_and_text():
+    return inputs(torch.device("cpu"), 5, 32, 32, torch.float32, text_dim=TINY["text_dim"], text_tokens=8)
+
+
+@pytest.mark.parametrize("policy", ["static", "dynamic"])
+def test_fastvideo_wan_dit_matches_cache_dit(policy):
+    import cache_dit
+    from cache_dit import BlockAdapter, ForwardPattern
+
+    steps = 16
+    cfg = dataclasses.replace(config(steps), num_head_blocks=1)  # FastVideo's flags' static mask, Fn=1 of 4
+    if policy == "dynamic":  # the threshold decides after the warmup (no mask)
+        cfg = cachepass.StepCacheConfig(num_head_blocks=1, num_tail_blocks=1, warmup_steps=4, threshold=0.3,
+                                        separate_cfg=True, num_inference_steps=steps)
+    x, cond, uncond = latents_and_text()
+
+    theirs = tiny()
+    db, taylor = cfg.to_cache_dit()
+    cache_dit.enable_cache(BlockAdapter(transformer=theirs, blocks=theirs.blocks,
+                                        forward_pattern=ForwardPattern.Pattern_2),
+                           cache_config=db, calibrator_config=taylor)
+    expected = generate(theirs, x, cond, uncond)
+    (expected_steps, expected_cfg_steps), = cache_dit_decisions(theirs)
+
+    ours = tiny()
+    compiled = cachepass.compile(ours, cfg, inner="aot_eager")
+    got = generate(compiled, x, cond, uncond, lambda: cachepass.reset(ours))
+    (unit,) = cachepass.stats(ours)
+    assert expected_steps, "the config must cache some steps"
+    assert (unit.cached_steps, unit.cfg_cached_steps) == (expected_steps, expected_cfg_steps)
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
