@@ -70,7 +70,9 @@ def _free(device: torch.device) -> None:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workload", choices=sorted(WORKLOADS), required=True)
-    parser.add_argument("--offload-blocks", default="1.2GB", help="device bytes for block weights (resident + slots)")
+    parser.add_argument("--offload-blocks", default="1.2GB",
+                        help="device bytes for block weights (resident + slots); comma-separated: one row per budget "
+                             "and cap, to find the smallest budget within a ratio of resident in one process")
     parser.add_argument("--caps-gb", default="", help="comma-separated device memory caps, GiB (empty: no cap)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--cudagraphs", default="off", choices=["off", "piecewise", "conditional"])
@@ -85,22 +87,26 @@ def main(argv=None) -> int:
     inputs = _on(device, inputs)
     weights = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
     nonblock = model_bytes(model, block_lists_paths(model, workload.block_lists))[1]
-    budget = nonblock + parse_bytes(args.offload_blocks)
+    budgets = [nonblock + parse_bytes(b) for b in args.offload_blocks.split(",")]
     resident_out, resident = _run("stepcache-resident", workload, cachepass.compile(model.to(device), cfg,
                                                                                     cudagraphs=args.cudagraphs),
                                   inputs, args.repeats, device)
     del model
     _free(device)
     rows = [resident]
-    for cap in [float(c) for c in args.caps_gb.split(",") if c] or [None]:
+    caps = [float(c) for c in args.caps_gb.split(",") if c] or [None]
+    for budget, cap in [(b, c) for b in budgets for c in caps]:
         if cap is not None:
             torch.cuda.set_per_process_memory_fraction(cap * 2**30 / total, device)
         model = workload.setup(torch.device("cpu"))[0]
         compiled = cachepass.compile(model, cfg, cudagraphs=args.cudagraphs, offload={"budget": budget}, device=device)
-        out, row = _run(f"stepcache-offload-from-host{'' if cap is None else f'-cap{cap:g}gb'}", workload, compiled,
-                        inputs, args.repeats, device)
+        name = f"stepcache-offload-from-host{'' if cap is None else f'-cap{cap:g}gb'}"
+        if len(budgets) > 1:
+            name += f"-blocks{format_bytes(budget - nonblock).replace(' ', '')}"
+        out, row = _run(name, workload, compiled, inputs, args.repeats, device)
         stats = cachepass.offload_stats(model)
-        row.update(device_memory_cap_gb=cap, budget_gb=budget / 2**30, host_pinned_gb=stats.host_bytes / 2**30,
+        row.update(device_memory_cap_gb=cap, budget_gb=budget / 2**30, block_budget_gb=(budget - nonblock) / 1e9,
+                   host_pinned_gb=stats.host_bytes / 2**30,
                    resident_blocks=len(stats.residency.resident), streamed_blocks=len(stats.residency.slot_of),
                    vs_resident=row["median_s"] / resident["median_s"],
                    max_abs_diff_vs_resident=(out.float() - resident_out.float()).abs().max().item())
@@ -113,17 +119,20 @@ def main(argv=None) -> int:
                                                                                         else argv)}
     os.makedirs(args.out, exist_ok=True)
     stem = os.path.join(args.out, f"offload-from-host-{meta['device'].lower().replace(' ', '-')}-{meta['date']}-"
-                                  f"{workload.name}" + ("" if args.cudagraphs == "off" else f"-{args.cudagraphs}"))
+                                  f"{workload.name}" + ("" if args.cudagraphs == "off" else f"-{args.cudagraphs}")
+                        + ("-budgets" if len(budgets) > 1 else ""))
     with open(stem + ".json", "w") as f:
         json.dump({**meta, "rows": rows}, f, indent=1)
     lines = [f"### {workload.name}: built on the CPU, offloaded from host memory", "",
              f"{workload.note}. {meta['device']}, torch {meta['torch']}, {meta['date']}, weights "
              f"{format_bytes(weights)}, cudagraphs={args.cudagraphs}, {args.repeats} timed repeats (median).", "",
              f"Command: `{meta['command']}`", "",
-             "| variant | cap GiB | median s | min-max s | vs resident | cold s | peak GiB | host pinned GiB | max abs diff |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| variant | cap GiB | blocks GB | median s | min-max s | vs resident | cold s | peak GiB | host pinned GiB "
+             "| max abs diff |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['variant']} | {r.get('device_memory_cap_gb') or '-'} | {r['median_s']:.3f} | "
+        blocks = f"{r['block_budget_gb']:.1f}" if "block_budget_gb" in r else "all"
+        lines.append(f"| {r['variant']} | {r.get('device_memory_cap_gb') or '-'} | {blocks} | {r['median_s']:.3f} | "
                      f"{min(r['times_s']):.3f}-{max(r['times_s']):.3f} | {r.get('vs_resident', 1.0):.3f} | "
                      f"{r['cold_start_s']:.1f} | {r['peak_mem_gb']:.2f} | {r.get('host_pinned_gb', 0):.2f} | "
                      f"{r.get('max_abs_diff_vs_resident', 0.0):.3g} |")
