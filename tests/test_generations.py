@@ -284,3 +284,20 @@ def test_a_call_while_another_call_of_the_model_runs_is_an_error():
         with pytest.raises(cachepass.CachepassError, match="called while another call of it was running"):
             generate(CASE, fn, 1)
     generate(CASE, fn, 1)  # the state is free again
+
+
+def test_latents_that_diverge_to_nan_are_named_not_taken_for_an_interrupted_generation(caplog):
+    """NaN latents follow nothing (their cosine is NaN), so each call starts a generation: the warning says
+    why, instead of "a generation ended after 1 of 12 steps"."""
+    class Diverging(type(CASE.model())):
+        def forward(self, hidden_states, timestep, encoder_hidden_states):
+            out = super().forward(hidden_states, timestep, encoder_hidden_states)
+            return torch.where(timestep < 500, out * float("nan"), out)  # the second half of the steps diverges
+
+    torch.manual_seed(0)
+    model = Diverging().eval()
+    fn = cachepass.compile(model, cfg(), inner="aot_eager")
+    with caplog.at_level("WARNING", logger="cachepass"):
+        generate(CASE, fn, STEPS)
+    warnings = mismatch_warnings(caplog)
+    assert len(warnings) == 1 and "latents with NaN or Inf entered the model" in warnings[0], warnings

@@ -63,11 +63,13 @@ def emit_clock(layout: StateLayout, st: dict[str, Proxy], timestep: Proxy | None
     same_t = ~fresh & (t == last_t)
     fingerprint, sample = st["clock.last_latents"], st["clock.last_sample"]
     continues = ~fresh
+    nonfinite = None
     if latents is not None:
         x = latents.detach().to(layout.float_dtype)
         fingerprint = torch.stack([x.sum(), (x * x).sum()])
         sample = latents_sample(x, example_value(latents.node).numel(), layout.sample_size)
         continues = continues & follows(sample, st["clock.last_sample"])
+        nonfinite = ~torch.isfinite(sample).all()
     same_call = same_t & (fingerprint == st["clock.last_latents"]).all()
     partner = pending & same_call if cfg.separate_cfg else torch.zeros_like(same_t)
     first = fresh | (t > last_t) | (same_t & ~partner) | ((t < last_t) & ~continues)
@@ -78,6 +80,8 @@ def emit_clock(layout: StateLayout, st: dict[str, Proxy], timestep: Proxy | None
 
     flags = st["clock.report"][0]
     ended = st["clock.report"][1]
+    if nonfinite is not None:
+        flags = set_flag(flags, Mismatch.NONFINITE_LATENTS, nonfinite)
     if cfg.separate_cfg:
         flags = set_flag(flags, Mismatch.MISSING_CFG_PARTNER, pending & ~first & ~partner)
         flags = set_flag(flags, Mismatch.EXTRA_CALLS, same_call & ~pending)  # a third call of one step

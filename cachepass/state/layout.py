@@ -51,10 +51,12 @@ class Mismatch(enum.IntFlag):
     FEWER_STEPS = 8  # a generation ended before num_inference_steps (interrupted, or a shorter schedule)
     RANKS_DIVERGED = 16  # context parallel: the ranks were out of step (calls, step, config); all computed
     EXTRA_CALLS = 32  # separate_cfg, but a step made a third call (same timestep and latents as its CFG pair)
+    NONFINITE_LATENTS = 64  # latents with NaN or Inf entered a call: no call can be told to continue the last
 
 
 # flags that follow from another one: not reported beside it (their advice would be wrong)
-CONSEQUENCES = {Mismatch.EXTRA_CALLS: Mismatch.MISSING_CFG_PARTNER | Mismatch.FEWER_STEPS}
+CONSEQUENCES = {Mismatch.EXTRA_CALLS: Mismatch.MISSING_CFG_PARTNER | Mismatch.FEWER_STEPS,
+                Mismatch.NONFINITE_LATENTS: Mismatch.FEWER_STEPS}
 
 
 MISMATCH_MESSAGES = {
@@ -82,6 +84,11 @@ MISMATCH_MESSAGES = {
         "a generation ended after {ended} of num_inference_steps={steps} steps (interrupted, a shorter "
         "schedule, or one of two experts running part of the steps); the next one started at step 0. "
         "If the pipeline runs {ended} steps, set num_inference_steps={ended}"
+    ),
+    Mismatch.NONFINITE_LATENTS: (
+        "latents with NaN or Inf entered the model (the model or the sampler diverged, or uninitialised "
+        "weights): such calls cannot be told to continue the previous one, so each started a new generation "
+        "and nothing was cached from then on; the outputs are those of the uncached model on those latents"
     ),
     Mismatch.RANKS_DIVERGED: (
         "the ranks of the sequence-parallel group were out of step at a call (different call counts since "
