@@ -35,6 +35,8 @@ import time
 import torch
 
 import cachepass
+from bench.compare import device_name
+from bench.timing import synchronize, timed
 from bench.variants import cache_dit_decisions
 from cachepass.demo.sampling import sample
 from cachepass.offload.plan import parse_bytes
@@ -166,10 +168,11 @@ def main(argv=None) -> int:
     parser.add_argument("--variants", default="uncached,cache-dit,cachepass,cachepass-offload")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", default="bench/results")
+    parser.add_argument("--device", default="cuda", help="cuda, or cpu for a smoke run (no offload variant there)")
     args = parser.parse_args(argv)
     if os.environ.get("FASTVIDEO_DISABLE_ATTENTION_COMPILE") != "0":
         parser.error("set FASTVIDEO_DISABLE_ATTENTION_COMPILE=0 before running (README, 'Using with FastVideo')")
-    device = torch.device("cuda")
+    device = torch.device(args.device)
     x, cond, uncond = inputs(device, args.frames, args.height, args.width)
     makers = variants(device, args.layers, args.offload_blocks)
     prepared, rows = {}, {}
@@ -177,16 +180,13 @@ def main(argv=None) -> int:
         start = time.perf_counter()
         fn, before, cached, model = makers[name]()
         out = generate(fn, x, cond, uncond, before)
-        torch.cuda.synchronize()
+        synchronize(device)
         prepared[name] = (fn, before, cached, model)
         rows[name] = {"variant": name, "cold_s": time.perf_counter() - start, "times_s": [], "output": out}
     for _ in range(args.repeats):  # interleaved: every variant once per round
         for name, (fn, before, cached, _) in prepared.items():
-            torch.cuda.synchronize()
-            start = time.perf_counter()
-            rows[name]["output"] = generate(fn, x, cond, uncond, before)
-            torch.cuda.synchronize()
-            rows[name]["times_s"].append(time.perf_counter() - start)
+            rows[name]["output"], seconds = timed(lambda: generate(fn, x, cond, uncond, before), device)
+            rows[name]["times_s"].append(seconds)
             rows[name]["cached_steps"] = list(cached())
     reference = rows.get("uncached", {}).get("output")
     for name, row in rows.items():
@@ -200,7 +200,7 @@ def main(argv=None) -> int:
     meta = {"workload": f"FastVideo WanTransformer3DModel, Wan2.1-1.3B arch, {args.layers} blocks, {args.frames} frames "
                         f"{args.height}x{args.width}, {STEPS} steps, separate CFG, static mask (8 warmup, then every "
                         "other step)",
-            "device": torch.cuda.get_device_name(device), "torch": torch.__version__,
+            "device": device_name(device), "torch": torch.__version__,
             "date": datetime.date.today().isoformat(),
             "command": "python -m bench.fastvideo_wan " + " ".join(argv or sys.argv[1:])}
     print(f"| variant | s / generation (min-max) | cold s | cached steps | PSNR dB | SSIM |  ({meta['device']}, torch "
