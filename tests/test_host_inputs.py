@@ -18,6 +18,8 @@ def test_only_inputs_whose_every_use_moves_them_to_the_device_are_host_inputs():
     gm = fx.symbolic_trace(_graph)
     inputs = [torch.ones(2)] * 5
     assert HostInputs.find(gm, inputs, torch.device("cuda")).indices == [1, 4]
+    weights = [*inputs[:4], torch.nn.Parameter(torch.ones(2))]  # a weight the model moves: its owner's business
+    assert HostInputs.find(gm, weights, torch.device("cuda")).indices == [1]
     assert HostInputs.find(gm, inputs, torch.device("cpu")).indices == []  # a CPU program has none
 
 

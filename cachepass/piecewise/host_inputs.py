@@ -20,6 +20,8 @@ from typing import Any, Sequence
 import torch
 from torch import fx
 
+from cachepass.piecewise.static_inputs import has_static_address
+
 log = logging.getLogger(__name__)
 
 _MOVES = {"to", "cuda"}
@@ -35,13 +37,17 @@ class HostInputs:
 
     @classmethod
     def find(cls, gm: fx.GraphModule, example_inputs: Sequence[Any], device: torch.device) -> "HostInputs":
-        """The placeholders holding a CPU tensor that every user moves to ``device`` (none on a CPU program)."""
+        """The placeholders holding a CPU tensor that every user moves to ``device`` (none on a CPU program).
+
+        Weights and buffers are not among them: where they live is their owner's business (an offload
+        hook, cachepass's own offload), and ``.data`` swaps on them would go unseen.
+        """
         indices = []
         if device.type != "cpu":
             placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
             for i, (node, value) in enumerate(zip(placeholders, example_inputs)):
-                if (isinstance(value, torch.Tensor) and value.device.type == "cpu" and node.users
-                        and all(_moves_to(user, node, device) for user in node.users)):
+                if (isinstance(value, torch.Tensor) and value.device.type == "cpu" and not has_static_address(value)
+                        and node.users and all(_moves_to(user, node, device) for user in node.users)):
                     indices.append(i)
         found = cls(indices, device)
         if indices:
