@@ -47,7 +47,7 @@ def latents_and_text():
 
 
 @pytest.mark.parametrize("policy", ["static", "dynamic"])
-def test_fastvideo_wan_dit_matches_cache_dit(policy):
+def test_fastvideo_wan_dit_matches_cache_dit(policy, caplog):
     import cache_dit
     from cache_dit import BlockAdapter, ForwardPattern
 
@@ -68,7 +68,9 @@ def test_fastvideo_wan_dit_matches_cache_dit(policy):
 
     ours = tiny()
     compiled = cachepass.compile(ours, cfg, inner="aot_eager")
-    got = generate(compiled, x, cond, uncond, lambda: cachepass.reset(ours))
+    with caplog.at_level("INFO", logger="cachepass"):
+        got = generate(compiled, x, cond, uncond, lambda: cachepass.reset(ours))
+    assert f"block: 1 compiled for {LAYERS} pieces" in caplog.text  # its transposed tokens copied once, up front
     (unit,) = cachepass.stats(ours)
     assert expected_steps, "the config must cache some steps"
     assert (unit.cached_steps, unit.cfg_cached_steps) == (expected_steps, expected_cfg_steps)

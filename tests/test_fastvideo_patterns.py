@@ -53,12 +53,16 @@ def run(fn):
     return sample(lambda x, sigma, kw: fn(x, (sigma * 1000).reshape(1)), latents, {}, None, STEPS)
 
 
-def test_transposed_carried_state_compiles_under_inductor():
-    """Inductor used to fail the cond's stride assertion on the transposed operand (expected stride 32==1)."""
+def test_transposed_carried_state_compiles_under_inductor_as_one_block(caplog):
+    """Inductor used to fail the cond's stride assertion on the transposed operand (expected stride 32==1); and
+    the head blocks (transposed input) and the tail blocks (the cond's contiguous output) compiled apart."""
     cfg = StepCacheConfig(num_head_blocks=1, threshold=0.3, warmup_steps=1, num_inference_steps=STEPS)
     torch.manual_seed(0)
     model = TransposedTokens().eval()
-    out = run(cachepass.compile(model, cfg, inner="inductor"))
+    with caplog.at_level("INFO", logger="cachepass"):
+        out = run(cachepass.compile(model, cfg, inner="inductor"))
+    assert "blocks.0 takes hidden states of strides (512, 1, 16)" in caplog.text
+    assert "block: 1 compiled for 4 pieces" in caplog.text
     reference = StepCacheReference(model, cfg)
     torch.testing.assert_close(out, run(reference), atol=1e-4, rtol=1e-4)
     assert cachepass.stats(model)[0].cached_steps == cachepass.stats(reference)[0].cached_steps != []

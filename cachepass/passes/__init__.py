@@ -16,6 +16,7 @@ from typing import Callable, Sequence
 from torch import fx
 
 from cachepass.errors import CachepassError, PassError
+from cachepass.passes.contiguous_block_input import contiguous_block_input
 from cachepass.passes.hoist_out_of_middle import hoist_out_of_middle
 from cachepass.passes.inline_block_regions import inline_block_regions
 from cachepass.passes.insert_cache_cond import insert_cache_cond
@@ -25,8 +26,8 @@ from cachepass.passes.split_before_first_block import split_before_first_block
 log = logging.getLogger(__name__)
 
 Pass = Callable[[fx.GraphModule], fx.GraphModule]
-PASS_ORDER = ("inline_block_regions", "split_before_first_block", "hoist_out_of_middle", "outline_middle_blocks",
-              "insert_cache_cond")
+PASS_ORDER = ("inline_block_regions", "split_before_first_block", "contiguous_block_input", "hoist_out_of_middle",
+              "outline_middle_blocks", "insert_cache_cond")
 
 
 def before_discovery_passes() -> list[Pass]:
@@ -34,7 +35,8 @@ def before_discovery_passes() -> list[Pass]:
 
 
 def outline_passes(plans) -> list[Pass]:
-    return [functools.partial(hoist_out_of_middle, plans=plans), functools.partial(outline_middle_blocks, plans=plans)]
+    return [functools.partial(contiguous_block_input, plans=plans), functools.partial(hoist_out_of_middle, plans=plans),
+            functools.partial(outline_middle_blocks, plans=plans)]
 
 
 def cache_passes(layout, timestep, parallel=None) -> list[Pass]:
