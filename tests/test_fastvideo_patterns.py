@@ -61,7 +61,7 @@ def test_transposed_carried_state_compiles_under_inductor_as_one_block(caplog):
     model = TransposedTokens().eval()
     with caplog.at_level("INFO", logger="cachepass"):
         out = run(cachepass.compile(model, cfg, inner="inductor"))
-    assert "blocks.0 takes hidden states of strides (512, 1, 16)" in caplog.text
+    assert "blocks.0 takes hidden states of strides (512, 1, 16)" in caplog.text and "copied contiguous" in caplog.text
     assert "block: 1 compiled for 4 pieces" in caplog.text
     reference = StepCacheReference(model, cfg)
     torch.testing.assert_close(out, run(reference), atol=1e-4, rtol=1e-4)

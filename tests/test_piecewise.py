@@ -64,8 +64,11 @@ def test_identical_blocks_share_one_compiled_piece():
     assert "if cached:" in text and "if compute:" in text and "blocks.2" in text
 
 
-def test_flux_compiles_one_block_per_list():
-    """The single blocks' inputs differ in a size-1 stride, and the last one drops its text output: still one compile."""
+@pytest.mark.parametrize("name", ["flux", "hunyuan"])
+def test_two_stream_models_compile_one_block_per_list(name):
+    """FLUX: the single blocks' inputs differ in a size-1 stride, and the last one drops its text output.
+    HunyuanVideo: its double blocks keep their transposed tokens, the cond's outputs are contiguous
+    (`contiguous_block_input` copies block 0's input). Still one compile per list."""
     compiles = []
     original = cachepass.backend.PieceCompiler
 
@@ -75,8 +78,8 @@ def test_flux_compiles_one_block_per_list():
 
     cachepass.backend.PieceCompiler = spy
     try:
-        _, _, model, compiled = compile_case("flux")
-        generate(CASES["flux"], compiled, 1)
+        _, _, model, compiled = compile_case(name)
+        generate(CASES[name], compiled, 1)
     finally:
         cachepass.backend.PieceCompiler = original
     per_list = artifacts_per_list(current_state(model).plan)

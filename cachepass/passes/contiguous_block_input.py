@@ -30,6 +30,8 @@ def contiguous_block_input(gm: fx.GraphModule, plans: list[CacheUnitPlan]) -> fx
         value = example_value(hidden)
         if not len(plan.head) or not isinstance(value, torch.Tensor) or is_standard_contiguous(value):
             continue  # no head block: block 0 is in the middle region, whose inputs insert_cache_cond copies
+        if not _layout_carries_through_head(plan, value):
+            continue  # the blocks change the layout themselves (views of a joined buffer): a copy would not unify
         first = set(blocks.get(plan.list_path, {}).get(0, []))
         readers = [user for user in hidden.users if user in first]
         if not readers:
@@ -41,12 +43,19 @@ def contiguous_block_input(gm: fx.GraphModule, plans: list[CacheUnitPlan]) -> fx
         copy.meta.update({k: v for k, v in hidden.meta.items() if k in ("nn_module_stack", "stack_trace")})
         for reader in readers:
             reader.replace_input_with(hidden, copy)
-        log.info("stepcache: %s.0 takes hidden states of strides %s (shape %s): copied contiguous before it, so "
-                 "every block of %s compiles to one piece", plan.list_path, tuple(value.stride()), list(value.shape),
-                 plan.list_path)
+        log.info("stepcache: %s.0 takes hidden states of strides %s (shape %s), which the head blocks keep and the "
+                 "cond's outputs do not: copied contiguous before it, so the blocks of %s share one input layout",
+                 plan.list_path, tuple(value.stride()), list(value.shape), plan.list_path)
     gm.graph.lint()
     gm.recompile()
     return gm
+
+
+def _layout_carries_through_head(plan: CacheUnitPlan, value: torch.Tensor) -> bool:
+    """Whether the head blocks return the hidden states in the layout block 0 took (FastVideo's blocks do): only
+    then do the blocks after the cond, fed contiguous, differ from the head by layout alone."""
+    head_output = next((example_value(s.middle_input) for s in plan.slots if s.role == "hidden"), None)
+    return isinstance(head_output, torch.Tensor) and head_output.stride() == value.stride()
 
 
 def _position(gm: fx.GraphModule):
