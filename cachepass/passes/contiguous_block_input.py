@@ -32,11 +32,10 @@ def contiguous_block_input(gm: fx.GraphModule, plans: list[CacheUnitPlan]) -> fx
             continue  # no head block: block 0 is in the middle region, whose inputs insert_cache_cond copies
         if not _layout_carries_through_head(plan, value):
             continue  # the blocks change the layout themselves (views of a joined buffer): a copy would not unify
-        first = set(blocks.get(plan.list_path, {}).get(0, []))
+        first = set(blocks[plan.list_path][0])
         readers = [user for user in hidden.users if user in first]
-        if not readers:
-            continue
-        with gm.graph.inserting_before(min(first, key=_position(gm))):  # before the block: its nodes stay one run
+        opening = next(n for n in gm.graph.nodes if n in first)
+        with gm.graph.inserting_before(opening):  # before the block: its nodes stay one run
             copy = gm.graph.call_method("contiguous", (hidden,))
         # no example value: block 0's traced values are of the old layout, and the executor reuses a piece's
         # traced values only when its inputs have them (`cachepass.piecewise.execute`); without one it runs it
@@ -57,7 +56,3 @@ def _layout_carries_through_head(plan: CacheUnitPlan, value: torch.Tensor) -> bo
     head_output = next((example_value(s.middle_input) for s in plan.slots if s.role == "hidden"), None)
     return isinstance(head_output, torch.Tensor) and head_output.stride() == value.stride()
 
-
-def _position(gm: fx.GraphModule):
-    order = {node: i for i, node in enumerate(gm.graph.nodes)}
-    return order.__getitem__
