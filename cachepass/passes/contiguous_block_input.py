@@ -55,4 +55,3 @@ def _layout_carries_through_head(plan: CacheUnitPlan, value: torch.Tensor) -> bo
     then do the blocks after the cond, fed contiguous, differ from the head by layout alone."""
     head_output = next((example_value(s.middle_input) for s in plan.slots if s.role == "hidden"), None)
     return isinstance(head_output, torch.Tensor) and head_output.stride() == value.stride()
-
