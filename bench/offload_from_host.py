@@ -67,6 +67,28 @@ def _free(device: torch.device) -> None:
     torch.cuda.set_per_process_memory_fraction(1.0, device)
 
 
+def _write(stem: str, meta: dict, rows: list[dict], workload, weights: int, args) -> list[str]:
+    """The JSON and the table so far: a run cut short by its time limit keeps the rows it measured."""
+    with open(stem + ".json", "w") as f:
+        json.dump({**meta, "rows": rows}, f, indent=1)
+    lines = [f"### {workload.name}: built on the CPU, offloaded from host memory", "",
+             f"{workload.note}. {meta['device']}, torch {meta['torch']}, {meta['date']}, weights "
+             f"{format_bytes(weights)}, cudagraphs={args.cudagraphs}, {args.repeats} timed repeats (median).", "",
+             f"Command: `{meta['command']}`", "",
+             "| variant | cap GiB | blocks GB | median s | min-max s | vs resident | cold s | peak GiB | host pinned GiB "
+             "| max abs diff |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        blocks = f"{r['block_budget_gb']:.1f}" if "block_budget_gb" in r else "all"
+        lines.append(f"| {r['variant']} | {r.get('device_memory_cap_gb') or '-'} | {blocks} | {r['median_s']:.3f} | "
+                     f"{min(r['times_s']):.3f}-{max(r['times_s']):.3f} | {r.get('vs_resident', 1.0):.3f} | "
+                     f"{r['cold_start_s']:.1f} | {r['peak_mem_gb']:.2f} | {r.get('host_pinned_gb', 0):.2f} | "
+                     f"{r.get('max_abs_diff_vs_resident', 0.0):.3g} |")
+    with open(stem + ".md", "w") as f:
+        f.write("\n".join(lines) + "\n")
+    return lines
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workload", choices=sorted(WORKLOADS), required=True)
@@ -94,6 +116,14 @@ def main(argv=None) -> int:
     del model
     _free(device)
     rows = [resident]
+    meta = {"workload": workload.name, "note": workload.note, "device": device_name(device), "torch": torch.__version__,
+            "date": datetime.date.today().isoformat(), "weights_gb": weights / 2**30, "cudagraphs": args.cudagraphs,
+            "config": repr(cfg), "command": "python -m bench.offload_from_host " + " ".join(sys.argv[1:] if argv is None
+                                                                                        else argv)}
+    os.makedirs(args.out, exist_ok=True)
+    stem = os.path.join(args.out, f"offload-from-host-{meta['device'].lower().replace(' ', '-')}-{meta['date']}-"
+                                  f"{workload.name}" + ("" if args.cudagraphs == "off" else f"-{args.cudagraphs}")
+                        + ("-budgets" if len(budgets) > 1 else ""))
     caps = [float(c) for c in args.caps_gb.split(",") if c] or [None]
     for budget, cap in [(b, c) for b in budgets for c in caps]:
         if cap is not None:
@@ -111,34 +141,10 @@ def main(argv=None) -> int:
                    vs_resident=row["median_s"] / resident["median_s"],
                    max_abs_diff_vs_resident=(out.float() - resident_out.float()).abs().max().item())
         rows.append(row)
+        _write(stem, meta, rows, workload, weights, args)
         del model, compiled
         _free(device)
-    meta = {"workload": workload.name, "note": workload.note, "device": device_name(device), "torch": torch.__version__,
-            "date": datetime.date.today().isoformat(), "weights_gb": weights / 2**30, "cudagraphs": args.cudagraphs,
-            "config": repr(cfg), "command": "python -m bench.offload_from_host " + " ".join(sys.argv[1:] if argv is None
-                                                                                        else argv)}
-    os.makedirs(args.out, exist_ok=True)
-    stem = os.path.join(args.out, f"offload-from-host-{meta['device'].lower().replace(' ', '-')}-{meta['date']}-"
-                                  f"{workload.name}" + ("" if args.cudagraphs == "off" else f"-{args.cudagraphs}")
-                        + ("-budgets" if len(budgets) > 1 else ""))
-    with open(stem + ".json", "w") as f:
-        json.dump({**meta, "rows": rows}, f, indent=1)
-    lines = [f"### {workload.name}: built on the CPU, offloaded from host memory", "",
-             f"{workload.note}. {meta['device']}, torch {meta['torch']}, {meta['date']}, weights "
-             f"{format_bytes(weights)}, cudagraphs={args.cudagraphs}, {args.repeats} timed repeats (median).", "",
-             f"Command: `{meta['command']}`", "",
-             "| variant | cap GiB | blocks GB | median s | min-max s | vs resident | cold s | peak GiB | host pinned GiB "
-             "| max abs diff |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        blocks = f"{r['block_budget_gb']:.1f}" if "block_budget_gb" in r else "all"
-        lines.append(f"| {r['variant']} | {r.get('device_memory_cap_gb') or '-'} | {blocks} | {r['median_s']:.3f} | "
-                     f"{min(r['times_s']):.3f}-{max(r['times_s']):.3f} | {r.get('vs_resident', 1.0):.3f} | "
-                     f"{r['cold_start_s']:.1f} | {r['peak_mem_gb']:.2f} | {r.get('host_pinned_gb', 0):.2f} | "
-                     f"{r.get('max_abs_diff_vs_resident', 0.0):.3g} |")
-    with open(stem + ".md", "w") as f:
-        f.write("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    print("\n".join(_write(stem, meta, rows, workload, weights, args)))
     return 0
 
 
