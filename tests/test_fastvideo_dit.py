@@ -19,7 +19,7 @@ os.environ.setdefault("FASTVIDEO_ATTENTION_BACKEND", "TORCH_SDPA")
 pytest.importorskip("fastvideo.models.dits.wanvideo", reason="FastVideo is not installed", exc_type=ImportError)
 
 import cachepass  # noqa: E402
-from bench.fastvideo_wan import build, config, generate, inputs  # noqa: E402
+from bench.fastvideo_wan import build, config, denoise, generate, inputs  # noqa: E402
 from bench.variants import cache_dit_decisions  # noqa: E402
 
 TINY = dict(num_attention_heads=2, attention_head_dim=16, ffn_dim=64, text_dim=32, freq_dim=32)
@@ -75,3 +75,31 @@ def test_fastvideo_wan_dit_matches_cache_dit(policy, caplog):
     assert expected_steps, "the config must cache some steps"
     assert (unit.cached_steps, unit.cfg_cached_steps) == (expected_steps, expected_cfg_steps)
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_fastvideo_denoising_stage_with_cachepass_matches_cache_dit_and_needs_no_reset():
+    """FastVideo's own denoising loop (its ``DenoisingStage``, UniPC scheduler, bf16) calling the compiled DiT
+    as its transformer: the same cached steps and latents as cache-dit's DBCache on the same weights, and a
+    second generation with no ``reset`` (the stage does not call one) repeats the first."""
+    import cache_dit
+    from cache_dit import BlockAdapter, ForwardPattern
+
+    cfg = dataclasses.replace(config(16), num_head_blocks=1)
+    x, cond, uncond = inputs(torch.device("cpu"), 5, 32, 32, torch.bfloat16, text_dim=TINY["text_dim"], text_tokens=8)
+
+    theirs = build(torch.device("cpu"), LAYERS, torch.bfloat16, **TINY)
+    db, taylor = cfg.to_cache_dit()
+    cache_dit.enable_cache(BlockAdapter(transformer=theirs, blocks=theirs.blocks,
+                                        forward_pattern=ForwardPattern.Pattern_2),
+                           cache_config=db, calibrator_config=taylor)
+    expected = denoise(theirs, x, cond, uncond)
+    (expected_steps, expected_cfg_steps), = cache_dit_decisions(theirs)
+
+    ours = build(torch.device("cpu"), LAYERS, torch.bfloat16, **TINY)
+    compiled = cachepass.compile(ours, cfg, inner="aot_eager")
+    for _ in range(2):
+        got = denoise(compiled, x, cond, uncond)
+        (unit,) = cachepass.stats(ours)
+        assert expected_steps == [9, 11, 13, 15]
+        assert (unit.cached_steps, unit.cfg_cached_steps) == (expected_steps, expected_cfg_steps)
+        torch.testing.assert_close(got, expected, atol=1e-2, rtol=1e-2)  # bf16
