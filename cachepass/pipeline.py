@@ -14,6 +14,7 @@ from typing import Any, Sequence
 
 import torch
 from torch import fx
+from torch.fx._lazy_graph_module import _LazyGraphModule
 
 from cachepass.analysis import sequence_parallel
 from cachepass.analysis.blocks import Discovery, plan_cache_units
@@ -73,7 +74,7 @@ def copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
     output = graph.graph_copy(gm.graph, {}, return_output_node=True)
     graph.output(output[0] if isinstance(output, tuple) else output)
     graph._codegen = gm.graph._codegen
-    return fx.GraphModule(gm, graph, class_name=type(gm).__name__)
+    return _LazyGraphModule(gm, graph, class_name=type(gm).__name__)
 
 
 def static_example_state(example_inputs: Sequence[Any], layout: StateLayout, device: torch.device) -> list:

@@ -8,6 +8,7 @@ import math
 import torch
 from torch import fx
 from torch._prims_common import make_contiguous_strides_for
+from torch.fx._lazy_graph_module import _LazyGraphModule
 from torch.fx.proxy import GraphAppendingTracer, Proxy
 from torch.multiprocessing.reductions import StorageWeakRef
 
@@ -94,7 +95,7 @@ def compute_branch(compute: fx.GraphModule, num_extra: int) -> fx.GraphModule:
             results.append(graph.call_method("clone", (env[out],), {"memory_format": torch.contiguous_format}))
         taken.add(storage)
     graph.output(tuple(results))
-    return fx.GraphModule(compute, graph, class_name=f"{type(compute).__name__}Compute")
+    return _LazyGraphModule(compute, graph, class_name=f"{type(compute).__name__}Compute")
 
 
 def cached_branch(spec: UnitSpec, layout: StateLayout, region_values: list) -> fx.GraphModule:
@@ -124,4 +125,4 @@ def cached_branch(spec: UnitSpec, layout: StateLayout, region_values: list) -> f
             out = out.clone(memory_format=torch.contiguous_format)
         results.append(out.node)
     graph.output(tuple(results))
-    return fx.GraphModule(torch.nn.Module(), graph, class_name=f"StepcacheCached{spec.index}")
+    return _LazyGraphModule(torch.nn.Module(), graph, class_name=f"StepcacheCached{spec.index}")

@@ -14,6 +14,7 @@ import logging
 import operator
 
 from torch import fx
+from torch.fx._lazy_graph_module import _LazyGraphModule
 
 from cachepass.analysis.blocks import CacheUnitPlan
 from cachepass.errors import UnsupportedGraphError
@@ -52,7 +53,7 @@ def _outline_unit(gm: fx.GraphModule, plan: CacheUnitPlan) -> dict[fx.Node, fx.N
     for node in plan.region:
         env[node] = sub.node_copy(node, lambda a: env[a])
     sub.output(tuple(env[e] for e in exits))
-    compute = fx.GraphModule(gm, sub, class_name=f"StepcacheMiddle{plan.index}")
+    compute = _LazyGraphModule(gm, sub, class_name=f"StepcacheMiddle{plan.index}")
 
     spec = UnitSpec(
         index=plan.index,
