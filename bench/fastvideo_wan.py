@@ -85,6 +85,18 @@ def config(steps: int) -> cachepass.StepCacheConfig:
                                      steps_computation_policy="static")
 
 
+def with_cache_dit(model: torch.nn.Module, cfg: cachepass.StepCacheConfig) -> torch.nn.Module:
+    """cache-dit's DBCache (and TaylorSeer, if ``cfg`` has it) on FastVideo's DiT blocks (``BlockAdapter``,
+    Pattern_2), with ``cfg``'s settings translated."""
+    import cache_dit
+    from cache_dit import BlockAdapter, ForwardPattern
+
+    db, taylor = cfg.to_cache_dit()
+    cache_dit.enable_cache(BlockAdapter(transformer=model, blocks=model.blocks, forward_pattern=ForwardPattern.Pattern_2),
+                           cache_config=db, calibrator_config=taylor)
+    return model
+
+
 def inputs(device: torch.device, frames: int, height: int, width: int, dtype: torch.dtype = torch.bfloat16,
            text_dim: int = 4096, text_tokens: int = 512):
     g = torch.Generator().manual_seed(1)
@@ -164,12 +176,8 @@ def variants(device: torch.device, layers: int, budget_blocks: str):
 
     def cache_dit():
         import cache_dit
-        from cache_dit import BlockAdapter, ForwardPattern
 
-        model = build(device, layers)
-        db, taylor = config(STEPS).to_cache_dit()
-        cache_dit.enable_cache(BlockAdapter(transformer=model, blocks=model.blocks, forward_pattern=ForwardPattern.Pattern_2),
-                               cache_config=db, calibrator_config=taylor)
+        model = with_cache_dit(build(device, layers), config(STEPS))
         for block in model.blocks:
             block.compile()
         return model, lambda: cache_dit.refresh_context(model), lambda: cache_dit_decisions(model)[0][0], model
@@ -258,7 +266,8 @@ def main(argv=None) -> int:
               f"{r['cold_s']:.1f} | {len(r.get('cached_steps', []))} | {r.get('psnr_db', float('nan')):.1f} | "
               f"{r.get('ssim', float('nan')):.4f} |")
     os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, f"fastvideo_wan-{meta['date']}-{args.frames}f.json")
+    device_slug = meta["device"].lower().replace(" ", "-")
+    path = os.path.join(args.out, f"fastvideo_wan-{device_slug}-{meta['date']}-{args.frames}f-denoising-stage.json")
     with open(path, "w") as f:
         json.dump({**meta, "rows": list(rows.values())}, f, indent=1)
     print("wrote", path)

@@ -19,7 +19,7 @@ os.environ.setdefault("FASTVIDEO_ATTENTION_BACKEND", "TORCH_SDPA")
 pytest.importorskip("fastvideo.models.dits.wanvideo", reason="FastVideo is not installed", exc_type=ImportError)
 
 import cachepass  # noqa: E402
-from bench.fastvideo_wan import build, config, denoise, generate, inputs  # noqa: E402
+from bench.fastvideo_wan import build, config, denoise, generate, inputs, with_cache_dit  # noqa: E402
 from bench.variants import cache_dit_decisions  # noqa: E402
 
 TINY = dict(num_attention_heads=2, attention_head_dim=16, ffn_dim=64, text_dim=32, freq_dim=32)
@@ -38,8 +38,8 @@ def sdpa_attention_on_the_cpu(monkeypatch):
                             classmethod(lambda cls, *args: "fastvideo.attention.backends.sdpa.SDPABackend"))
 
 
-def tiny(**overrides):
-    return build(torch.device("cpu"), LAYERS, torch.float32, **TINY, **overrides)
+def tiny(dtype: torch.dtype = torch.float32, **overrides):
+    return build(torch.device("cpu"), LAYERS, dtype, **TINY, **overrides)
 
 
 def latents_and_text():
@@ -48,9 +48,6 @@ def latents_and_text():
 
 @pytest.mark.parametrize("policy", ["static", "dynamic"])
 def test_fastvideo_wan_dit_matches_cache_dit(policy, caplog):
-    import cache_dit
-    from cache_dit import BlockAdapter, ForwardPattern
-
     steps = 16
     cfg = dataclasses.replace(config(steps), num_head_blocks=1)  # FastVideo's flags' static mask, Fn=1 of 4
     if policy == "dynamic":  # the threshold decides after the warmup (no mask)
@@ -58,11 +55,7 @@ def test_fastvideo_wan_dit_matches_cache_dit(policy, caplog):
                                         separate_cfg=True, num_inference_steps=steps)
     x, cond, uncond = latents_and_text()
 
-    theirs = tiny()
-    db, taylor = cfg.to_cache_dit()
-    cache_dit.enable_cache(BlockAdapter(transformer=theirs, blocks=theirs.blocks,
-                                        forward_pattern=ForwardPattern.Pattern_2),
-                           cache_config=db, calibrator_config=taylor)
+    theirs = with_cache_dit(tiny(), cfg)
     expected = generate(theirs, x, cond, uncond)
     (expected_steps, expected_cfg_steps), = cache_dit_decisions(theirs)
 
@@ -81,21 +74,14 @@ def test_fastvideo_denoising_stage_with_cachepass_matches_cache_dit_and_needs_no
     """FastVideo's own denoising loop (its ``DenoisingStage``, UniPC scheduler, bf16) calling the compiled DiT
     as its transformer: the same cached steps and latents as cache-dit's DBCache on the same weights, and a
     second generation with no ``reset`` (the stage does not call one) repeats the first."""
-    import cache_dit
-    from cache_dit import BlockAdapter, ForwardPattern
-
     cfg = dataclasses.replace(config(16), num_head_blocks=1)
     x, cond, uncond = inputs(torch.device("cpu"), 5, 32, 32, torch.bfloat16, text_dim=TINY["text_dim"], text_tokens=8)
 
-    theirs = build(torch.device("cpu"), LAYERS, torch.bfloat16, **TINY)
-    db, taylor = cfg.to_cache_dit()
-    cache_dit.enable_cache(BlockAdapter(transformer=theirs, blocks=theirs.blocks,
-                                        forward_pattern=ForwardPattern.Pattern_2),
-                           cache_config=db, calibrator_config=taylor)
+    theirs = with_cache_dit(tiny(torch.bfloat16), cfg)
     expected = denoise(theirs, x, cond, uncond)
     (expected_steps, expected_cfg_steps), = cache_dit_decisions(theirs)
 
-    ours = build(torch.device("cpu"), LAYERS, torch.bfloat16, **TINY)
+    ours = tiny(torch.bfloat16)
     compiled = cachepass.compile(ours, cfg, inner="aot_eager")
     for _ in range(2):
         got = denoise(compiled, x, cond, uncond)
