@@ -3,7 +3,10 @@
     python -m bench.cold_start --blocks 12 --device cpu --out bench/results
 
 Every variant runs in its own process twice over one new cache folder (TORCHINDUCTOR_CACHE_DIR and
-TRITON_CACHE_DIR): the first process starts cold, the second warm. Each process times its first
+TRITON_CACHE_DIR): the first process starts cold, the second warm. A third process starts as another
+machine would with the first one's compile results shipped: an empty cache folder filled by
+``torch.compiler.load_cache_artifacts`` with what the cold process saved (``save_cache_artifacts``; the
+load's seconds are reported beside, not in, its first call). Each process times its first
 call (trace + compile + run) and a second call; the model is a diffusers Wan transformer with
 ``--blocks`` blocks and random weights. Two reference rows bound what a whole-model capture costs:
 ``compile`` (plain ``torch.compile``, fullgraph) and ``dynamo-trace`` (Dynamo's trace of the whole
@@ -35,12 +38,21 @@ WIDTHS = {  # WanTransformer3DModel sizes: the small default, and Wan2.1-1.3B's 
 }
 
 
-def child(variant: str, blocks: int, device: str, width: str) -> dict:
+def child(variant: str, blocks: int, device: str, width: str, save_artifacts: str | None = None,
+          load_artifacts: str | None = None) -> dict:
     import torch
     from diffusers import WanTransformer3DModel
 
     import cachepass
 
+    loaded_s = None
+    if load_artifacts:  # another machine's compile results, into this process's (empty) cache folder
+        start = time.perf_counter()
+        with open(load_artifacts, "rb") as f:
+            data = f.read()
+        if data:
+            torch.compiler.load_cache_artifacts(data)
+        loaded_s = time.perf_counter() - start
     torch.manual_seed(0)
     dtype = torch.bfloat16 if width != "small" else torch.float32
     model = WanTransformer3DModel(
@@ -75,8 +87,15 @@ def child(variant: str, blocks: int, device: str, width: str) -> dict:
             if device.startswith("cuda"):
                 torch.cuda.synchronize()
             times.append(time.perf_counter() - start)
+    saved = {}
+    if save_artifacts:
+        saved_artifacts = torch.compiler.save_cache_artifacts()  # None where nothing went through the caches
+        data = saved_artifacts[0] if saved_artifacts else b""
+        with open(save_artifacts, "wb") as f:
+            f.write(data)
+        saved = {"artifacts_mb": len(data) / 1e6}
     return {"variant": variant, "first_call_s": times[0], "second_call_s": times[1], "new_shape_s": times[2],
-            **backend_log.found}
+            "artifacts_load_s": loaded_s, **saved, **backend_log.found}
 
 
 class _BackendLog(logging.Handler):
@@ -93,10 +112,12 @@ class _BackendLog(logging.Handler):
             self.found = {"backend_s": float(seconds.group(1)), "backend_log": text}
 
 
-def run(variant: str, blocks: int, device: str, width: str, cache: str) -> dict:
+def run(variant: str, blocks: int, device: str, width: str, cache: str, *artifacts: str) -> dict:
+    """One child process over the cache folder ``cache``; ``artifacts``: ``--save-artifacts PATH`` or
+    ``--load-artifacts PATH``."""
     env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache, "TRITON_CACHE_DIR": os.path.join(cache, "triton")}
     command = [sys.executable, "-m", "bench.cold_start", "--child", variant, "--blocks", str(blocks), "--device", device,
-               "--width", width]
+               "--width", width, *artifacts]
     out = subprocess.run(command, env=env, capture_output=True, text=True, check=True).stdout
     return json.loads(out.strip().splitlines()[-1])
 
@@ -109,24 +130,33 @@ def main(argv=None) -> int:
     p.add_argument("--variants", default=",".join(VARIANTS))
     p.add_argument("--out", default="bench/results")
     p.add_argument("--child", help=argparse.SUPPRESS)
+    p.add_argument("--save-artifacts", help=argparse.SUPPRESS)
+    p.add_argument("--load-artifacts", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
-        print(json.dumps(child(args.child, args.blocks, args.device, args.width)))
+        print(json.dumps(child(args.child, args.blocks, args.device, args.width, args.save_artifacts,
+                               args.load_artifacts)))
         return 0
     import torch
 
     rows = []
     for variant in args.variants.split(","):
-        with tempfile.TemporaryDirectory() as cache:
-            cold = run(variant, args.blocks, args.device, args.width, cache)
+        with tempfile.TemporaryDirectory() as cache, tempfile.TemporaryDirectory() as other_machine:
+            artifacts = os.path.join(other_machine, "artifacts.bin")
+            cold = run(variant, args.blocks, args.device, args.width, cache, "--save-artifacts", artifacts)
             warm = run(variant, args.blocks, args.device, args.width, cache)
+            portable = run(variant, args.blocks, args.device, args.width, os.path.join(other_machine, "cache"),
+                           "--load-artifacts", artifacts)
         rows.append({"variant": variant, "cold_start_s": cold["first_call_s"], "warm_start_s": warm["first_call_s"],
+                     "portable_start_s": portable["first_call_s"], "artifacts_load_s": portable["artifacts_load_s"],
+                     "artifacts_mb": cold["artifacts_mb"],
                      "second_call_s": cold["second_call_s"], "new_shape_s": cold["new_shape_s"],
                      "cold_backend_s": cold.get("backend_s"),
                      "warm_backend_s": warm.get("backend_s"), "cold_backend_log": cold.get("backend_log")})
         backend = "" if cold.get("backend_s") is None else \
             f"   backend cold {cold['backend_s']:.1f} s warm {warm['backend_s']:.1f} s"
         print(f"{variant:<22} cold {rows[-1]['cold_start_s']:7.1f} s   warm {rows[-1]['warm_start_s']:7.1f} s   "
+              f"from artifacts {rows[-1]['portable_start_s']:7.1f} s (+{rows[-1]['artifacts_load_s']:.1f} s load)   "
               f"second call {rows[-1]['second_call_s'] * 1e3:7.1f} ms   new shape {rows[-1]['new_shape_s']:6.1f} s{backend}",
               flush=True)
     regional = next((r["cold_start_s"] for r in rows if r["variant"] == "regional-compile"), None)
@@ -135,9 +165,12 @@ def main(argv=None) -> int:
         row["cold_vs_regional"] = row["cold_start_s"] / regional if regional else None
         row["warm_vs_regional"] = row["warm_start_s"] / base["warm_start_s"] if base else None
         row["new_shape_vs_regional"] = row["new_shape_s"] / base["new_shape_s"] if base else None
+        row["portable_vs_regional"] = row["portable_start_s"] / base["portable_start_s"] if base else None
     device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"cpu ({os.cpu_count()} cores)"
     result = {
-        "question": "cold start (first call, fresh Inductor caches) and warm start (second process, same caches)",
+        "question": "cold start (first call, fresh Inductor caches), warm start (second process, same caches) and "
+                    "start from artifacts (third process, an empty cache folder filled by "
+                    "torch.compiler.load_cache_artifacts with what the cold process saved: another machine)",
         "device": device_name,
         "torch": torch.__version__,
         "date": datetime.date.today().isoformat(),
