@@ -136,20 +136,30 @@ def denoise(fn, latents, cond, uncond, before=lambda: None) -> torch.Tensor:
     """FastVideo's own denoising loop: its ``DenoisingStage`` (Wan2.1 T2V 480p pipeline config: bf16, autocast
     on CUDA, separate CFG calls at guidance 5) with its flow UniPC scheduler (shift 3), ``STEPS`` steps.
 
-    ``fn`` is what the stage calls as its transformer (the DiT, or what ``cachepass.compile`` returned). On
-    the CPU, FastVideo's platform names "mps" as the local device: the stage's device is the latents' there.
+    ``fn`` is what the stage calls as its transformer (the DiT, or what ``cachepass.compile`` returned).
     """
+    before()
+    return run_stage(denoising_stage(fn), latents, cond, uncond)
+
+
+def denoising_stage(transformer):
+    """FastVideo's ``DenoisingStage`` over ``transformer`` with its flow UniPC scheduler (shift ``SHIFT``)."""
     from fastvideo.models.schedulers.scheduling_flow_unipc_multistep import FlowUniPCMultistepScheduler
+    from fastvideo.pipelines.stages.denoising import DenoisingStage
+
+    return DenoisingStage(transformer=transformer, scheduler=FlowUniPCMultistepScheduler(shift=SHIFT))
+
+
+def run_stage(stage, latents, cond, uncond, steps: int = STEPS) -> torch.Tensor:
+    """One generation of ``steps`` through ``stage.forward``, as FastVideo's pipeline runs it. On the CPU,
+    FastVideo's platform names "mps" as the local device: the stage's device is the latents' there."""
     from fastvideo.pipelines.pipeline_batch_info import ForwardBatch
     from fastvideo.pipelines.stages import denoising
 
-    before()
-    scheduler = FlowUniPCMultistepScheduler(shift=SHIFT)
-    scheduler.set_timesteps(STEPS, device=latents.device)
+    stage.scheduler.set_timesteps(steps, device=latents.device)
     batch = ForwardBatch(data_type="video", latents=latents.clone(), prompt_embeds=[cond],
                          negative_prompt_embeds=[uncond], do_classifier_free_guidance=True, guidance_scale=GUIDANCE,
-                         num_inference_steps=STEPS, timesteps=scheduler.timesteps)
-    stage = denoising.DenoisingStage(transformer=fn, scheduler=scheduler)
+                         num_inference_steps=steps, timesteps=stage.scheduler.timesteps)
     with torch.no_grad(), _local_device(denoising, latents.device):
         return stage.forward(batch, _fastvideo_args()).latents
 

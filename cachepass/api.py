@@ -21,6 +21,7 @@ from cachepass.cudagraphs import memory as graph_memory
 from cachepass.cudagraphs.graphed import CudaGraphs
 from cachepass.errors import BlockDiscoveryError, CachepassError
 from cachepass.exported.program import ExportedState, capture
+from cachepass.fastvideo_stages import compile_fastvideo, is_fastvideo
 from cachepass.offload.host_start import check_budget_fits, place_for_offload
 from cachepass.offload.plan import OffloadPlan, choose_residency, plan_generation
 from cachepass.offload.runtime import check_not_offloaded_by_fastvideo, check_not_offloaded_by_hooks, model_bytes
@@ -46,7 +47,8 @@ def compile(model: nn.Module, config: Any = None, *, calibrator_config: Any = No
 
     ``model`` may also be a diffusers pipeline: its DiT components are compiled in place and the pipeline
     is returned; ``config=None`` then takes cache-dit's defaults with the family's CFG layout
-    (`cachepass.pipelines`). A module needs a config.
+    (`cachepass.pipelines`). A FastVideo pipeline or ``DenoisingStage`` likewise (`cachepass.fastvideo_stages`).
+    A module needs a config.
 
     ``config`` is a `StepCacheConfig`, a dict of its fields, or a cache-dit ``DBCacheConfig``
     (then ``calibrator_config`` may be its ``TaylorSeerCalibratorConfig``). ``form`` is
@@ -74,11 +76,12 @@ def compile(model: nn.Module, config: Any = None, *, calibrator_config: Any = No
     (process-wide) when larger, and each compile's first call makes room for its own graph.
     Options that cannot run on the model's device raise here.
     """
-    if is_pipeline(model):
-        return compile_pipeline(model, config, compile, calibrator_config=calibrator_config, inner=inner, mode=mode,
-                                form=form, cudagraphs=cudagraphs, offload=offload, glue=glue,
-                                sequence_parallel_group=sequence_parallel_group, fullgraph=fullgraph,
-                                max_shapes=max_shapes, device=device)
+    if is_pipeline(model) or is_fastvideo(model):
+        compile_components = compile_pipeline if is_pipeline(model) else compile_fastvideo
+        return compile_components(model, config, compile, calibrator_config=calibrator_config, inner=inner, mode=mode,
+                                  form=form, cudagraphs=cudagraphs, offload=offload, glue=glue,
+                                  sequence_parallel_group=sequence_parallel_group, fullgraph=fullgraph,
+                                  max_shapes=max_shapes, device=device)
     if max_shapes is not None and (isinstance(max_shapes, bool) or not isinstance(max_shapes, int) or max_shapes < 1):
         raise ValueError(f"cachepass.compile max_shapes={max_shapes!r} is invalid; allowed: an integer >= 1 or None")
     _reject_compiler_disabled(model)

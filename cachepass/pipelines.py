@@ -56,38 +56,58 @@ def compile_pipeline(pipe: Any, config: Any, compile_module: Callable[..., nn.Mo
     found = [name for name in DIT_COMPONENTS if isinstance(getattr(pipe, name, None), nn.Module)]
     if not found:
         raise CachepassError(f"{type(pipe).__name__} has no DiT component to compile (looked for {list(DIT_COMPONENTS)})")
-    config = coerce_config(default_config(pipe) if config is None else config, options.pop("calibrator_config", None))
-    if config.num_inference_steps is not None and config.steps_computation_mask is None:
-        log.info("stepcache: %s: the step count comes from each pipeline call (num_inference_steps=%d is not "
-                 "needed)", type(pipe).__name__, config.num_inference_steps)
-        config = dataclasses.replace(config, num_inference_steps=None)
+    config = per_call_config(pipe, default_config(pipe) if config is None else config, options.pop("calibrator_config", None))
     for name in found:
         setattr(pipe, name, compile_module(getattr(pipe, name), config, **options))
     _COMPILED[pipe] = config
-    pipe.__class__ = _generation_class(type(pipe))
+    pipe.__class__ = generation_class(type(pipe), "__call__", _begin_generation)
     log.info("stepcache: %s: compiled %s; each call begins a generation", type(pipe).__name__, ", ".join(found))
     return pipe
 
 
+def per_call_config(owner: Any, config: Any, calibrator_config: Any) -> StepCacheConfig:
+    """``config`` checked, without a step count where each call gives its own (a mask keeps its count)."""
+    config = coerce_config(config, calibrator_config)
+    if config.num_inference_steps is not None and config.steps_computation_mask is None:
+        log.info("stepcache: %s: the step count comes from each call (num_inference_steps=%d is not needed)",
+                 type(owner).__name__, config.num_inference_steps)
+        config = dataclasses.replace(config, num_inference_steps=None)
+    return config
+
+
 _COMPILED: "weakref.WeakKeyDictionary[Any, StepCacheConfig]" = weakref.WeakKeyDictionary()  # pipeline -> its config
-_GENERATION_CLASSES: dict[type, type] = {}  # pipeline class -> its subclass whose call begins a generation
+_GENERATION_CLASSES: dict[tuple[type, str], type] = {}  # (class, method) -> its subclass whose method begins a generation
 
 
-def _generation_class(cls: type) -> type:
-    """``cls`` with a ``__call__`` that begins a generation first (the same name, so diffusers sees its class)."""
+def generation_class(cls: type, method: str, begin: Callable) -> type:
+    """``cls`` whose ``method`` runs inside ``begin(self, original, args, kwargs)`` (a context manager: one
+    generation); the same name and module, so code that looks at the class name sees its own."""
     if cls in _GENERATION_CLASSES.values():
         return cls
-    if cls not in _GENERATION_CLASSES:
-        original = cls.__call__
+    if (cls, method) not in _GENERATION_CLASSES:
+        original = getattr(cls, method)
 
         @functools.wraps(original)
-        def __call__(self, *args, **kwargs):
-            with _begin_generation(self, original, args, kwargs):
+        def generating(self, *args, **kwargs):
+            with begin(self, original, args, kwargs):
                 return original(self, *args, **kwargs)
 
-        _GENERATION_CLASSES[cls] = type(cls.__name__, (cls,), {"__call__": __call__, "__module__": cls.__module__,
-                                                               "__doc__": cls.__doc__})
-    return _GENERATION_CLASSES[cls]
+        _GENERATION_CLASSES[cls, method] = type(cls.__name__, (cls,), {method: generating, "__module__": cls.__module__,
+                                                                       "__doc__": cls.__doc__})
+    return _GENERATION_CLASSES[cls, method]
+
+
+def check_mask_counts(config: StepCacheConfig | None, counts: dict[str, int | None], caller: str) -> None:
+    """A static mask has one entry per step: a call with another count is an error, not a silent misfit."""
+    if config is None or config.steps_computation_mask is None:
+        return
+    wrong = {name: n for name, n in counts.items() if n is not None and n != config.num_inference_steps}
+    if wrong:
+        raise CachepassError(
+            f"steps_computation_mask has {config.num_inference_steps} entries (num_inference_steps="
+            f"{config.num_inference_steps}), but this call of {caller} runs "
+            f"{', '.join(f'{n} steps on {name}' for name, n in wrong.items())}: call it with num_inference_steps="
+            f"{config.num_inference_steps}, or compile with a mask of that many entries")
 
 
 def _begin_generation(pipe: Any, call: Callable, args: tuple, kwargs: dict):
@@ -97,14 +117,7 @@ def _begin_generation(pipe: Any, call: Callable, args: tuple, kwargs: dict):
     modules = {name: getattr(pipe, name) for name in DIT_COMPONENTS if isinstance(getattr(pipe, name, None), nn.Module)}
     steps = _call_steps(pipe, call, args, kwargs)
     counts = _expert_shares(pipe, steps, modules) if steps is not None else dict.fromkeys(modules, None)
-    if config is not None and config.steps_computation_mask is not None:
-        wrong = {name: n for name, n in counts.items() if n is not None and n != config.num_inference_steps}
-        if wrong:
-            raise CachepassError(
-                f"steps_computation_mask has {config.num_inference_steps} entries (num_inference_steps="
-                f"{config.num_inference_steps}), but this call of {type(pipe).__name__} runs "
-                f"{', '.join(f'{n} steps on {name}' for name, n in wrong.items())}: call it with num_inference_steps="
-                f"{config.num_inference_steps}, or compile with a mask of that many entries")
+    check_mask_counts(config, counts, type(pipe).__name__)
     return pipeline_generation({modules[name]: n for name, n in counts.items()})
 
 

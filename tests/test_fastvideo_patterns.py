@@ -196,3 +196,51 @@ def test_a_table_cache_filled_by_the_first_call_gives_two_graphs_and_the_referen
             assert cachepass.stats(model)[0].cached_steps == cachepass.stats(reference)[0].cached_steps != []
     assert caplog.text.count("cache unit(s)") == 2  # the backend ran for two graphs
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
+
+
+class DenoisingStage:
+    """The shape of FastVideo's ``DenoisingStage`` (``fastvideo.pipelines.stages.denoising``): it holds the DiT
+    (Wan 2.2: two experts, the high-noise one above ``boundary_ratio`` of the training timesteps) and its
+    ``forward(batch, fastvideo_args)`` runs the whole loop over ``batch.timesteps``, with no reset call."""
+
+    def __init__(self, transformer, transformer_2):
+        self.transformer, self.transformer_2 = transformer, transformer_2
+        self.scheduler = type("Scheduler", (), {"num_train_timesteps": 1000})()
+
+    def forward(self, batch, fastvideo_args):
+        x = batch.latents
+        for t in batch.timesteps:
+            high = t >= batch.boundary_ratio * self.scheduler.num_train_timesteps
+            x = x - 0.05 * (self.transformer if high else self.transformer_2)(x, t.reshape(1))
+        return x
+
+
+DenoisingStage.__module__ = "fastvideo.pipelines.stages.denoising"
+
+
+def test_a_fastvideo_stage_gives_each_expert_its_share_of_each_calls_steps():
+    """``cachepass.compile(stage)``: both experts compiled in place; each ``forward`` is one generation, each expert
+    running its share of the batch's steps at the boundary (checked against a 4-entry static mask: 8 steps split
+    4 + 4 run and cache the masked step; 10 steps split 5 + 5 is refused, naming both experts' counts)."""
+    from types import SimpleNamespace
+
+    cfg = StepCacheConfig(num_head_blocks=1, num_tail_blocks=0, warmup_steps=1, num_inference_steps=4,
+                          steps_computation_mask=[1, 1, 0, 1], steps_computation_policy="static", separate_cfg=False)
+    torch.manual_seed(0)
+    high, low = TransposedTokens().eval(), TransposedTokens().eval()
+    stage = DenoisingStage(high, low)
+    assert cachepass.compile(stage, cfg, inner="aot_eager") is stage
+    assert type(stage).__name__ == "DenoisingStage" and stage.transformer is not high and stage.transformer_2 is not low
+
+    def batch(steps):
+        timesteps = torch.linspace(1000, 0, steps + 1)[:-1]
+        return SimpleNamespace(latents=torch.randn(1, 4, 16, generator=torch.Generator().manual_seed(0)),
+                               timesteps=timesteps, num_inference_steps=steps, boundary_ratio=0.55)
+
+    with torch.no_grad():
+        for _ in range(2):  # a second generation with no reset
+            stage.forward(batch(8), SimpleNamespace())
+            assert [u.cached_steps for u in cachepass.stats(high) + cachepass.stats(low)] == [[2], [2]]
+            assert [u.warnings for u in cachepass.stats(high) + cachepass.stats(low)] == [[], []]
+        with pytest.raises(CachepassError, match="4 entries.*runs 5 steps on transformer, 5 steps on transformer_2"):
+            stage.forward(batch(10), SimpleNamespace())
