@@ -10,7 +10,8 @@ with its flow UniPC scheduler: 16 steps, separate CFG, bf16 autocast; `denoise`)
 
 - ``uncached``: ``torch.compile`` of the DiT (the reference latents);
 - ``cache-dit``: cache-dit's DBCache on the blocks (``BlockAdapter``, Pattern_2), blocks compiled;
-- ``cachepass``: ``cachepass.compile(dit, cfg)`` with no other option (conditional CUDA graphs);
+- ``cachepass``: ``cachepass.compile(stage, cfg)`` with no other option (the stage's DiT compiled in place,
+  conditional CUDA graphs; each stage call a generation, no reset);
 - ``cachepass-offload``: the same with ``offload={"budget": ...}`` and conditional graphs.
 
 Reported per variant: seconds per generation (median, min-max, repeats interleaved), cached steps,
@@ -178,11 +179,12 @@ def _local_device(module, device: torch.device):
 
 
 def variants(device: torch.device, layers: int, budget_blocks: str):
-    """name -> a maker of (callable, before each generation, cached steps of the last generation, the model)."""
+    """name -> a maker of (FastVideo's denoising stage over the variant's DiT, before each generation, cached
+    steps of the last generation, the model)."""
 
     def uncached():
         model = build(device, layers)
-        return torch.compile(model), lambda: None, lambda: [], model
+        return denoising_stage(torch.compile(model)), lambda: None, lambda: [], model
 
     def cache_dit():
         import cache_dit
@@ -190,10 +192,11 @@ def variants(device: torch.device, layers: int, budget_blocks: str):
         model = with_cache_dit(build(device, layers), config(STEPS))
         for block in model.blocks:
             block.compile()
-        return model, lambda: cache_dit.refresh_context(model), lambda: cache_dit_decisions(model)[0][0], model
+        return (denoising_stage(model), lambda: cache_dit.refresh_context(model),
+                lambda: cache_dit_decisions(model)[0][0], model)
 
     def stepcache(offload: bool):
-        def make():
+        def make():  # the user's one line on the stage; each stage call is a generation: no reset
             model = build(device, layers)
             options = {}
             if offload:
@@ -201,8 +204,8 @@ def variants(device: torch.device, layers: int, budget_blocks: str):
                 nonblock = sum(p.numel() * p.element_size() for p in model.parameters()) - blocks
                 options = dict(offload={"budget": nonblock + parse_bytes(budget_blocks)},
                                cudagraphs="conditional")
-            fn = cachepass.compile(model, config(STEPS), **options)
-            return fn, lambda: cachepass.reset(model), lambda: cachepass.stats(model)[0].cached_steps, model
+            stage = cachepass.compile(denoising_stage(model), config(STEPS), **options)
+            return stage, lambda: None, lambda: cachepass.stats(model)[0].cached_steps, model
         return make
 
     return {"uncached": uncached, "cache-dit": cache_dit, "cachepass": stepcache(False),
@@ -243,14 +246,15 @@ def main(argv=None) -> int:
     prepared, rows = {}, {}
     for name in args.variants.split(","):
         start = time.perf_counter()
-        fn, before, cached, model = makers[name]()
-        out = denoise(fn, x, cond, uncond, before)
+        stage, before, cached, model = makers[name]()
+        before()
+        out = run_stage(stage, x, cond, uncond)
         synchronize(device)
-        prepared[name] = (fn, before, cached, model)
+        prepared[name] = (stage, before, cached, model)
         rows[name] = {"variant": name, "cold_s": time.perf_counter() - start, "times_s": [], "output": out}
     for _ in range(args.repeats):  # interleaved: every variant once per round
-        for name, (fn, before, cached, _) in prepared.items():
-            rows[name]["output"], seconds = timed(lambda: denoise(fn, x, cond, uncond, before), device)
+        for name, (stage, before, cached, _) in prepared.items():
+            rows[name]["output"], seconds = timed(lambda: (before(), run_stage(stage, x, cond, uncond))[1], device)
             rows[name]["times_s"].append(seconds)
             rows[name]["cached_steps"] = list(cached())
     reference = rows.get("uncached", {}).get("output")
