@@ -22,6 +22,7 @@ from cachepass.cudagraphs.graphed import CudaGraphs
 from cachepass.errors import BlockDiscoveryError, CachepassError
 from cachepass.exported.program import ExportedState, capture
 from cachepass.fastvideo_stages import compile_fastvideo, is_fastvideo
+from cachepass.fastvideo_stages import dits as fastvideo_dits
 from cachepass.offload.host_start import check_budget_fits, place_for_offload
 from cachepass.offload.plan import OffloadPlan, choose_residency, plan_generation
 from cachepass.offload.runtime import check_not_offloaded_by_fastvideo, check_not_offloaded_by_hooks, model_bytes
@@ -279,7 +280,8 @@ def reset(model: Any) -> None:
 def release(model: Any) -> int:
     """Free the device memory ``model``'s CUDA graphs hold (every shape); its next call captures again.
 
-    ``model``: the compiled module, the original one, or a pipeline (its DiT components).
+    ``model``: the compiled module, the original one, or a pipeline (its DiT components; diffusers' or
+    FastVideo's, or a FastVideo ``DenoisingStage``).
 
     Graph sets beyond ``$CACHEPASS_MAX_GRAPH_SETS`` per device (8) are dropped least recently
     replayed first without this; a device with no graphs left gives its memory pool back. Returns
@@ -287,9 +289,11 @@ def release(model: Any) -> int:
     """
     if is_pipeline(model):
         return sum(release(model.components[name]) for name in DIT_COMPONENTS if model.components.get(name) is not None)
+    if is_fastvideo(model):
+        return sum(release(dit) for dit in fastvideo_dits(model))
     if not isinstance(model, nn.Module):
-        raise TypeError(f"cachepass.release expects a compiled module, the original nn.Module or a diffusers "
-                        f"pipeline, got {type(model).__name__}")
+        raise TypeError(f"cachepass.release expects a compiled module, the original nn.Module, a diffusers "
+                        f"pipeline or a FastVideo pipeline or DenoisingStage, got {type(model).__name__}")
     dropped = graph_memory.release({id(state.tensors[0]) for state in states_of(model)})
     log.info("stepcache: released %d CUDA graph set(s) of %s", dropped, type(model).__name__)
     return dropped

@@ -34,13 +34,17 @@ def is_fastvideo(value: Any) -> bool:
                                           and isinstance(getattr(value, "_stages", None), list))
 
 
+def _denoising_stages(target: Any) -> list:
+    return [target] if _is_denoising_stage(target) else [s for s in target._stages if _is_denoising_stage(s)]
+
+
 def _is_denoising_stage(value: Any) -> bool:
     return any(c.__name__ == "DenoisingStage" and c.__module__.startswith("fastvideo.") for c in type(value).__mro__)
 
 
 def compile_fastvideo(target: Any, config: Any, compile_module: Callable[..., nn.Module], **options) -> Any:
     """Compile the DiTs of ``target``'s denoising stages in place with ``compile_module(dit, config, **options)``."""
-    stages = [target] if _is_denoising_stage(target) else [s for s in target._stages if _is_denoising_stage(s)]
+    stages = _denoising_stages(target)
     if not stages:
         raise CachepassError(f"{type(target).__name__} has no DenoisingStage among its stages "
                              f"({[type(s).__name__ for s in target._stages]}): nothing to compile")
@@ -67,6 +71,13 @@ def compile_fastvideo(target: Any, config: Any, compile_module: Callable[..., nn
     log.info("stepcache: %s: compiled the DiT of %d denoising stage(s); each stage call begins a generation",
              type(target).__name__, len(stages))
     return target
+
+
+def dits(target: Any) -> list[nn.Module]:
+    """The DiTs (compiled or not) of ``target``'s denoising stages, each once."""
+    found = [getattr(stage, name) for stage in _denoising_stages(target) for name in DIT_COMPONENTS
+             if isinstance(getattr(stage, name, None), nn.Module)]
+    return [m for i, m in enumerate(found) if all(m is not other for other in found[:i])]
 
 
 _CONFIGS: "weakref.WeakKeyDictionary[Any, StepCacheConfig]" = weakref.WeakKeyDictionary()  # stage -> its config

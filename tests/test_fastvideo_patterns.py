@@ -244,3 +244,4 @@ def test_a_fastvideo_stage_gives_each_expert_its_share_of_each_calls_steps():
             assert [u.warnings for u in cachepass.stats(high) + cachepass.stats(low)] == [[], []]
         with pytest.raises(CachepassError, match="4 entries.*runs 5 steps on transformer, 5 steps on transformer_2"):
             stage.forward(batch(10), SimpleNamespace())
+    assert cachepass.release(stage) == 0  # a stage is accepted like a pipeline (no CUDA graphs on the CPU)
