@@ -6,7 +6,7 @@
 FastVideo 0.2.1's ``WanTransformer3DModel`` with the Wan2.1-1.3B architecture and random bf16 weights
 (no download), built directly, so FastVideo's own DiT offload is off (its pipeline adds those hooks).
 Every variant runs FastVideo's own denoising loop (``DenoisingStage`` of its Wan2.1 T2V 480p pipeline config,
-with its flow UniPC scheduler: 16 steps, separate CFG, bf16 autocast; `denoise`) with a static cache mask:
+with its flow UniPC scheduler: 16 steps, separate CFG, bf16 autocast; `run_stage`) with a static cache mask:
 
 - ``uncached``: ``torch.compile`` of the DiT (the reference latents);
 - ``cache-dit``: cache-dit's DBCache on the blocks (``BlockAdapter``, Pattern_2), blocks compiled;
@@ -39,7 +39,7 @@ import torch
 
 import cachepass
 from bench.compare import device_name
-from bench.timing import synchronize, timed
+from bench.timing import count_syncs, synchronize, timed
 from bench.variants import cache_dit_decisions
 from cachepass.demo.sampling import sample
 from cachepass.offload.plan import parse_bytes
@@ -133,18 +133,9 @@ def _fastvideo_args():
     return args
 
 
-def denoise(fn, latents, cond, uncond, before=lambda: None) -> torch.Tensor:
-    """FastVideo's own denoising loop: its ``DenoisingStage`` (Wan2.1 T2V 480p pipeline config: bf16, autocast
-    on CUDA, separate CFG calls at guidance 5) with its flow UniPC scheduler (shift 3), ``STEPS`` steps.
-
-    ``fn`` is what the stage calls as its transformer (the DiT, or what ``cachepass.compile`` returned).
-    """
-    before()
-    return run_stage(denoising_stage(fn), latents, cond, uncond)
-
-
 def denoising_stage(transformer):
-    """FastVideo's ``DenoisingStage`` over ``transformer`` with its flow UniPC scheduler (shift ``SHIFT``)."""
+    """FastVideo's ``DenoisingStage`` over ``transformer`` (the DiT, or what ``cachepass.compile`` returned) with
+    its flow UniPC scheduler (shift ``SHIFT``)."""
     from fastvideo.models.schedulers.scheduling_flow_unipc_multistep import FlowUniPCMultistepScheduler
     from fastvideo.pipelines.stages.denoising import DenoisingStage
 
@@ -251,12 +242,16 @@ def main(argv=None) -> int:
         out = run_stage(stage, x, cond, uncond)
         synchronize(device)
         prepared[name] = (stage, before, cached, model)
-        rows[name] = {"variant": name, "cold_s": time.perf_counter() - start, "times_s": [], "output": out}
+        # in this process after the variants before it: not a fresh-process cold start (bench.cold_start is)
+        rows[name] = {"variant": name, "cold_start_s": time.perf_counter() - start, "times_s": [], "output": out}
     for _ in range(args.repeats):  # interleaved: every variant once per round
         for name, (stage, before, cached, _) in prepared.items():
             rows[name]["output"], seconds = timed(lambda: (before(), run_stage(stage, x, cond, uncond))[1], device)
             rows[name]["times_s"].append(seconds)
             rows[name]["cached_steps"] = list(cached())
+    for name, (stage, before, _, _) in prepared.items():  # untimed: sync debug mode slows the host
+        syncs = count_syncs(lambda: (before(), run_stage(stage, x, cond, uncond)), device)
+        rows[name]["syncs_per_call"] = None if syncs is None else syncs / (2 * STEPS)  # FastVideo's own included
     reference = rows.get("uncached", {}).get("output")
     for name, row in rows.items():
         if not torch.isfinite(row["output"]).all():
@@ -277,7 +272,7 @@ def main(argv=None) -> int:
     print("|---|---|---|---|---|---|")
     for r in rows.values():
         print(f"| {r['variant']} | {r['median_s']:.3f} ({min(r['times_s']):.3f}-{max(r['times_s']):.3f}) | "
-              f"{r['cold_s']:.1f} | {len(r.get('cached_steps', []))} | {r.get('psnr_db', float('nan')):.1f} | "
+              f"{r['cold_start_s']:.1f} | {len(r.get('cached_steps', []))} | {r.get('psnr_db', float('nan')):.1f} | "
               f"{r.get('ssim', float('nan')):.4f} |")
     os.makedirs(args.out, exist_ok=True)
     device_slug = meta["device"].lower().replace(" ", "-")

@@ -50,16 +50,12 @@ def compile_fastvideo(target: Any, config: Any, compile_module: Callable[..., nn
                              f"({[type(s).__name__ for s in target._stages]}): nothing to compile")
     config = per_call_config(target, StepCacheConfig(separate_cfg=True) if config is None else config,
                              options.pop("calibrator_config", None))
-    compiled: dict[int, nn.Module] = {}  # id(original DiT) -> what compile_module returned
+    compiled = {id(dit): compile_module(dit, config, **options) for dit in dits(target)}  # id(original) -> compiled
     for stage in stages:
-        for name in DIT_COMPONENTS:
-            module = getattr(stage, name, None)
-            if isinstance(module, nn.Module) and id(module) not in compiled:
-                compiled[id(module)] = compile_module(module, config, **options)
         _CONFIGS[stage] = config
         stage.__class__ = generation_class(type(stage), "forward", _begin_generation)
     # every stage attribute that is one of the DiTs now names the compiled one
-    for holder in stages if _is_denoising_stage(target) else target._stages:
+    for holder in [target] if _is_denoising_stage(target) else target._stages:
         for attribute, value in list(vars(holder).items()):
             if id(value) in compiled:
                 setattr(holder, attribute, compiled[id(value)])
@@ -75,9 +71,9 @@ def compile_fastvideo(target: Any, config: Any, compile_module: Callable[..., nn
 
 def dits(target: Any) -> list[nn.Module]:
     """The DiTs (compiled or not) of ``target``'s denoising stages, each once."""
-    found = [getattr(stage, name) for stage in _denoising_stages(target) for name in DIT_COMPONENTS
-             if isinstance(getattr(stage, name, None), nn.Module)]
-    return [m for i, m in enumerate(found) if all(m is not other for other in found[:i])]
+    found = {id(dit): dit for stage in _denoising_stages(target) for name in DIT_COMPONENTS
+             if isinstance(dit := getattr(stage, name, None), nn.Module)}
+    return list(found.values())
 
 
 _CONFIGS: "weakref.WeakKeyDictionary[Any, StepCacheConfig]" = weakref.WeakKeyDictionary()  # stage -> its config

@@ -22,7 +22,6 @@ import cachepass  # noqa: E402
 from bench.fastvideo_wan import (  # noqa: E402
     build,
     config,
-    denoise,
     denoising_stage,
     generate,
     inputs,
@@ -88,13 +87,13 @@ def test_fastvideo_denoising_stage_with_cachepass_matches_cache_dit_and_needs_no
     x, cond, uncond = inputs(torch.device("cpu"), 5, 32, 32, torch.bfloat16, text_dim=TINY["text_dim"], text_tokens=8)
 
     theirs = with_cache_dit(tiny(torch.bfloat16), cfg)
-    expected = denoise(theirs, x, cond, uncond)
+    expected = run_stage(denoising_stage(theirs), x, cond, uncond)
     (expected_steps, expected_cfg_steps), = cache_dit_decisions(theirs)
 
     ours = tiny(torch.bfloat16)
     compiled = cachepass.compile(ours, cfg, inner="aot_eager")
     for _ in range(2):
-        got = denoise(compiled, x, cond, uncond)
+        got = run_stage(denoising_stage(compiled), x, cond, uncond)
         (unit,) = cachepass.stats(ours)
         assert expected_steps == [9, 11, 13, 15]
         assert (unit.cached_steps, unit.cfg_cached_steps) == (expected_steps, expected_cfg_steps)
