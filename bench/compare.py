@@ -129,7 +129,10 @@ def finish_variant(row: dict, ctx: Context, prepared, inputs, out, times: list[f
 
 
 def _device_bytes(model, device: torch.device) -> int:
-    return sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()) if t.device == device)
+    """Bytes of ``model``'s parameters and buffers on ``device`` (``cuda`` and ``cuda:0`` are the same device here:
+    ``torch.device`` equality is not, and the bench runs on one device)."""
+    return sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers())
+               if t.device.type == device.type)
 
 
 def _failed(row: dict, name: str, error: Exception) -> None:
