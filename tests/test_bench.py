@@ -99,3 +99,15 @@ def test_device_trace_counts_only_the_copy_time_no_kernel_ran_beside_as_exposed(
     assert t["htod_gbps"] == pytest.approx(0.1)  # 6000 B in 60 us
     assert t["copy_kinds"]["Memcpy DtoD (Device -> Device)"]["count"] == 1
     assert t["copy_streams"] == [9] and t["kernel_streams"] == [7]
+
+
+def test_a_variants_held_bytes_count_the_model_on_an_indexed_device():
+    """``torch.device("cuda") != torch.device("cuda:0")``: the bytes of a model whose tensors carry no index
+    (here ``cpu``) must still count as on ``cpu:0``, or the one-after-another order's peak memory goes negative."""
+    import torch
+
+    from bench.compare import _device_bytes
+
+    model = torch.nn.Linear(2, 3)  # 6 weights + 3 biases, float32
+    assert _device_bytes(model, torch.device("cpu", 0)) == 9 * 4
+    assert _device_bytes(model, torch.device("meta")) == 0
