@@ -87,6 +87,8 @@ def child(variant: str, blocks: int, device: str, width: str, save_artifacts: st
             if device.startswith("cuda"):
                 torch.cuda.synchronize()
             times.append(time.perf_counter() - start)
+            if len(times) == 1:
+                phases = _first_call_phases(times[0])
     saved = {}
     if save_artifacts:
         saved_artifacts = torch.compiler.save_cache_artifacts()  # None where nothing went through the caches
@@ -95,11 +97,33 @@ def child(variant: str, blocks: int, device: str, width: str, save_artifacts: st
             f.write(data)
         saved = {"artifacts_mb": len(data) / 1e6}
     return {"variant": variant, "first_call_s": times[0], "second_call_s": times[1], "new_shape_s": times[2],
-            "artifacts_load_s": loaded_s, **saved, **backend_log.found}
+            "artifacts_load_s": loaded_s, **saved, **phases, **backend_log.found}
+
+
+PHASES = ("dynamo_compile_s", "bytecode_tracing_s", "user_compiler_s", "build_guards_s", "first_run_s")
+LOGGED = ("capture_s", "warmup_call_s")
+
+
+def _first_call_phases(first_call_s: float) -> dict:
+    """Where the first call went, from Dynamo's own timers: the whole compile (trace, backend, guards), its
+    bytecode tracing and backend call, and what is left of the call (the first run: warm-up runs, CUDA graph
+    capture, kernel loads)."""
+    from torch._dynamo.utils import compilation_time_metrics
+
+    def total(key: str) -> float:
+        return sum(compilation_time_metrics.get(key, ()))
+
+    compile_s = total("_compile.compile_inner")
+    found = {"dynamo_compile_s": compile_s, "bytecode_tracing_s": total("bytecode_tracing"),
+             "user_compiler_s": total("OutputGraph.call_user_compiler"), "build_guards_s": total("build_guards"),
+             "first_run_s": first_call_s - compile_s}
+    assert tuple(found) == PHASES
+    return found
 
 
 class _BackendLog(logging.Handler):
-    """Keeps the stepcache backend's timing line (``backend 12.3 s (passes ...)``)."""
+    """Keeps the first call's stepcache timing lines: the backend's (``backend 12.3 s (passes ...)``) and the
+    CUDA graph capture's (``captured CUDA graphs (...) in 1.20 s after a 0.80 s warm-up call``)."""
 
     def __init__(self):
         super().__init__()
@@ -108,8 +132,11 @@ class _BackendLog(logging.Handler):
     def emit(self, record):
         text = record.getMessage()
         seconds = re.search(r"backend ([0-9.]+) s", text)
-        if seconds and not self.found:  # the first call's compile, not the new shape's
-            self.found = {"backend_s": float(seconds.group(1)), "backend_log": text}
+        if seconds and "backend_s" not in self.found:  # the first call's compile, not the new shape's
+            self.found.update(backend_s=float(seconds.group(1)), backend_log=text)
+        captured = re.search(r"captured CUDA graphs .* in ([0-9.]+) s after a ([0-9.]+) s warm-up call", text)
+        if captured and "capture_s" not in self.found:
+            self.found.update(capture_s=float(captured.group(1)), warmup_call_s=float(captured.group(2)))
 
 
 def run(variant: str, blocks: int, device: str, width: str, cache: str, *artifacts: str) -> dict:
@@ -152,7 +179,9 @@ def main(argv=None) -> int:
                      "artifacts_mb": cold["artifacts_mb"],
                      "second_call_s": cold["second_call_s"], "new_shape_s": cold["new_shape_s"],
                      "cold_backend_s": cold.get("backend_s"),
-                     "warm_backend_s": warm.get("backend_s"), "cold_backend_log": cold.get("backend_log")})
+                     "warm_backend_s": warm.get("backend_s"), "cold_backend_log": cold.get("backend_log"),
+                     **{f"{start}_{k}": v for start, out in (("cold", cold), ("warm", warm))
+                        for k, v in out.items() if k in PHASES + LOGGED}})
         backend = "" if cold.get("backend_s") is None else \
             f"   backend cold {cold['backend_s']:.1f} s warm {warm['backend_s']:.1f} s"
         print(f"{variant:<22} cold {rows[-1]['cold_start_s']:7.1f} s   warm {rows[-1]['warm_start_s']:7.1f} s   "
