@@ -55,6 +55,7 @@ def test_a_wan_pipeline_compiles_in_one_line_and_matches_cache_dit_on_it():
     assert any(steps for unit in decisions for steps in unit)
     for got, want in zip(latents, expected):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    near_the_uncached_run(latents[0], run(wan_pipeline()))
 
 
 def test_without_a_config_the_family_gives_the_cfg_layout():
@@ -177,7 +178,15 @@ def matches_cache_dit(build, run, cfg) -> list[tuple[list[int], list[int]]]:
     decisions = [(u.cached_steps, u.cfg_cached_steps) for u in cachepass.stats(ours.transformer)]
     assert decisions == [(c, u) for c, u, _, _ in unit_stats(theirs.transformer)]
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    near_the_uncached_run(got, run(build()))
     return decisions
+
+
+def near_the_uncached_run(cached: torch.Tensor, uncached: torch.Tensor) -> None:
+    """A cached generation approximates the same pipeline run without any cache: it differs (steps were reused, not
+    recomputed) by a small relative L2 distance."""
+    distance = ((cached - uncached).norm() / uncached.norm()).item()
+    assert 0 < distance < 0.05, distance  # 0.005-0.015 here
 
 
 def wan22_pipeline():
