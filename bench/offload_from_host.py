@@ -23,7 +23,9 @@ import sys
 import torch
 
 import cachepass
+from bench import offload
 from bench.compare import device_name, step_config
+from bench.report import _fmt
 from bench.timing import count_syncs, median, timed
 from bench.workloads import WORKLOADS
 from cachepass.demo.sampling import sample
@@ -75,18 +77,24 @@ def _write(stem: str, meta: dict, rows: list[dict], workload, weights: int, args
              f"{workload.note}. {meta['device']}, torch {meta['torch']}, {meta['date']}, weights "
              f"{format_bytes(weights)}, cudagraphs={args.cudagraphs}, {args.repeats} timed repeats (median).", "",
              f"Command: `{meta['command']}`", "",
-             "| variant | cap GiB | blocks GB | median s | min-max s | vs resident | cold s | peak GiB | host pinned GiB "
-             "| max abs diff |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "| variant | cap GiB | blocks GB | median s | min-max s | vs resident | lower bound s | cold s | peak GiB "
+             "| host pinned GiB | GB moved (measured / plan) | max abs diff |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         blocks = f"{r['block_budget_gb']:.1f}" if "block_budget_gb" in r else "all"
         lines.append(f"| {r['variant']} | {r.get('device_memory_cap_gb') or '-'} | {blocks} | {r['median_s']:.3f} | "
                      f"{min(r['times_s']):.3f}-{max(r['times_s']):.3f} | {r.get('vs_resident', 1.0):.3f} | "
-                     f"{r['cold_start_s']:.1f} | {r['peak_mem_gb']:.2f} | {r.get('host_pinned_gb', 0):.2f} | "
+                     f"{_fmt(r.get('lower_bound_s'), 3)} | {r['cold_start_s']:.1f} | {r['peak_mem_gb']:.2f} | "
+                     f"{r.get('host_pinned_gb', 0):.2f} | {_fmt(_gb(r.get('measured_bytes_per_generation')), 1)} / "
+                     f"{_fmt(_gb(r.get('planned_bytes_per_generation')), 1)} | "
                      f"{r.get('max_abs_diff_vs_resident', 0.0):.3g} |")
     with open(stem + ".md", "w") as f:
         f.write("\n".join(lines) + "\n")
     return lines
+
+
+def _gb(nbytes: int | None) -> float | None:
+    return None if nbytes is None else nbytes / 1e9
 
 
 def main(argv=None) -> int:
@@ -125,6 +133,7 @@ def main(argv=None) -> int:
                                   f"{workload.name}" + ("" if args.cudagraphs == "off" else f"-{args.cudagraphs}")
                         + ("-budgets" if len(budgets) > 1 else ""))
     caps = [float(c) for c in args.caps_gb.split(",") if c] or [None]
+    shared = {"h2d_gbps": offload.h2d_gbps(device), "stepcache_median_s": resident["median_s"]}
     for budget, cap in [(b, c) for b in budgets for c in caps]:
         if cap is not None:
             torch.cuda.set_per_process_memory_fraction(cap * 2**30 / total, device)
@@ -134,6 +143,7 @@ def main(argv=None) -> int:
         if len(budgets) > 1:
             name += f"-blocks{format_bytes(budget - nonblock).replace(' ', '')}"
         out, row = _run(name, workload, compiled, inputs, args.repeats, device)
+        row.update(offload.measure(name, model, lambda fn=compiled: _generate(workload, fn, inputs), shared))
         stats = cachepass.offload_stats(model)
         row.update(device_memory_cap_gb=cap, budget_gb=budget / 2**30, block_budget_gb=(budget - nonblock) / 1e9,
                    host_pinned_gb=stats.host_bytes / 2**30,

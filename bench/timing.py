@@ -82,3 +82,13 @@ def pinned_htod_bytes(fn: Callable, trace_path: str) -> tuple[object, int]:
         for e in events
         if e.get("cat") == "gpu_memcpy" and "HtoD" in e.get("name", "") and "Pinned" in e.get("name", "")
     )
+
+
+def sm_copy_kernels(trace_path: str) -> int:
+    """Launches of `cachepass.offload.sm_copy`'s kernel in a profiler trace written by `pinned_htod_bytes`: the
+    host-to-device copies captured into IF/ELSE bodies, which the profiler shows as kernels, not memcpys."""
+    import json
+
+    with open(trace_path) as f:
+        events = json.load(f)["traceEvents"]
+    return sum(e.get("cat") == "kernel" and e.get("name") == "cachepass_sm_copy" for e in events)

@@ -4,7 +4,6 @@ profiler records them, no host sync added, and no race under PyTorch's CUDA sani
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -15,20 +14,14 @@ from test_cuda_graphs import config, decisions, generate_on_gpu
 from test_offload import check_weight_changes, weight_change_session
 
 import cachepass
-from bench.timing import pinned_htod_bytes
+from bench.offload import middle_blocks
+from bench.timing import pinned_htod_bytes, sm_copy_kernels
 from bench.tiny_models import CASES
 from cachepass.offload.plan import decisions_of, plan_generation
 from cachepass.offload.runtime import block_lists_paths, model_bytes, model_offload
 from cachepass.state.runtime import states_of
 
 BLOCK_LISTS = {"wan": ("blocks",), "flux": ("transformer_blocks", "single_transformer_blocks")}
-
-
-def sm_copy_kernels(trace_path) -> int:
-    """Launches of `cachepass.offload.sm_copy`'s kernel in a profiler trace."""
-    with open(trace_path) as f:
-        events = json.load(f)["traceEvents"]
-    return sum(e.get("cat") == "kernel" and e.get("name") == "cachepass_sm_copy" for e in events)
 
 
 def budget(model, name: str, fraction: float) -> int:
@@ -66,7 +59,7 @@ def test_offload_matches_the_resident_model_with_and_without_cuda_graphs(name, t
         assert plan.bytes_per_generation > 0
         # a copy captured into an IF/ELSE body is an sm_copy kernel (a memcpy node there would run on every SM);
         # the middle blocks run only in the compute branch: their copies are those, the rest are copy-engine copies
-        middle = {u.block_paths[i] for u in layout.units for i in u.middle}
+        middle = middle_blocks(layout.units)
         in_bodies = [a for c in plan.calls for a in c.actions if a.kind == "copy" and a.block in middle] \
             if mode == "conditional" else []
         body_bytes = sum(stats.residency.block_bytes[a.block] for a in in_bodies)
