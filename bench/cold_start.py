@@ -17,10 +17,13 @@ seconds (passes, split and piece compiles), read from its log.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import cProfile
 import datetime
 import json
 import logging
 import os
+import pstats
 import re
 import subprocess
 import sys
@@ -39,7 +42,7 @@ WIDTHS = {  # WanTransformer3DModel sizes: the small default, and Wan2.1-1.3B's 
 
 
 def child(variant: str, blocks: int, device: str, width: str, save_artifacts: str | None = None,
-          load_artifacts: str | None = None) -> dict:
+          load_artifacts: str | None = None, profile_to: str | None = None) -> dict:
     import torch
     from diffusers import WanTransformer3DModel
 
@@ -81,14 +84,18 @@ def child(variant: str, blocks: int, device: str, width: str, save_artifacts: st
     wider = torch.cat([latents, latents], dim=-1)  # a new resolution mid-session: twice the tokens
     with torch.no_grad():
         for t, x in ((999, latents), (874, latents), (999, wider)):
+            profiler = cProfile.Profile() if profile_to and not times else None
             start = time.perf_counter()
-            fn(hidden_states=x, timestep=torch.tensor([t], device=device), encoder_hidden_states=text,
-               return_dict=False)
+            with profiler or contextlib.nullcontext():
+                fn(hidden_states=x, timestep=torch.tensor([t], device=device), encoder_hidden_states=text,
+                   return_dict=False)
             if device.startswith("cuda"):
                 torch.cuda.synchronize()
             times.append(time.perf_counter() - start)
             if len(times) == 1:
                 phases = _first_call_phases(times[0])
+            if profiler is not None:
+                _write_profile(profiler, profile_to)
     saved = {}
     if save_artifacts:
         saved_artifacts = torch.compiler.save_cache_artifacts()  # None where nothing went through the caches
@@ -98,6 +105,13 @@ def child(variant: str, blocks: int, device: str, width: str, save_artifacts: st
         saved = {"artifacts_mb": len(data) / 1e6}
     return {"variant": variant, "first_call_s": times[0], "second_call_s": times[1], "new_shape_s": times[2],
             "artifacts_load_s": loaded_s, **saved, **phases, **backend_log.found}
+
+
+def _write_profile(profiler: cProfile.Profile, path: str) -> None:
+    """The first call's profile: the 60 functions with the most cumulative time, then the 40 with the most own time."""
+    with open(path, "w") as f:
+        for key, count in (("cumulative", 60), ("tottime", 40)):
+            pstats.Stats(profiler, stream=f).strip_dirs().sort_stats(key).print_stats(count)
 
 
 PHASES = ("dynamo_compile_s", "bytecode_tracing_s", "user_compiler_s", "build_guards_s", "first_run_s")
@@ -149,6 +163,17 @@ def run(variant: str, blocks: int, device: str, width: str, cache: str, *artifac
     return json.loads(out.strip().splitlines()[-1])
 
 
+def _profile(variant: str, args, warm_cache: str) -> None:
+    """One more cold process (a fresh cache folder) and one more warm one (``warm_cache``), their first calls under
+    cProfile: ``cold_start-profile-<variant>-{cold,warm}.txt`` in ``args.out``."""
+    os.makedirs(args.out, exist_ok=True)
+    with tempfile.TemporaryDirectory() as fresh:
+        for start, cache in (("cold", fresh), ("warm", warm_cache)):
+            path = os.path.abspath(os.path.join(args.out, f"cold_start-profile-{variant}-{start}.txt"))
+            run(variant, args.blocks, args.device, args.width, cache, "--profile-to", path)
+            print(f"wrote {path}", flush=True)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--blocks", type=int, default=12)
@@ -157,12 +182,16 @@ def main(argv=None) -> int:
     p.add_argument("--variants", default=",".join(VARIANTS))
     p.add_argument("--out", default="bench/results")
     p.add_argument("--child", help=argparse.SUPPRESS)
+    p.add_argument("--profile", default="",
+                   help="comma-separated variants whose first call is also profiled (cProfile), in one more cold and "
+                        "one more warm process, untimed; the reports go to --out")
+    p.add_argument("--profile-to", help=argparse.SUPPRESS)
     p.add_argument("--save-artifacts", help=argparse.SUPPRESS)
     p.add_argument("--load-artifacts", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
         print(json.dumps(child(args.child, args.blocks, args.device, args.width, args.save_artifacts,
-                               args.load_artifacts)))
+                               args.load_artifacts, args.profile_to)))
         return 0
     import torch
 
@@ -174,6 +203,8 @@ def main(argv=None) -> int:
             warm = run(variant, args.blocks, args.device, args.width, cache)
             portable = run(variant, args.blocks, args.device, args.width, os.path.join(other_machine, "cache"),
                            "--load-artifacts", artifacts)
+            if variant in args.profile.split(","):
+                _profile(variant, args, cache)
         rows.append({"variant": variant, "cold_start_s": cold["first_call_s"], "warm_start_s": warm["first_call_s"],
                      "portable_start_s": portable["first_call_s"], "artifacts_load_s": portable["artifacts_load_s"],
                      "artifacts_mb": cold["artifacts_mb"],
