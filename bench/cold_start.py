@@ -159,8 +159,11 @@ def run(variant: str, blocks: int, device: str, width: str, cache: str, *artifac
     env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache, "TRITON_CACHE_DIR": os.path.join(cache, "triton")}
     command = [sys.executable, "-m", "bench.cold_start", "--child", variant, "--blocks", str(blocks), "--device", device,
                "--width", width, *artifacts]
-    out = subprocess.run(command, env=env, capture_output=True, text=True, check=True).stdout
-    return json.loads(out.strip().splitlines()[-1])
+    done = subprocess.run(command, env=env, capture_output=True, text=True)
+    if done.returncode != 0:  # the child's own error, not only its exit status
+        tail = "\n".join(done.stderr.strip().splitlines()[-25:])
+        raise RuntimeError(f"{' '.join(command)} exited with {done.returncode}:\n{tail}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def _profile(variant: str, args, warm_cache: str) -> None:
