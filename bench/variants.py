@@ -110,7 +110,10 @@ def cache_dit_decisions(model) -> list[tuple[list[int], list[int]]]:
 
 
 def _rebuild(ctx: Context) -> None:
-    """After an offload variant the weights live elsewhere: the next variant gets the model anew (same seed)."""
+    """After an offload variant the weights live elsewhere: the next variant gets the model anew (same seed), unless
+    every variant has its own copy (``--interleave``)."""
+    if ctx.shared.get("own_model_copies"):
+        return
     device = ctx.shared["device"]
     ctx.model = None
     torch.cuda.empty_cache()
