@@ -152,7 +152,8 @@ def stepcache(ctx: Context, inner: str = "inductor", mode: str | None = None, fo
 def stepcache_offload(ctx: Context, cudagraphs: str | None = None) -> Prepared:
     """stepcache streaming the blocks that do not fit ``ctx.shared["offload_block_bytes"]`` from pinned host memory."""
     budget = nonblock_bytes(ctx.model, ctx.workload.block_lists) + ctx.shared["offload_block_bytes"]
-    prepared = stepcache(ctx, cudagraphs=cudagraphs, offload={"budget": budget})
+    on_cpu = {"allow_cpu": True} if ctx.shared["device"].type == "cpu" else {}  # the slot logic with CPU copies: a smoke run
+    prepared = stepcache(ctx, cudagraphs=cudagraphs, offload={"budget": budget, **on_cpu})
     prepared.cleanup = lambda: _rebuild(ctx)
     return prepared
 

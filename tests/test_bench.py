@@ -57,9 +57,15 @@ def test_compare_interleaves_repeats_across_variants(tmp_path):
     assert rows["stepcache-aot_eager"]["matches_cache_dit"] is True and rows["stepcache-aot_eager"]["recompiles"] == 0
     assert rows["stepcache-aot_eager"]["cached_steps"] == rows["cache-dit"]["cached_steps"] == 16
     assert "repeats round-robin across variants" in next(tmp_path.glob("cpu-*.md")).read_text()
+    # an offload variant interleaves on its own copy too (on the CPU the slot logic runs with CPU copies)
     command[command.index("--variants") + 1] = "stepcache-offload"
-    refused = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert refused.returncode == 2 and "offload variants need it alone" in refused.stderr
+    command[command.index("--out") + 1] = str(tmp_path / "offload")
+    offloaded = subprocess.run([*command, "--offload-blocks", "70KB"], cwd=ROOT, capture_output=True, text=True,
+                               timeout=600)
+    assert offloaded.returncode == 0, offloaded.stderr[-3000:]
+    assert "2 resident blocks, 2 slot(s)" in offloaded.stderr and "3 blocks" in offloaded.stderr  # it streams
+    row, = json.loads(next((tmp_path / "offload").glob("cpu-*.json")).read_text())
+    assert row["status"] == "ok" and row["order"] == "interleaved" and row["cached_steps"] == 16, row
 
 
 @pytest.mark.slow  # multi-minute on 2 cores; CI runs it
