@@ -128,11 +128,8 @@ def _first_call_phases(first_call_s: float) -> dict:
         return sum(compilation_time_metrics.get(key, ()))
 
     compile_s = total("_compile.compile_inner")
-    found = {"dynamo_compile_s": compile_s, "bytecode_tracing_s": total("bytecode_tracing"),
-             "user_compiler_s": total("OutputGraph.call_user_compiler"), "build_guards_s": total("build_guards"),
-             "first_run_s": first_call_s - compile_s}
-    assert tuple(found) == PHASES
-    return found
+    return dict(zip(PHASES, (compile_s, total("bytecode_tracing"), total("OutputGraph.call_user_compiler"),
+                             total("build_guards"), first_call_s - compile_s), strict=True))
 
 
 class _BackendLog(logging.Handler):
