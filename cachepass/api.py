@@ -245,13 +245,18 @@ def _dispatches_to_disabled(forward: Any) -> bool:
     return False
 
 
-def stats(model: Any) -> list[UnitStats]:
+def stats(model: Any) -> list[UnitStats] | dict[str, list[UnitStats]]:
     """Per cache unit, the cached steps and residual diffs of each CFG stream (reads device state).
 
     ``model`` is the compiled module (its own compile's state only), the original module (the
     state used last), or a module of an exported program (``program.module()``, its own state).
-    A stepcache-compiled module that has not run yet has no units: ``[]``.
+    A stepcache-compiled module that has not run yet has no units: ``[]``. A pipeline (diffusers',
+    FastVideo's, or a FastVideo ``DenoisingStage``) gives each DiT's by its name:
+    ``{"transformer": [...], "transformer_2": [...]}``.
     """
+    dits = _pipeline_dits(model)
+    if dits is not None:
+        return {name: stats(dit) for name, dit in dits.items()}
     if hasattr(model, "stepcache_stats"):
         return model.stepcache_stats()
     exported = ExportedState.of(model)
@@ -264,8 +269,14 @@ def stats(model: Any) -> list[UnitStats]:
 def reset(model: Any) -> None:
     """Make the next call start a new generation at step 0 (every compiled shape of ``model``).
 
-    Before the first call there is nothing to reset (the state starts fresh): a no-op.
+    Before the first call there is nothing to reset (the state starts fresh): a no-op. A pipeline resets
+    each of its DiTs (its calls begin generations by themselves; this is for a loop run by hand).
     """
+    dits = _pipeline_dits(model)
+    if dits is not None:
+        for dit in dits.values():
+            reset(dit)
+        return
     if hasattr(model, "stepcache_reset"):
         model.stepcache_reset()
         return
@@ -287,16 +298,25 @@ def release(model: Any) -> int:
     replayed first without this; a device with no graphs left gives its memory pool back. Returns
     the graph sets dropped (0 before the first call, or without CUDA graphs).
     """
-    if is_pipeline(model):
-        return sum(release(model.components[name]) for name in DIT_COMPONENTS if model.components.get(name) is not None)
-    if is_fastvideo(model):
-        return sum(release(dit) for dit in fastvideo_dits(model))
+    dits = _pipeline_dits(model)
+    if dits is not None:
+        return sum(release(dit) for dit in dits.values())
     if not isinstance(model, nn.Module):
         raise TypeError(f"cachepass.release expects a compiled module, the original nn.Module, a diffusers "
                         f"pipeline or a FastVideo pipeline or DenoisingStage, got {type(model).__name__}")
     dropped = graph_memory.release({id(state.tensors[0]) for state in states_of(model)})
     log.info("stepcache: released %d CUDA graph set(s) of %s", dropped, type(model).__name__)
     return dropped
+
+
+def _pipeline_dits(target: Any) -> dict[str, nn.Module] | None:
+    """The DiTs of a diffusers pipeline, a FastVideo pipeline or a FastVideo ``DenoisingStage`` by component name;
+    None for anything else."""
+    if is_pipeline(target):
+        return {name: target.components[name] for name in DIT_COMPONENTS if target.components.get(name) is not None}
+    if is_fastvideo(target):
+        return fastvideo_dits(target)
+    return None
 
 
 def _scoped_states(model: Any) -> list[RuntimeState]:

@@ -50,7 +50,8 @@ def compile_fastvideo(target: Any, config: Any, compile_module: Callable[..., nn
                              f"({[type(s).__name__ for s in target._stages]}): nothing to compile")
     config = per_call_config(target, StepCacheConfig(separate_cfg=True) if config is None else config,
                              options.pop("calibrator_config", None))
-    compiled = {id(dit): compile_module(dit, config, **options) for dit in dits(target)}  # id(original) -> compiled
+    # id(original) -> compiled
+    compiled = {id(dit): compile_module(dit, config, **options) for dit in dits(target).values()}
     for stage in stages:
         _CONFIGS[stage] = config
         stage.__class__ = generation_class(type(stage), "forward", _begin_generation)
@@ -69,11 +70,16 @@ def compile_fastvideo(target: Any, config: Any, compile_module: Callable[..., nn
     return target
 
 
-def dits(target: Any) -> list[nn.Module]:
-    """The DiTs (compiled or not) of ``target``'s denoising stages, each once."""
-    found = {id(dit): dit for stage in _denoising_stages(target) for name in DIT_COMPONENTS
-             if isinstance(dit := getattr(stage, name, None), nn.Module)}
-    return list(found.values())
+def dits(target: Any) -> dict[str, nn.Module]:
+    """The DiTs (compiled or not) of ``target``'s denoising stages by their attribute name (``transformer``,
+    ``transformer_2``), each once (a second stage holding the same DiT adds nothing)."""
+    found: dict[str, nn.Module] = {}
+    for stage in _denoising_stages(target):
+        for name in DIT_COMPONENTS:
+            dit = getattr(stage, name, None)
+            if isinstance(dit, nn.Module) and all(dit is not other for other in found.values()):
+                found.setdefault(name, dit)
+    return found
 
 
 _CONFIGS: "weakref.WeakKeyDictionary[Any, StepCacheConfig]" = weakref.WeakKeyDictionary()  # stage -> its config

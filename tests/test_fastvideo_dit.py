@@ -128,6 +128,7 @@ def test_compiling_fastvideos_pipeline_takes_each_calls_step_count():
         (expected_steps, expected_cfg_steps), = cache_dit_decisions(theirs)
         got = run_stage(stage, x, cond, uncond, steps)
         (unit,) = cachepass.stats(dit)
+        assert cachepass.stats(pipe) == {"transformer": [unit]}  # the pipeline's own stats, by component
         assert expected_steps, f"{steps} steps: the config must cache some steps"
         assert (unit.cached_steps, unit.cfg_cached_steps) == (expected_steps, expected_cfg_steps), steps
         torch.testing.assert_close(got, expected, atol=1e-2, rtol=1e-2)  # bf16

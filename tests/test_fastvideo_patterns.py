@@ -242,6 +242,9 @@ def test_a_fastvideo_stage_gives_each_expert_its_share_of_each_calls_steps():
             stage.forward(batch(8), SimpleNamespace())
             assert [u.cached_steps for u in cachepass.stats(high) + cachepass.stats(low)] == [[2], [2]]
             assert [u.warnings for u in cachepass.stats(high) + cachepass.stats(low)] == [[], []]
+            by_expert = cachepass.stats(stage)  # a stage's stats: each expert's by its attribute name
+            assert {name: [u.cached_steps for u in units] for name, units in by_expert.items()} == \
+                {"transformer": [[2]], "transformer_2": [[2]]}
         with pytest.raises(CachepassError, match="4 entries.*runs 5 steps on transformer, 5 steps on transformer_2"):
             stage.forward(batch(10), SimpleNamespace())
     assert cachepass.release(stage) == 0  # a stage is accepted like a pipeline (no CUDA graphs on the CPU)

@@ -41,7 +41,12 @@ def test_a_wan_pipeline_compiles_in_one_line_and_matches_cache_dit_on_it():
     assert cachepass.compile(ours, cfg, inner="aot_eager") is ours
     # the component was replaced by its compiled module; the step count comes from each call
     assert compile_options(ours.transformer).config == dataclasses.replace(cfg, num_inference_steps=None)
+    # the natural order on the pipeline itself: stats, reset and release before anything ran
+    assert cachepass.stats(ours) == {"transformer": []}
+    cachepass.reset(ours)
+    assert cachepass.release(ours) == 0
     latents = [run(ours) for _ in range(2)]
+    assert cachepass.stats(ours) == {"transformer": cachepass.stats(ours.transformer)}
 
     theirs = wan_pipeline()
     db, calibrator = cfg.to_cache_dit()
@@ -220,8 +225,10 @@ def test_wan22_two_experts_each_run_their_share_and_match_cache_dit():
     assert sum(given.values()) == STEPS and min(given.values()) > 0, given
     for name, state in states.items():  # the count each expert was given is the count it ran
         assert int(state["clock.step"]) + 1 == given[name], name
+    by_expert = cachepass.stats(ours)  # the pipeline's stats: each expert's by its component name
+    assert list(by_expert) == ["transformer", "transformer_2"]
     for name in ("transformer", "transformer_2"):
-        decisions = [(u.cached_steps, u.cfg_cached_steps) for u in cachepass.stats(getattr(ours, name))]
+        decisions = [(u.cached_steps, u.cfg_cached_steps) for u in by_expert[name]]
         assert decisions == [(c, u) for c, u, _, _ in unit_stats(getattr(theirs, name))], name
         assert states[name].warnings() == [], name
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
