@@ -28,7 +28,7 @@ _NAMES = {
     "UnsupportedGraphError": ("cachepass.errors", "UnsupportedGraphError"),
     "UnitStats": ("cachepass.state.runtime", "UnitStats"),
     "OffloadStats": ("cachepass.offload.runtime", "OffloadStats"),
-    "offload_stats": ("cachepass.offload.runtime", "offload_stats"),
+    "offload_stats": ("cachepass.api", "offload_stats"),
     "OffloadConfig": ("cachepass.offload.plan", "OffloadConfig"),
     "OffloadPlan": ("cachepass.offload.plan", "OffloadPlan"),
 }

@@ -25,7 +25,8 @@ from cachepass.fastvideo_stages import compile_fastvideo, is_fastvideo
 from cachepass.fastvideo_stages import dits as fastvideo_dits
 from cachepass.offload.host_start import check_budget_fits, place_for_offload
 from cachepass.offload.plan import OffloadPlan, choose_residency, plan_generation
-from cachepass.offload.runtime import check_not_offloaded_by_fastvideo, check_not_offloaded_by_hooks, model_bytes
+from cachepass.offload.runtime import OffloadStats, check_not_offloaded_by_fastvideo, check_not_offloaded_by_hooks, model_bytes
+from cachepass.offload.runtime import offload_stats as module_offload_stats
 from cachepass.options import CompileOptions, Form, parse_options
 from cachepass.piecewise.compile import CompileCount, PieceCompiler
 from cachepass.piecewise.execute import Plan, build_program
@@ -307,6 +308,19 @@ def release(model: Any) -> int:
     dropped = graph_memory.release({id(state.tensors[0]) for state in states_of(model)})
     log.info("stepcache: released %d CUDA graph set(s) of %s", dropped, type(model).__name__)
     return dropped
+
+
+def offload_stats(model: Any) -> OffloadStats | None | dict[str, OffloadStats | None]:
+    """What offload did for ``model`` (the compiled module or the original one); None before its first call or
+    without offload. A pipeline (diffusers', FastVideo's, or a FastVideo ``DenoisingStage``) gives each DiT's by
+    component name."""
+    dits = _pipeline_dits(model)
+    if dits is not None:
+        return {name: offload_stats(dit) for name, dit in dits.items()}
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"cachepass.offload_stats expects a compiled module, the original nn.Module, a diffusers "
+                        f"pipeline or a FastVideo pipeline or DenoisingStage, got {type(model).__name__}")
+    return module_offload_stats(model)
 
 
 def _pipeline_dits(target: Any) -> dict[str, nn.Module] | None:

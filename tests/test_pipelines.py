@@ -63,6 +63,27 @@ def test_a_wan_pipeline_compiles_in_one_line_and_matches_cache_dit_on_it():
     near_the_uncached_run(latents[0], run(wan_pipeline()))
 
 
+def test_a_pipeline_compiled_with_offload_streams_its_dits_blocks_and_equals_the_resident_one():
+    """``offload=`` on a pipeline goes to each DiT; ``cachepass.offload_stats(pipe)`` reports each by component name
+    (None before the first call); the latents equal the same pipeline compiled without offload (aot_eager: exact)."""
+    from cachepass.offload.runtime import block_lists_paths, model_bytes
+
+    cfg = toy_config(num_head_blocks=1, num_tail_blocks=1, threshold=CASES["wan"].threshold * 3,
+                     num_inference_steps=STEPS)
+    ours = wan_pipeline()
+    blocks, nonblock = model_bytes(ours.transformer, block_lists_paths(ours.transformer, ("blocks",)))
+    budget = nonblock + 2 * max(blocks.values())  # two slots, every block streamed
+    cachepass.compile(ours, cfg, inner="aot_eager", offload={"budget": budget, "allow_cpu": True})
+    assert cachepass.offload_stats(ours) == {"transformer": None}
+    got = run(ours)
+    (name, stats), = cachepass.offload_stats(ours).items()
+    assert name == "transformer" and len(stats.residency.slot_of) == len(blocks) and stats.counters.bytes_moved > 0
+    resident = cachepass.compile(wan_pipeline(), cfg, inner="aot_eager")
+    assert torch.equal(got, run(resident))
+    with pytest.raises(TypeError, match="offload_stats expects .* got str"):
+        cachepass.offload_stats("transformer")
+
+
 def test_without_a_config_the_family_gives_the_cfg_layout():
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
 
