@@ -421,6 +421,11 @@ def explain(model: nn.Module, *example_args, config: Any = None, offload: Any = 
     computed (the most bytes); ``cudagraphs`` other than ``"off"`` plans the captured form (each
     captured stretch loads what it runs).
     """
+    dits = _pipeline_dits(model)
+    if dits is not None or not isinstance(model, nn.Module):
+        which = f"a DiT of the pipeline ({', '.join(dits)})" if dits else "an nn.Module"
+        raise TypeError(f"cachepass.explain traces one module with one call's arguments: pass {which}, "
+                        f"got {type(model).__name__}")
     given = config is not None
     opts = parse_options({"config": config if given else StepCacheConfig(), "offload": offload,
                           "cudagraphs": cudagraphs or CudaGraphs.OFF.value,

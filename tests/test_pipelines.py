@@ -82,6 +82,8 @@ def test_a_pipeline_compiled_with_offload_streams_its_dits_blocks_and_equals_the
     assert torch.equal(got, run(resident))
     with pytest.raises(TypeError, match="offload_stats expects .* got str"):
         cachepass.offload_stats("transformer")
+    with pytest.raises(TypeError, match=r"explain traces one module .* a DiT of the pipeline \(transformer\)"):
+        cachepass.explain(ours)
 
 
 def test_without_a_config_the_family_gives_the_cfg_layout():
