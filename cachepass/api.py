@@ -302,9 +302,7 @@ def release(model: Any) -> int:
     dits = _pipeline_dits(model)
     if dits is not None:
         return sum(release(dit) for dit in dits.values())
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"cachepass.release expects a compiled module, the original nn.Module, a diffusers "
-                        f"pipeline or a FastVideo pipeline or DenoisingStage, got {type(model).__name__}")
+    _require_module("release", model)
     dropped = graph_memory.release({id(state.tensors[0]) for state in states_of(model)})
     log.info("stepcache: released %d CUDA graph set(s) of %s", dropped, type(model).__name__)
     return dropped
@@ -317,10 +315,14 @@ def offload_stats(model: Any) -> OffloadStats | None | dict[str, OffloadStats | 
     dits = _pipeline_dits(model)
     if dits is not None:
         return {name: offload_stats(dit) for name, dit in dits.items()}
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"cachepass.offload_stats expects a compiled module, the original nn.Module, a diffusers "
-                        f"pipeline or a FastVideo pipeline or DenoisingStage, got {type(model).__name__}")
+    _require_module("offload_stats", model)
     return module_offload_stats(model)
+
+
+def _require_module(entry: str, model: Any) -> None:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"cachepass.{entry} expects a compiled module, the original nn.Module, a diffusers pipeline "
+                        f"or a FastVideo pipeline or DenoisingStage, got {type(model).__name__}")
 
 
 def _pipeline_dits(target: Any) -> dict[str, nn.Module] | None:
