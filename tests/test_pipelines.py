@@ -25,11 +25,11 @@ def wan_pipeline():
     return WanPipeline(tokenizer=None, text_encoder=None, vae=None, transformer=CASES["wan"].model(), scheduler=scheduler)
 
 
-def run(pipe, **options) -> torch.Tensor:
+def run(pipe, height: int = 64, width: int = 64, **options) -> torch.Tensor:
     g = torch.Generator().manual_seed(0)
     prompt, negative = torch.randn(1, 7, 16, generator=g), torch.randn(1, 7, 16, generator=g)
     with torch.no_grad():
-        return pipe(prompt_embeds=prompt, negative_prompt_embeds=negative, height=64, width=64, num_frames=9,
+        return pipe(prompt_embeds=prompt, negative_prompt_embeds=negative, height=height, width=width, num_frames=9,
                     num_inference_steps=STEPS, guidance_scale=5.0, output_type="latent",
                     generator=torch.Generator().manual_seed(1), **options).frames
 
@@ -84,6 +84,18 @@ def test_a_pipeline_compiled_with_offload_streams_its_dits_blocks_and_equals_the
         cachepass.offload_stats("transformer")
     with pytest.raises(TypeError, match=r"explain traces one module .* a DiT of the pipeline \(transformer\)"):
         cachepass.explain(ours)
+
+
+def test_a_new_resolution_mid_session_gives_what_a_fresh_compile_gives():
+    """64x64, then 32x48, then 64x64 again on one compiled pipeline: each generation equals a fresh compile's at its
+    size (its own state per shape, no leftover from the other), with no warning."""
+    cfg = toy_config(num_head_blocks=1, num_tail_blocks=1, threshold=CASES["wan"].threshold * 3,
+                     num_inference_steps=STEPS)
+    ours = cachepass.compile(wan_pipeline(), cfg, inner="aot_eager")
+    first, other, again = run(ours), run(ours, 32, 48), run(ours)
+    assert other.shape != first.shape and torch.equal(again, first)
+    assert torch.equal(other, run(cachepass.compile(wan_pipeline(), cfg, inner="aot_eager"), 32, 48))
+    assert [u.warnings for u in cachepass.stats(ours)["transformer"]] == [[]]
 
 
 def test_without_a_config_the_family_gives_the_cfg_layout():
