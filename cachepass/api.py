@@ -86,6 +86,7 @@ def compile(model: nn.Module, config: Any = None, *, calibrator_config: Any = No
                                   max_shapes=max_shapes, device=device)
     if max_shapes is not None and (isinstance(max_shapes, bool) or not isinstance(max_shapes, int) or max_shapes < 1):
         raise ValueError(f"cachepass.compile max_shapes={max_shapes!r} is invalid; allowed: an integer >= 1 or None")
+    model = _original_module(model)
     _reject_compiler_disabled(model)
     options = {"config": config, "inner": inner, "form": form}
     if calibrator_config is not None:
@@ -119,6 +120,17 @@ def compile(model: nn.Module, config: Any = None, *, calibrator_config: Any = No
     compiled.forward = _with_clear_errors(compiled.forward, model)
     _COMPILED_ORIGINALS[model] = parsed.config
     return compiled
+
+
+def _original_module(model: nn.Module) -> nn.Module:
+    """``model``, or the module a ``torch.compile`` wrapper holds: compiling a compiled module (a notebook cell run
+    twice, a pipeline compiled twice, a module torch.compile'd first) compiles its original with these options."""
+    if not isinstance(model, torch._dynamo.eval_frame.OptimizedModule):
+        return model
+    how = "cachepass.compile" if compile_options(model) is not None else "torch.compile"
+    log.warning("stepcache: this %s is already compiled by %s; compiling its original module with these options "
+                "instead (the earlier compile is not used by the result)", type(model._orig_mod).__name__, how)
+    return model._orig_mod
 
 
 def _target_device(model: nn.Module, device: Any) -> torch.device:

@@ -8,7 +8,7 @@ import sys
 from importlib.metadata import entry_points
 
 import cachepass
-from bench.tiny_models import CASES, generate
+from bench.tiny_models import CASES, generate, toy_config
 
 
 def test_entry_point_is_registered():
@@ -63,3 +63,23 @@ def test_passes_log_what_they_rewrite(caplog):
     assert any(m.startswith("outline_middle_blocks: single_transformer_blocks:") and "stepcache_unit_1" in m for m in messages)
     assert any(m.startswith("insert_cache_cond: 2 units -> 2 conds") for m in messages)
     assert any("stepcache: 2 cache unit(s) (transformer_blocks, single_transformer_blocks)" in m for m in messages)
+
+
+def test_compiling_a_compiled_module_compiles_its_original_with_the_new_options(caplog):
+    """A cell run twice, or a module torch.compile'd first: cachepass compiles the original module with the options
+    given now (the result equals a compile of the original with them) and says that it did."""
+    import torch
+
+    case = CASES["wan"]
+    model = case.model()
+    first = toy_config(threshold=0.0, num_inference_steps=6)  # never caches
+    second = toy_config(threshold=case.threshold * 3, num_inference_steps=6)
+    expected = generate(case, cachepass.compile(case.model(), second, inner="aot_eager"), 6)
+    for wrapped, how in ((cachepass.compile(model, first, inner="aot_eager"), "cachepass.compile"),
+                         (torch.compile(model, backend="eager"), "torch.compile")):
+        with caplog.at_level(logging.WARNING, logger="cachepass"):
+            again = cachepass.compile(wrapped, second, inner="aot_eager")
+        assert f"already compiled by {how}; compiling its original module" in caplog.text
+        caplog.clear()
+        assert torch.equal(generate(case, again, 6), expected)
+        assert any(u.cached_steps for u in cachepass.stats(again))
