@@ -248,3 +248,9 @@ def test_a_fastvideo_stage_gives_each_expert_its_share_of_each_calls_steps():
         with pytest.raises(CachepassError, match="4 entries.*runs 5 steps on transformer, 5 steps on transformer_2"):
             stage.forward(batch(10), SimpleNamespace())
     assert cachepass.release(stage) == 0  # a stage is accepted like a pipeline (no CUDA graphs on the CPU)
+    # compiled again (a cell run twice): the originals compiled anew, one generation per forward still
+    assert cachepass.compile(stage, cfg, inner="aot_eager") is stage and type(stage).__name__ == "DenoisingStage"
+    with torch.no_grad():
+        stage.forward(batch(8), SimpleNamespace())
+    assert {name: [u.cached_steps for u in units] for name, units in cachepass.stats(stage).items()} == \
+        {"transformer": [[2]], "transformer_2": [[2]]}
