@@ -72,13 +72,14 @@ def compile_fastvideo(target: Any, config: Any, compile_module: Callable[..., nn
 
 def dits(target: Any) -> dict[str, nn.Module]:
     """The DiTs (compiled or not) of ``target``'s denoising stages by their attribute name (``transformer``,
-    ``transformer_2``), each once (a second stage holding the same DiT adds nothing)."""
+    ``transformer_2``), each once: a second stage holding the same DiT adds nothing, one holding another DiT under
+    a name already taken adds it as ``stages[i].<name>``."""
     found: dict[str, nn.Module] = {}
-    for stage in _denoising_stages(target):
+    for i, stage in enumerate(_denoising_stages(target)):
         for name in DIT_COMPONENTS:
             dit = getattr(stage, name, None)
             if isinstance(dit, nn.Module) and all(dit is not other for other in found.values()):
-                found.setdefault(name, dit)
+                found[name if name not in found else f"stages[{i}].{name}"] = dit
     return found
 
 

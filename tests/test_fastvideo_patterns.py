@@ -254,3 +254,17 @@ def test_a_fastvideo_stage_gives_each_expert_its_share_of_each_calls_steps():
         stage.forward(batch(8), SimpleNamespace())
     assert {name: [u.cached_steps for u in units] for name, units in cachepass.stats(stage).items()} == \
         {"transformer": [[2]], "transformer_2": [[2]]}
+
+
+def test_each_distinct_dit_of_the_stages_is_found_once_by_name():
+    """Two denoising stages sharing one expert and holding another DiT under a taken name: three DiTs, each once
+    (each gets compiled), the later one named by its stage."""
+    from types import SimpleNamespace
+
+    from cachepass.fastvideo_stages import dits
+
+    high, low, other = TransposedTokens(), TransposedTokens(), TransposedTokens()
+    pipeline = SimpleNamespace(_stages=[DenoisingStage(high, low), DenoisingStage(other, low)])
+    found = dits(pipeline)
+    assert list(found) == ["transformer", "transformer_2", "stages[1].transformer"]
+    assert [found[k] for k in found] == [high, low, other]
