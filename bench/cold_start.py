@@ -10,7 +10,9 @@ load's seconds are reported beside, not in, its first call). Each process times 
 call (trace + compile + run) and a second call; the model is a diffusers Wan transformer with
 ``--blocks`` blocks and random weights. Two reference rows bound what a whole-model capture costs:
 ``compile`` (plain ``torch.compile``, fullgraph) and ``dynamo-trace`` (Dynamo's trace of the whole
-model with ``backend="eager"``: no compiler at all). stepcache rows also give the backend's own
+model with ``backend="eager"``: no compiler at all); ``dynamo-trace-regions`` traces the block class once as a
+``nested_compile_region`` (as cachepass does), ``dynamo-trace-opaque-blocks`` with each block a pass-through
+(Dynamo's floor if it never traced into a block; its output is not the model's). stepcache rows also give the backend's own
 seconds (passes, split and piece compiles), read from its log.
 """
 
@@ -32,7 +34,7 @@ import time
 
 VARIANTS = ("stepcache-piecewise", "stepcache-piecewise-inline-trace", "stepcache-piecewise-eager-glue",
             "stepcache-one-graph", "regional-compile", "compile",
-            "dynamo-trace")
+            "dynamo-trace", "dynamo-trace-regions", "dynamo-trace-opaque-blocks")
 
 
 WIDTHS = {  # WanTransformer3DModel sizes: the small default, and Wan2.1-1.3B's (random weights, bf16)
@@ -71,7 +73,12 @@ def child(variant: str, blocks: int, device: str, width: str, save_artifacts: st
     if variant == "regional-compile":
         model.compile_repeated_blocks(fullgraph=True)
         fn = model
-    elif variant in ("compile", "dynamo-trace"):
+    elif variant in ("compile", "dynamo-trace", "dynamo-trace-regions", "dynamo-trace-opaque-blocks"):
+        block_class = type(model.blocks[0])
+        if variant == "dynamo-trace-regions":
+            block_class.forward = torch.compiler.nested_compile_region(block_class.forward)
+        elif variant == "dynamo-trace-opaque-blocks":
+            block_class.forward = lambda self, hidden_states, *args, **kwargs: hidden_states
         fn = torch.compile(model, fullgraph=True, backend="inductor" if variant == "compile" else "eager")
     else:
         cfg = cachepass.StepCacheConfig(num_head_blocks=1, threshold=0.1, warmup_steps=1, num_inference_steps=8)
