@@ -10,8 +10,9 @@ load's seconds are reported beside, not in, its first call). Each process times 
 call (trace + compile + run) and a second call; the model is a diffusers Wan transformer with
 ``--blocks`` blocks and random weights. Two reference rows bound what a whole-model capture costs:
 ``compile`` (plain ``torch.compile``, fullgraph) and ``dynamo-trace`` (Dynamo's trace of the whole
-model with ``backend="eager"``: no compiler at all); ``dynamo-trace-regions`` traces the block class once as a
-``nested_compile_region`` (as cachepass does), ``dynamo-trace-opaque-blocks`` with each block a pass-through
+model with ``backend="eager"``: no compiler at all); ``dynamo-trace-regions`` traces the block class once as torch's
+``nested_compile_region``, ``dynamo-trace-leaves`` the first block once and the others as leaves (as cachepass does:
+`cachepass/block_regions.py`), ``dynamo-trace-opaque-blocks`` with each block a pass-through
 (Dynamo's floor if it never traced into a block; its output is not the model's). stepcache rows also give the backend's own
 seconds (passes, split and piece compiles), read from its log.
 """
@@ -34,7 +35,7 @@ import time
 
 VARIANTS = ("stepcache-piecewise", "stepcache-piecewise-inline-trace", "stepcache-piecewise-eager-glue",
             "stepcache-one-graph", "regional-compile", "compile",
-            "dynamo-trace", "dynamo-trace-regions", "dynamo-trace-opaque-blocks")
+            "dynamo-trace", "dynamo-trace-regions", "dynamo-trace-leaves", "dynamo-trace-opaque-blocks")
 
 
 WIDTHS = {  # WanTransformer3DModel sizes: the small default, and Wan2.1-1.3B's (random weights, bf16)
@@ -73,13 +74,15 @@ def child(variant: str, blocks: int, device: str, width: str, save_artifacts: st
     if variant == "regional-compile":
         model.compile_repeated_blocks(fullgraph=True)
         fn = model
-    elif variant in ("compile", "dynamo-trace", "dynamo-trace-regions", "dynamo-trace-opaque-blocks"):
+    elif variant in ("compile", "dynamo-trace", "dynamo-trace-regions", "dynamo-trace-leaves", "dynamo-trace-opaque-blocks"):
         block_class = type(model.blocks[0])
         if variant == "dynamo-trace-regions":
             block_class.forward = torch.compiler.nested_compile_region(block_class.forward)
         elif variant == "dynamo-trace-opaque-blocks":
             block_class.forward = lambda self, hidden_states, *args, **kwargs: hidden_states
         fn = torch.compile(model, fullgraph=True, backend="inductor" if variant == "compile" else "eager")
+        if variant == "dynamo-trace-leaves":  # the leaves run as they are (`block_regions.leaf` with real tensors)
+            fn = _with_block_leaves(fn, model)
     else:
         cfg = cachepass.StepCacheConfig(num_head_blocks=1, threshold=0.1, warmup_steps=1, num_inference_steps=8)
         glue = "aot_eager" if variant.endswith("-eager-glue") else None
@@ -112,6 +115,15 @@ def child(variant: str, blocks: int, device: str, width: str, save_artifacts: st
         saved = {"artifacts_mb": len(data) / 1e6}
     return {"variant": variant, "first_call_s": times[0], "second_call_s": times[1], "new_shape_s": times[2],
             "artifacts_load_s": loaded_s, **saved, **phases, **backend_log.found}
+
+
+def _with_block_leaves(fn, model):
+    from cachepass import block_regions
+
+    def call(*args, **kwargs):
+        with block_regions.marked(model, block_regions.block_classes(model)):
+            return fn(*args, **kwargs)
+    return call
 
 
 def _write_profile(profiler: cProfile.Profile, path: str) -> None:

@@ -189,11 +189,11 @@ def _with_clear_errors(forward, model: nn.Module):
         try:
             if regions:
                 try:
-                    with block_regions.marked(regions):
+                    with block_regions.marked(model, regions):
                         return forward(*args, **kwargs)
                 except torch._dynamo.exc.TorchDynamoException as error:
-                    if isinstance(error, (torch._dynamo.exc.BackendCompilerFailed,
-                                          torch._dynamo.exc.FailOnRecompileLimitHit)):
+                    if not block_regions.caused_by_a_leaf(error) and isinstance(error, (torch._dynamo.exc.BackendCompilerFailed,
+                                                              torch._dynamo.exc.FailOnRecompileLimitHit)):
                         raise
                     block_regions.refuse(regions, error)  # Dynamo failed tracing: nothing ran yet
                     regions = ()

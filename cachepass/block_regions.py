@@ -1,21 +1,32 @@
-"""Dynamo traces each block class once: its forward is a nested compile region while a compiled call runs.
+"""Dynamo traces one block per block class; every other block is one opaque call (a leaf).
 
-Tracing the whole model inlines every block's forward (30-40 per DiT), most of Dynamo's time and
-the bulk of what cachepass pays over regional compile at a cold start or a new shape. During each
+Tracing the whole model inlines every block's forward (30-40 per DiT): most of Dynamo's time, and
+the bulk of what cachepass paid over regional compile at a cold start or a new shape. During each
 call of a model compiled by `cachepass.compile`, the forward of each block class (the class of the
 items of a list of two or more modules of one class, outermost lists only, torch's own modules
-excluded) is replaced on the class by ``torch.compiler.nested_compile_region`` of itself: Dynamo
-traces it once and calls the traced body for every block, each call with its own weights.
-`cachepass.passes.inline_block_regions` inlines the bodies again before discovery, so the passes
-see what an unmarked trace gives.
+excluded) is replaced on the class by a wrapper:
 
-The mark sits on the class only while a call runs, and each class gets one marked function for the
-process (Dynamo guards on it): other code using the class between calls, cache-dit's block-pattern
-matching among it, sees the original. It is not put on instances: on torch 2.13 Dynamo then passed
-block 0's weights to every block. A trace the marks make fail runs again without them (logged).
-On by default on every supported torch: the CPU parity suites (cache-dit, generations, piecewise,
-regions) pass with it on torch 2.11 and 2.13, the GPU tests on torch 2.11; ``CACHEPASS_BLOCK_REGIONS=0``
-turns it off.
+- the first block of the class (in the model's module order; it carries a flag during the call) is
+  traced inline, between two marks (`enter` and `leave`, functions Dynamo puts in the graph as
+  calls) that record its arguments and its outputs;
+- every other block becomes one call of `leaf` (also put in the graph as it is), with the block's
+  parameters and buffers, read by their attribute paths, as its first operands, so they stay graph
+  inputs with their own sources (offload and export read them; a replaced weight is seen).
+
+Dynamo computes each leaf's output by running the first block with the leaf's tensors on fake
+tensors, once per input signature (later leaves of that signature get new fake outputs of the same
+layout). The marks and the leaves never run: `cachepass.passes.inline_block_regions` replaces each
+leaf by a copy of the first block's traced body before discovery, so every pass sees what an
+unmarked trace gives. It first checks (`check_leaf`) that the leaf's block is configured like the
+first (per submodule: class, plain attributes, the classes of the others, hooks, tensor layouts);
+a block that is not, or a trace the marks make fail, runs again without the marks (logged). Two
+models of one class (Wan 2.2's experts) still share one graph: the flag is a value, not an identity.
+
+Measured (CPU, 30-block small Wan, Dynamo alone, first call): 3.2-3.4 s against 6.3-7.1 s inline,
+on torch 2.11 and 2.13; torch's `nested_compile_region`, used here before, gave 3.7 s on 2.13 and
+7.1 s on 2.11. The wrapper sits on the class only while a call runs, with one wrapper per class for
+the process (Dynamo guards on it): other code using the class between calls (cache-dit's
+block-pattern matching among it) sees the original. ``CACHEPASS_BLOCK_REGIONS=0`` turns it off.
 """
 
 from __future__ import annotations
@@ -29,14 +40,26 @@ from typing import Callable, Iterator
 
 import torch
 from torch import nn
+from torch._subclasses.fake_tensor import FakeTensor
+from torch.nn.utils.stateless import _reparametrize_module
+from torch.utils import _pytree as pytree
 
 log = logging.getLogger(__name__)
 
 _LOCK = threading.RLock()
 _ACTIVE: collections.Counter = collections.Counter()  # class -> calls in progress that marked it
-_MARKED: dict[type, Callable] = {}  # class -> its marked forward (one per class and process)
+_MARKED: dict[type, Callable] = {}  # class -> its wrapper (one per class and process)
 _OWN: dict[type, Callable | None] = {}  # class -> the forward in its own __dict__ before the mark (None: inherited)
+_ORIGINAL: dict[type, Callable] = {}  # class -> the forward the wrapper traces and the leaves run
 _REFUSED: set[type] = set()  # classes whose marked trace failed: never marked again
+_FIRST: dict[type, nn.Module] = {}  # class -> the block traced inline in the call in progress
+_CLASSES: dict[str, type] = {}  # qualified name -> class, for the leaves' fake runs
+_MODELS: list[nn.Module] = []  # the models of the calls in progress, innermost last
+_INLINE = "_cachepass_traced_inline"  # on the first blocks during a call: a value the wrapper reads (equal in two
+                                      # models, so that their calls share one graph; an identity would not be)
+_NAMES: dict[type, tuple[str, ...]] = {}  # class -> its parameters' and buffers' paths, the leaves' operand order
+_READERS: dict[type, Callable] = {}  # class -> a function returning those tensors by attribute reads
+_OUTPUTS: dict[str, tuple] = {}  # leaf input signature -> its outputs' layout (for fake runs)
 
 
 def enabled() -> bool:
@@ -46,7 +69,11 @@ def enabled() -> bool:
 
 def block_classes(model: nn.Module) -> tuple[type, ...]:
     """Classes of the items of the model's outermost lists of two or more same-class modules (not torch's own)."""
-    found: list[type] = []
+    return tuple(cls for cls, _ in _block_lists(model) if cls not in _REFUSED)
+
+
+def _block_lists(model: nn.Module) -> list[tuple[type, nn.ModuleList]]:
+    found: list[tuple[type, nn.ModuleList]] = []
     inside: set[int] = set()  # modules within an item of a list already taken
     for module in model.modules():
         if id(module) in inside or not isinstance(module, nn.ModuleList) or len(module) < 2:
@@ -55,16 +82,23 @@ def block_classes(model: nn.Module) -> tuple[type, ...]:
         cls = next(iter(classes))
         if len(classes) != 1 or cls.__module__.startswith("torch.") or next(module[0].parameters(), None) is None:
             continue
-        if cls not in found:
-            found.append(cls)
+        found.append((cls, module))
         inside.update(id(m) for item in module for m in item.modules())
-    return tuple(c for c in found if c not in _REFUSED)
+    return found
 
 
 @contextlib.contextmanager
-def marked(classes: tuple[type, ...]) -> Iterator[None]:
-    """``classes``' forwards are nested compile regions inside the block (reentrant, thread-safe)."""
+def marked(model: nn.Module, classes: tuple[type, ...]) -> Iterator[None]:
+    """``classes``' forwards are wrapped while the block runs: ``model``'s first block of each class is traced
+    inline, the others are leaves (reentrant, thread-safe)."""
+    lists = [(cls, blocks) for cls, blocks in _block_lists(model) if cls in classes]
     with _LOCK:
+        flagged = [blocks[0] for _, blocks in lists if _INLINE not in blocks[0].__dict__]
+        for block in flagged:
+            block.__dict__[_INLINE] = True
+        for cls, blocks in lists:
+            _FIRST.setdefault(cls, blocks[0])
+        _MODELS.append(model)
         for cls in classes:
             if _ACTIVE[cls] == 0:
                 _install(cls)
@@ -73,25 +107,120 @@ def marked(classes: tuple[type, ...]) -> Iterator[None]:
         yield
     finally:
         with _LOCK:
+            for block in flagged:
+                del block.__dict__[_INLINE]
+            del _MODELS[len(_MODELS) - 1 - _MODELS[::-1].index(model)]
             for cls in classes:
                 _ACTIVE[cls] -= 1
                 if _ACTIVE[cls] == 0:
                     _restore(cls)
+                    _FIRST.pop(cls, None)
 
 
 def refuse(classes: tuple[type, ...], error: BaseException) -> None:
     """The marked trace failed: the classes are traced inline from now on."""
     _REFUSED.update(classes)
-    log.info("stepcache: tracing %s as nested compile regions failed (%s: %s); tracing them inline instead "
-                "(slower to compile, same result)", ", ".join(c.__name__ for c in classes), type(error).__name__,
-                str(error).splitlines()[0] if str(error) else "")
+    error = _leaf_error(error) or error
+    log.info("stepcache: tracing %s once, the other blocks as leaves, failed (%s: %s); tracing every block inline "
+             "instead (slower to compile, same result)", ", ".join(c.__name__ for c in classes), type(error).__name__,
+             str(error).splitlines()[0] if str(error) else "")
+
+
+class BlockLeafError(RuntimeError):
+    """A block cannot be a leaf of the first block's body (another configuration or call): trace it inline."""
+
+
+def caused_by_a_leaf(error: BaseException) -> bool:
+    """Whether ``error`` (Dynamo's, the backend's or a pass's, through their chains) came from a block leaf."""
+    return _leaf_error(error) is not None
+
+
+def _leaf_error(error: BaseException | None) -> BlockLeafError | None:
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, BlockLeafError):
+            return error
+        seen.add(id(error))
+        error = getattr(error, "inner_exception", None) or error.__cause__ or error.__context__
+    return None
+
+
+def check_leaf(path: str) -> None:
+    """Raise `BlockLeafError` unless the block at ``path`` (in the model of the call in progress) is configured
+    like the first block of its class, whose trace its leaf takes."""
+    if not _MODELS:
+        raise BlockLeafError(f"the block leaf at {path} was traced outside a call that marked it")
+    block = _MODELS[-1].get_submodule(path)
+    first = _FIRST.get(type(block))
+    if first is None:
+        raise BlockLeafError(f"the block at {path} has no first block of its class in this call")
+    if first is not block and _configuration(first) != _configuration(block):
+        raise BlockLeafError(f"{type(block).__name__} blocks differ in configuration ({path} from the first): each "
+                             "is traced inline")
+
+
+def enter(flat: list) -> list:
+    """The first block's tensor arguments (``flat``: its arguments flattened), as the graph's record of where each is
+    used (never run: the pass removes it)."""
+    return [torch.clone(v) for v in flat if isinstance(v, torch.Tensor)]
+
+
+def leave(outputs):
+    """The first block's outputs, as the graph's record of them (never run: the pass removes it)."""
+    return pytree.tree_map_only(torch.Tensor, torch.clone, outputs)
+
+
+def leaf(class_name: str, tensors: list, args: tuple, kwargs: dict):
+    """A block of the class ``class_name`` with ``tensors`` as its parameters and buffers: the first block run with
+    them (`check_leaf` makes sure the two are alike). Under cachepass it runs only on Dynamo's fake tensors (the
+    pass replaces the call by the first block's body), once per input signature: later fake calls of that
+    signature get new outputs of the same layout. Given real tensors (a plain ``backend="eager"`` trace) it runs."""
+    cls = _CLASSES[class_name]
+    block = _FIRST.get(cls)
+    if block is None:
+        raise BlockLeafError(f"a {cls.__name__} leaf ran outside a call that marked its class")
+    inputs = [t for t in pytree.tree_leaves((tensors, args, kwargs)) if isinstance(t, torch.Tensor)]
+    fake = bool(inputs) and all(isinstance(t, FakeTensor) for t in inputs)
+    signature = repr((cls, [_layout(t) for t in pytree.tree_leaves((tensors, args, kwargs))],
+                      pytree.tree_structure((args, kwargs))))
+    known = _OUTPUTS.get(signature) if fake else None
+    if known is not None:
+        layouts, spec = known
+        return pytree.tree_unflatten([_new(layout) for layout in layouts], spec)
+    with _reparametrize_module(block, dict(zip(_NAMES[cls], tensors))):
+        outputs = _ORIGINAL[cls](block, *args, **kwargs)
+    flat, spec = pytree.tree_flatten(outputs)
+    storages = [_storage(t) for t in flat if isinstance(t, torch.Tensor)]
+    aliased = len(storages) != len(flat) or len(set(storages)) != len(flat) or {_storage(t) for t in inputs} & set(storages)
+    if fake and not aliased:
+        _OUTPUTS[signature] = ([_layout(t) for t in flat], spec)
+    return outputs
+
+
+for _fn in (enter, leave, leaf):
+    torch._dynamo.allow_in_graph(_fn)
 
 
 def _install(cls: type) -> None:
     own = cls.__dict__.get("forward")
     _OWN[cls] = own
     if cls not in _MARKED:
-        _MARKED[cls] = torch.compiler.nested_compile_region(own if own is not None else cls.forward)
+        _ORIGINAL[cls] = original = own if own is not None else cls.forward
+        _NAMES[cls], _READERS[cls] = _tensor_reader(_FIRST[cls])
+        name = f"{cls.__module__}.{cls.__qualname__}"
+        _CLASSES[name] = cls
+
+        def forward(self, *args, **kwargs):
+            if getattr(self, _INLINE, False):
+                flat, spec = pytree.tree_flatten((args, kwargs))
+                tensors = iter(enter(flat))
+                args, kwargs = pytree.tree_unflatten([next(tensors) if isinstance(v, torch.Tensor) else v for v in flat],
+                                                     spec)
+                return leave(original(self, *args, **kwargs))
+            return leaf(name, _READERS[cls](self), args, kwargs)
+
+        forward.__name__ = forward.__qualname__ = f"{cls.__name__}.forward_as_block_region"
+        _MARKED[cls] = forward
     cls.forward = _MARKED[cls]
 
 
@@ -101,3 +230,52 @@ def _restore(cls: type) -> None:
         cls.forward = own
     else:
         del cls.forward
+
+
+def _tensor_reader(block: nn.Module) -> tuple[tuple[str, ...], Callable]:
+    """The block's parameter and buffer paths, and a function reading them as attributes (which Dynamo traces
+    into graph inputs with their sources; far cheaper for it than ``get_parameter``)."""
+    names, reads = [], []
+    for module_path, module in block.named_modules():
+        prefix = "self" + "".join(f"._modules[{p!r}]" for p in module_path.split(".") if module_path)
+        for kind in ("_parameters", "_buffers"):
+            for name, tensor in getattr(module, kind).items():
+                if tensor is not None:
+                    names.append(f"{module_path}.{name}" if module_path else name)
+                    reads.append(f"{prefix}.{kind}[{name!r}]")
+    namespace: dict = {}
+    exec(f"def read(self):\n    return [{', '.join(reads)}]\n", namespace)  # noqa: S102 (code built from attribute names)
+    return tuple(names), namespace["read"]
+
+
+def _configuration(block: nn.Module) -> tuple:
+    """What makes two blocks of one class trace alike: per submodule its class, its plain attributes (the classes of
+    the others, such as an attention processor), its hooks and an instance ``forward``; per tensor its name, shape,
+    dtype and device."""
+    plain = (bool, int, float, str, type(None))
+
+    def attributes(m: nn.Module) -> list:
+        return sorted((k, v if isinstance(v, plain) else type(v).__qualname__) for k, v in vars(m).items()
+                      if not k.startswith("_") or k == "forward")
+
+    def hooks(m: nn.Module) -> tuple:
+        return tuple(len(getattr(m, k, None) or ()) for k in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks"))
+
+    return tuple((path, type(m), attributes(m), hooks(m),
+                  [(n, _layout(t)) for n, t in (*m._parameters.items(), *m._buffers.items()) if t is not None])
+                 for path, m in block.named_modules())
+
+
+def _layout(value) -> tuple | object:
+    if not isinstance(value, torch.Tensor):
+        return value
+    return tuple(value.shape), value.stride(), value.dtype, value.device, value.storage_offset()
+
+
+def _new(layout: tuple) -> torch.Tensor:
+    shape, stride, dtype, device, _ = layout
+    return torch.empty_strided(shape, stride, dtype=dtype, device=device)
+
+
+def _storage(value: torch.Tensor) -> int:
+    return value.untyped_storage()._cdata

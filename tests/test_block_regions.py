@@ -1,10 +1,12 @@
-"""Blocks traced once as nested compile regions: the inlined graph equals an unmarked trace, the class is
-marked only during a call, and a block class the regions cannot take is traced inline (logged)."""
+"""The first block of each class traced once and the others as leaves: the inlined graph equals an unmarked
+trace (for Wan and for FLUX's two classes), the class is marked only during a call, and blocks the leaves cannot
+stand for are traced inline (logged), with the right result."""
 
 from __future__ import annotations
 
 import logging
 
+import pytest
 import torch
 
 import cachepass
@@ -14,24 +16,27 @@ from cachepass.passes.inline_block_regions import inline_block_regions
 
 
 def _dynamo_graph(case, model, marked: bool):
+    """Dynamo's graph of ``model`` as the passes get it (with the leaves inlined when ``marked``): its structure, and
+    how many leaves the trace had."""
     graphs = []
 
-    def backend(gm, example_inputs):
-        graphs.append(gm)
+    def backend(gm, example_inputs):  # the structure here: Dynamo drops the inputs' sources after the backend
+        leaves = sum(n.target is block_regions.leaf for n in gm.graph.nodes)
+        graphs.append((_structure(inline_block_regions(gm)), leaves))
         return gm.forward
 
     x, cond, _ = case.inputs(torch.Generator().manual_seed(0))
     compiled = torch.compile(model, backend=backend, dynamic=False, fullgraph=True)
     classes = block_regions.block_classes(model) if marked else ()
-    with torch.no_grad(), block_regions.marked(classes):
+    with torch.no_grad(), block_regions.marked(model, classes):
         case.call(compiled, x, torch.tensor(0.5), cond)
     torch._dynamo.reset()
     return graphs[0]
 
 
 def _structure(gm):
-    """Per node: op, target and the module paths on its stack; per input, what it is (node names differ between
-    traces, and Dynamo records a lifted weight inside the region it was first read in)."""
+    """Per node: op, target and the module paths on its stack; the inputs' sources, sorted (node names differ
+    between traces, and the leaves read their weights in their own order)."""
     def paths(node):
         return tuple(path for path, _ in (node.meta.get("nn_module_stack") or {}).values())
 
@@ -39,17 +44,21 @@ def _structure(gm):
         grapharg = node.meta.get("grapharg")
         return grapharg.source.name if grapharg is not None and grapharg.source is not None else None
 
-    return [(n.op, source(n)) if n.op == "placeholder" else (n.op, str(n.target), paths(n))
-            for n in gm.graph.nodes if n.op != "get_attr"]
+    inputs = sorted(source(n) for n in gm.graph.nodes if n.op == "placeholder")
+    return inputs, [(n.op, str(n.target), paths(n))
+                    for n in gm.graph.nodes if n.op not in ("get_attr", "placeholder")]
 
 
-def test_the_inlined_regions_give_the_graph_of_an_unmarked_trace():
-    case = CASES["wan"]
+@pytest.mark.parametrize("name", ["wan", "flux"])
+def test_the_inlined_leaves_give_the_graph_of_an_unmarked_trace(name):
+    case = CASES[name]
     model = case.model().eval()
-    marked = _dynamo_graph(case, model, marked=True)
-    calls = [n for n in marked.graph.nodes if n.target is torch.ops.higher_order.invoke_subgraph]
-    assert len(calls) == len(model.blocks)  # traced once, called per block
-    assert _structure(inline_block_regions(marked)) == _structure(_dynamo_graph(case, model, marked=False))
+    (inlined, leaves), (unmarked, no_leaves) = _dynamo_graph(case, model, True), _dynamo_graph(case, model, False)
+    classes = block_regions.block_classes(model)
+    blocks = [m for m in model.modules() if type(m) in classes]
+    assert leaves == len(blocks) - len(classes) > 0 and no_leaves == 0  # one block per class traced, others leaves
+    assert None not in inlined[0] and len(inlined[0]) > len(blocks)  # every input has its source
+    assert inlined == unmarked
 
 
 def test_the_mark_is_on_the_class_only_while_a_compiled_call_runs(caplog):
@@ -64,23 +73,27 @@ def test_the_mark_is_on_the_class_only_while_a_compiled_call_runs(caplog):
         out = case.call(compiled, x, torch.tensor(0.5), cond)
         assert cls.forward is original and "forward" in cls.__dict__
         reference = case.call(model, x, torch.tensor(0.5), cond)
-    assert f"inlined {len(model.blocks)} block region call(s) of 1 traced bod(ies)" in caplog.text
+    assert f"inlined {len(model.blocks) - 1} block leaf call(s) from 1 traced block(s)" in caplog.text
     assert torch.equal(out, reference)
 
 
-def test_a_block_class_whose_outputs_alias_its_inputs_is_traced_inline(caplog, monkeypatch):
-    """FLUX's blocks return values that alias their inputs, which a nested compile region refuses."""
-    monkeypatch.setattr(block_regions, "_REFUSED", set())  # as in a fresh process (other tests compiled FLUX)
-    case = CASES["flux"]
+@pytest.mark.parametrize("difference", ["attribute", "hook"])
+def test_blocks_of_another_configuration_are_traced_inline_with_the_right_result(difference, caplog, monkeypatch):
+    """A leaf stands for the first block's trace: a block that differs (one norm's ``eps``, or a hook on one of its
+    submodules) must not take that trace. Its leaf's trace fails, and the call is traced inline."""
+    monkeypatch.setattr(block_regions, "_REFUSED", set())
+    case = CASES["wan"]
     model = case.model().eval()
-    classes = block_regions.block_classes(model)
-    assert {c.__name__ for c in classes} == {"FluxTransformerBlock", "FluxSingleTransformerBlock"}
+    if difference == "attribute":
+        norm = next(m for m in model.blocks[2].modules() if isinstance(m, torch.nn.LayerNorm))
+        norm.eps = 0.5
+    else:
+        model.blocks[1].attn1.register_forward_hook(lambda module, args, output: output * 2)
     compiled = cachepass.compile(model, cachepass.StepCacheConfig(num_head_blocks=1, num_inference_steps=4),
                                  inner="aot_eager")
     x, cond, _ = case.inputs(torch.Generator().manual_seed(0))
     with torch.no_grad(), caplog.at_level(logging.INFO, logger="cachepass.block_regions"):
         out = case.call(compiled, x, torch.tensor(0.5), cond)
         reference = case.call(model, x, torch.tensor(0.5), cond)
-    assert "tracing them inline instead" in caplog.text
-    assert not set(classes) & set(block_regions.block_classes(model))  # not tried again in this process
+    assert "differ in configuration" in caplog.text and "tracing every block inline" in caplog.text
     assert torch.equal(out, reference)

@@ -1,132 +1,178 @@
-"""Inline the block regions Dynamo traced once (`cachepass.block_regions`) back into the graph.
+"""Give every block leaf (`cachepass.block_regions`) a copy of the first block's traced body.
 
-With a block class marked as a nested compile region, Dynamo traces its forward once and calls the
-traced body for every block: ``invoke_subgraph(subgraph_0, "subgraph_0", *operands)`` per block,
-each with that block's own weights among the operands, and ``getitem``s of its outputs. This pass
-gives each call its own copy of the body (placeholders replaced by the call's operands, the
-``getitem``s by the body's outputs) and moves the body's ``nn_module_stack`` paths from the block
-it was traced on (``blocks.0``) to the caller's (``blocks.7``). The result has the nodes and module
-paths an unmarked trace gives, so every later pass reads it as before.
+With block regions on, Dynamo traces the first block of each class inline between an ``enter`` call
+(its flattened arguments; the tensors come out of it as ``getitem``s) and a ``leave`` call (its
+outputs), and every other block of the class is one ``leaf(key, tensors, args, kwargs)`` call whose
+``tensors`` are that block's parameters and buffers (graph inputs). This pass replaces each leaf by
+a copy of the body: the body's uses of ``enter``'s tensors become the leaf's arguments at the same
+flat positions, its uses of the first block's weights the leaf's weights of the same path, and the
+users of the leaf's outputs the copy's outputs (each with the leaf's own fake value). Module paths
+move from the first block (``blocks.0``) to the leaf's (``blocks.7``). Then ``enter`` and ``leave``
+are removed. The result has the nodes and module paths an unmarked trace gives, so every later
+pass reads it as before. A leaf whose call does not match its body (other constants, another
+number of tensors, a weight the body reads that the leaf lacks) raises `BlockLeafError`: the call
+is traced again with every block inline.
 """
 
 from __future__ import annotations
 
 import logging
 import operator
+from dataclasses import dataclass
 
-import torch
 from torch import fx
-from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 from torch.utils import _pytree as pytree
 
-from cachepass.errors import CachepassError
+from cachepass import block_regions
+from cachepass.analysis.blocks import normalize_module_path
+from cachepass.block_regions import BlockLeafError
 
 log = logging.getLogger(__name__)
 
 
+@dataclass
+class _Body:
+    path: str  # the block it was traced in: blocks.0
+    enter: fx.Node
+    leave: fx.Node
+    nodes: list[fx.Node]  # strictly between enter and leave, in order
+
+    @property
+    def arguments(self) -> list:
+        return list(self.enter.args[0])
+
+
 def inline_block_regions(gm: fx.GraphModule) -> fx.GraphModule:
-    calls = [n for n in gm.graph.nodes
-             if n.op == "call_function" and n.target is torch.ops.higher_order.invoke_subgraph]
-    traced_on: dict[str, str] = {}  # body -> the block it was traced on: its first call's
-    for call in calls:
-        body = call.args[0].target
-        traced_on.setdefault(body, _block_path(call))
-        _inline(gm, call, getattr(gm, body), traced_on[body])
-    bodies = set(traced_on)
-    for node in [n for n in gm.graph.nodes if n.op == "get_attr" and n.target in bodies and not n.users]:
-        gm.graph.erase_node(node)
-    for name in bodies:
-        delattr(gm, name)
-    if calls:
-        gm.graph.lint()
-        gm.recompile()
-        log.info("stepcache: inlined %d block region call(s) of %d traced bod(ies)", len(calls), len(bodies))
+    nodes = list(gm.graph.nodes)
+    enters = [n for n in nodes if _calls(n, block_regions.enter)]
+    leaves = [n for n in nodes if _calls(n, block_regions.leaf)]
+    if not enters and not leaves:
+        return gm
+    bodies = {_class_of(e): _body(nodes, e) for e in enters}
+    for leaf in leaves:
+        body = bodies.get(_class_of(leaf))
+        if body is None:
+            raise BlockLeafError(f"the block leaf at {_block_path(leaf)} has no block of its class traced inline")
+        _inline(gm, leaf, body)
+    for body in bodies.values():
+        _unmark(gm, body)
+    gm.graph.lint()
+    gm.recompile()
+    log.info("stepcache: inlined %d block leaf call(s) from %d traced block(s)", len(leaves), len(bodies))
     return gm
 
 
-def _inline(gm: fx.GraphModule, call: fx.Node, body: fx.GraphModule, traced_on: str) -> None:
-    caller = _block_path(call)
-    placeholders = [n for n in body.graph.nodes if n.op == "placeholder"]
-    operands = call.args[2:]
-    if len(placeholders) != len(operands):
-        raise CachepassError(f"a block region called at {caller} takes {len(operands)} operands, its body "
-                             f"{len(placeholders)}")
-    env: dict[fx.Node, object] = dict(zip(placeholders, operands))
-    outputs: tuple = ()
-    with gm.graph.inserting_before(call):
-        for node in body.graph.nodes:
-            if node.op == "placeholder":
+def _calls(node: fx.Node, fn) -> bool:
+    return node.op == "call_function" and node.target is fn
+
+
+def _body(nodes: list[fx.Node], enter: fx.Node) -> _Body:
+    start = nodes.index(enter)
+    leave = next((n for n in nodes[start + 1:] if _calls(n, block_regions.leave)), None)
+    if leave is None:
+        raise BlockLeafError(f"the block traced inline at {_block_path(enter)} has no recorded outputs")
+    inside = nodes[start + 1:nodes.index(leave)]
+    members = set(inside) | {leave}
+    for node in inside:
+        outside = [u for u in node.users if u not in members]
+        if outside:
+            raise BlockLeafError(f"{node.format_node()} inside the block at {_block_path(enter)} is used after it by "
+                                 f"{outside[0].format_node()}")
+    return _Body(_block_path(enter), enter, leave, inside)
+
+
+def _inline(gm: fx.GraphModule, leaf: fx.Node, body: _Body) -> None:
+    caller = _block_path(leaf)
+    block_regions.check_leaf(normalize_module_path(caller))
+    _, tensors, args, kwargs = leaf.args
+    env = {**_argument_map(body, leaf, pytree.tree_leaves((args, kwargs))), **_weight_map(body, tensors, caller)}
+    with gm.graph.inserting_before(leaf):
+        for node in body.nodes:
+            if node in env:  # enter's getitems
                 continue
-            if node.op == "output":
-                outputs = tuple(env[a] if isinstance(a, fx.Node) else a for a in node.args[0])
-                break
-            if node.op == "get_attr":
-                raise CachepassError(f"a block region ({traced_on}) reads the attribute {node.target!r} of its traced "
-                                     "body; cachepass inlines bodies whose every input is an operand")
-            copy = gm.graph.node_copy(node, lambda a: env[a])
+            copy = gm.graph.node_copy(node, lambda a: env.get(a, a))
             copy.meta = dict(node.meta)
             stack = node.meta.get("nn_module_stack")
             if stack:
-                copy.meta["nn_module_stack"] = {f"{key}@{caller}": (_moved(path, traced_on, caller), cls)
+                copy.meta["nn_module_stack"] = {f"{key}@{caller}": (_moved(path, body.path, caller), cls)
                                                 for key, (path, cls) in stack.items()}
             env[node] = copy
-    for user in list(call.users):
+    copies = [env[n] for n in body.nodes if env[n] not in (*pytree.tree_leaves((args, kwargs)), *tensors)]
+    _replace_uses(gm, leaf, body.leave.args[0], leaf.meta.get("example_value"), env, set(copies))
+    for copy in reversed(copies):  # what made an output this leaf's caller does not use (Dynamo dropped it there)
+        if not copy.users and not copy.is_impure():
+            gm.graph.erase_node(copy)
+
+
+def _argument_map(body: _Body, leaf: fx.Node, flat: list) -> dict:
+    """enter's getitems -> the leaf's arguments at the same flat tensor positions (constants must agree)."""
+    ours = body.arguments
+    if len(ours) != len(flat) or any(isinstance(a, fx.Node) != isinstance(b, fx.Node) or
+                                     (not isinstance(a, fx.Node) and a != b) for a, b in zip(ours, flat)):
+        raise BlockLeafError(f"the block at {_block_path(leaf)} is called with other arguments than the block traced "
+                             f"at {body.path}")
+    theirs = [b for b in flat if isinstance(b, fx.Node)]
+    env = {}
+    for user in body.enter.users:
         if user.target is not operator.getitem or not isinstance(user.args[1], int):
-            raise CachepassError(f"the outputs of the block region at {caller} are used by {user.format_node()}; "
-                                 "cachepass expects getitems")
-        user.replace_all_uses_with(outputs[user.args[1]])
+            raise BlockLeafError(f"the arguments of the block at {body.path} are used by {user.format_node()}")
+        env[user] = theirs[user.args[1]]
+    return env
+
+
+def _weight_map(body: _Body, tensors, caller: str) -> dict:
+    """The first block's weight inputs -> the leaf's, by their path within the block."""
+    theirs = {_within(t, caller): t for t in tensors}
+    env = {}
+    for node in body.nodes:
+        for used in node.all_input_nodes:
+            if used.op != "placeholder" or used in env:
+                continue
+            path = _within(used, body.path)
+            if path is None:
+                continue  # not the block's own (a model-level input): shared by every copy
+            if path not in theirs:
+                raise BlockLeafError(f"the block at {caller} does not pass {path}, which the block traced at "
+                                     f"{body.path} reads")
+            env[used] = theirs[path]
+    return env
+
+
+def _within(node: fx.Node, block_path: str) -> str | None:
+    """``blocks.7.attn1.to_q._parameters.weight`` -> ``attn1.to_q._parameters.weight`` for ``blocks.7``."""
+    source = getattr(node.meta.get("grapharg"), "source", None)
+    if source is None:
+        return None
+    path, block = normalize_module_path(source.name), normalize_module_path(block_path)
+    return path[len(block) + 1:] if path.startswith(block + ".") else None
+
+
+def _replace_uses(gm: fx.GraphModule, node: fx.Node, outputs, value, env: dict, copied: set) -> None:
+    """``node``'s uses (through ``getitem``s for a tuple) -> ``outputs`` mapped by ``env``; a copied output takes
+    ``value``, the leaf's own fake value at that position."""
+    if isinstance(outputs, fx.Node):
+        new = env.get(outputs, outputs)
+        if new in copied and value is not None:
+            new.meta["example_value"] = value
+        node.replace_all_uses_with(new)
+    else:
+        for user in list(node.users):
+            if user.target is not operator.getitem or not isinstance(user.args[1], int):
+                raise BlockLeafError(f"the outputs of the block at {_block_path(node)} are used by "
+                                     f"{user.format_node()}")
+            index = user.args[1]
+            _replace_uses(gm, user, outputs[index], value[index] if value is not None else None, env, copied)
+    gm.graph.erase_node(node)
+
+
+def _unmark(gm: fx.GraphModule, body: _Body) -> None:
+    """The first block's enter and leave -> what they record."""
+    tensors = [a for a in body.arguments if isinstance(a, fx.Node)]
+    for user in list(body.enter.users):
+        user.replace_all_uses_with(tensors[user.args[1]])
         gm.graph.erase_node(user)
-    gm.graph.erase_node(call)
-    _fresh_example_values(body, operands, env)
-
-
-def _fresh_example_values(body: fx.GraphModule, operands: tuple, env: dict) -> None:
-    """Each copy's own fake values for what leaves it (the body's outputs). Dynamo's values of the body are one
-    set for every call: shared between blocks, the values passed from block to block would look like aliases
-    to the passes (which then clone cond operands), and the executor maps piece outputs by their storage. An
-    output over memory the body made becomes the same view of new memory made once per copy (aliasing among
-    the outputs kept, none between copies). Nodes inside a copy keep the body's values: they are read for
-    shapes only, within the block's own piece. Where a view changes dtype, the body's values are computed
-    again from the operands (`FakeTensorProp`, slower)."""
-    values = [a.meta.get("example_value") if isinstance(a, fx.Node) else a for a in operands]
-    modes = {id(v.fake_mode): v.fake_mode for v in values if isinstance(v, torch._subclasses.FakeTensor)}
-    if len(modes) != 1:
-        raise CachepassError(f"a block region's operands carry fake values of {len(modes)} fake modes, not one: cannot "
-                             "give its inlined copy values of its own")
-    mode = next(iter(modes.values()))
-    placeholders = [n for n in body.graph.nodes if n.op == "placeholder"]
-    memory = {_storage(p.meta["example_value"]): v for p, v in zip(placeholders, values)
-              if isinstance(p.meta.get("example_value"), torch.Tensor) and isinstance(v, torch.Tensor)}
-    nodes = list(dict.fromkeys(a for a in body.graph.output_node().args[0] if isinstance(a, fx.Node)))
-    nodes = [n for n in nodes if n.op != "placeholder"]
-    try:
-        with mode:
-            fresh = [pytree.tree_map_only(torch.Tensor, lambda v: _view_of(v, memory), n.meta.get("example_value"))
-                     for n in nodes]
-    except _DtypeView:
-        FakeTensorProp(body, mode=mode).propagate_dont_convert_inputs(*values)
-        fresh = [n.meta.get("val") for n in nodes]
-    for node, value in zip(nodes, fresh):
-        env[node].meta["example_value"] = value
-
-
-class _DtypeView(Exception):
-    """A value views memory as another dtype than its owner: remapping it needs the op that made it."""
-
-
-def _storage(value: torch.Tensor) -> int:
-    return value.untyped_storage()._cdata
-
-
-def _view_of(value: torch.Tensor, memory: dict) -> torch.Tensor:
-    key = _storage(value)
-    owner = memory.get(key)
-    if owner is None:  # memory the body made: new memory for this copy, shared by its views
-        owner = memory[key] = torch.empty(value.untyped_storage().nbytes() // value.element_size(), dtype=value.dtype,
-                                          device=value.device)
-    if owner.dtype != value.dtype:
-        raise _DtypeView
-    return owner.as_strided(value.shape, value.stride(), value.storage_offset())
+    gm.graph.erase_node(body.enter)
+    _replace_uses(gm, body.leave, body.leave.args[0], None, {}, set())
 
 
 def _moved(path: str, traced_on: str, caller: str) -> str:
@@ -136,9 +182,17 @@ def _moved(path: str, traced_on: str, caller: str) -> str:
     return path
 
 
-def _block_path(call: fx.Node) -> str:
-    """The block a region call runs: the innermost module on the call's stack (Dynamo records the call inside it)."""
-    stack = call.meta.get("nn_module_stack") or {}
+def _class_of(node: fx.Node):
+    """The class of the block a mark or leaf was recorded in: the innermost module on its stack."""
+    stack = node.meta.get("nn_module_stack") or {}
     if not stack:
-        raise CachepassError(f"{call.format_node()} has no nn_module_stack: cannot place a block region's body")
+        raise BlockLeafError(f"{node.format_node()} has no nn_module_stack: cannot place a block's body")
+    _, cls = max(stack.values(), key=lambda v: len(v[0]))
+    return cls if isinstance(cls, str) else f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _block_path(node: fx.Node) -> str:
+    stack = node.meta.get("nn_module_stack") or {}
+    if not stack:
+        raise BlockLeafError(f"{node.format_node()} has no nn_module_stack: cannot place a block's body")
     return max((path for path, _ in stack.values()), key=len)
