@@ -182,6 +182,12 @@ def run(variant: str, blocks: int, device: str, width: str, cache: str, *artifac
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def _reported(start: str, out: dict) -> dict:
+    """``out`` after printing it: a run cut short (a device call's time limit) still leaves each process's result."""
+    print(f"  {out['variant']} {start}: {json.dumps({k: v for k, v in out.items() if k != 'backend_log'})}", flush=True)
+    return out
+
+
 def _profile(variant: str, args, warm_cache: str) -> None:
     """One more cold process (a fresh cache folder) and one more warm one (``warm_cache``), their first calls under
     cProfile: ``cold_start-profile-<variant>-{cold,warm}.txt`` in ``args.out``."""
@@ -218,10 +224,11 @@ def main(argv=None) -> int:
     for variant in args.variants.split(","):
         with tempfile.TemporaryDirectory() as cache, tempfile.TemporaryDirectory() as other_machine:
             artifacts = os.path.join(other_machine, "artifacts.bin")
-            cold = run(variant, args.blocks, args.device, args.width, cache, "--save-artifacts", artifacts)
-            warm = run(variant, args.blocks, args.device, args.width, cache)
-            portable = run(variant, args.blocks, args.device, args.width, os.path.join(other_machine, "cache"),
-                           "--load-artifacts", artifacts)
+            cold = _reported("cold", run(variant, args.blocks, args.device, args.width, cache, "--save-artifacts",
+                                         artifacts))
+            warm = _reported("warm", run(variant, args.blocks, args.device, args.width, cache))
+            portable = _reported("from artifacts", run(variant, args.blocks, args.device, args.width,
+                                                       os.path.join(other_machine, "cache"), "--load-artifacts", artifacts))
             if variant in args.profile.split(","):
                 _profile(variant, args, cache)
         rows.append({"variant": variant, "cold_start_s": cold["first_call_s"], "warm_start_s": warm["first_call_s"],
