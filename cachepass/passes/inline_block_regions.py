@@ -74,6 +74,10 @@ def _body(nodes: list[fx.Node], enter: fx.Node) -> _Body:
     inside = nodes[start + 1:nodes.index(leave)]
     members = set(inside) | {leave}
     for node in inside:
+        if node.op in ("get_attr", "call_module") or any(a.op == "get_attr" for a in node.all_input_nodes):
+            # a weight or submodule held by the graph, not passed as an input: a copy would use the first block's
+            raise BlockLeafError(f"the block traced at {_block_path(enter)} reads {node.format_node()} from the graph "
+                                 "module, which its leaves cannot replace")
         outside = [u for u in node.users if u not in members]
         if outside:
             raise BlockLeafError(f"{node.format_node()} inside the block at {_block_path(enter)} is used after it by "
