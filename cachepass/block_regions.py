@@ -60,7 +60,7 @@ _INLINE = "_cachepass_traced_inline"  # on the first blocks during a call: a val
                                       # models, so that their calls share one graph; an identity would not be)
 _NAMES: dict[type, tuple[str, ...]] = {}  # class -> its parameters' and buffers' paths, the leaves' operand order
 _READERS: dict[type, Callable] = {}  # class -> a function returning those tensors by attribute reads
-_OUTPUTS: dict[str, tuple] = {}  # leaf input signature -> its outputs' layout (for fake runs)
+_OUTPUTS: dict[str, tuple] = {}  # leaf input signature -> its outputs' layout (fake runs of the calls in progress)
 
 
 def enabled() -> bool:
@@ -99,6 +99,8 @@ def marked(model: nn.Module, classes: tuple[type, ...]) -> Iterator[None]:
             block.__dict__[_INLINE] = True
         for cls, blocks in lists:
             _FIRST.setdefault(cls, blocks[0])
+        if not _MODELS:  # the fake outputs recorded by the last call's trace (autocast or a backend may differ now)
+            _OUTPUTS.clear()
         _MODELS.append(model)
         for cls in classes:
             if _ACTIVE[cls] == 0:
@@ -151,7 +153,10 @@ def check_leaf(path: str) -> None:
     like the first block of its class, whose trace its leaf takes."""
     if not _MODELS:
         raise BlockLeafError(f"the block leaf at {path} was traced outside a call that marked it")
-    block = _MODELS[-1].get_submodule(path)
+    try:
+        block = _MODELS[-1].get_submodule(path)
+    except AttributeError as error:
+        raise BlockLeafError(f"the block leaf at {path} is not a submodule of the model called: {error}") from error
     first = _FIRST.get(type(block))
     if first is None:
         raise BlockLeafError(f"the block at {path} has no first block of its class in this call")
