@@ -120,8 +120,10 @@ def child(variant: str, blocks: int, device: str, width: str, save_artifacts: st
 def _with_block_leaves(fn, model):
     from cachepass import block_regions
 
+    lists = block_regions.block_lists(model)
+
     def call(*args, **kwargs):
-        with block_regions.marked(model, block_regions.block_classes(model)):
+        with block_regions.marked(model, lists):
             return fn(*args, **kwargs)
     return call
 

@@ -176,7 +176,7 @@ def _with_clear_errors(forward, model: nn.Module):
     further shapes count against the limit (``max_shapes``).
     """
     first = [True]
-    regions = block_regions.block_classes(model) if block_regions.enabled() else ()
+    regions = block_regions.block_lists(model) if block_regions.enabled() else ()
 
     def call(*args, **kwargs):
         nonlocal regions

@@ -68,12 +68,9 @@ def enabled() -> bool:
     return os.environ.get("CACHEPASS_BLOCK_REGIONS", "1") != "0"
 
 
-def block_classes(model: nn.Module) -> tuple[type, ...]:
-    """Classes of the items of the model's outermost lists of two or more same-class modules (not torch's own)."""
-    return tuple(cls for cls, _ in _block_lists(model) if cls not in _REFUSED)
-
-
-def _block_lists(model: nn.Module) -> list[tuple[type, nn.ModuleList]]:
+def block_lists(model: nn.Module) -> tuple[tuple[type, nn.ModuleList], ...]:
+    """The model's outermost lists of two or more modules of one class (not torch's own), with that class: found once
+    per compile (walking every module costs about 1 ms, too much for each call)."""
     found: list[tuple[type, nn.ModuleList]] = []
     inside: set[int] = set()  # modules within an item of a list already taken
     for module in model.modules():
@@ -83,16 +80,17 @@ def _block_lists(model: nn.Module) -> list[tuple[type, nn.ModuleList]]:
         cls = next(iter(classes))
         if len(classes) != 1 or cls.__module__.startswith("torch.") or next(module[0].parameters(), None) is None:
             continue
-        found.append((cls, module))
         inside.update(id(m) for item in module for m in item.modules())
-    return found
+        if cls not in _REFUSED:
+            found.append((cls, module))
+    return tuple(found)
 
 
 @contextlib.contextmanager
-def marked(model: nn.Module, classes: tuple[type, ...]) -> Iterator[None]:
-    """``classes``' forwards are wrapped while the block runs: ``model``'s first block of each class is traced
-    inline, the others are leaves (reentrant, thread-safe)."""
-    lists = [(cls, blocks) for cls, blocks in _block_lists(model) if cls in classes]
+def marked(model: nn.Module, lists: tuple[tuple[type, nn.ModuleList], ...]) -> Iterator[None]:
+    """The forwards of the classes of ``lists`` (`block_lists` of ``model``) are wrapped while the block runs: the
+    first block of each list is traced inline, the others are leaves (reentrant, thread-safe)."""
+    classes = tuple(dict.fromkeys(cls for cls, _ in lists))
     with _LOCK:
         flagged = [blocks[0] for _, blocks in lists if _INLINE not in blocks[0].__dict__]
         for block in flagged:
@@ -120,8 +118,9 @@ def marked(model: nn.Module, classes: tuple[type, ...]) -> Iterator[None]:
                     _FIRST.pop(cls, None)
 
 
-def refuse(classes: tuple[type, ...], error: BaseException) -> None:
-    """The marked trace failed: the classes are traced inline from now on."""
+def refuse(lists: tuple[tuple[type, nn.ModuleList], ...], error: BaseException) -> None:
+    """The marked trace failed: the lists' classes are traced inline from now on."""
+    classes = tuple(dict.fromkeys(cls for cls, _ in lists))
     _REFUSED.update(classes)
     error = _leaf_error(error) or error
     log.info("stepcache: tracing %s once, the other blocks as leaves, failed (%s: %s); tracing every block inline "

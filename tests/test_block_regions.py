@@ -27,8 +27,8 @@ def _dynamo_graph(case, model, marked: bool):
 
     x, cond, _ = case.inputs(torch.Generator().manual_seed(0))
     compiled = torch.compile(model, backend=backend, dynamic=False, fullgraph=True)
-    classes = block_regions.block_classes(model) if marked else ()
-    with torch.no_grad(), block_regions.marked(model, classes):
+    lists = block_regions.block_lists(model) if marked else ()
+    with torch.no_grad(), block_regions.marked(model, lists):
         case.call(compiled, x, torch.tensor(0.5), cond)
     torch._dynamo.reset()
     return graphs[0]
@@ -54,7 +54,7 @@ def test_the_inlined_leaves_give_the_graph_of_an_unmarked_trace(name):
     case = CASES[name]
     model = case.model().eval()
     (inlined, leaves), (unmarked, no_leaves) = _dynamo_graph(case, model, True), _dynamo_graph(case, model, False)
-    classes = block_regions.block_classes(model)
+    classes = {cls for cls, _ in block_regions.block_lists(model)}
     blocks = [m for m in model.modules() if type(m) in classes]
     assert leaves == len(blocks) - len(classes) > 0 and no_leaves == 0  # one block per class traced, others leaves
     assert None not in inlined[0] and len(inlined[0]) > len(blocks)  # every input has its source
