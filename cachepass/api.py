@@ -192,8 +192,8 @@ def _with_clear_errors(forward, model: nn.Module):
                     with block_regions.marked(model, regions):
                         return forward(*args, **kwargs)
                 except torch._dynamo.exc.TorchDynamoException as error:
-                    if not block_regions.caused_by_a_leaf(error) and isinstance(error, (torch._dynamo.exc.BackendCompilerFailed,
-                                                              torch._dynamo.exc.FailOnRecompileLimitHit)):
+                    after_tracing = (torch._dynamo.exc.BackendCompilerFailed, torch._dynamo.exc.FailOnRecompileLimitHit)
+                    if isinstance(error, after_tracing) and not block_regions.caused_by_a_leaf(error):
                         raise
                     block_regions.refuse(regions, error)  # Dynamo failed tracing: nothing ran yet
                     regions = ()

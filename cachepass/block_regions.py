@@ -164,9 +164,9 @@ def check_leaf(path: str) -> None:
                              "is traced inline")
 
 
-def enter(flat: list) -> list:
+def enter(class_name: str, flat: list) -> list:
     """The first block's tensor arguments (``flat``: its arguments flattened), as the graph's record of where each is
-    used (never run: the pass removes it)."""
+    used and of the class whose leaves take its body (never run: the pass removes it)."""
     return [torch.clone(v) for v in flat if isinstance(v, torch.Tensor)]
 
 
@@ -218,7 +218,7 @@ def _install(cls: type) -> None:
         def forward(self, *args, **kwargs):
             if getattr(self, _INLINE, False):
                 flat, spec = pytree.tree_flatten((args, kwargs))
-                tensors = iter(enter(flat))
+                tensors = iter(enter(name, flat))
                 args, kwargs = pytree.tree_unflatten([next(tensors) if isinstance(v, torch.Tensor) else v for v in flat],
                                                      spec)
                 return leave(original(self, *args, **kwargs))

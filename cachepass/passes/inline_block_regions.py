@@ -1,8 +1,8 @@
 """Give every block leaf (`cachepass.block_regions`) a copy of the first block's traced body.
 
 With block regions on, Dynamo traces the first block of each class inline between an ``enter`` call
-(its flattened arguments; the tensors come out of it as ``getitem``s) and a ``leave`` call (its
-outputs), and every other block of the class is one ``leaf(key, tensors, args, kwargs)`` call whose
+(its class name and flattened arguments; the tensors come out of it as ``getitem``s) and a ``leave``
+call (its outputs), and every other block of the class is one ``leaf(class_name, tensors, args, kwargs)`` call whose
 ``tensors`` are that block's parameters and buffers (graph inputs). This pass replaces each leaf by
 a copy of the body: the body's uses of ``enter``'s tensors become the leaf's arguments at the same
 flat positions, its uses of the first block's weights the leaf's weights of the same path, and the
@@ -36,10 +36,11 @@ class _Body:
     enter: fx.Node
     leave: fx.Node
     nodes: list[fx.Node]  # strictly between enter and leave, in order
+    weights: dict[fx.Node, str]  # the block's own weight inputs the body reads -> their path within the block
 
     @property
     def arguments(self) -> list:
-        return list(self.enter.args[0])
+        return list(self.enter.args[1])
 
 
 def inline_block_regions(gm: fx.GraphModule) -> fx.GraphModule:
@@ -48,9 +49,9 @@ def inline_block_regions(gm: fx.GraphModule) -> fx.GraphModule:
     leaves = [n for n in nodes if _calls(n, block_regions.leaf)]
     if not enters and not leaves:
         return gm
-    bodies = {_class_of(e): _body(nodes, e) for e in enters}
+    bodies = {e.args[0]: _body(nodes, e) for e in enters}  # by class name, which enter and leaf both record
     for leaf in leaves:
-        body = bodies.get(_class_of(leaf))
+        body = bodies.get(leaf.args[0])
         if body is None:
             raise BlockLeafError(f"the block leaf at {_block_path(leaf)} has no block of its class traced inline")
         _inline(gm, leaf, body)
@@ -82,7 +83,10 @@ def _body(nodes: list[fx.Node], enter: fx.Node) -> _Body:
         if outside:
             raise BlockLeafError(f"{node.format_node()} inside the block at {_block_path(enter)} is used after it by "
                                  f"{outside[0].format_node()}")
-    return _Body(_block_path(enter), enter, leave, inside)
+    path = _block_path(enter)
+    weights = {used: within for node in inside for used in node.all_input_nodes
+               if used.op == "placeholder" and (within := _within(used, path)) is not None}
+    return _Body(path, enter, leave, inside, weights)
 
 
 def _inline(gm: fx.GraphModule, leaf: fx.Node, body: _Body) -> None:
@@ -90,6 +94,7 @@ def _inline(gm: fx.GraphModule, leaf: fx.Node, body: _Body) -> None:
     block_regions.check_leaf(normalize_module_path(caller))
     _, tensors, args, kwargs = leaf.args
     env = {**_argument_map(body, leaf, pytree.tree_leaves((args, kwargs))), **_weight_map(body, tensors, caller)}
+    copies = []
     with gm.graph.inserting_before(leaf):
         for node in body.nodes:
             if node in env:  # enter's getitems
@@ -101,7 +106,7 @@ def _inline(gm: fx.GraphModule, leaf: fx.Node, body: _Body) -> None:
                 copy.meta["nn_module_stack"] = {f"{key}@{caller}": (_moved(path, body.path, caller), cls)
                                                 for key, (path, cls) in stack.items()}
             env[node] = copy
-    copies = [env[n] for n in body.nodes if env[n] not in (*pytree.tree_leaves((args, kwargs)), *tensors)]
+            copies.append(copy)
     _replace_uses(gm, leaf, body.leave.args[0], leaf.meta.get("example_value"), env, set(copies))
     for copy in reversed(copies):  # what made an output this leaf's caller does not use (Dynamo dropped it there)
         if not copy.users and not copy.is_impure():
@@ -127,19 +132,11 @@ def _argument_map(body: _Body, leaf: fx.Node, flat: list) -> dict:
 def _weight_map(body: _Body, tensors, caller: str) -> dict:
     """The first block's weight inputs -> the leaf's, by their path within the block."""
     theirs = {_within(t, caller): t for t in tensors}
-    env = {}
-    for node in body.nodes:
-        for used in node.all_input_nodes:
-            if used.op != "placeholder" or used in env:
-                continue
-            path = _within(used, body.path)
-            if path is None:
-                continue  # not the block's own (a model-level input): shared by every copy
-            if path not in theirs:
-                raise BlockLeafError(f"the block at {caller} does not pass {path}, which the block traced at "
-                                     f"{body.path} reads")
-            env[used] = theirs[path]
-    return env
+    missing = sorted(set(body.weights.values()) - set(theirs))
+    if missing:
+        raise BlockLeafError(f"the block at {caller} does not pass {missing[0]}, which the block traced at {body.path} "
+                             "reads")
+    return {used: theirs[path] for used, path in body.weights.items()}
 
 
 def _within(node: fx.Node, block_path: str) -> str | None:
@@ -184,15 +181,6 @@ def _moved(path: str, traced_on: str, caller: str) -> str:
     if path == traced_on or path.startswith(traced_on + "."):
         return caller + path[len(traced_on):]
     return path
-
-
-def _class_of(node: fx.Node):
-    """The class of the block a mark or leaf was recorded in: the innermost module on its stack."""
-    stack = node.meta.get("nn_module_stack") or {}
-    if not stack:
-        raise BlockLeafError(f"{node.format_node()} has no nn_module_stack: cannot place a block's body")
-    _, cls = max(stack.values(), key=lambda v: len(v[0]))
-    return cls if isinstance(cls, str) else f"{cls.__module__}.{cls.__qualname__}"
 
 
 def _block_path(node: fx.Node) -> str:
