@@ -25,6 +25,7 @@ from cachepass.config import StepCacheConfig
 from cachepass.cudagraphs.graphed import CudaGraphs, GraphedProgram
 from cachepass.errors import CachepassError, UnsupportedGraphError
 from cachepass.inner import Inner, asks_for_cudagraphs, inner_compile
+from cachepass.leaf_weights import LeafWeights
 from cachepass.offload.runtime import ProgramOffload
 from cachepass.options import CompileOptions, Form, parse_options
 from cachepass.piecewise.compile import PieceCompiler
@@ -61,14 +62,15 @@ def stepcache(gm: fx.GraphModule, example_inputs: Sequence[Any], *, mode: str | 
     log.info("stepcache: %d cache unit(s) (%s), %.1f MiB of state per model instance, form=%s, inner=%s, %s",
              len(units), ", ".join(u.name for u in units), layout.nbytes / 2**20, opts.form.value, opts.inner.value,
              timestep.describe() if timestep else "no timestep input: generations counted in calls")
-    inputs = [*example_inputs, *static_example_state(example_inputs, layout, device)]
+    leaf_weights = LeafWeights.of(rewritten.graph)  # after Dynamo's inputs: the block leaves' weights
+    inputs = [*example_inputs, *leaf_weights.compiled_with(example_inputs), *static_example_state(example_inputs, layout, device)]
     passes_done = time.perf_counter()
     if opts.form is Form.ONE_GRAPH:
         compiled = _compile_one_graph(rewritten.graph, inputs, opts)
         log.info("stepcache: one graph; backend %.1f s (passes %.1f s)", time.perf_counter() - start,
                  passes_done - start)
         return _with_state(compiled, StateSet(layout, device, _anchor_index(example_inputs), rewritten.graph),
-                           host=host)
+                           leaf_weights, host=host)
     cudagraphs = opts.cudagraphs_on(device, sharded=parallel is not None)
     if cudagraphs is CudaGraphs.CONDITIONAL and parallel is not None:
         raise CachepassError("stepcache option cudagraphs='conditional' is not supported on a sharded model: "
@@ -89,9 +91,9 @@ def stepcache(gm: fx.GraphModule, example_inputs: Sequence[Any], *, mode: str | 
              time.perf_counter() - start, passes_done - start, compiler.count.timings())
     states = StateSet(layout, device, _anchor_index(example_inputs), rewritten.graph, plan, hooks.reset)
     if cudagraphs is CudaGraphs.OFF:
-        return _with_state(program.forward, states, hooks, host)
+        return _with_state(program.forward, states, leaf_weights, hooks, host)
     graphed = GraphedProgram(program, device, cudagraphs, len(layout.specs), hooks, chosen_by_default=opts.cudagraphs is None)
-    return _with_state(graphed, states, hooks, host)
+    return _with_state(graphed, states, leaf_weights, hooks, host)
 
 
 def _program_hooks(rewritten: Rewritten, opts: CompileOptions, device: torch.device, graphed: bool) -> ProgramHooks:
@@ -146,15 +148,17 @@ def _warn_if_cudagraphs_asked(opts: CompileOptions, why: str) -> None:
                     opts.mode, why, opts.form.value)
 
 
-def _with_state(compiled: Callable, states: StateSet, hooks: ProgramHooks = NO_HOOKS,
+def _with_state(compiled: Callable, states: StateSet, leaf_weights: LeafWeights, hooks: ProgramHooks = NO_HOOKS,
                 host: HostInputs | None = None) -> Callable:
-    """Dynamo calls the backend's function with the graph inputs; append the caller's state tensors.
+    """Dynamo calls the backend's function with the graph inputs; append the block leaves' weights (read from the
+    model called) and the caller's state tensors.
 
     Host inputs the model only moves to the device are passed as their device copies. The program's
     hooks see the call begin (offload hands the pieces the streamed weights' slots) and end.
     """
 
     def run(*args):
+        args = (*args, *leaf_weights())
         if host is not None:
             args = host.move(args)
         state = states.for_call(args)

@@ -9,13 +9,14 @@ excluded) is replaced on the class by a wrapper:
 - the first block of the class (in the model's module order; it carries a flag during the call) is
   traced inline, between two marks (`enter` and `leave`, functions Dynamo puts in the graph as
   calls) that record its arguments and its outputs;
-- every other block becomes one call of `leaf` (also put in the graph as it is), with the block's
-  parameters and buffers, read by their attribute paths, as its first operands, so they stay graph
-  inputs with their own sources (offload and export read them; a replaced weight is seen).
+- every other block becomes one call of `leaf` (also put in the graph as it is) with the block's path
+  and arguments. Dynamo never touches that block's parameters and buffers: the pass gives the body it
+  copies in placeholders of their own, which the backend fills on every call from the called model
+  (`cachepass.leaf_weights`), so offload still streams them and a replaced weight is still seen.
 
-Dynamo computes each leaf's output by running the first block with the leaf's tensors on fake
-tensors, once per input signature (later leaves of that signature get new fake outputs of the same
-layout). The marks and the leaves never run: `cachepass.passes.inline_block_regions` replaces each
+Dynamo computes each leaf's output by running the first block on fake tensors (its weights made fake
+in Dynamo's mode), once per input signature (later leaves of that signature get new fake outputs of the
+same layout). The marks and the leaves never run: `cachepass.passes.inline_block_regions` replaces each
 leaf by a copy of the first block's traced body before discovery, so every pass sees what an
 unmarked trace gives. It first checks (`check_leaf`) that the leaf's block is configured like the
 first (per submodule: class, plain attributes, the classes of the others, hooks, tensor layouts);
@@ -23,9 +24,9 @@ a block that is not, or a trace the marks make fail, runs again without the mark
 models of one class (Wan 2.2's experts) still share one graph: the flag is a value, not an identity.
 
 Measured (CPU, 30-block small Wan, Dynamo alone, first call, `bench.cold_start --variants
-dynamo-trace,dynamo-trace-regions,dynamo-trace-leaves`): 2.6 s against 6.7 s inline on torch 2.13, 3.6
-against 6.6 s on 2.11; torch's `nested_compile_region`, used here before, gave 3.7 s on 2.13 and 7.7 s
-on 2.11. The wrapper sits on the class only while a call runs, with one wrapper per class for
+dynamo-trace,dynamo-trace-regions,dynamo-trace-leaves`): with the leaves' weights as graph inputs 2.6 s
+against 6.7 s inline on torch 2.13, 3.6 against 6.6 s on 2.11; torch's `nested_compile_region`, used
+here before, gave 3.7 s on 2.13 and 7.7 s on 2.11. Without the weights in the trace: see bench/NOTES.md. The wrapper sits on the class only while a call runs, with one wrapper per class for
 the process (Dynamo guards on it): other code using the class between calls (cache-dit's
 block-pattern matching among it) sees the original. ``CACHEPASS_BLOCK_REGIONS=0`` turns it off.
 """
@@ -45,6 +46,8 @@ from torch._subclasses.fake_tensor import FakeTensor
 from torch.nn.utils.stateless import _reparametrize_module
 from torch.utils import _pytree as pytree
 
+from cachepass.errors import CachepassError
+
 log = logging.getLogger(__name__)
 
 _LOCK = threading.RLock()
@@ -56,10 +59,10 @@ _REFUSED: set[type] = set()  # classes whose marked trace failed: never marked a
 _FIRST: dict[type, nn.Module] = {}  # class -> the block traced inline in the call in progress
 _CLASSES: dict[str, type] = {}  # qualified name -> class, for the leaves' fake runs
 _MODELS: list[nn.Module] = []  # the models of the calls in progress, innermost last
+_CALLING = threading.local()  # .models: this thread's calls in progress, innermost last (whose weights a call reads)
+_PATH = "_cachepass_block_path"  # on every block of a marked list: its path in the model (a leaf's operand)
 _INLINE = "_cachepass_traced_inline"  # on the first blocks during a call: a value the wrapper reads (equal in two
                                       # models, so that their calls share one graph; an identity would not be)
-_NAMES: dict[type, tuple[str, ...]] = {}  # class -> its parameters' and buffers' paths, the leaves' operand order
-_READERS: dict[type, Callable] = {}  # class -> a function returning those tensors by attribute reads
 _OUTPUTS: dict[str, tuple] = {}  # leaf input signature -> its outputs' layout (fake runs of the calls in progress)
 
 
@@ -73,7 +76,7 @@ def block_lists(model: nn.Module) -> tuple[tuple[type, nn.ModuleList], ...]:
     per compile (walking every module costs about 1 ms, too much for each call)."""
     found: list[tuple[type, nn.ModuleList]] = []
     inside: set[int] = set()  # modules within an item of a list already taken
-    for module in model.modules():
+    for path, module in model.named_modules():
         if id(module) in inside or not isinstance(module, nn.ModuleList) or len(module) < 2:
             continue
         classes = {type(m) for m in module}
@@ -82,6 +85,8 @@ def block_lists(model: nn.Module) -> tuple[tuple[type, nn.ModuleList], ...]:
             continue
         inside.update(id(m) for item in module for m in item.modules())
         if cls not in _REFUSED:
+            for index, block in enumerate(module):
+                block.__dict__[_PATH] = f"{path}.{index}"
             found.append((cls, module))
     return tuple(found)
 
@@ -100,6 +105,7 @@ def marked(model: nn.Module, lists: tuple[tuple[type, nn.ModuleList], ...]) -> I
         if not _MODELS:  # the fake outputs recorded by the last call's trace (autocast or a backend may differ now)
             _OUTPUTS.clear()
         _MODELS.append(model)
+        _calling().append(model)
         for cls in classes:
             if _ACTIVE[cls] == 0:
                 _install(cls)
@@ -111,11 +117,27 @@ def marked(model: nn.Module, lists: tuple[tuple[type, nn.ModuleList], ...]) -> I
             for block in flagged:
                 del block.__dict__[_INLINE]
             del _MODELS[len(_MODELS) - 1 - _MODELS[::-1].index(model)]
+            _calling().pop()
             for cls in classes:
                 _ACTIVE[cls] -= 1
                 if _ACTIVE[cls] == 0:
                     _restore(cls)
                     _FIRST.pop(cls, None)
+
+
+def current_model() -> nn.Module:
+    """The model of this thread's innermost call in progress (a compiled graph with leaves reads its weights)."""
+    models = _calling()
+    if not models:
+        raise CachepassError("a graph compiled with block leaves was called outside its model's compiled call (the "
+                             "function cachepass.compile returned); call that instead")
+    return models[-1]
+
+
+def _calling() -> list[nn.Module]:
+    if not hasattr(_CALLING, "models"):
+        _CALLING.models = []
+    return _CALLING.models
 
 
 def refuse(lists: tuple[tuple[type, nn.ModuleList], ...], error: BaseException) -> None:
@@ -175,29 +197,33 @@ def leave(outputs):
     return pytree.tree_map_only(torch.Tensor, torch.clone, outputs)
 
 
-def leaf(class_name: str, tensors: list, args: tuple, kwargs: dict):
-    """A block of the class ``class_name`` with ``tensors`` as its parameters and buffers: the first block run with
-    them (`check_leaf` makes sure the two are alike). Under cachepass it runs only on Dynamo's fake tensors (the
-    pass replaces the call by the first block's body), once per input signature: later fake calls of that
-    signature get new outputs of the same layout. Given real tensors (a plain ``backend="eager"`` trace) it runs."""
+def leaf(class_name: str, path: str, args: tuple, kwargs: dict):
+    """The block at ``path`` (of the class ``class_name``) called with ``args`` and ``kwargs``. Under cachepass it
+    runs only on Dynamo's fake tensors (the pass replaces the call by the first block's body, which `check_leaf`
+    makes sure stands for this block), as the first block with fake weights, once per input signature: later fake
+    calls of that signature get new outputs of the same layout. Given real tensors (a plain ``backend="eager"``
+    trace) it runs the block at ``path`` of the model called."""
     cls = _CLASSES[class_name]
     block = _FIRST.get(cls)
     if block is None:
         raise BlockLeafError(f"a {cls.__name__} leaf ran outside a call that marked its class")
-    inputs = [t for t in pytree.tree_leaves((tensors, args, kwargs)) if isinstance(t, torch.Tensor)]
-    fake = bool(inputs) and all(isinstance(t, FakeTensor) for t in inputs)
-    signature = repr((cls, [_layout(t) for t in pytree.tree_leaves((tensors, args, kwargs))],
+    inputs = [t for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+    if not inputs or not all(isinstance(t, FakeTensor) for t in inputs):
+        return _ORIGINAL[cls](current_model().get_submodule(path), *args, **kwargs)
+    signature = repr((cls, [_layout(t) for t in pytree.tree_leaves((args, kwargs))],
                       pytree.tree_structure((args, kwargs))))
-    known = _OUTPUTS.get(signature) if fake else None
+    known = _OUTPUTS.get(signature)
     if known is not None:
         layouts, spec = known
         return pytree.tree_unflatten([_new(layout) for layout in layouts], spec)
-    with _reparametrize_module(block, dict(zip(_NAMES[cls], tensors))):
+    mode = inputs[0].fake_mode
+    weights = {name: mode.from_tensor(t, static_shapes=True) for name, t in (*block.named_parameters(), *block.named_buffers())}
+    with _reparametrize_module(block, weights):
         outputs = _ORIGINAL[cls](block, *args, **kwargs)
     flat, spec = pytree.tree_flatten(outputs)
     storages = [_storage(t) for t in flat if isinstance(t, torch.Tensor)]
     aliased = len(storages) != len(flat) or len(set(storages)) != len(flat) or {_storage(t) for t in inputs} & set(storages)
-    if fake and not aliased:
+    if not aliased:
         _OUTPUTS[signature] = ([_layout(t) for t in flat], spec)
     return outputs
 
@@ -211,7 +237,6 @@ def _install(cls: type) -> None:
     _OWN[cls] = own
     if cls not in _MARKED:
         _ORIGINAL[cls] = original = own if own is not None else cls.forward
-        _NAMES[cls], _READERS[cls] = _tensor_reader(_FIRST[cls])
         name = f"{cls.__module__}.{cls.__qualname__}"
         _CLASSES[name] = cls
 
@@ -222,7 +247,8 @@ def _install(cls: type) -> None:
                 args, kwargs = pytree.tree_unflatten([next(tensors) if isinstance(v, torch.Tensor) else v for v in flat],
                                                      spec)
                 return leave(original(self, *args, **kwargs))
-            return leaf(name, _READERS[cls](self), args, kwargs)
+            path = getattr(self, _PATH, None)  # None: a block of the class outside the marked lists
+            return original(self, *args, **kwargs) if path is None else leaf(name, path, args, kwargs)
 
         forward.__name__ = forward.__qualname__ = f"{cls.__name__}.forward_as_block_region"
         _MARKED[cls] = forward
@@ -235,22 +261,6 @@ def _restore(cls: type) -> None:
         cls.forward = own
     else:
         del cls.forward
-
-
-def _tensor_reader(block: nn.Module) -> tuple[tuple[str, ...], Callable]:
-    """The block's parameter and buffer paths, and a function reading them as attributes (which Dynamo traces
-    into graph inputs with their sources; far cheaper for it than ``get_parameter``)."""
-    names, reads = [], []
-    for module_path, module in block.named_modules():
-        prefix = "self" + "".join(f"._modules[{p!r}]" for p in module_path.split(".") if module_path)
-        for kind in ("_parameters", "_buffers"):
-            for name, tensor in getattr(module, kind).items():
-                if tensor is not None:
-                    names.append(f"{module_path}.{name}" if module_path else name)
-                    reads.append(f"{prefix}.{kind}[{name!r}]")
-    namespace: dict = {}
-    exec(f"def read(self):\n    return [{', '.join(reads)}]\n", namespace)  # noqa: S102 (code built from attribute names)
-    return tuple(names), namespace["read"]
 
 
 def _configuration(block: nn.Module) -> tuple:

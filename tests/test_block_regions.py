@@ -12,7 +12,9 @@ import torch
 import cachepass
 from bench.tiny_models import CASES
 from cachepass import block_regions
+from cachepass.leaf_weights import weight_path
 from cachepass.passes.inline_block_regions import inline_block_regions
+from cachepass.pipeline import copy_graph_module
 
 
 def _dynamo_graph(case, model, marked: bool):
@@ -22,8 +24,8 @@ def _dynamo_graph(case, model, marked: bool):
 
     def backend(gm, example_inputs):  # the structure here: Dynamo drops the inputs' sources after the backend
         leaves = sum(n.target is block_regions.leaf for n in gm.graph.nodes)
-        graphs.append((_structure(inline_block_regions(gm)), leaves))
-        return gm.forward
+        graphs.append((_structure(inline_block_regions(copy_graph_module(gm))), leaves))
+        return gm.forward  # the leaves run as they are: each block at its path, with real tensors
 
     x, cond, _ = case.inputs(torch.Generator().manual_seed(0))
     compiled = torch.compile(model, backend=backend, dynamic=False, fullgraph=True)
@@ -35,16 +37,12 @@ def _dynamo_graph(case, model, marked: bool):
 
 
 def _structure(gm):
-    """Per node: op, target and the module paths on its stack; the inputs' sources, sorted (node names differ
-    between traces, and the leaves read their weights in their own order)."""
+    """Per node: op, target and the module paths on its stack; the inputs' paths (Dynamo's sources, or the leaves'
+    weights' marks), sorted (node names differ between traces, and the leaves' weights come after Dynamo's inputs)."""
     def paths(node):
         return tuple(path for path, _ in (node.meta.get("nn_module_stack") or {}).values())
 
-    def source(node):
-        grapharg = node.meta.get("grapharg")
-        return grapharg.source.name if grapharg is not None and grapharg.source is not None else None
-
-    inputs = sorted(source(n) for n in gm.graph.nodes if n.op == "placeholder")
+    inputs = sorted(str(weight_path(n)) for n in gm.graph.nodes if n.op == "placeholder")
     return inputs, [(n.op, str(n.target), paths(n))
                     for n in gm.graph.nodes if n.op not in ("get_attr", "placeholder")]
 
@@ -57,7 +55,7 @@ def test_the_inlined_leaves_give_the_graph_of_an_unmarked_trace(name):
     classes = {cls for cls, _ in block_regions.block_lists(model)}
     blocks = [m for m in model.modules() if type(m) in classes]
     assert leaves == len(blocks) - len(classes) > 0 and no_leaves == 0  # one block per class traced, others leaves
-    assert None not in inlined[0] and len(inlined[0]) > len(blocks)  # every input has its source
+    assert "None" not in inlined[0] and len(inlined[0]) > len(blocks)  # every input has its path
     assert inlined == unmarked
 
 
@@ -97,3 +95,24 @@ def test_blocks_of_another_configuration_are_traced_inline_with_the_right_result
         reference = case.call(model, x, torch.tensor(0.5), cond)
     assert "differ in configuration" in caplog.text and "tracing every block inline" in caplog.text
     assert torch.equal(out, reference)
+
+
+def test_a_leaf_block_weight_is_read_from_the_model_on_every_call_and_a_new_layout_refused():
+    """Dynamo does not see the leaves' weights: the backend reads them from the model on every call. A weight
+    replaced by a tensor of the same layout is used at once; one of another dtype fails, naming it."""
+    case = CASES["wan"]
+    model = case.model().eval()
+    compiled = cachepass.compile(model, cachepass.StepCacheConfig(num_head_blocks=1, num_inference_steps=4),
+                                 inner="aot_eager")
+    x, cond, _ = case.inputs(torch.Generator().manual_seed(0))
+    path, linear = [(p, m) for p, m in model.blocks.named_modules(prefix="blocks") if isinstance(m, torch.nn.Linear)][-1]
+    with torch.no_grad():
+        before = case.call(compiled, x, torch.tensor(0.5), cond)
+        linear.weight = torch.nn.Parameter(torch.randn_like(linear.weight), requires_grad=False)
+        cachepass.reset(model)
+        after = case.call(compiled, x, torch.tensor(0.5), cond)
+        assert torch.equal(after, case.call(model, x, torch.tensor(0.5), cond)) and not torch.equal(after, before)
+        linear.weight = torch.nn.Parameter(linear.weight.double(), requires_grad=False)
+        cachepass.reset(model)
+        with pytest.raises(cachepass.CachepassError, match=rf"{path}\.weight is now .* float64 .* takes .* float32"):
+            case.call(compiled, x, torch.tensor(0.5), cond)

@@ -40,10 +40,10 @@ from typing import Any, Sequence
 import torch
 from torch import fx
 
-from cachepass.analysis.blocks import normalize_module_path
 from cachepass.config import StepCacheConfig
 from cachepass.cudagraphs.conditional_nodes import unavailable_reason as conditional_nodes_unavailable
 from cachepass.errors import CachepassError
+from cachepass.leaf_weights import weight_path
 from cachepass.offload import sm_copy
 from cachepass.offload.host_start import materialize, packed_buffer
 from cachepass.offload.memory import host_view, own_storage, packed_offsets, pinned_host_buffer
@@ -81,10 +81,9 @@ def block_inputs(gm: fx.GraphModule, units: Sequence[UnitSpec]) -> dict[str, lis
     paths = {p for u in units for p in u.block_paths}
     found: dict[str, list[int]] = {p: [] for p in paths}
     for i, node in enumerate(n for n in gm.graph.nodes if n.op == "placeholder"):
-        source = getattr(node.meta.get("grapharg"), "source", None)
-        if source is None or "_parameters" not in source.name:
+        path = weight_path(node)  # blocks.4.attn1.to_q._parameters.weight
+        if path is None or "._parameters." not in path:
             continue  # not a weight (buffers stay resident)
-        path = normalize_module_path(source.name)  # blocks.4.attn1.to_q._parameters.weight
         owner = next((p for p in paths if path.startswith(p + ".")), None)
         if owner is not None:
             found[owner].append(i)

@@ -2,30 +2,34 @@
 
 With block regions on, Dynamo traces the first block of each class inline between an ``enter`` call
 (its class name and flattened arguments; the tensors come out of it as ``getitem``s) and a ``leave``
-call (its outputs), and every other block of the class is one ``leaf(class_name, tensors, args, kwargs)`` call whose
-``tensors`` are that block's parameters and buffers (graph inputs). This pass replaces each leaf by
-a copy of the body: the body's uses of ``enter``'s tensors become the leaf's arguments at the same
-flat positions, its uses of the first block's weights the leaf's weights of the same path, and the
-users of the leaf's outputs the copy's outputs (each with the leaf's own fake value). Module paths
-move from the first block (``blocks.0``) to the leaf's (``blocks.7``). Then ``enter`` and ``leave``
-are removed. The result has the nodes and module paths an unmarked trace gives, so every later
-pass reads it as before. A leaf whose call does not match its body (other constants, another
-number of tensors, a weight the body reads that the leaf lacks) raises `BlockLeafError`: the call
-is traced again with every block inline.
+call (its outputs), and every other block of the class is one ``leaf(class_name, path, args, kwargs)``
+call, which Dynamo traced without the block's weights. This pass replaces each leaf by a copy of the
+body: the body's uses of ``enter``'s tensors become the leaf's arguments at the same flat positions,
+its uses of the first block's weights new placeholders for the leaf's block's weights of the same path
+(after Dynamo's inputs, marked with their module path for `cachepass.leaf_weights`, which the backend
+appends to each call), and the users of the leaf's outputs the copy's outputs (each with the leaf's own
+fake value). Module paths move from the first block (``blocks.0``) to the leaf's (``blocks.7``). Then
+``enter`` and ``leave`` are removed. The result has the nodes and module paths an unmarked trace gives,
+its leaves' weights as inputs of their own, so every later pass reads it as before. A leaf whose call
+does not match its body (other constants, a block configured otherwise) raises `BlockLeafError`: the
+call is traced again with every block inline.
 """
 
 from __future__ import annotations
 
 import logging
 import operator
+import re
 from dataclasses import dataclass
 
+import torch
 from torch import fx
 from torch.utils import _pytree as pytree
 
 from cachepass import block_regions
 from cachepass.analysis.blocks import normalize_module_path
 from cachepass.block_regions import BlockLeafError
+from cachepass.leaf_weights import WEIGHT_PATH, weight_path
 
 log = logging.getLogger(__name__)
 
@@ -50,11 +54,12 @@ def inline_block_regions(gm: fx.GraphModule) -> fx.GraphModule:
     if not enters and not leaves:
         return gm
     bodies = {e.args[0]: _body(nodes, e) for e in enters}  # by class name, which enter and leaf both record
+    inputs = _Inputs(gm)
     for leaf in leaves:
         body = bodies.get(leaf.args[0])
         if body is None:
             raise BlockLeafError(f"the block leaf at {_block_path(leaf)} has no block of its class traced inline")
-        _inline(gm, leaf, body)
+        _inline(gm, leaf, body, inputs)
     for body in bodies.values():
         _unmark(gm, body)
     gm.graph.lint()
@@ -89,11 +94,14 @@ def _body(nodes: list[fx.Node], enter: fx.Node) -> _Body:
     return _Body(path, enter, leave, inside, weights)
 
 
-def _inline(gm: fx.GraphModule, leaf: fx.Node, body: _Body) -> None:
+def _inline(gm: fx.GraphModule, leaf: fx.Node, body: _Body, inputs: "_Inputs") -> None:
     caller = _block_path(leaf)
-    block_regions.check_leaf(normalize_module_path(caller))
-    _, tensors, args, kwargs = leaf.args
-    env = {**_argument_map(body, leaf, pytree.tree_leaves((args, kwargs))), **_weight_map(body, tensors, caller)}
+    _, block, args, kwargs = leaf.args
+    if normalize_module_path(caller) != block:
+        raise BlockLeafError(f"the block leaf for {block} was traced at {caller}")
+    block_regions.check_leaf(block)
+    env = _argument_map(body, leaf, pytree.tree_leaves((args, kwargs)))
+    env.update({used: inputs.weight(f"{block}.{within}", used) for used, within in body.weights.items()})
     copies = []
     with gm.graph.inserting_before(leaf):
         for node in body.nodes:
@@ -113,6 +121,26 @@ def _inline(gm: fx.GraphModule, leaf: fx.Node, body: _Body) -> None:
             gm.graph.erase_node(copy)
 
 
+class _Inputs:
+    """New placeholders for the leaves' weights, after the graph's last input, in the order they are asked for."""
+
+    def __init__(self, gm: fx.GraphModule):
+        self.graph = gm.graph
+        self.last = [n for n in gm.graph.nodes if n.op == "placeholder"][-1]
+
+    def weight(self, path: str, like: fx.Node) -> fx.Node:
+        """The input for the weight at ``path`` (``blocks.7.attn1.to_q._parameters.weight``), laid out as ``like``
+        (the first block's, which `check_leaf` found alike)."""
+        with self.graph.inserting_after(self.last):
+            node = self.last = self.graph.placeholder("leaf_" + re.sub(r"\W", "_", path))
+        value = like.meta["example_value"]
+        with value.fake_mode:
+            node.meta["example_value"] = torch.empty_strided(value.shape, value.stride(), dtype=value.dtype,
+                                                             device=value.device)
+        node.meta[WEIGHT_PATH] = path
+        return node
+
+
 def _argument_map(body: _Body, leaf: fx.Node, flat: list) -> dict:
     """enter's getitems -> the leaf's arguments at the same flat tensor positions (constants must agree)."""
     ours = body.arguments
@@ -129,23 +157,10 @@ def _argument_map(body: _Body, leaf: fx.Node, flat: list) -> dict:
     return env
 
 
-def _weight_map(body: _Body, tensors, caller: str) -> dict:
-    """The first block's weight inputs -> the leaf's, by their path within the block."""
-    theirs = {_within(t, caller): t for t in tensors}
-    missing = sorted(set(body.weights.values()) - set(theirs))
-    if missing:
-        raise BlockLeafError(f"the block at {caller} does not pass {missing[0]}, which the block traced at {body.path} "
-                             "reads")
-    return {used: theirs[path] for used, path in body.weights.items()}
-
-
 def _within(node: fx.Node, block_path: str) -> str | None:
     """``blocks.7.attn1.to_q._parameters.weight`` -> ``attn1.to_q._parameters.weight`` for ``blocks.7``."""
-    source = getattr(node.meta.get("grapharg"), "source", None)
-    if source is None:
-        return None
-    path, block = normalize_module_path(source.name), normalize_module_path(block_path)
-    return path[len(block) + 1:] if path.startswith(block + ".") else None
+    path, block = weight_path(node), normalize_module_path(block_path)
+    return path[len(block) + 1:] if path is not None and path.startswith(block + ".") else None
 
 
 def _replace_uses(gm: fx.GraphModule, node: fx.Node, outputs, value, env: dict, copied: set) -> None:
