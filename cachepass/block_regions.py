@@ -26,7 +26,8 @@ models of one class (Wan 2.2's experts) still share one graph: the flag is a val
 Measured (CPU, 30-block small Wan, Dynamo alone, first call, `bench.cold_start --variants
 dynamo-trace,dynamo-trace-regions,dynamo-trace-leaves`): with the leaves' weights as graph inputs 2.6 s
 against 6.7 s inline on torch 2.13, 3.6 against 6.6 s on 2.11; torch's `nested_compile_region`, used
-here before, gave 3.7 s on 2.13 and 7.7 s on 2.11. Without the weights in the trace: see bench/NOTES.md. The wrapper sits on the class only while a call runs, with one wrapper per class for
+here before, gave 3.7 s on 2.13 and 7.7 s on 2.11. Without the weights in the trace: see bench/NOTES.md.
+The wrapper sits on the class only while a call runs, with one wrapper per class for
 the process (Dynamo guards on it): other code using the class between calls (cache-dit's
 block-pattern matching among it) sees the original. ``CACHEPASS_BLOCK_REGIONS=0`` turns it off.
 """

@@ -88,11 +88,12 @@ class LeafWeights:
     def _check(self, tensors: Sequence[torch.Tensor]) -> None:
         for path, tensor, layout in zip(self.paths, tensors, self._layouts):
             if not isinstance(tensor, torch.Tensor) or _layout(tensor) != layout:
+                now = _describe(_layout(tensor)) if isinstance(tensor, torch.Tensor) else repr(tensor)
                 raise CachepassError(
-                    f"the weight {path.replace('._parameters.', '.').replace('._buffers.', '.')} is now "
-                    f"{_describe(_layout(tensor)) if isinstance(tensor, torch.Tensor) else repr(tensor)}; the compiled graph takes {_describe(layout)}. A block's weights "
-                    "may be replaced by tensors of the same shape, strides, dtype and device; for another layout, "
-                    "compile the model again (cachepass.compile on the changed model)")
+                    f"the weight {path.replace('._parameters.', '.').replace('._buffers.', '.')} is now {now}; the "
+                    f"compiled graph takes {_describe(layout)}. A block's weights may be replaced by tensors of the "
+                    "same shape, strides, dtype and device; for another layout, compile the model again "
+                    "(cachepass.compile on the changed model)")
 
 
 def _reader(paths: Sequence[str]) -> Callable:
