@@ -243,10 +243,8 @@ def _install(cls: type) -> None:
 
         def forward(self, *args, **kwargs):
             if getattr(self, _INLINE, False):
-                flat, spec = pytree.tree_flatten((args, kwargs))
-                tensors = iter(enter(name, flat))
-                args, kwargs = pytree.tree_unflatten([next(tensors) if isinstance(v, torch.Tensor) else v for v in flat],
-                                                     spec)
+                tensors = iter(enter(name, flat_arguments(args, kwargs)))
+                args, kwargs = _with_tensors(args, tensors), _with_tensors(kwargs, tensors)
                 return leave(original(self, *args, **kwargs))
             path = getattr(self, _PATH, None)  # None: a block of the class outside the marked lists
             return original(self, *args, **kwargs) if path is None else leaf(name, path, args, kwargs)
@@ -254,6 +252,32 @@ def _install(cls: type) -> None:
         forward.__name__ = forward.__qualname__ = f"{cls.__name__}.forward_as_block_region"
         _MARKED[cls] = forward
     cls.forward = _MARKED[cls]
+
+
+def flat_arguments(args: tuple, kwargs: dict) -> list:
+    """A block call's arguments flattened through tuples, lists and dicts (in order; the values ``enter`` records
+    and the pass matches a leaf's against). Not torch's pytree: Dynamo would guard the traced call on the size of
+    pytree's registry, and a library registering a type after the first call would make every model recompile."""
+    def flat(value) -> list:
+        if isinstance(value, (tuple, list)):
+            return [leaf for item in value for leaf in flat(item)]
+        if isinstance(value, dict):
+            return [leaf for item in value.values() for leaf in flat(item)]
+        return [value]
+
+    return flat((args, kwargs))
+
+
+def _with_tensors(value, tensors: Iterator):
+    """``value`` with its tensors (in `flat_arguments` order) replaced by the next of ``tensors``."""
+    if isinstance(value, tuple):
+        items = [_with_tensors(item, tensors) for item in value]
+        return type(value)(*items) if hasattr(value, "_fields") else tuple(items)
+    if isinstance(value, list):
+        return [_with_tensors(item, tensors) for item in value]
+    if isinstance(value, dict):
+        return {key: _with_tensors(item, tensors) for key, item in value.items()}
+    return next(tensors) if isinstance(value, torch.Tensor) else value
 
 
 def _restore(cls: type) -> None:

@@ -8,6 +8,8 @@ import logging
 
 import pytest
 import torch
+from torch._dynamo.utils import counters
+from torch.utils import _pytree as pytree
 
 import cachepass
 from bench.tiny_models import CASES
@@ -116,3 +118,27 @@ def test_a_leaf_block_weight_is_read_from_the_model_on_every_call_and_a_new_layo
         cachepass.reset(model)
         with pytest.raises(cachepass.CachepassError, match=rf"{path}\.weight is now .* float64 .* takes .* float32"):
             case.call(compiled, x, torch.tensor(0.5), cond)
+
+
+def test_a_pytree_type_registered_after_the_first_call_costs_no_recompile():
+    """Dynamo guards a traced use of torch's pytree on the size of its registry, so the marks flatten a block's
+    arguments without it: a library registering a type after the first call (cache-dit's import did, in a
+    benchmark) must not make the compiled model trace again."""
+    case = CASES["wan"]
+    model = case.model().eval()
+    compiled = cachepass.compile(model, cachepass.StepCacheConfig(num_head_blocks=1, num_inference_steps=4),
+                                 inner="aot_eager")
+    x, cond, _ = case.inputs(torch.Generator().manual_seed(0))
+
+    class Registered:
+        pass
+
+    with torch.no_grad():
+        case.call(compiled, x, torch.tensor(0.5), cond)
+        counters.clear()
+        pytree.register_pytree_node(Registered, lambda value: ([], None), lambda values, context: Registered())
+        try:
+            case.call(compiled, x, torch.tensor(0.4), cond)
+        finally:
+            pytree._deregister_pytree_node(Registered)
+    assert counters["stats"]["unique_graphs"] == 0

@@ -24,7 +24,6 @@ from dataclasses import dataclass
 
 import torch
 from torch import fx
-from torch.utils import _pytree as pytree
 
 from cachepass import block_regions
 from cachepass.analysis.blocks import normalize_module_path
@@ -100,7 +99,7 @@ def _inline(gm: fx.GraphModule, leaf: fx.Node, body: _Body, inputs: "_Inputs") -
     if normalize_module_path(caller) != block:
         raise BlockLeafError(f"the block leaf for {block} was traced at {caller}")
     block_regions.check_leaf(block)
-    env = _argument_map(body, leaf, pytree.tree_leaves((args, kwargs)))
+    env = _argument_map(body, leaf, block_regions.flat_arguments(args, kwargs))
     env.update({used: inputs.weight(f"{block}.{within}", used) for used, within in body.weights.items()})
     copies = []
     with gm.graph.inserting_before(leaf):
