@@ -65,6 +65,7 @@ _PATH = "_cachepass_block_path"  # on every block of a marked list: its path in 
 _INLINE = "_cachepass_traced_inline"  # on the first blocks during a call: a value the wrapper reads (equal in two
                                       # models, so that their calls share one graph; an identity would not be)
 _OUTPUTS: dict[str, tuple] = {}  # leaf input signature -> its outputs' layout (fake runs of the calls in progress)
+_FIRST_CONFIGURATION: dict[type, tuple] = {}  # class -> `_configuration` of its first block (calls in progress)
 
 
 def enabled() -> bool:
@@ -103,8 +104,9 @@ def marked(model: nn.Module, lists: tuple[tuple[type, nn.ModuleList], ...]) -> I
             block.__dict__[_INLINE] = True
         for cls, blocks in lists:
             _FIRST.setdefault(cls, blocks[0])
-        if not _MODELS:  # the fake outputs recorded by the last call's trace (autocast or a backend may differ now)
+        if not _MODELS:  # what the last call's trace recorded (autocast, a backend or the first block may differ now)
             _OUTPUTS.clear()
+            _FIRST_CONFIGURATION.clear()
         _MODELS.append(model)
         _calling().append(model)
         for cls in classes:
@@ -182,7 +184,9 @@ def check_leaf(path: str) -> None:
     first = _FIRST.get(type(block))
     if first is None:
         raise BlockLeafError(f"the block at {path} has no first block of its class in this call")
-    if first is not block and _configuration(first) != _configuration(block):
+    if first is not block and type(block) not in _FIRST_CONFIGURATION:
+        _FIRST_CONFIGURATION[type(block)] = _configuration(first)
+    if first is not block and _FIRST_CONFIGURATION[type(block)] != _configuration(block):
         raise BlockLeafError(f"{type(block).__name__} blocks differ in configuration ({path} from the first): each "
                              "is traced inline")
 

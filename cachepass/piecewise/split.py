@@ -3,8 +3,10 @@
 Nodes are owned by the outermost block-list item on their ``nn_module_stack`` (``blocks.3``); a new
 piece starts wherever the owner changes, and every cond gets a piece of its own (with the
 ``get_attr`` nodes of its branches), which the executor runs as a host-side branch. Pieces keep the
-original node order (``split_module(keep_original_order=True)``); the top-level graph that calls
-them is the executor's program.
+original node order and return a tuple of what later pieces read, in definition order (the cond
+piece: the cond's own tuple); the top-level graph that calls them is the executor's program. Every
+module is a lazy GraphModule (its code is generated when it first runs): torch 2.11's
+``split_module`` built each piece's code at once, about 1 s per compile on a 30-block model.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import operator
 
 import torch
 from torch import fx
-from torch.fx.passes.split_module import split_module
+from torch.fx._lazy_graph_module import _LazyGraphModule
 
 from cachepass.analysis.blocks import list_items
 
@@ -47,9 +49,8 @@ def split_pieces(gm: fx.GraphModule, block_lists: set[str]) -> tuple[fx.GraphMod
 
     ``block_lists`` are the module paths of the block lists whose items become pieces of their own.
     """
-    partition: dict[fx.Node, int] = {}
+    pieces: list[list[fx.Node]] = []
     kinds: list[tuple[PieceKind, str | None]] = []
-    previous = None
     for node in gm.graph.nodes:
         if node.op not in ("call_function", "call_method", "call_module"):
             continue
@@ -58,46 +59,60 @@ def split_pieces(gm: fx.GraphModule, block_lists: set[str]) -> tuple[fx.GraphMod
         else:
             owner = block_owner(node, block_lists)
             key = (PieceKind.BLOCK, owner) if owner else (PieceKind.GLUE, None)
-        if key != previous or key[0] is PieceKind.COND:
+        if not kinds or key != kinds[-1] or key[0] is PieceKind.COND:
             kinds.append(key)
-        partition[node] = len(kinds) - 1
-        previous = key
+            pieces.append([])
+        pieces[-1].append(node)
+    index = {node: i for i, nodes in enumerate(pieces) for node in nodes}
     for node in gm.graph.nodes:
-        if node.op == "get_attr":
-            partition[node] = min(partition[user] for user in node.users)
-    split = split_module(gm, gm, lambda node: partition[node], keep_original_order=True)
-    infos = {}
-    for index, (kind, owner) in enumerate(kinds):
-        name = f"submod_{index}"
-        if hasattr(split, name):
-            infos[name] = PieceInfo(name, kind, owner)
-    for node in list(split.graph.nodes):
-        if node.op == "call_module" and infos[node.target].kind is not PieceKind.COND:
-            _return_tuple(split, node)
-    split.recompile()
-    return split, infos
+        if node.op == "get_attr" and node.users:  # with the first piece that reads it (a cond's branches)
+            first = min(index[user] for user in node.users)
+            pieces[first].insert(0, node)
+            index[node] = first
+    program = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    for node in gm.graph.nodes:
+        if node.op == "placeholder":
+            env[node] = program.node_copy(node)
+    modules, infos = {}, {}
+    for i, ((kind, owner), nodes) in enumerate(zip(kinds, pieces)):
+        name = f"submod_{i}"
+        piece, inputs, outputs = _piece(gm, nodes)
+        modules[name], infos[name] = piece, PieceInfo(name, kind, owner)
+        call = program.call_module(name, tuple(env[n] for n in inputs))
+        if _returns_the_cond(outputs):
+            env[outputs[0]] = call
+        else:
+            for position, node in enumerate(outputs):
+                env[node] = program.call_function(operator.getitem, (call, position))
+    program.output(fx.map_arg(gm.graph.output_node().args[0], env.__getitem__))
+    return _LazyGraphModule(modules, program), infos
 
 
-def _return_tuple(split: fx.GraphModule, call: fx.Node) -> None:
-    """Make a piece return a tuple (what AOTAutograd and Inductor take) in definition order.
+def _piece(gm: fx.GraphModule, nodes: list[fx.Node]) -> tuple[fx.GraphModule, list[fx.Node], list[fx.Node]]:
+    """The piece of ``nodes`` (in graph order), the outside values it takes (in order of first use) and the values it
+    gives to later pieces or the output (in definition order: identical blocks make identical pieces)."""
+    graph, env, inputs = fx.Graph(), {}, []
+    mine = set(nodes)
 
-    split_module orders a piece's outputs by where they are used later, so the last block of a
-    list would differ from the others only in its output order; definition order makes identical
-    blocks identical pieces. The getitems after the call are renumbered to match.
-    """
-    piece = split.get_submodule(call.target)
-    output = piece.graph.output_node()
-    value = output.args[0]
-    values = list(value) if isinstance(value, (tuple, list)) else ([] if value is None else [value])
-    position = {n: i for i, n in enumerate(piece.graph.nodes)}
-    order = sorted(range(len(values)), key=lambda i: position[values[i]])
-    output.args = (tuple(values[i] for i in order),)
-    piece.recompile()
-    new_index = {old: new for new, old in enumerate(order)}
-    if isinstance(value, (tuple, list)):
-        for user in list(call.users):
-            user.args = (call, new_index[user.args[1]])
-    elif value is not None:
-        with split.graph.inserting_after(call):
-            first = split.graph.call_function(operator.getitem, (call, 0))
-        call.replace_all_uses_with(first, delete_user_cb=lambda user: user is not first)
+    def take(value: fx.Node) -> fx.Node:
+        if value not in env:
+            placeholder = graph.placeholder(value.name)
+            placeholder.meta = dict(value.meta)
+            env[value] = placeholder
+            inputs.append(value)
+        return env[value]
+
+    for node in nodes:
+        for used in node.all_input_nodes:
+            if used not in mine:
+                take(used)
+        env[node] = graph.node_copy(node, env.__getitem__)
+    outputs = [n for n in nodes if any(user not in mine for user in n.users)]
+    graph.output(env[outputs[0]] if _returns_the_cond(outputs) else tuple(env[n] for n in outputs))
+    return _LazyGraphModule(gm, graph), inputs, outputs
+
+
+def _returns_the_cond(outputs: list[fx.Node]) -> bool:
+    """A cond piece returns the cond's tuple as it is: the executor runs one branch's program in its place."""
+    return len(outputs) == 1 and is_cond(outputs[0])
