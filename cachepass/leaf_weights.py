@@ -46,22 +46,20 @@ class LeafWeights:
     def __init__(self, paths: Sequence[str]):
         self.paths = tuple(paths)
         self._read = _reader(self.paths)
-        self._ids: list[int] = []
+        self._ids: dict[int, list[int]] = {}  # id of a model -> the ids of its weights at its last call
         self._layouts: list[tuple] = []
 
     @classmethod
     def of(cls, gm: fx.GraphModule) -> "LeafWeights":
         return cls([n.meta[WEIGHT_PATH] for n in gm.graph.nodes if n.op == "placeholder" and WEIGHT_PATH in n.meta])
 
-    def __len__(self) -> int:
-        return len(self.paths)
-
     def compiled_with(self, example_inputs: Sequence) -> list[torch.Tensor]:
         """The example inputs for the weights of the model being compiled (in the fake mode of Dynamo's
         ``example_inputs`` where they have one, with static shapes as Dynamo gives weights), whose layouts every
         later call must keep."""
-        tensors = self._tensors() if self.paths else ()
-        self._ids, self._layouts = [id(t) for t in tensors], [_layout(t) for t in tensors]
+        model = block_regions.current_model() if self.paths else None
+        tensors = self._tensors(model) if self.paths else ()
+        self._ids, self._layouts = {id(model): list(map(id, tensors))}, [_layout(t) for t in tensors]
         fake_mode = torch._guards.detect_fake_mode(example_inputs)
         if fake_mode is None:
             return list(tensors)
@@ -71,16 +69,17 @@ class LeafWeights:
         """The weights of the model of the call in progress (none when the graph has no leaves)."""
         if not self.paths:
             return ()
-        tensors = self._tensors()
+        model = block_regions.current_model()
+        tensors = self._tensors(model)
         ids = list(map(id, tensors))
-        if ids != self._ids:
+        if ids != self._ids.get(id(model)):  # two models sharing the graph (Wan 2.2's experts) keep their own
             self._check(tensors)
-            self._ids = ids
+            self._ids[id(model)] = ids
         return tensors
 
-    def _tensors(self) -> tuple:
+    def _tensors(self, model: torch.nn.Module) -> tuple:
         try:
-            return self._read(block_regions.current_model())
+            return self._read(model)
         except (KeyError, AttributeError) as error:
             raise CachepassError(f"a block weight the compiled graph reads is gone from the model ({error!r}); compile "
                                  "the changed model again") from None
