@@ -17,7 +17,7 @@ import copy
 import dataclasses
 import itertools
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import fx
@@ -108,10 +108,17 @@ def _give_example_values(piece: fx.GraphModule, example_inputs: list) -> None:
     if fake_mode is None:
         return
     with torch.no_grad():
-        FakeTensorProp(piece, mode=fake_mode).propagate(*example_inputs)
+        FakeTensorProp(piece, mode=fake_mode).propagate_dont_convert_inputs(*in_fake_mode(fake_mode, example_inputs))
     for node in piece.graph.nodes:
         if "example_value" not in node.meta and "val" in node.meta:
             node.meta["example_value"] = node.meta["val"]
+
+
+def in_fake_mode(fake_mode, values: Sequence) -> list:
+    """``values`` with the tensors not yet fake in ``fake_mode`` converted (``FakeTensorProp.propagate`` converts every
+    tensor, fake ones again: about 0.2 ms each, 800 weights per propagation of a 30-block model)."""
+    return [fake_mode.from_tensor(v) if isinstance(v, torch.Tensor) and getattr(v, "fake_mode", None) is not fake_mode
+            else v for v in values]
 
 
 def _outputs(piece: fx.GraphModule) -> tuple:

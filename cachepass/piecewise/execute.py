@@ -19,7 +19,7 @@ from torch import fx
 from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 from torch.multiprocessing.reductions import StorageWeakRef
 
-from cachepass.piecewise.compile import PieceCompiler, significant_strides
+from cachepass.piecewise.compile import PieceCompiler, in_fake_mode, significant_strides
 from cachepass.piecewise.hooks import NO_HOOKS, ProgramHooks
 from cachepass.piecewise.split import PieceKind, is_cond, split_pieces
 
@@ -155,8 +155,10 @@ def _cond_step(piece: fx.GraphModule, inputs: list, compiler: PieceCompiler, blo
 def _propagate(program: fx.GraphModule, example_inputs: list) -> None:
     """Fake values for every node of the split graph (each piece's example inputs)."""
     fake_mode = torch._guards.detect_fake_mode(example_inputs)
+    if fake_mode is None:
+        fake_mode = torch._subclasses.FakeTensorMode()
     with torch.no_grad():
-        _PieceValues(program, mode=fake_mode).propagate(*example_inputs)
+        _PieceValues(program, mode=fake_mode).propagate_dont_convert_inputs(*in_fake_mode(fake_mode, example_inputs))
 
 
 class _PieceValues(FakeTensorProp):
