@@ -66,9 +66,7 @@ def split_pieces(gm: fx.GraphModule, block_lists: set[str]) -> tuple[fx.GraphMod
     index = {node: i for i, nodes in enumerate(pieces) for node in nodes}
     for node in gm.graph.nodes:
         if node.op == "get_attr" and node.users:  # with the first piece that reads it (a cond's branches)
-            first = min(index[user] for user in node.users)
-            pieces[first].insert(0, node)
-            index[node] = first
+            pieces[min(index[user] for user in node.users)].insert(0, node)
     program = fx.Graph()
     env: dict[fx.Node, fx.Node] = {}
     for node in gm.graph.nodes:
