@@ -59,7 +59,6 @@ _ORIGINAL: dict[type, Callable] = {}  # class -> the forward the wrapper traces 
 _REFUSED: set[type] = set()  # classes whose marked trace failed: never marked again
 _FIRST: dict[type, nn.Module] = {}  # class -> the block traced inline in the call in progress
 _CLASSES: dict[str, type] = {}  # qualified name -> class, for the leaves' fake runs
-_MODELS: list[nn.Module] = []  # the models of the calls in progress, innermost last
 _CALLING = threading.local()  # .models: this thread's calls in progress, innermost last (whose weights a call reads)
 _PATH = "_cachepass_block_path"  # on every block of a marked list: its path in the model (a leaf's operand)
 _INLINE = "_cachepass_traced_inline"  # on the first blocks during a call: a value the wrapper reads (equal in two
@@ -104,10 +103,11 @@ def marked(model: nn.Module, lists: tuple[tuple[type, nn.ModuleList], ...]) -> I
             block.__dict__[_INLINE] = True
         for cls, blocks in lists:
             _FIRST.setdefault(cls, blocks[0])
-        if not _MODELS:  # what the last call's trace recorded (autocast, a backend or the first block may differ now)
+        # no call in progress: forget what the last call's trace recorded (autocast, a backend or the first block may
+        # differ now)
+        if not any(_ACTIVE.values()):
             _OUTPUTS.clear()
             _FIRST_CONFIGURATION.clear()
-        _MODELS.append(model)
         _calling().append(model)
         for cls in classes:
             if _ACTIVE[cls] == 0:
@@ -119,7 +119,6 @@ def marked(model: nn.Module, lists: tuple[tuple[type, nn.ModuleList], ...]) -> I
         with _LOCK:
             for block in flagged:
                 del block.__dict__[_INLINE]
-            del _MODELS[len(_MODELS) - 1 - _MODELS[::-1].index(model)]
             _calling().pop()
             for cls in classes:
                 _ACTIVE[cls] -= 1
@@ -175,18 +174,20 @@ def _leaf_error(error: BaseException | None) -> BlockLeafError | None:
 def check_leaf(path: str) -> None:
     """Raise `BlockLeafError` unless the block at ``path`` (in the model of the call in progress) is configured
     like the first block of its class, whose trace its leaf takes."""
-    if not _MODELS:
+    if not _calling():
         raise BlockLeafError(f"the block leaf at {path} was traced outside a call that marked it")
     try:
-        block = _MODELS[-1].get_submodule(path)
+        block = _calling()[-1].get_submodule(path)
     except AttributeError as error:
         raise BlockLeafError(f"the block leaf at {path} is not a submodule of the model called: {error}") from error
     first = _FIRST.get(type(block))
     if first is None:
         raise BlockLeafError(f"the block at {path} has no first block of its class in this call")
-    if first is not block and type(block) not in _FIRST_CONFIGURATION:
+    if first is block:
+        return
+    if type(block) not in _FIRST_CONFIGURATION:
         _FIRST_CONFIGURATION[type(block)] = _configuration(first)
-    if first is not block and _FIRST_CONFIGURATION[type(block)] != _configuration(block):
+    if _FIRST_CONFIGURATION[type(block)] != _configuration(block):
         raise BlockLeafError(f"{type(block).__name__} blocks differ in configuration ({path} from the first): each "
                              "is traced inline")
 

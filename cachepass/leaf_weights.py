@@ -57,8 +57,10 @@ class LeafWeights:
         """The example inputs for the weights of the model being compiled (in the fake mode of Dynamo's
         ``example_inputs`` where they have one, with static shapes as Dynamo gives weights), whose layouts every
         later call must keep."""
-        model = block_regions.current_model() if self.paths else None
-        tensors = self._tensors(model) if self.paths else ()
+        if not self.paths:
+            return []
+        model = block_regions.current_model()
+        tensors = self._tensors(model)
         self._ids, self._layouts = {id(model): list(map(id, tensors))}, [_layout(t) for t in tensors]
         fake_mode = torch._guards.detect_fake_mode(example_inputs)
         if fake_mode is None:

@@ -106,8 +106,7 @@ def _inline(gm: fx.GraphModule, leaf: fx.Node, body: _Body, inputs: "_Inputs") -
         for node in body.nodes:
             if node in env:  # enter's getitems
                 continue
-            copy = gm.graph.node_copy(node, lambda a: env.get(a, a))
-            copy.meta = dict(node.meta)
+            copy = gm.graph.node_copy(node, lambda a: env.get(a, a))  # its meta a copy of the body node's
             stack = node.meta.get("nn_module_stack")
             if stack:
                 copy.meta["nn_module_stack"] = {f"{key}@{caller}": (_moved(path, body.path, caller), cls)
