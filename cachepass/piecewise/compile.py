@@ -67,7 +67,7 @@ class PieceCompiler:
 
     def _compile(self, piece: fx.GraphModule, example_inputs: list, kind: str) -> Callable:
         start = time.perf_counter()
-        _give_example_values(piece, example_inputs)
+        give_example_values(piece, example_inputs)
         artifact = self.compile_fn(piece, example_inputs, kind)
         seconds = time.perf_counter() - start
         self.count.seconds[kind] += seconds
@@ -98,20 +98,24 @@ class PieceCompiler:
         return selected
 
 
-def _give_example_values(piece: fx.GraphModule, example_inputs: list) -> None:
-    """Give the nodes the passes created the ``example_value`` Dynamo's own nodes carry.
+def give_example_values(piece: fx.GraphModule, example_inputs: list) -> Any:
+    """Give the nodes the passes created the ``example_value`` Dynamo's own nodes carry; returns the piece's fake
+    outputs (None where ``example_inputs`` have no fake mode, or every node has one already: nothing ran).
 
     AOTAutograd's cache refuses a graph with a method call on a node without one ("Unsupported
-    call_method target"), and a second process then traces every such piece again.
+    call_method target"), and a second process then traces every such piece again. The executor's
+    fake propagation calls this for the pieces it runs, so a piece runs on fake tensors once.
     """
     fake_mode = torch._guards.detect_fake_mode(example_inputs)
-    if fake_mode is None:
-        return
+    if fake_mode is None or all("example_value" in n.meta for n in piece.graph.nodes if n.op != "output"):
+        return None
     with torch.no_grad():
-        FakeTensorProp(piece, mode=fake_mode).propagate_dont_convert_inputs(*in_fake_mode(fake_mode, example_inputs))
+        outputs = FakeTensorProp(piece, mode=fake_mode).propagate_dont_convert_inputs(
+            *in_fake_mode(fake_mode, example_inputs))
     for node in piece.graph.nodes:
         if "example_value" not in node.meta and "val" in node.meta:
             node.meta["example_value"] = node.meta["val"]
+    return outputs
 
 
 def in_fake_mode(fake_mode, values: Sequence) -> list:
