@@ -53,10 +53,10 @@ class LeafWeights:
     def of(cls, gm: fx.GraphModule) -> "LeafWeights":
         return cls([n.meta[WEIGHT_PATH] for n in gm.graph.nodes if n.op == "placeholder" and WEIGHT_PATH in n.meta])
 
-    def compiled_with(self, example_inputs: Sequence) -> list[torch.Tensor]:
-        """The example inputs for the weights of the model being compiled (in the fake mode of Dynamo's
-        ``example_inputs`` where they have one, with static shapes as Dynamo gives weights), whose layouts every
-        later call must keep."""
+    def compiled_with(self, gm: fx.GraphModule, example_inputs: Sequence) -> list[torch.Tensor]:
+        """The example inputs for the weights of the model being compiled, whose layouts every later call must keep:
+        where Dynamo's ``example_inputs`` have a fake mode, the fake values `inline_block_regions` gave ``gm``'s
+        weight placeholders in it (static, laid out as these weights: `block_regions.check_leaf`)."""
         if not self.paths:
             return []
         model = block_regions.current_model()
@@ -65,7 +65,9 @@ class LeafWeights:
         fake_mode = torch._guards.detect_fake_mode(example_inputs)
         if fake_mode is None:
             return list(tensors)
-        return [fake_mode.from_tensor(t, static_shapes=True) for t in tensors]
+        traced = [n.meta.get("example_value") for n in gm.graph.nodes if n.op == "placeholder" and WEIGHT_PATH in n.meta]
+        return [value if getattr(value, "fake_mode", None) is fake_mode else fake_mode.from_tensor(t, static_shapes=True)
+                for value, t in zip(traced, tensors, strict=True)]
 
     def __call__(self) -> tuple:
         """The weights of the model of the call in progress (none when the graph has no leaves)."""
