@@ -72,10 +72,17 @@ def split_pieces(gm: fx.GraphModule, block_lists: set[str]) -> tuple[fx.GraphMod
     for node in gm.graph.nodes:
         if node.op == "placeholder":
             env[node] = program.node_copy(node)
-    modules, infos = {}, {}
+    modules, infos, blocks = {}, {}, {}
     for i, ((kind, owner), nodes) in enumerate(zip(kinds, pieces)):
         name = f"submod_{i}"
-        piece, inputs, outputs = _piece(gm, nodes)
+        inputs, outputs = _boundary(nodes)
+        if kind is PieceKind.BLOCK:  # a block like an earlier one shares its module: no copy of its nodes
+            signature = _signature(nodes, inputs, outputs)
+            piece = blocks.get(signature)
+            if piece is None:
+                piece = blocks[signature] = _piece(gm, nodes, inputs, outputs)
+        else:
+            piece = _piece(gm, nodes, inputs, outputs)
         modules[name], infos[name] = piece, PieceInfo(name, kind, owner)
         call = program.call_module(name, tuple(env[n] for n in inputs))
         if _returns_the_cond(outputs):
@@ -87,28 +94,52 @@ def split_pieces(gm: fx.GraphModule, block_lists: set[str]) -> tuple[fx.GraphMod
     return _LazyGraphModule(modules, program), infos
 
 
-def _piece(gm: fx.GraphModule, nodes: list[fx.Node]) -> tuple[fx.GraphModule, list[fx.Node], list[fx.Node]]:
-    """The piece of ``nodes`` (in graph order), the outside values it takes (in order of first use) and the values it
-    gives to later pieces or the output (in definition order: identical blocks make identical pieces)."""
-    graph, env, inputs = fx.Graph(), {}, []
-    mine = set(nodes)
-
-    def take(value: fx.Node) -> fx.Node:
-        if value not in env:
-            placeholder = graph.placeholder(value.name)
-            placeholder.meta = dict(value.meta)
-            env[value] = placeholder
-            inputs.append(value)
-        return env[value]
-
+def _boundary(nodes: list[fx.Node]) -> tuple[list[fx.Node], list[fx.Node]]:
+    """The outside values ``nodes`` take (in order of first use) and the values they give to later pieces or the
+    output (in definition order: identical blocks make identical pieces)."""
+    mine, inputs = set(nodes), {}
     for node in nodes:
         for used in node.all_input_nodes:
             if used not in mine:
-                take(used)
-        env[node] = graph.node_copy(node, env.__getitem__)
+                inputs.setdefault(used, None)
     outputs = [n for n in nodes if any(user not in mine for user in n.users)]
+    return list(inputs), outputs
+
+
+def _piece(gm: fx.GraphModule, nodes: list[fx.Node], inputs: list[fx.Node], outputs: list[fx.Node]) -> fx.GraphModule:
+    """The piece of ``nodes`` (in graph order), taking ``inputs`` and returning ``outputs``."""
+    graph, env = fx.Graph(), {}
+    for value in inputs:
+        env[value] = graph.placeholder(value.name)
+        env[value].meta = dict(value.meta)
+    for node in nodes:
+        env[node] = graph.node_copy(node, env.__getitem__)
     graph.output(env[outputs[0]] if _returns_the_cond(outputs) else tuple(env[n] for n in outputs))
-    return _LazyGraphModule(gm, graph), inputs, outputs
+    return _LazyGraphModule(gm, graph)
+
+
+def _signature(nodes: list[fx.Node], inputs: list[fx.Node], outputs: list[fx.Node]) -> tuple:
+    """What makes two blocks one module: each node's op, target and wiring (by position), and the layouts of the
+    values Dynamo traced at the boundary, which the executor's fake propagation and the compiler read from it."""
+    position = {n: _Position(i) for i, n in enumerate([*inputs, *nodes])}
+    wiring = tuple((n.op, n.target, repr(fx.map_arg((n.args, n.kwargs), position.__getitem__))) for n in nodes)
+    return wiring, tuple(_layout(n) for n in inputs), tuple(position[n].index for n in outputs), \
+        tuple(_layout(n) for n in outputs)
+
+
+class _Position:
+    def __init__(self, index: int):
+        self.index = index
+
+    def __repr__(self) -> str:
+        return f"%{self.index}"
+
+
+def _layout(node: fx.Node) -> tuple | None:
+    value = node.meta.get("example_value")
+    if not isinstance(value, torch.Tensor):
+        return None
+    return tuple(value.shape), value.stride(), value.storage_offset(), value.dtype, value.device
 
 
 def _returns_the_cond(outputs: list[fx.Node]) -> bool:
