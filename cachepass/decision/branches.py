@@ -62,40 +62,33 @@ def is_standard_contiguous(value: torch.Tensor) -> bool:
 
 
 def compute_branch(compute: fx.GraphModule, num_extra: int) -> fx.GraphModule:
-    """The middle blocks, taking (and ignoring) the cached branch's extra operands.
+    """The middle blocks, taking (and ignoring) the cached branch's extra operands: ``compute`` itself, changed in
+    place (the cond replaces the unit it was outlined into; a copy cost a node copy per middle-block node).
 
     Outputs must have standard contiguous strides (as the cached branch's) and alias neither an
     input nor each other: such outputs are cloned, the rest returned as computed.
     """
-    graph = fx.Graph()
-    env: dict[fx.Node, fx.Node] = {}
-    placeholders = [n for n in compute.graph.nodes if n.op == "placeholder"]
-    for node in placeholders:
-        env[node] = graph.placeholder(node.name)
-        env[node].meta.update(node.meta)
-    for i in range(num_extra):
-        graph.placeholder(f"unused_{i}")
-    output = None
-    for node in compute.graph.nodes:
-        if node.op == "placeholder":
-            continue
-        if node.op == "output":
-            output = node
-            continue
-        env[node] = graph.node_copy(node, lambda a: env[a])
+    graph = compute.graph
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    with graph.inserting_after(placeholders[-1]):
+        for i in reversed(range(num_extra)):  # inserting_after a fixed node: reversed keeps their order
+            graph.placeholder(f"unused_{i}")
+    output = graph.output_node()
     taken = {StorageWeakRef(example_value(p).untyped_storage())
              for p in placeholders if isinstance(example_value(p), torch.Tensor)}
     results = []
-    for out in output.args[0]:
-        value = example_value(out)
-        storage = StorageWeakRef(value.untyped_storage())
-        if is_standard_contiguous(value) and storage not in taken:
-            results.append(env[out])
-        else:
-            results.append(graph.call_method("clone", (env[out],), {"memory_format": torch.contiguous_format}))
-        taken.add(storage)
-    graph.output(tuple(results))
-    return _LazyGraphModule(compute, graph, class_name=f"{type(compute).__name__}Compute")
+    with graph.inserting_before(output):
+        for out in output.args[0]:
+            value = example_value(out)
+            storage = StorageWeakRef(value.untyped_storage())
+            if is_standard_contiguous(value) and storage not in taken:
+                results.append(out)
+            else:
+                results.append(graph.call_method("clone", (out,), {"memory_format": torch.contiguous_format}))
+            taken.add(storage)
+    output.args = (tuple(results),)
+    compute.recompile()
+    return compute
 
 
 def cached_branch(spec: UnitSpec, layout: StateLayout, region_values: list) -> fx.GraphModule:

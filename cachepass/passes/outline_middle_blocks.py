@@ -101,12 +101,13 @@ def _outline_unit(gm: fx.GraphModule, plan: CacheUnitPlan) -> dict[fx.Node, fx.N
 
 
 def _region_inputs(nodes: list[fx.Node], region: set[fx.Node]) -> list[fx.Node]:
-    inputs: list[fx.Node] = []
+    """The values from outside ``region`` its nodes read, in order of first use (a dict: ~800 weights at 30 blocks)."""
+    inputs: dict[fx.Node, None] = {}
     for node in nodes:
         for arg in node.all_input_nodes:
-            if arg not in region and arg not in inputs:
-                inputs.append(arg)
-    return inputs
+            if arg not in region:
+                inputs.setdefault(arg)
+    return list(inputs)
 
 
 def _reject_input_mutation(plan: CacheUnitPlan, region: set[fx.Node]) -> None:
