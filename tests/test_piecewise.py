@@ -140,3 +140,33 @@ def test_inductor_pieces_match_the_reference_and_say_a_cpu_model_runs_without_cu
 def test_form_is_checked():
     with pytest.raises(ValueError, match=r"form='pieces' is invalid; allowed: \['piecewise', 'one-graph'\]"):
         cachepass.compile(torch.nn.Linear(2, 2), toy_config(), form="pieces")
+
+
+def test_alike_blocks_share_one_piece_module_and_other_pieces_have_their_own():
+    """The split copies a block's nodes once per kind of block: the compute branch's three middle blocks share one
+    module; glue and cond pieces are never shared (nor the tail block, whose inputs come from the cond)."""
+    graphs = []
+    original = cachepass.backend.build_program
+
+    def spy(gm, inputs, compiler, block_lists, *hooks):
+        graphs.append((gm, block_lists))
+        return original(gm, inputs, compiler, block_lists, *hooks)
+
+    cachepass.backend.build_program = spy
+    try:
+        generate(CASES["wan"], compile_case("wan")[3], 1)
+    finally:
+        cachepass.backend.build_program = original
+    (gm, block_lists), = graphs
+    split, infos = split_pieces(gm, block_lists)
+    blocks = {info.owner: split.get_submodule(name) for name, info in infos.items() if info.kind is PieceKind.BLOCK}
+    assert sorted(blocks) == ["blocks.0", "blocks.4"]
+    pieces = [split.get_submodule(name) for name in infos]
+    assert len({id(m) for m in pieces}) == len(pieces)
+    (cond,) = [split.get_submodule(name) for name, info in infos.items() if info.kind is PieceKind.COND]
+    compute = cond.get_submodule(next(n for n in cond.graph.nodes if is_cond(n)).args[2].target)
+    middle, middle_infos = split_pieces(compute, block_lists)
+    shared = {id(middle.get_submodule(name)) for name, info in middle_infos.items() if info.kind is PieceKind.BLOCK}
+    assert sorted(i.owner for i in middle_infos.values() if i.kind is PieceKind.BLOCK) == ["blocks.1", "blocks.2",
+                                                                                            "blocks.3"]
+    assert len(shared) == 1
