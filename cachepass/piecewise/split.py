@@ -7,6 +7,8 @@ original node order and return a tuple of what later pieces read, in definition 
 piece: the cond's own tuple); the top-level graph that calls them is the executor's program. Every
 module is a lazy GraphModule (its code is generated when it first runs): torch 2.11's
 ``split_module`` built each piece's code at once, about 1 s per compile on a 30-block model.
+A block whose nodes, wiring and traced boundary layouts match an earlier block's shares that
+block's module (`_signature`): the split copies each kind of block once, not once per block.
 """
 
 from __future__ import annotations
