@@ -88,8 +88,8 @@ def test_two_stream_models_compile_one_block_per_list(name):
     assert compiler.count.compiled["block"] == 2 and compiler.count.pieces["block"] == 8
 
 
-def test_only_cond_pieces_hold_a_cond():
-    case = CASES["flux"]
+def program_graph(name: str):
+    """The graph the backend splits for ``name``'s tiny model (first call), and its block lists."""
     graphs = []
     original = cachepass.backend.build_program
 
@@ -99,10 +99,15 @@ def test_only_cond_pieces_hold_a_cond():
 
     cachepass.backend.build_program = spy
     try:
-        generate(case, compile_case("flux")[3], 1)
+        generate(CASES[name], compile_case(name)[3], 1)
     finally:
         cachepass.backend.build_program = original
-    (gm, block_lists), = graphs
+    (found,) = graphs
+    return found
+
+
+def test_only_cond_pieces_hold_a_cond():
+    gm, block_lists = program_graph("flux")
     split, infos = split_pieces(gm, block_lists)
     for name, info in infos.items():
         conds = [n for n in split.get_submodule(name).graph.nodes if is_cond(n)]
@@ -145,19 +150,7 @@ def test_form_is_checked():
 def test_alike_blocks_share_one_piece_module_and_other_pieces_have_their_own():
     """The split copies a block's nodes once per kind of block: the compute branch's three middle blocks share one
     module; glue and cond pieces are never shared (nor the tail block, whose inputs come from the cond)."""
-    graphs = []
-    original = cachepass.backend.build_program
-
-    def spy(gm, inputs, compiler, block_lists, *hooks):
-        graphs.append((gm, block_lists))
-        return original(gm, inputs, compiler, block_lists, *hooks)
-
-    cachepass.backend.build_program = spy
-    try:
-        generate(CASES["wan"], compile_case("wan")[3], 1)
-    finally:
-        cachepass.backend.build_program = original
-    (gm, block_lists), = graphs
+    gm, block_lists = program_graph("wan")
     split, infos = split_pieces(gm, block_lists)
     blocks = {info.owner: split.get_submodule(name) for name, info in infos.items() if info.kind is PieceKind.BLOCK}
     assert sorted(blocks) == ["blocks.0", "blocks.4"]
