@@ -149,7 +149,7 @@ def structural_key(gm: fx.GraphModule, example_inputs: list) -> str:
             target = None
         else:
             target = node.target if isinstance(node.target, str) else _qualified_name(node.target)
-        parts.append((node.op, target, _arg_key(node.args, index), _arg_key(node.kwargs, index)))
+        parts.append((node.op, target, arg_key(node.args, index), arg_key(node.kwargs, index)))
     return repr((parts, [_value_key(v) for v in example_inputs]))
 
 
@@ -172,13 +172,15 @@ def significant_strides(value: torch.Tensor) -> tuple:
     return tuple(s if n != 1 else None for n, s in zip(value.shape, value.stride()))
 
 
-def _arg_key(arg: Any, index: dict[fx.Node, int]) -> Any:
+def arg_key(arg: Any, index: dict[fx.Node, int]) -> Any:
+    """``arg`` (a node's args or kwargs) with each node replaced by its position in ``index``: the wiring, comparable
+    across graphs."""
     if isinstance(arg, fx.Node):
         return ("node", index[arg])
     if isinstance(arg, (list, tuple)):
-        return (type(arg).__name__, tuple(_arg_key(a, index) for a in arg))
+        return (type(arg).__name__, tuple(arg_key(a, index) for a in arg))
     if isinstance(arg, dict):
-        return tuple(sorted((k, _arg_key(v, index)) for k, v in arg.items()))
+        return tuple(sorted((k, arg_key(v, index)) for k, v in arg.items()))
     return repr(arg)
 
 

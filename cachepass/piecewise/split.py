@@ -22,6 +22,7 @@ from torch import fx
 from torch.fx._lazy_graph_module import _LazyGraphModule
 
 from cachepass.analysis.blocks import list_items
+from cachepass.piecewise.compile import arg_key
 
 
 class PieceKind(str, enum.Enum):
@@ -123,18 +124,9 @@ def _piece(gm: fx.GraphModule, nodes: list[fx.Node], inputs: list[fx.Node], outp
 def _signature(nodes: list[fx.Node], inputs: list[fx.Node], outputs: list[fx.Node]) -> tuple:
     """What makes two blocks one module: each node's op, target and wiring (by position), and the layouts of the
     values Dynamo traced at the boundary, which the executor's fake propagation and the compiler read from it."""
-    position = {n: _Position(i) for i, n in enumerate([*inputs, *nodes])}
-    wiring = tuple((n.op, n.target, repr(fx.map_arg((n.args, n.kwargs), position.__getitem__))) for n in nodes)
-    return wiring, tuple(_layout(n) for n in inputs), tuple(position[n].index for n in outputs), \
-        tuple(_layout(n) for n in outputs)
-
-
-class _Position:
-    def __init__(self, index: int):
-        self.index = index
-
-    def __repr__(self) -> str:
-        return f"%{self.index}"
+    index = {n: i for i, n in enumerate([*inputs, *nodes])}
+    wiring = tuple((n.op, n.target, arg_key(n.args, index), arg_key(n.kwargs, index)) for n in nodes)
+    return wiring, tuple(_layout(n) for n in inputs), tuple(index[n] for n in outputs), tuple(_layout(n) for n in outputs)
 
 
 def _layout(node: fx.Node) -> tuple | None:
