@@ -33,7 +33,8 @@ import sys
 import tempfile
 import time
 
-VARIANTS = ("stepcache-piecewise", "stepcache-piecewise-inline-trace", "stepcache-piecewise-eager-glue",
+VARIANTS = ("stepcache-piecewise", "stepcache-piecewise-inline-trace", "stepcache-piecewise-glue-inductor",
+            "stepcache-piecewise-glue-aot_eager", "stepcache-piecewise-glue-eager",
             "stepcache-one-graph", "regional-compile", "compile",
             "dynamo-trace", "dynamo-trace-regions", "dynamo-trace-leaves", "dynamo-trace-opaque-blocks")
 
@@ -85,10 +86,11 @@ def child(variant: str, blocks: int, device: str, width: str, save_artifacts: st
             fn = _with_block_leaves(fn, model)
     else:
         cfg = cachepass.StepCacheConfig(num_head_blocks=1, threshold=0.1, warmup_steps=1, num_inference_steps=8)
-        glue = "aot_eager" if variant.endswith("-eager-glue") else None
+        variant_glue = re.search(r"-glue-(\w+)$", variant)  # the glue pieces' compiler, as the option sets it
+        glue = variant_glue.group(1) if variant_glue else None
         if variant.endswith("-inline-trace"):  # Dynamo inlines every block (cachepass/block_regions.py off)
             os.environ["CACHEPASS_BLOCK_REGIONS"] = "0"
-        form = variant.removeprefix("stepcache-").removesuffix("-eager-glue").removesuffix("-inline-trace")
+        form = re.sub(r"-glue-\w+$", "", variant).removeprefix("stepcache-").removesuffix("-inline-trace")
         fn = cachepass.compile(model, cfg, form=form, glue=glue)
     times = []
     wider = torch.cat([latents, latents], dim=-1)  # a new resolution mid-session: twice the tokens

@@ -202,7 +202,10 @@ VARIANTS: dict[str, Callable[[Context], Prepared]] = {
     "cache-dit+compiled-blocks": lambda ctx: cache_dit_variant(ctx, "blocks"),
     "stepcache": stepcache,  # the default: on CUDA, conditional CUDA graphs
     "stepcache-no-graphs": lambda ctx: stepcache(ctx, cudagraphs="off"),
-    "stepcache-eager-glue": lambda ctx: stepcache(ctx, glue="aot_eager"),  # faster cold start, slower run
+    # the glue pieces' compiler set (the default picks one per device: cachepass.options.CompileOptions.glue_on)
+    "stepcache-glue-inductor": lambda ctx: stepcache(ctx, glue="inductor"),
+    "stepcache-glue-aot_eager": lambda ctx: stepcache(ctx, glue="aot_eager"),
+    "stepcache-glue-eager": lambda ctx: stepcache(ctx, glue="eager"),
     "stepcache-one-graph": lambda ctx: stepcache(ctx, form="one-graph"),
     "stepcache-piecewise-graphs": lambda ctx: stepcache(ctx, cudagraphs="piecewise"),
     "stepcache-conditional": lambda ctx: stepcache(ctx, cudagraphs="conditional"),

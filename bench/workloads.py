@@ -40,6 +40,13 @@ WAN_TINY = dict(
     qk_norm="rms_norm_across_heads", rope_max_seq_len=32,
 )
 
+# bench.cold_start's small Wan (30 blocks of width 128): the CPU workload, the same model as the CPU cold-start rows
+WAN_SMALL_30 = dict(
+    patch_size=(1, 2, 2), num_attention_heads=4, attention_head_dim=32, in_channels=16, out_channels=16,
+    text_dim=64, freq_dim=64, ffn_dim=512, num_layers=30, cross_attn_norm=True,
+    qk_norm="rms_norm_across_heads", rope_max_seq_len=64,
+)
+
 STATIC_MASK = (1, 1, 1, 1, 0, 0, 1, 0, 0, 1, 0, 0, 1, 0, 0, 1)
 
 
@@ -214,6 +221,12 @@ WORKLOADS = {
         _ltx_images(25, 512, 768), ("transformer_blocks",), head=1, shift=3.0,
         note="LTX-Video 2B config (28 blocks), 512x768, 25 frames (4x16x24 = 1536 tokens), one call per step "
              "(batch 1, no CFG): host-bound",
+    ),
+    "wan-small-30": Workload(
+        "wan-small-30", _diffusers("WanTransformer3DModel", WAN_SMALL_30),
+        _wan_inputs(13, 128, 128, 64, text_len=16), _wan_call, _video_channels, ("blocks",), head=1,
+        dtype=torch.float32, note="bench.cold_start's small Wan (30 blocks, width 128), fp32, 4x16x16 latents "
+                                  "(256 tokens), 16 text tokens: the CPU workload",
     ),
     "tiny": Workload(
         "tiny", _diffusers("WanTransformer3DModel", WAN_TINY), _wan_inputs(9, 64, 64, 16, channels=4, text_len=16),
