@@ -60,8 +60,9 @@ def compile(model: nn.Module, config: Any = None, *, calibrator_config: Any = No
     decisions as CUDA graphs and reads each decision on the host; ``"conditional"`` joins them with
     IF/ELSE nodes into one graph launch with no host sync (needs cuda-bindings); ``"off"``. Not
     set: the fastest that runs (`CompileOptions.default_cudagraphs`: conditional on CUDA, off on the
-    CPU and with offload), logged. ``glue``: the compiler of the pieces between blocks (default: ``inner``;
-    `CompileOptions.glue_compiler` gives the trade-off of ``"aot_eager"``). ``offload`` (piecewise form):
+    CPU and with offload), logged. ``glue``: the compiler of the pieces between blocks (default:
+    ``inner``, and on the CPU with Inductor ``"eager"``, logged; `CompileOptions.default_glue` gives the
+    trade-offs). ``offload`` (piecewise form):
     ``{"budget": "8GB", "slots": 2}`` keeps that many bytes of weights on the device and streams the
     other blocks from pinned host memory, planned from the cache schedule (`OffloadConfig`).
     ``device``: where the model runs (default: where its weights are). With ``offload`` and a model

@@ -79,7 +79,7 @@ def stepcache(gm: fx.GraphModule, example_inputs: Sequence[Any], *, mode: str | 
                              "cudagraphs='piecewise' runs it (one host read of each decision per call)")
     opts.check_offload_device(device)
     hooks = _program_hooks(rewritten, opts, device, graphed=cudagraphs is not CudaGraphs.OFF)
-    glue = opts.glue_compiler()
+    glue = opts.glue_on(device)
 
     def compile_piece(piece: fx.GraphModule, piece_inputs: list, kind: str) -> Callable:
         # the executor captures CUDA graphs over whole stretches of pieces; Inductor must not capture each piece

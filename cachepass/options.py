@@ -59,7 +59,7 @@ class CompileOptions:
     cudagraphs: CudaGraphs | None = None  # None: the fastest form that runs (`CompileOptions.default_cudagraphs`)
     offload: OffloadConfig | None = None  # stream block weights from pinned host memory (piecewise form)
     sequence_parallel_group: Any = sequence_parallel.AUTO  # "auto", None, or a ProcessGroup (context parallel)
-    glue: Inner | None = None  # compiler of the pieces between blocks; None: ``inner``
+    glue: Inner | None = None  # compiler of the pieces between blocks; None: `CompileOptions.default_glue`
 
     def check_offload_device(self, device: torch.device) -> None:
         if self.offload is None or device.type == "cuda" or self.offload.allow_cpu:
@@ -86,14 +86,33 @@ class CompileOptions:
                                      "cudagraphs='piecewise' needs none of it (one host sync per cache unit)")
         return self.cudagraphs
 
-    def glue_compiler(self) -> Inner:
+    def glue_on(self, device: torch.device) -> Inner:
         """The compiler of the glue pieces (everything but the blocks: embeddings, decisions, the output head).
 
-        Not set: ``inner``. ``aot_eager`` under CUDA graphs compiles faster (Wan2.1-1.3B, 30 blocks, H200: a first
-        call of 22.7 s instead of 28.8, in one process) but runs 9% slower at one frame (0.247 vs 0.226 s per
-        generation), so it is not the default.
+        Set: as set. Not set: `default_glue` for ``device``, logged where it is not ``inner``.
         """
-        return self.glue if self.glue is not None else self.inner
+        if self.glue is not None:
+            return self.glue
+        chosen, reason = self.default_glue(device)
+        if chosen is not self.inner:
+            log.info("stepcache: glue=%r by default: %s (the glue option sets it)", chosen.value, reason)
+        return chosen
+
+    def default_glue(self, device: torch.device) -> tuple[Inner, str]:
+        """The glue's compiler when the option is not set, and why.
+
+        On CUDA, ``inner``: ``aot_eager`` glue under CUDA graphs compiles faster (Wan2.1-1.3B, 30 blocks, H200: a first
+        call of 22.7 s instead of 28.8, in one process) but runs 9% slower at one frame (0.247 vs 0.226 s per
+        generation). On the CPU with Inductor the glue runs as traced (``eager``), as regional compile leaves it:
+        Inductor compiles each glue kernel with the C++ compiler (10 kernels of the small 30-block Wan, 17-20 s on 2
+        cores, again for each new shape), and the compiled glue made a generation of that model only 4-9% faster
+        (paired interleaved repeats; `bench/results/cpu-2026-12-05-glue-wan-small-30.md`), at a width (128) where the
+        glue is a large share of a call.
+        """
+        if self.inner is Inner.INDUCTOR and device.type == "cpu":
+            return Inner.EAGER, ("on the CPU, Inductor's C++ compiles of the glue kernels take about 20 s per shape "
+                                 "for a few percent of a call (glue='inductor' compiles them)")
+        return self.inner, f"inner={self.inner.value!r}"
 
     def default_cudagraphs(self, device: torch.device, sharded: bool = False) -> tuple[CudaGraphs, str]:
         """The fastest form that runs on ``device`` with these options, and why it was chosen."""

@@ -26,8 +26,8 @@ def test_pieces_load_from_torchs_portable_cache_into_an_empty_cache_dir(tmp_path
     cfg = cachepass.StepCacheConfig(num_head_blocks=1, threshold=case.threshold, warmup_steps=2,
                                     num_inference_steps=STEPS)
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "first-machine"))
-    with caplog.at_level("INFO", logger="cachepass"):
-        first = generate(case, cachepass.compile(case.model(), cfg), STEPS)
+    with caplog.at_level("INFO", logger="cachepass"):  # the glue through Inductor too, as on CUDA (CPU: run as traced)
+        first = generate(case, cachepass.compile(case.model(), cfg, glue="inductor"), STEPS)
     pieces = compiled_pieces(caplog.text)
     artifacts, info = torch.compiler.save_cache_artifacts()
     assert len(info.inductor_artifacts) >= pieces > 0
@@ -36,7 +36,7 @@ def test_pieces_load_from_torchs_portable_cache_into_an_empty_cache_dir(tmp_path
     counters.clear()
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "second-machine"))  # empty
     torch.compiler.load_cache_artifacts(artifacts)
-    second = generate(case, cachepass.compile(case.model(), cfg), STEPS)
+    second = generate(case, cachepass.compile(case.model(), cfg, glue="inductor"), STEPS)
     assert counters["inductor"]["fxgraph_cache_hit"] == pieces
     assert counters["inductor"]["fxgraph_cache_miss"] == 0
     torch.testing.assert_close(second, first, atol=0, rtol=0)

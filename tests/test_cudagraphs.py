@@ -98,9 +98,13 @@ def test_the_default_is_the_fastest_form_that_runs_here(monkeypatch):
     chosen, reason = plain.default_cudagraphs(cuda)
     assert chosen is CudaGraphs.PIECEWISE and "no cuda-bindings" in reason
     assert plain.cudagraphs_on(cuda) is CudaGraphs.PIECEWISE  # what the backend asks
-    # the glue pieces: the inner compiler, or as set
-    assert plain.glue_compiler() is Inner.INDUCTOR
-    assert parse_options({"config": toy_config(), "glue": "aot_eager"}).glue_compiler() is Inner.AOT_EAGER
+    # the glue pieces: the inner compiler on CUDA, run as traced on the CPU under Inductor, or as set
+    cpu = torch.device("cpu")
+    assert plain.glue_on(cuda) is Inner.INDUCTOR and plain.glue_on(cpu) is Inner.EAGER
+    assert parse_options({"config": toy_config(), "inner": "aot_eager"}).glue_on(cpu) is Inner.AOT_EAGER
+    for device in (cpu, cuda):
+        assert parse_options({"config": toy_config(), "glue": "inductor"}).glue_on(device) is Inner.INDUCTOR
+        assert parse_options({"config": toy_config(), "glue": "aot_eager"}).glue_on(device) is Inner.AOT_EAGER
     with pytest.raises(ValueError, match=r"glue='tvm' is invalid; allowed: \['inductor', 'aot_eager', 'eager'\]"):
         cachepass.compile(torch.nn.Linear(2, 2), toy_config(), glue="tvm")
 
