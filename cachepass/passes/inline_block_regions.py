@@ -22,13 +22,12 @@ import operator
 import re
 from dataclasses import dataclass
 
-import torch
 from torch import fx
 
 from cachepass import block_regions
 from cachepass.analysis.blocks import normalize_module_path
 from cachepass.block_regions import BlockLeafError
-from cachepass.leaf_weights import WEIGHT_PATH, weight_path
+from cachepass.leaf_weights import WEIGHT_PATH, fake_like, weight_path
 
 log = logging.getLogger(__name__)
 
@@ -131,10 +130,8 @@ class _Inputs:
         (the first block's, which `check_leaf` found alike)."""
         with self.graph.inserting_after(self.last):
             node = self.last = self.graph.placeholder("leaf_" + re.sub(r"\W", "_", path))
-        value = like.meta["example_value"]  # a fake tensor of its own, made from a meta one (a fake dispatch costs 5x)
-        meta = torch.empty_strided(value.shape, value.stride(), dtype=value.dtype, device="meta")
-        node.meta["example_value"] = value.fake_mode.fake_tensor_converter.from_meta_and_device(
-            value.fake_mode, meta, value.device)
+        value = like.meta["example_value"]
+        node.meta["example_value"] = fake_like(value.fake_mode, value)  # a fake tensor of its own
         node.meta[WEIGHT_PATH] = path
         return node
 
