@@ -104,7 +104,7 @@ class CompileOptions:
         On CUDA, ``inner``: ``aot_eager`` glue under CUDA graphs compiles faster (Wan2.1-1.3B, 30 blocks, H200: a first
         call of 22.7 s instead of 28.8, in one process) but runs 9% slower at one frame (0.247 vs 0.226 s per
         generation). On the CPU with Inductor the glue runs as traced (``eager``), as regional compile leaves it:
-        Inductor compiles each glue kernel with the C++ compiler (10 kernels of the small 30-block Wan, 17-20 s on 2
+        Inductor compiles each glue kernel with the C++ compiler (10 kernels of the small 30-block Wan, 17-22 s on 2
         cores, again for each new shape), and the compiled glue made a generation of that model only 4-9% faster
         (paired interleaved repeats; `bench/results/cpu-2026-12-05-glue-wan-small-30.md`), at a width (128) where the
         glue is a large share of a call.
