@@ -142,3 +142,29 @@ def test_a_pytree_type_registered_after_the_first_call_costs_no_recompile():
         finally:
             pytree._deregister_pytree_node(Registered)
     assert counters["stats"]["unique_graphs"] == 0
+
+
+def test_the_compile_fakes_the_leaves_weights_without_converting_each_weight(monkeypatch):
+    """The leaves' weights reach the backend's compile as fake tensors made from their layout (Dynamo hands the
+    backend a fake mode of its own): no ``from_tensor`` of a leaf block's weight, which cost about 0.3 ms each, 783
+    per compile of a 30-block Wan. The weights the first block reads are Dynamo's inputs and are converted as any."""
+    case = CASES["wan"]
+    model = case.model().eval()
+    leaf_weights = {id(t) for block in model.blocks[1:] for t in (*block.parameters(), *block.buffers())}
+    converted = []
+    from_tensor = torch._subclasses.fake_tensor.FakeTensorMode.from_tensor
+
+    def spy(self, tensor, *args, **kwargs):
+        converted.append(id(tensor))
+        return from_tensor(self, tensor, *args, **kwargs)
+
+    monkeypatch.setattr(torch._subclasses.fake_tensor.FakeTensorMode, "from_tensor", spy)
+    compiled = cachepass.compile(model, cachepass.StepCacheConfig(num_head_blocks=1, num_inference_steps=4),
+                                 inner="aot_eager")
+    x, cond, _ = case.inputs(torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        out = case.call(compiled, x, torch.tensor(0.5), cond)
+        torch.testing.assert_close(out, case.call(model, x, torch.tensor(0.5), cond))
+    first_block = {id(t) for t in model.blocks[0].parameters()}
+    assert first_block & set(converted)  # the spy sees Dynamo's conversions
+    assert not leaf_weights & set(converted)
