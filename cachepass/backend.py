@@ -63,8 +63,7 @@ def stepcache(gm: fx.GraphModule, example_inputs: Sequence[Any], *, mode: str | 
              len(units), ", ".join(u.name for u in units), layout.nbytes / 2**20, opts.form.value, opts.inner.value,
              timestep.describe() if timestep else "no timestep input: generations counted in calls")
     leaf_weights = LeafWeights.of(rewritten.graph)  # after Dynamo's inputs: the block leaves' weights
-    inputs = [*example_inputs, *leaf_weights.compiled_with(rewritten.graph, example_inputs),
-              *static_example_state(example_inputs, layout, device)]
+    inputs = [*example_inputs, *leaf_weights.compiled_with(example_inputs), *static_example_state(example_inputs, layout, device)]
     passes_done = time.perf_counter()
     if opts.form is Form.ONE_GRAPH:
         compiled = _compile_one_graph(rewritten.graph, inputs, opts)

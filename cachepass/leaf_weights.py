@@ -53,10 +53,10 @@ class LeafWeights:
     def of(cls, gm: fx.GraphModule) -> "LeafWeights":
         return cls([n.meta[WEIGHT_PATH] for n in gm.graph.nodes if n.op == "placeholder" and WEIGHT_PATH in n.meta])
 
-    def compiled_with(self, gm: fx.GraphModule, example_inputs: Sequence) -> list[torch.Tensor]:
+    def compiled_with(self, example_inputs: Sequence) -> list[torch.Tensor]:
         """The example inputs for the weights of the model being compiled, whose layouts every later call must keep:
-        where Dynamo's ``example_inputs`` have a fake mode, the fake values `inline_block_regions` gave ``gm``'s
-        weight placeholders in it (static, laid out as these weights: `block_regions.check_leaf`)."""
+        where Dynamo's ``example_inputs`` have a fake mode (the backend's own, not the trace's), static fake tensors
+        of it laid out as these weights (`fake_like`)."""
         if not self.paths:
             return []
         model = block_regions.current_model()
@@ -65,11 +65,10 @@ class LeafWeights:
         fake_mode = torch._guards.detect_fake_mode(example_inputs)
         if fake_mode is None:
             return list(tensors)
-        traced = [n.meta.get("example_value") for n in gm.graph.nodes if n.op == "placeholder" and WEIGHT_PATH in n.meta]
         made: dict[int, torch.Tensor] = {}  # one fake per weight tensor: weights shared between blocks stay shared
-        for value, tensor in zip(traced, tensors, strict=True):
+        for tensor in tensors:
             if id(tensor) not in made:
-                made[id(tensor)] = value if getattr(value, "fake_mode", None) is fake_mode else fake_like(fake_mode, tensor)
+                made[id(tensor)] = fake_like(fake_mode, tensor)
         return [made[id(t)] for t in tensors]
 
     def __call__(self) -> tuple:
