@@ -61,8 +61,8 @@ def compile(model: nn.Module, config: Any = None, *, calibrator_config: Any = No
     IF/ELSE nodes into one graph launch with no host sync (needs cuda-bindings); ``"off"``. Not
     set: the fastest that runs (`CompileOptions.default_cudagraphs`: conditional on CUDA, off on the
     CPU and with offload), logged. ``glue``: the compiler of the pieces between blocks (default:
-    ``inner``, and on the CPU with Inductor ``"eager"``, logged; `CompileOptions.default_glue` gives the
-    trade-offs). ``offload`` (piecewise form):
+    ``inner``, except ``"eager"`` with Inductor, as regional compile leaves the glue, logged;
+    `CompileOptions.default_glue` gives the measured trade-offs). ``offload`` (piecewise form):
     ``{"budget": "8GB", "slots": 2}`` keeps that many bytes of weights on the device and streams the
     other blocks from pinned host memory, planned from the cache schedule (`OffloadConfig`).
     ``device``: where the model runs (default: where its weights are). With ``offload`` and a model

@@ -101,17 +101,24 @@ class CompileOptions:
     def default_glue(self, device: torch.device) -> tuple[Inner, str]:
         """The glue's compiler when the option is not set, and why.
 
-        On CUDA, ``inner``: ``aot_eager`` glue under CUDA graphs compiles faster (Wan2.1-1.3B, 30 blocks, H200: a first
-        call of 22.7 s instead of 28.8, in one process) but runs 9% slower at one frame (0.247 vs 0.226 s per
-        generation). On the CPU with Inductor the glue runs as traced (``eager``), as regional compile leaves it:
-        Inductor compiles each glue kernel with the C++ compiler (10 kernels of the small 30-block Wan, 17-22 s on 2
-        cores, again for each new shape), and the compiled glue made a generation of that model only 4-9% faster
-        (paired interleaved repeats; `bench/results/cpu-2026-12-05-glue-wan-small-30.md`), at a width (128) where the
-        glue is a large share of a call.
+        With Inductor the glue runs as traced (``eager``), on every device, as regional compile leaves it; one rule
+        for every device and CUDA-graph mode, so the outputs do not change when graphs are turned off. Compiling it
+        was measured against running it as traced, interleaved in one process each:
+
+        - H200 (torch 2.11, `bench/results/nvidia-h200-2026-12-05-glue-*.md`, cold starts in
+          `cold_start-nvidia-h200-2026-12-05-*`): a cold first call of Wan2.1-1.3B's 30 blocks 17.9 s against 10.0 s
+          (regional compile 8.5 s), a new shape 8.3 against 4.4 s (4.9); the compiled glue made a generation under the
+          default CUDA graphs 1.0% faster at 33 frames, 0.8% for FLUX 1024 and 7.0% at one frame (0.223 vs 0.239 s).
+        - CPU, 2 cores: Inductor compiles each glue kernel with the C++ compiler, 17-22 s per shape for the small
+          30-block Wan, for a generation 4-9% faster (`cpu-2026-12-05-glue-wan-small-30.md`).
+
+        ``glue='inductor'`` compiles the glue: worth it for long runs of few-token calls, and without CUDA graphs,
+        where every glue kernel is a launch.
         """
-        if self.inner is Inner.INDUCTOR and device.type == "cpu":
-            return Inner.EAGER, ("on the CPU, Inductor's C++ compiles of the glue kernels take about 20 s per shape "
-                                 "for a few percent of a call (glue='inductor' compiles them)")
+        if self.inner is Inner.INDUCTOR:
+            cost = ("7-8 s of an H200's cold start, 1-7% of a generation under CUDA graphs" if device.type == "cuda"
+                    else "about 20 s per shape in C++ compiles on 2 cores, 4-9% of a generation")
+            return Inner.EAGER, f"as regional compile leaves it (compiling it: {cost}; glue='inductor' compiles it)"
         return self.inner, f"inner={self.inner.value!r}"
 
     def default_cudagraphs(self, device: torch.device, sharded: bool = False) -> tuple[CudaGraphs, str]:

@@ -98,9 +98,10 @@ def test_the_default_is_the_fastest_form_that_runs_here(monkeypatch):
     chosen, reason = plain.default_cudagraphs(cuda)
     assert chosen is CudaGraphs.PIECEWISE and "no cuda-bindings" in reason
     assert plain.cudagraphs_on(cuda) is CudaGraphs.PIECEWISE  # what the backend asks
-    # the glue pieces: the inner compiler on CUDA, run as traced on the CPU under Inductor, or as set
+    # the glue pieces: run as traced under Inductor on every device (one rule: graphs on or off), or as set
     cpu = torch.device("cpu")
-    assert plain.glue_on(cuda) is Inner.INDUCTOR and plain.glue_on(cpu) is Inner.EAGER
+    assert plain.glue_on(cuda) is Inner.EAGER and plain.glue_on(cpu) is Inner.EAGER
+    assert parse_options({"config": toy_config(), "cudagraphs": "off"}).glue_on(cuda) is Inner.EAGER
     assert parse_options({"config": toy_config(), "inner": "aot_eager"}).glue_on(cpu) is Inner.AOT_EAGER
     for device in (cpu, cuda):
         assert parse_options({"config": toy_config(), "glue": "inductor"}).glue_on(device) is Inner.INDUCTOR

@@ -127,7 +127,7 @@ def test_two_instances_keep_their_own_state():
 
 
 def test_inductor_pieces_match_the_reference_and_say_a_cpu_model_runs_without_cuda_graphs(caplog):
-    """The glue runs as traced on the CPU by default (logged). Also: AOTAutograd's cache takes every compiled piece
+    """The glue runs as traced by default (logged). Also: AOTAutograd's cache takes every compiled piece
     (a second process loads them instead of tracing again)."""
     case = CASES["toy"]
     cfg = toy_config(num_head_blocks=1, num_tail_blocks=1, num_inference_steps=STEPS)
@@ -138,7 +138,7 @@ def test_inductor_pieces_match_the_reference_and_say_a_cpu_model_runs_without_cu
     torch.testing.assert_close(out, generate(case, StepCacheReference(case.model(), cfg), STEPS), atol=1e-4, rtol=1e-4)
     assert cachepass.stats(model)[0].cached_steps
     assert "cudagraphs='off' by default: the model runs on cpu" in caplog.text
-    assert "glue='eager' by default: on the CPU" in caplog.text and "glue=eager;" in caplog.text
+    assert "glue='eager' by default: as regional compile leaves it" in caplog.text and "glue=eager;" in caplog.text
     assert "block: 1 compiled for 6 pieces" in caplog.text
     aot = counters["aot_autograd"]
     assert aot["autograd_cache_bypass"] == 0 and aot["autograd_cache_miss"] + aot["autograd_cache_hit"] == aot["total"] > 0
