@@ -224,7 +224,6 @@ def main(argv=None) -> int:
         print(json.dumps(child(args.child, args.blocks, args.device, args.width, args.save_artifacts,
                                args.load_artifacts, args.profile_to)))
         return 0
-    import torch
 
     rows = []
     for variant in args.variants.split(","):
@@ -255,13 +254,19 @@ def main(argv=None) -> int:
               f"from artifacts {rows[-1]['portable_start_s']:7.1f} s (+{rows[-1]['artifacts_load_s']:.1f} s load)   "
               f"second call {rows[-1]['second_call_s'] * 1e3:7.1f} ms   new shape {rows[-1]['new_shape_s']:6.1f} s{backend}",
               flush=True)
-    regional = next((r["cold_start_s"] for r in rows if r["variant"] == "regional-compile"), None)
+        _write(rows, args)  # after each variant: a run cut short keeps the rows it finished
+    return 0
+
+
+def _write(rows: list[dict], args) -> None:
+    """The rows so far, with their ratios to regional compile's where it has run, as one JSON file in ``args.out``."""
+    import torch
+
     base = next((r for r in rows if r["variant"] == "regional-compile"), None)
     for row in rows:
-        row["cold_vs_regional"] = row["cold_start_s"] / regional if regional else None
-        row["warm_vs_regional"] = row["warm_start_s"] / base["warm_start_s"] if base else None
-        row["new_shape_vs_regional"] = row["new_shape_s"] / base["new_shape_s"] if base else None
-        row["portable_vs_regional"] = row["portable_start_s"] / base["portable_start_s"] if base else None
+        for column, ratio in (("cold_start_s", "cold_vs_regional"), ("warm_start_s", "warm_vs_regional"),
+                              ("new_shape_s", "new_shape_vs_regional"), ("portable_start_s", "portable_vs_regional")):
+            row[ratio] = row[column] / base[column] if base else None
     device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"cpu ({os.cpu_count()} cores)"
     result = {
         "question": "cold start (first call, fresh Inductor caches), warm start (second process, same caches) and "
@@ -282,8 +287,7 @@ def main(argv=None) -> int:
     path = os.path.join(args.out, f"cold_start-{slug}-{result['date']}-{args.width}-{args.blocks}blocks.json")
     with open(path, "w") as f:
         json.dump(result, f, indent=1)
-    print(f"wrote {path}")
-    return 0
+    print(f"wrote {path} ({len(rows)} of {len(args.variants.split(','))} variants)", flush=True)
 
 
 if __name__ == "__main__":
