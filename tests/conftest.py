@@ -15,6 +15,11 @@ sys.path.insert(0, os.path.dirname(__file__))
 # on the lent GPU); a CPU-only machine does not collect it.
 collect_ignore_glob = [] if torch.cuda.is_available() else ["gpu/*"]
 
+# pytest-xdist (the README's `-n 2`): the workers share the cores instead of each taking all of them (OpenMP threads
+# that outnumber the cores spin against each other)
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
+
 
 @pytest.fixture(autouse=True)
 def fresh_dynamo():
