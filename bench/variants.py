@@ -202,7 +202,7 @@ VARIANTS: dict[str, Callable[[Context], Prepared]] = {
     "cache-dit+compiled-blocks": lambda ctx: cache_dit_variant(ctx, "blocks"),
     "stepcache": stepcache,  # the default: on CUDA, conditional CUDA graphs
     "stepcache-no-graphs": lambda ctx: stepcache(ctx, cudagraphs="off"),
-    # the glue pieces' compiler set (the default picks one per device: cachepass.options.CompileOptions.glue_on)
+    # the glue pieces' compiler set (the default: as traced under Inductor, cachepass.options.CompileOptions.default_glue)
     "stepcache-glue-inductor": lambda ctx: stepcache(ctx, glue="inductor"),
     "stepcache-glue-aot_eager": lambda ctx: stepcache(ctx, glue="aot_eager"),
     "stepcache-glue-eager": lambda ctx: stepcache(ctx, glue="eager"),

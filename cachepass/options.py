@@ -116,8 +116,9 @@ class CompileOptions:
         where every glue kernel is a launch.
         """
         if self.inner is Inner.INDUCTOR:
-            cost = ("7-8 s of an H200's cold start, 1-7% of a generation under CUDA graphs" if device.type == "cuda"
-                    else "about 20 s per shape in C++ compiles on 2 cores, 4-9% of a generation")
+            cost = {"cuda": "7-8 s of an H200's cold start, 1-7% of a generation under CUDA graphs",
+                    "cpu": "about 20 s per shape in C++ compiles on 2 cores, 4-9% of a generation"}.get(
+                device.type, f"not measured on {device.type}")
             return Inner.EAGER, f"as regional compile leaves it (compiling it: {cost}; glue='inductor' compiles it)"
         return self.inner, f"inner={self.inner.value!r}"
 
