@@ -102,7 +102,8 @@ class CompileOptions:
         """The glue's compiler when the option is not set, and why.
 
         With Inductor the glue runs as traced (``eager``), on every device, as regional compile leaves it; one rule
-        for every device and CUDA-graph mode, so the outputs do not change when graphs are turned off. Compiling it
+        for every device and CUDA-graph mode, so turning graphs off does not change which glue runs (a glue chosen by
+        the graph mode made the outputs differ in the last bits on 2026-12-04). Compiling it
         was measured against running it as traced, interleaved in one process each:
 
         - H200 (torch 2.11, `bench/results/nvidia-h200-2026-12-05-glue-*.md`, cold starts in
