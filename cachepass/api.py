@@ -23,6 +23,7 @@ from cachepass.errors import BlockDiscoveryError, CachepassError
 from cachepass.exported.program import ExportedState, capture
 from cachepass.fastvideo_stages import compile_fastvideo, is_fastvideo
 from cachepass.fastvideo_stages import dits as fastvideo_dits
+from cachepass.frozen_heap import calls_of_compiled_model
 from cachepass.offload.host_start import check_budget_fits, place_for_offload
 from cachepass.offload.plan import OffloadPlan, choose_residency, plan_generation
 from cachepass.offload.runtime import OffloadStats, check_not_offloaded_by_fastvideo, check_not_offloaded_by_hooks, model_bytes
@@ -190,7 +191,7 @@ def _with_clear_errors(forward, model: nn.Module):
         try:
             if regions:
                 try:
-                    with block_regions.marked(model, regions):
+                    with block_regions.marked(model, regions), calls_of_compiled_model():
                         return forward(*args, **kwargs)
                 except torch._dynamo.exc.TorchDynamoException as error:
                     after_tracing = (torch._dynamo.exc.BackendCompilerFailed, torch._dynamo.exc.FailOnRecompileLimitHit)
@@ -198,7 +199,8 @@ def _with_clear_errors(forward, model: nn.Module):
                         raise
                     block_regions.refuse(regions, error)  # Dynamo failed tracing: nothing ran yet
                     regions = ()
-            return forward(*args, **kwargs)
+            with calls_of_compiled_model():
+                return forward(*args, **kwargs)
         except torch._dynamo.exc.BackendCompilerFailed as failed:
             if isinstance(failed.inner_exception, (CachepassError, ValueError)):
                 raise failed.inner_exception.with_traceback(None) from None
