@@ -80,11 +80,14 @@ def stepcache(gm: fx.GraphModule, example_inputs: Sequence[Any], *, mode: str | 
     hooks = _program_hooks(rewritten, opts, device, graphed=cudagraphs is not CudaGraphs.OFF)
     glue = opts.glue_on(device)
 
+    def inner_for(kind: str) -> Inner:
+        return opts.inner if kind == "block" else glue
+
     def compile_piece(piece: fx.GraphModule, piece_inputs: list, kind: str) -> Callable:
         # the executor captures CUDA graphs over whole stretches of pieces; Inductor must not capture each piece
-        return inner_compile(piece, piece_inputs, opts.inner if kind == "block" else glue, opts.mode, cudagraphs=False)
+        return inner_compile(piece, piece_inputs, inner_for(kind), opts.mode, cudagraphs=False)
 
-    compiler = PieceCompiler(compile_piece)
+    compiler = PieceCompiler(compile_piece, needs_examples=lambda kind: inner_for(kind) is not Inner.EAGER)
     program, plan = build_program(rewritten.graph, inputs, compiler, {u.name for u in units}, hooks)
     log.info("stepcache: piecewise, %d block pieces, cudagraphs=%s, glue=%s; %s; backend %.1f s (passes %.1f s, "
              "compiles: %s)", len(plan.blocks), cudagraphs.value, glue.value, compiler.count,

@@ -5,9 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 from torch._dynamo.utils import counters
+from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
 import cachepass
 from bench.tiny_models import CASES, generate, toy_config
+from cachepass.piecewise.compile import PieceCompiler
+from cachepass.piecewise.execute import build_program
 from cachepass.piecewise.split import PieceKind, is_cond, split_pieces
 from cachepass.reference import StepCacheReference
 from cachepass.state.runtime import current_state
@@ -72,8 +75,8 @@ def test_two_stream_models_compile_one_block_per_list(name):
     compiles = []
     original = cachepass.backend.PieceCompiler
 
-    def spy(*args):
-        compiles.append(original(*args))
+    def spy(*args, **kwargs):
+        compiles.append(original(*args, **kwargs))
         return compiles[-1]
 
     cachepass.backend.PieceCompiler = spy
@@ -165,3 +168,58 @@ def test_alike_blocks_share_one_piece_module_and_other_pieces_have_their_own():
     assert sorted(i.owner for i in middle_infos.values() if i.kind is PieceKind.BLOCK) == ["blocks.1", "blocks.2",
                                                                                             "blocks.3"]
     assert len(shared) == 1
+
+
+def backend_program_inputs(name: str):
+    """The graph the backend splits for ``name``'s tiny model, its example inputs and block lists (first call)."""
+    found = []
+    original = cachepass.backend.build_program
+
+    def spy(gm, inputs, compiler, block_lists, *hooks):
+        found.append((gm, inputs, block_lists))
+        return original(gm, inputs, compiler, block_lists, *hooks)
+
+    cachepass.backend.build_program = spy
+    try:
+        generate(CASES[name], compile_case(name)[3], 1)
+    finally:
+        cachepass.backend.build_program = original
+    ((gm, inputs, block_lists),) = found
+    mode = torch._guards.detect_fake_mode(inputs)  # the weights come real: fake them as Dynamo's context would
+    inputs = [mode.from_tensor(v, static_shapes=True) if isinstance(v, torch.Tensor) and getattr(v, "fake_mode", None)
+              is not mode else v for v in inputs]
+    return gm, inputs, block_lists
+
+
+@pytest.mark.parametrize("name", ["wan", "flux"])
+def test_glue_run_as_traced_runs_on_fake_tensors_only_what_compiles_read(name, monkeypatch):
+    """With the glue run as traced (Inductor's default), the executor's fake propagation skips the glue no compile
+    reads (the clock, the decision, the state updates: none of the state's ``copy_``s runs), and every compiled
+    piece gets the example inputs a propagation of everything gives it (shapes, strides, dtypes)."""
+    gm, inputs, block_lists = backend_program_inputs(name)
+    ran = []
+    run_node = FakeTensorProp.run_node
+
+    def counting(self, n):
+        ran.append(n)
+        return run_node(self, n)
+
+    monkeypatch.setattr(FakeTensorProp, "run_node", counting)
+
+    def compile_with(needs_examples):
+        ran.clear()
+        seen = []
+
+        def compile_fn(piece, example_inputs, kind):
+            if kind == "block":
+                seen.append([(tuple(v.shape), v.stride(), v.dtype) for v in example_inputs])
+            return piece.forward
+
+        build_program(gm, inputs, PieceCompiler(compile_fn, needs_examples), block_lists)
+        return seen, sum(n.op == "call_method" and n.target == "copy_" for n in ran), len(ran)
+
+    everything, copies_all, nodes_all = compile_with(lambda kind: True)
+    blocks_only, copies, nodes = compile_with(lambda kind: kind == "block")
+    assert blocks_only == everything and everything
+    assert copies_all > 0 and copies == 0
+    assert nodes < nodes_all

@@ -46,10 +46,16 @@ class CompileCount:
 
 
 class PieceCompiler:
-    """Compiles pieces with ``compile_fn``, reusing the artifact of a structurally identical piece."""
+    """Compiles pieces with ``compile_fn``, reusing the artifact of a structurally identical piece.
 
-    def __init__(self, compile_fn: Callable[[fx.GraphModule, list], Callable]):
+    ``needs_examples(kind)``: whether ``compile_fn`` reads a piece's example inputs (a piece run as traced does not;
+    the executor then computes only the values other compiles need, and such a piece may get None for the rest).
+    """
+
+    def __init__(self, compile_fn: Callable[[fx.GraphModule, list, str], Callable],
+                 needs_examples: Callable[[str], bool] = lambda kind: True):
         self.compile_fn = compile_fn
+        self.needs_examples = needs_examples
         self.artifacts: dict[str, Callable] = {}
         self.numbers: dict[int, int] = {}  # id(artifact) -> its number, in compile order
         self.compiled: list[tuple[fx.GraphModule, list, Callable]] = []  # (piece, example inputs, artifact)
@@ -67,7 +73,8 @@ class PieceCompiler:
 
     def _compile(self, piece: fx.GraphModule, example_inputs: list, kind: str) -> Callable:
         start = time.perf_counter()
-        give_example_values(piece, example_inputs)
+        if self.needs_examples(kind):
+            give_example_values(piece, example_inputs)
         artifact = self.compile_fn(piece, example_inputs, kind)
         seconds = time.perf_counter() - start
         self.count.seconds[kind] += seconds

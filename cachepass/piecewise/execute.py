@@ -12,6 +12,7 @@ report to the program's `ProgramHooks` (offload), and CUDA graphs capture stretc
 from __future__ import annotations
 
 import dataclasses
+import operator
 from typing import Any, Callable
 
 import torch
@@ -21,7 +22,7 @@ from torch.multiprocessing.reductions import StorageWeakRef
 
 from cachepass.piecewise.compile import PieceCompiler, give_example_values, in_fake_mode, significant_strides
 from cachepass.piecewise.hooks import NO_HOOKS, ProgramHooks
-from cachepass.piecewise.split import PieceKind, is_cond, split_pieces
+from cachepass.piecewise.split import PieceInfo, PieceKind, is_cond, split_pieces
 
 
 @dataclasses.dataclass(frozen=True)
@@ -117,13 +118,13 @@ def build_program(gm: fx.GraphModule, example_inputs: list, compiler: PieceCompi
                   hooks: ProgramHooks = NO_HOOKS) -> tuple[fx.GraphModule, Plan]:
     """Split ``gm``, compile its pieces, and return the runnable program (reporting to ``hooks``) with its plan."""
     program, infos = split_pieces(gm, block_lists)
-    _propagate(program, example_inputs)
+    _propagate(program, example_inputs, _needed(program, infos, compiler))
     steps = []
     for node in list(program.graph.nodes):
         if node.op != "call_module":
             continue
         info, piece = infos[node.target], program.get_submodule(node.target)
-        inputs = [arg.meta["val"] for arg in node.args]
+        inputs = [arg.meta.get("val") for arg in node.args]  # None: a value no compile reads (`_needed`)
         if info.kind is PieceKind.COND:
             fn, branches = _cond_step(piece, inputs, compiler, block_lists, info.owner, hooks)
             artifact = None
@@ -152,13 +153,75 @@ def _cond_step(piece: fx.GraphModule, inputs: list, compiler: PieceCompiler, blo
     return CondStep(unit, position[cond.args[0]], operand_indices, *programs, hooks), tuple(plans)
 
 
-def _propagate(program: fx.GraphModule, example_inputs: list) -> None:
-    """Fake values for every node of the split graph (each piece's example inputs)."""
+def _needed(program: fx.GraphModule, infos: dict[str, PieceInfo], compiler: PieceCompiler) -> dict[fx.Node, set | None]:
+    """Per piece call of the split graph, the nodes of the piece to run on fake tensors (None: the whole piece).
+
+    A piece compiled from example inputs needs all its inputs, and a cond its operands (its branches are
+    built from them). A piece run as traced needs no inputs of its own: it runs only the nodes that compute
+    what those inputs are made of, directly or through other such pieces (none when nothing is: the
+    clock, the decision and the state updates of a 30-block Wan were 310 of its 390 glue nodes).
+    """
+    wanted: dict[fx.Node, set | None] = {}  # piece call -> positions of its outputs a compile reads (None: all)
+    runs: dict[fx.Node, set | None] = {}
+    for node in reversed(program.graph.nodes):
+        if node.op == "call_function" and node.target is operator.getitem and node in wanted:
+            call = node.args[0]
+            if call not in wanted or wanted[call] is not None:
+                wanted.setdefault(call, set()).add(node.args[1])
+        if node.op != "call_module":
+            continue
+        info, piece = infos[node.target], program.get_submodule(node.target)
+        if info.kind is PieceKind.COND:
+            cond = next(n for n in piece.graph.nodes if is_cond(n))
+            read = set(cond.args[3])  # the operands: the branches' example inputs, and the cached branch's outputs'
+            runs[node] = None
+        elif compiler.needs_examples(info.kind.value):
+            read, runs[node] = set(piece.graph.nodes), None
+        else:
+            outputs = piece.graph.output_node().args[0]
+            positions = wanted.get(node, set())
+            chosen = range(len(outputs)) if positions is None else sorted(positions)
+            read = runs[node] = _upstream([outputs[i] for i in chosen])
+        placeholders = [n for n in piece.graph.nodes if n.op == "placeholder"]
+        for placeholder, arg in zip(placeholders, node.args):
+            if placeholder in read and isinstance(arg, fx.Node):
+                wanted[arg] = None
+    return runs
+
+
+def _upstream(nodes: list) -> set[fx.Node]:
+    """``nodes`` and every node they are computed from."""
+    found: set[fx.Node] = set()
+    todo = [n for n in nodes if isinstance(n, fx.Node)]
+    while todo:
+        node = todo.pop()
+        if node not in found:
+            found.add(node)
+            todo.extend(node.all_input_nodes)
+    return found
+
+
+def _propagate(program: fx.GraphModule, example_inputs: list, runs: dict[fx.Node, set | None]) -> None:
+    """Fake values for the nodes of the split graph that pieces' compiles read (`_needed`; the others get None)."""
     fake_mode = torch._guards.detect_fake_mode(example_inputs)
     if fake_mode is None:
         fake_mode = torch._subclasses.FakeTensorMode()
     with torch.no_grad():
-        _PieceValues(program, mode=fake_mode).propagate_dont_convert_inputs(*in_fake_mode(fake_mode, example_inputs))
+        _PieceValues(program, runs, mode=fake_mode).propagate_dont_convert_inputs(
+            *in_fake_mode(fake_mode, example_inputs))
+
+
+class _Partly(FakeTensorProp):
+    """Fake propagation over ``nodes`` of a graph only: every other node's value is None."""
+
+    def __init__(self, module: fx.GraphModule, nodes: set[fx.Node], **kwargs):
+        super().__init__(module, **kwargs)
+        self.nodes = nodes
+
+    def run_node(self, n):
+        if n.op in ("placeholder", "output") or n in self.nodes:
+            return super().run_node(n)
+        return None
 
 
 class _PieceValues(FakeTensorProp):
@@ -173,8 +236,14 @@ class _PieceValues(FakeTensorProp):
     a ``contiguous`` the passes added) reaches every piece downstream.
     """
 
+    def __init__(self, program: fx.GraphModule, runs: dict[fx.Node, set | None], **kwargs):
+        super().__init__(program, **kwargs)
+        self.runs = runs
+        self.calling: fx.Node | None = None
+
     def run_node(self, n):
         if n.op != "placeholder":
+            self.calling = n
             return super().run_node(n)
         # an input as it is: FakeTensorProp stores a detached copy of each (a fake dispatch per weight, about 0.1 ms,
         # for the 800 weights of a 30-block model in the program and again in a cond's compute branch)
@@ -186,6 +255,9 @@ class _PieceValues(FakeTensorProp):
         piece = self.fetch_attr(target)
         if any(is_cond(n) for n in piece.graph.nodes):
             return _CachedBranchOnly(piece).run(*args)
+        nodes = self.runs[self.calling]
+        if nodes is not None and not nodes >= {n for n in piece.graph.nodes if n.op not in ("placeholder", "output")}:
+            return _Partly(piece, nodes, mode=self._mode).propagate_dont_convert_inputs(*args)
         outputs = piece.graph.output_node().args[0]
         placeholders = [n for n in piece.graph.nodes if n.op == "placeholder"]
         if (isinstance(outputs, tuple) and all(_traced_value(n) is not None for n in outputs)
