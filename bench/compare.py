@@ -7,7 +7,9 @@
 
 Each variant: a cold first generation (fresh Inductor / Triton caches, compile included), then
 ``--repeats`` timed generations (median reported), one more under CUDA's sync debug mode to count
-host syncs, and quality of the final latents against the uncached eager run. Rows are merged into
+host syncs, and quality of the final latents against the uncached eager run. On CUDA one more generation
+runs under torch.profiler for the GPU's busy seconds (``gpu_busy_s``: kernel time, the floor a variant's
+median would reach if the host never made the GPU wait). Rows are merged into
 ``bench/results/<device>-<date>.json`` (+ ``.md`` table, ``.png`` plot); a failed variant is a row
 with status "failed" and its error.
 """
@@ -34,7 +36,7 @@ import torch  # noqa: E402
 from torch._dynamo.utils import counters  # noqa: E402
 
 import cachepass  # noqa: E402
-from bench import offload, report  # noqa: E402
+from bench import device_trace, offload, report  # noqa: E402
 from bench.measure import counted, generation, new_graphs  # noqa: E402
 from bench.timing import fresh_compile_caches, median, peak_memory_gb, reset_peak_memory, synchronize, timed  # noqa: E402
 from bench.variants import VARIANTS, Context, cache_dit_compile_settings, remember_decisions  # noqa: E402
@@ -110,6 +112,8 @@ def finish_variant(row: dict, ctx: Context, prepared, inputs, out, times: list[f
             generation(ctx, prepared, inputs)
         if device.type == "cuda":  # what the variant holds plus what its generation adds on top of everything resident
             row["peak_mem_gb"] = (row.pop("_resident_bytes") + peak_memory_gb(device) * 2**30 - before) / 2**30
+        if device.type == "cuda":  # the GPU's busy time: what no host-side saving can go below
+            row["gpu_busy_s"] = gpu_busy_seconds(lambda: generation(ctx, prepared, inputs))
         if "offload" in name and device.type == "cuda":
             row.update(offload.measure(name, ctx.model, lambda: generation(ctx, prepared, inputs), ctx.shared))
         counted(ctx, prepared, inputs, device, row)
@@ -126,6 +130,15 @@ def finish_variant(row: dict, ctx: Context, prepared, inputs, out, times: list[f
         row["_output"] = out
     except Exception as e:
         _failed(row, name, e)
+
+
+def gpu_busy_seconds(run) -> float:
+    """Seconds the GPU ran kernels during ``run()`` (the union of kernel intervals in a torch.profiler trace, so
+    overlapping streams count once; kernels inside CUDA-graph replays included)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        run()
+        torch.cuda.synchronize()
+    return device_trace.of(prof)["kernel_s"]
 
 
 def _device_bytes(model, device: torch.device) -> int:

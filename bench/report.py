@@ -104,7 +104,7 @@ def _spread(times: list[float] | None) -> str:
 
 
 def table(rows: list[dict]) -> str:
-    header = ("variant", "status", "median s", "min-max s", "speedup", "/ideal", "cold s", "cached", "graphs/breaks",
+    header = ("variant", "status", "median s", "min-max s", "GPU busy s", "speedup", "/ideal", "cold s", "cached", "graphs/breaks",
               "recomp", "syncs/call", "peak GB", "PSNR", "SSIM", "rel L2")
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in rows:
@@ -118,6 +118,7 @@ def table(rows: list[dict]) -> str:
             status,
             _fmt(r.get("median_s")),
             _spread(r.get("times_s")),
+            _fmt(r.get("gpu_busy_s"), 3),
             _fmt(r.get("speedup_vs_eager")),
             _fmt(r.get("ratio_to_ideal"), 3),
             _fmt(r.get("cold_start_s"), 1),
