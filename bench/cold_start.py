@@ -1,12 +1,15 @@
 """Cold and warm start: stepcache (piecewise, one-graph) vs diffusers' compile_repeated_blocks, fresh Inductor caches.
 
     python -m bench.cold_start --blocks 12 --device cpu --out bench/results
+    python -m bench.cold_start --blocks 30 --variants stepcache-piecewise,regional-compile --warm-repeats 3 --interleave
 
 Every variant runs in its own process twice over one new cache folder (TORCHINDUCTOR_CACHE_DIR and
 TRITON_CACHE_DIR): the first process starts cold, the second warm. A third process starts as another
 machine would with the first one's compile results shipped: an empty cache folder filled by
 ``torch.compiler.load_cache_artifacts`` with what the cold process saved (``save_cache_artifacts``; the
-load's seconds are reported beside, not in, its first call). Each process times its first
+load's seconds are reported beside, not in, its first call). ``--interleave`` alternates the variants' processes
+(warm round r of each before round r + 1 of any) and pairs each warm round with regional compile's. Each process
+times its first
 call (trace + compile + run) and a second call; the model is a diffusers Wan transformer with
 ``--blocks`` blocks and random weights. Two reference rows bound what a whole-model capture costs:
 ``compile`` (plain ``torch.compile``, fullgraph) and ``dynamo-trace`` (Dynamo's trace of the whole
@@ -212,6 +215,10 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="bench/results")
     p.add_argument("--warm-repeats", type=int, default=1,
                    help="warm processes per variant (the warm column is their median; each is kept in the row)")
+    p.add_argument("--interleave", action="store_true",
+                   help="the variants' processes alternate (all cold ones, then each round of warm ones, then the "
+                        "from-artifacts ones) instead of one variant after another; the rows then also give each "
+                        "round's warm ratio to regional compile")
     p.add_argument("--child", help=argparse.SUPPRESS)
     p.add_argument("--profile", default="",
                    help="comma-separated variants whose first call is also profiled (cProfile), in one more cold and "
@@ -226,36 +233,58 @@ def main(argv=None) -> int:
         return 0
 
     rows = []
-    for variant in args.variants.split(","):
-        with tempfile.TemporaryDirectory() as cache, tempfile.TemporaryDirectory() as other_machine:
-            artifacts = os.path.join(other_machine, "artifacts.bin")
-            cold = _reported("cold", run(variant, args.blocks, args.device, args.width, cache, "--save-artifacts",
-                                         artifacts))
-            warms = [_reported("warm", run(variant, args.blocks, args.device, args.width, cache))
-                     for _ in range(args.warm_repeats)]
-            warm = sorted(warms, key=lambda w: w["first_call_s"])[len(warms) // 2]  # the median process
-            portable = _reported("from artifacts", run(variant, args.blocks, args.device, args.width,
-                                                       os.path.join(other_machine, "cache"), "--load-artifacts", artifacts))
-            if variant in args.profile.split(","):
-                _profile(variant, args, cache)
-        rows.append({"variant": variant, "cold_start_s": cold["first_call_s"], "warm_start_s": warm["first_call_s"],
-                     "portable_start_s": portable["first_call_s"], "artifacts_load_s": portable["artifacts_load_s"],
-                     "artifacts_mb": cold["artifacts_mb"],
-                     "warm_start_each_s": [w["first_call_s"] for w in warms],
-                     "warm_new_shape_each_s": [w["new_shape_s"] for w in warms],
-                     "second_call_s": cold["second_call_s"], "new_shape_s": cold["new_shape_s"],
-                     "cold_backend_s": cold.get("backend_s"),
-                     "warm_backend_s": warm.get("backend_s"), "cold_backend_log": cold.get("backend_log"),
-                     **{f"{start}_{k}": v for start, out in (("cold", cold), ("warm", warm))
-                        for k, v in out.items() if k in PHASES + LOGGED}})
-        backend = "" if cold.get("backend_s") is None else \
-            f"   backend cold {cold['backend_s']:.1f} s warm {warm['backend_s']:.1f} s"
-        print(f"{variant:<22} cold {rows[-1]['cold_start_s']:7.1f} s   warm {rows[-1]['warm_start_s']:7.1f} s   "
-              f"from artifacts {rows[-1]['portable_start_s']:7.1f} s (+{rows[-1]['artifacts_load_s']:.1f} s load)   "
-              f"second call {rows[-1]['second_call_s'] * 1e3:7.1f} ms   new shape {rows[-1]['new_shape_s']:6.1f} s{backend}",
-              flush=True)
-        _write(rows, args)  # after each variant: a run cut short keeps the rows it finished
+    variants = args.variants.split(",")
+    with contextlib.ExitStack() as folders:
+        caches = {v: folders.enter_context(tempfile.TemporaryDirectory()) for v in variants}
+        other_machines = {v: folders.enter_context(tempfile.TemporaryDirectory()) for v in variants}
+        for group in ([variants] if args.interleave else [[v] for v in variants]):
+            for variant, (cold, warms, portable) in _measure(group, args, caches, other_machines).items():
+                rows.append(_row(variant, cold, warms, portable))
+            _write(rows, args)  # after each group: a run cut short keeps the rows it finished
     return 0
+
+
+def _measure(group: list[str], args, caches: dict, other_machines: dict) -> dict[str, tuple]:
+    """The cold, warm and from-artifacts processes of each variant of ``group``: all cold processes, then warm
+    process ``r`` of every variant before warm process ``r + 1`` of any (a host that speeds up or slows down over
+    the run shifts all variants alike), then the from-artifacts processes."""
+    artifacts = {v: os.path.join(other_machines[v], "artifacts.bin") for v in group}
+    colds = {v: _reported("cold", run(v, args.blocks, args.device, args.width, caches[v], "--save-artifacts",
+                                      artifacts[v])) for v in group}
+    warms: dict[str, list] = {v: [] for v in group}
+    for _ in range(args.warm_repeats):
+        for v in group:
+            warms[v].append(_reported("warm", run(v, args.blocks, args.device, args.width, caches[v])))
+    measured = {}
+    for v in group:
+        portable = _reported("from artifacts", run(v, args.blocks, args.device, args.width,
+                                                   os.path.join(other_machines[v], "cache"), "--load-artifacts",
+                                                   artifacts[v]))
+        if v in args.profile.split(","):
+            _profile(v, args, caches[v])
+        measured[v] = (colds[v], warms[v], portable)
+    return measured
+
+
+def _row(variant: str, cold: dict, warms: list[dict], portable: dict) -> dict:
+    warm = sorted(warms, key=lambda w: w["first_call_s"])[len(warms) // 2]  # the median process
+    row = {"variant": variant, "cold_start_s": cold["first_call_s"], "warm_start_s": warm["first_call_s"],
+           "portable_start_s": portable["first_call_s"], "artifacts_load_s": portable["artifacts_load_s"],
+           "artifacts_mb": cold["artifacts_mb"],
+           "warm_start_each_s": [w["first_call_s"] for w in warms],
+           "warm_new_shape_each_s": [w["new_shape_s"] for w in warms],
+           "second_call_s": cold["second_call_s"], "new_shape_s": cold["new_shape_s"],
+           "cold_backend_s": cold.get("backend_s"),
+           "warm_backend_s": warm.get("backend_s"), "cold_backend_log": cold.get("backend_log"),
+           **{f"{start}_{k}": v for start, out in (("cold", cold), ("warm", warm))
+              for k, v in out.items() if k in PHASES + LOGGED}}
+    backend = "" if cold.get("backend_s") is None else \
+        f"   backend cold {cold['backend_s']:.1f} s warm {warm['backend_s']:.1f} s"
+    print(f"{variant:<22} cold {row['cold_start_s']:7.1f} s   warm {row['warm_start_s']:7.1f} s   "
+          f"from artifacts {row['portable_start_s']:7.1f} s (+{row['artifacts_load_s']:.1f} s load)   "
+          f"second call {row['second_call_s'] * 1e3:7.1f} ms   new shape {row['new_shape_s']:6.1f} s{backend}",
+          flush=True)
+    return row
 
 
 def _write(rows: list[dict], args) -> None:
@@ -267,6 +296,8 @@ def _write(rows: list[dict], args) -> None:
         for column, ratio in (("cold_start_s", "cold_vs_regional"), ("warm_start_s", "warm_vs_regional"),
                               ("new_shape_s", "new_shape_vs_regional"), ("portable_start_s", "portable_vs_regional")):
             row[ratio] = row[column] / base[column] if base else None
+        if args.interleave and base:  # warm process r of this variant ran beside warm process r of regional compile
+            row["warm_vs_regional_each"] = [a / b for a, b in zip(row["warm_start_each_s"], base["warm_start_each_s"])]
     device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"cpu ({os.cpu_count()} cores)"
     result = {
         "question": "cold start (first call, fresh Inductor caches), warm start (second process, same caches) and "
@@ -276,7 +307,8 @@ def _write(rows: list[dict], args) -> None:
         "torch": torch.__version__,
         "date": datetime.date.today().isoformat(),
         "command": f"python -m bench.cold_start --blocks {args.blocks} --device {args.device} --width {args.width} "
-                   f"--variants {args.variants} --warm-repeats {args.warm_repeats}",
+                   f"--variants {args.variants} --warm-repeats {args.warm_repeats}" + (" --interleave" if args.interleave
+                                                                                      else ""),
         "model": f"diffusers WanTransformer3DModel, {args.blocks} blocks, {args.width} width "
                  f"({WIDTHS[args.width]['num_attention_heads'] * WIDTHS[args.width]['attention_head_dim']}), 256 tokens "
                  "(512 for the new shape), random weights",

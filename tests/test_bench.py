@@ -117,3 +117,33 @@ def test_a_variants_held_bytes_count_the_model_on_an_indexed_device():
     model = torch.nn.Linear(2, 3)  # 6 weights + 3 biases, float32
     assert _device_bytes(model, torch.device("cpu", 0)) == 9 * 4
     assert _device_bytes(model, torch.device("meta")) == 0
+
+
+def test_cold_start_interleaves_the_variants_processes_and_pairs_each_warm_round(tmp_path, monkeypatch):
+    """``--interleave``: every cold process first, then warm round r of every variant before round r + 1 of any,
+    then the from-artifacts processes; each row gives each round's warm ratio to regional compile."""
+    from bench import cold_start
+
+    calls = []
+
+    def fake_run(variant, blocks, device, width, cache, *extra):
+        start = "cold" if "--save-artifacts" in extra else "from artifacts" if "--load-artifacts" in extra else "warm"
+        calls.append((start, variant))
+        seconds = {"stepcache-piecewise": 6.0, "regional-compile": 4.0}[variant] + sum(c[0] == "warm" for c in calls)
+        return {"variant": variant, "first_call_s": seconds, "second_call_s": 0.1, "new_shape_s": 2.0,
+                "artifacts_load_s": 0.1 if start == "from artifacts" else None, "artifacts_mb": 1.0}
+
+    monkeypatch.setattr(cold_start, "run", fake_run)
+    cold_start.main(["--variants", "stepcache-piecewise,regional-compile", "--warm-repeats", "2", "--interleave",
+                     "--out", str(tmp_path)])
+    assert calls == [("cold", "stepcache-piecewise"), ("cold", "regional-compile"),
+                     ("warm", "stepcache-piecewise"), ("warm", "regional-compile"),
+                     ("warm", "stepcache-piecewise"), ("warm", "regional-compile"),
+                     ("from artifacts", "stepcache-piecewise"), ("from artifacts", "regional-compile")]
+    (path,) = tmp_path.glob("cold_start-cpu-*.json")
+    result = json.loads(path.read_text())
+    rows = {r["variant"]: r for r in result["rows"]}
+    assert rows["stepcache-piecewise"]["warm_start_each_s"] == [7.0, 9.0]
+    assert rows["regional-compile"]["warm_start_each_s"] == [6.0, 8.0]
+    assert rows["stepcache-piecewise"]["warm_vs_regional_each"] == [7.0 / 6.0, 9.0 / 8.0]
+    assert result["command"].endswith("--interleave")

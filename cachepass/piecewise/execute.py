@@ -225,7 +225,8 @@ class _Partly(FakeTensorProp):
 
 
 class _PieceValues(FakeTensorProp):
-    """Fake propagation over the split graph that runs only what Dynamo's fake values don't cover.
+    """Fake propagation over the split graph that runs only what compiles read (``runs``, from `_needed`) and Dynamo's
+    fake values don't cover.
 
     A cond piece returns its cached branch's outputs (the compute branch's blocks get their values
     when that branch is split in turn). A piece that gets exactly the inputs Dynamo traced it with
@@ -257,6 +258,8 @@ class _PieceValues(FakeTensorProp):
             return _CachedBranchOnly(piece).run(*args)
         nodes = self.runs[self.calling]
         if nodes is not None and not nodes >= {n for n in piece.graph.nodes if n.op not in ("placeholder", "output")}:
+            if not nodes:  # nothing of it is read
+                return tuple(None for _ in piece.graph.output_node().args[0])
             return _Partly(piece, nodes, mode=self._mode).propagate_dont_convert_inputs(*args)
         outputs = piece.graph.output_node().args[0]
         placeholders = [n for n in piece.graph.nodes if n.op == "placeholder"]
