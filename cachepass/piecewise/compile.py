@@ -59,10 +59,13 @@ class PieceCompiler:
         self.artifacts: dict[str, Callable] = {}
         self.numbers: dict[int, int] = {}  # id(artifact) -> its number, in compile order
         self.compiled: list[tuple[fx.GraphModule, list, Callable]] = []  # (piece, example inputs, artifact)
+        self.graph_keys: dict[int, tuple[fx.GraphModule, tuple]] = {}  # id(piece) -> (piece, graph_key(piece))
         self.count = CompileCount()
 
     def __call__(self, piece: fx.GraphModule, example_inputs: list, kind: str) -> Callable:
-        key = structural_key(piece, example_inputs)
+        if id(piece) not in self.graph_keys:  # the split shares one module among alike blocks: its graph keyed once
+            self.graph_keys[id(piece)] = (piece, graph_key(piece))
+        key = repr((self.graph_keys[id(piece)][1], inputs_key(example_inputs)))
         self.count.pieces[kind] += 1
         if key not in self.artifacts:
             self.artifacts[key] = self._reuse_with_fewer_outputs(key, piece) or self._compile(piece, example_inputs, kind)
@@ -146,6 +149,15 @@ def _keep_outputs(piece: fx.GraphModule, kept: tuple[int, ...]) -> fx.GraphModul
 
 
 def structural_key(gm: fx.GraphModule, example_inputs: list) -> str:
+    return repr((graph_key(gm), inputs_key(example_inputs)))
+
+
+def inputs_key(example_inputs: list) -> list:
+    return [_value_key(v) for v in example_inputs]
+
+
+def graph_key(gm: fx.GraphModule) -> tuple:
+    """``gm``'s ops, targets, constants and wiring (by position), comparable across graphs."""
     index: dict[fx.Node, int] = {}
     parts = []
     for i, node in enumerate(gm.graph.nodes):
@@ -157,7 +169,7 @@ def structural_key(gm: fx.GraphModule, example_inputs: list) -> str:
         else:
             target = node.target if isinstance(node.target, str) else _qualified_name(node.target)
         parts.append((node.op, target, arg_key(node.args, index), arg_key(node.kwargs, index)))
-    return repr((parts, [_value_key(v) for v in example_inputs]))
+    return tuple(parts)
 
 
 def _value_key(value: Any) -> Any:
