@@ -8,14 +8,13 @@ took 0.2-0.3 s and a first call ran three of them (one in Dynamo's trace, one in
 propagation, one while Inductor imported). SGLang and vLLM freeze the heap around CUDA-graph capture for
 the same reason.
 
-While Dynamo compiles a call that a `cachepass.compile`d model made (`calls_of_compiled_model` marks
-them and puts the callbacks on Dynamo's compile-start and compile-end hooks, which ``torch._dynamo.reset()``
-empties), the objects that existed
-before the compile move to the collector's permanent generation, and they move back when the compile
-ends, failed or not. Both moves are constant-time list splices. The collector still runs during the
-compile, over what the compile made. Nothing stays frozen: garbage from before the compile is
-collected by the first full collection after it. A process that froze objects itself
-(``gc.get_freeze_count() > 0``) is left as it is, since unfreezing would also unfreeze its objects.
+While Dynamo compiles a call that a `cachepass.compile`d model made (`calls_of_compiled_model` marks the
+thread and puts our callbacks on Dynamo's compile-start and compile-end hooks, which ``torch._dynamo.reset()``
+empties), the objects that existed before the compile move to the collector's permanent generation, and
+they move back when the compile ends, failed or not. Both moves are constant-time list splices. The
+collector still runs during the compile, over what the compile made. Nothing stays frozen: garbage from
+before the compile is collected by the first full collection after it. A process that froze objects
+itself (``gc.get_freeze_count() > 0``) is left as it is, since unfreezing would also unfreeze its objects.
 Compiles of other code are not touched. Results do not change; only when the collector runs.
 """
 

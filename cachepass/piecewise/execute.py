@@ -161,7 +161,8 @@ def _needed(program: fx.GraphModule, infos: dict[str, PieceInfo], compiler: Piec
     what those inputs are made of, directly or through other such pieces (none when nothing is: the
     clock, the decision and the state updates: 290 of the 391 glue nodes of a 30-block Wan are not run).
     """
-    wanted: dict[fx.Node, set | None] = {}  # piece call -> positions of its outputs a compile reads (None: all)
+    # a value of the split graph a compile reads -> None (all of it); a piece call -> the positions of its outputs read
+    wanted: dict[fx.Node, set | None] = {}
     runs: dict[fx.Node, set | None] = {}
     for node in reversed(program.graph.nodes):
         if node.op == "call_function" and node.target is operator.getitem and node in wanted:
