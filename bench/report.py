@@ -104,8 +104,8 @@ def _spread(times: list[float] | None) -> str:
 
 
 def table(rows: list[dict]) -> str:
-    header = ("variant", "status", "median s", "min-max s", "GPU busy s", "speedup", "/ideal", "cold s", "cached", "graphs/breaks",
-              "recomp", "syncs/call", "peak GB", "PSNR", "SSIM", "rel L2")
+    header = ("variant", "status", "median s", "min-max s", "GPU busy s", "speedup", "/ideal", "cold s", "cached",
+              "graphs/breaks", "recomp", "syncs/call", "peak GB", "PSNR", "SSIM", "rel L2")
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in rows:
         status = r["status"] if r["status"] == "ok" else f"failed: {r.get('error', '')[:120]}"
