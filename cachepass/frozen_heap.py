@@ -4,9 +4,9 @@ A compile makes hundreds of thousands of short-lived Python objects (Dynamo's va
 fake tensors). CPython's collector runs every few hundred allocations, and each full (oldest-generation)
 collection walks the whole process heap: torch's and diffusers' modules, the model, every object made
 since the process started. On the bench's CPU host (30-block Wan, warm caches) each full collection
-took 0.2-0.3 s and a first call ran three of them (one in Dynamo's trace, one in the backend's fake
-propagation, one while Inductor imported). SGLang and vLLM freeze the heap around CUDA-graph capture for
-the same reason.
+took 0.2-0.3 s; two fell inside a warm first call's compile (in Dynamo's trace and in the backend's fake
+propagation) and one in the new shape's (in the inline pass). SGLang and vLLM freeze the heap around
+CUDA-graph capture for the same reason.
 
 While Dynamo compiles a call that a `cachepass.compile`d model made (`calls_of_compiled_model` marks the
 thread and puts our callbacks on Dynamo's compile-start and compile-end hooks, which ``torch._dynamo.reset()``
@@ -75,6 +75,8 @@ def _register() -> None:
     """Put the callbacks on Dynamo's handler, unless they are on it (``torch._dynamo.reset()`` removes them)."""
     handler = getattr(torch._dynamo, "callback_handler", None)
     if handler is None:  # a torch without compile callbacks: its compiles run with the heap as it is
+        return
+    if _compile_started in handler.start_callbacks:  # every call of a compiled model asks: no lock when they are on
         return
     with _LOCK:
         if _compile_started not in handler.start_callbacks:

@@ -154,7 +154,8 @@ def _cond_step(piece: fx.GraphModule, inputs: list, compiler: PieceCompiler, blo
 
 
 def _needed(program: fx.GraphModule, infos: dict[str, PieceInfo], compiler: PieceCompiler) -> dict[fx.Node, set | None]:
-    """Per piece call of the split graph, the nodes of the piece to run on fake tensors (None: the whole piece).
+    """Per piece call of the split graph but the conds (their cached branch runs), the nodes of the piece to run on
+    fake tensors (None: the whole piece).
 
     A piece compiled from example inputs needs all its inputs, and a cond its operands (its branches are
     built from them). A piece run as traced needs no inputs of its own: it runs only the nodes that compute
@@ -175,7 +176,6 @@ def _needed(program: fx.GraphModule, infos: dict[str, PieceInfo], compiler: Piec
         if info.kind is PieceKind.COND:
             cond = next(n for n in piece.graph.nodes if is_cond(n))
             read = set(cond.args[3])  # the operands: the branches' example inputs, and the cached branch's outputs'
-            runs[node] = None
         elif compiler.needs_examples(info.kind.value):
             read, runs[node] = set(piece.graph.nodes), None
         else:
