@@ -16,6 +16,7 @@ from cachepass.analysis.sequence_parallel import SequenceParallel
 from cachepass.analysis.timestep import TimestepInput
 from cachepass.backend import stepcache
 from cachepass.compat import trace_functional_all_gather
+from cachepass.compile_scope import calls_of_compiled_model
 from cachepass.config import StepCacheConfig
 from cachepass.cudagraphs import memory as graph_memory
 from cachepass.cudagraphs.graphed import CudaGraphs
@@ -23,7 +24,6 @@ from cachepass.errors import BlockDiscoveryError, CachepassError
 from cachepass.exported.program import ExportedState, capture
 from cachepass.fastvideo_stages import compile_fastvideo, is_fastvideo
 from cachepass.fastvideo_stages import dits as fastvideo_dits
-from cachepass.frozen_heap import calls_of_compiled_model
 from cachepass.offload.host_start import check_budget_fits, place_for_offload
 from cachepass.offload.plan import OffloadPlan, choose_residency, plan_generation
 from cachepass.offload.runtime import OffloadStats, check_not_offloaded_by_fastvideo, check_not_offloaded_by_hooks, model_bytes
