@@ -83,10 +83,12 @@ def main(argv=None) -> int:
     parser.add_argument("--host", action="store_true", help="also profile one generation's host time with cProfile")
     parser.add_argument("--offload-blocks", default="8GB",
                         help="device bytes for block weights in the stepcache-offload variants (resident + slots)")
+    parser.add_argument("--compile-backend", default="inductor",
+                        help="backend of the non-stepcache torch.compile variants (the ideal's two models)")
     args = parser.parse_args(argv)
     device, workload = torch.device(args.device), WORKLOADS[args.workload]
     model, inputs = workload.setup(device)
-    ctx = Context(workload, model, step_config(workload, "static", 0.08), "inductor")
+    ctx = Context(workload, model, step_config(workload, "static", 0.08), args.compile_backend)
     ctx.shared.update(device=device, offload_block_bytes=parse_bytes(args.offload_blocks))
     with torch.no_grad():
         rows = [profile(ctx, name, inputs, device, args.host) for name in args.variants.split(",")]

@@ -67,7 +67,7 @@ def test_compare_interleaves_repeats_across_variants(tmp_path):
 def test_profile_gap_reports_busy_and_idle_time_per_variant(tmp_path):
     out = tmp_path / "gap.json"
     command = [sys.executable, "-m", "bench.profile_gap", "--workload", "tiny", "--device", "cpu",
-               "--variants", "stepcache-aot_eager,ideal", "--out", str(out)]
+               "--variants", "stepcache-aot_eager,ideal", "--compile-backend", "aot_eager", "--out", str(out)]
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(out.read_text())
