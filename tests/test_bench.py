@@ -46,7 +46,7 @@ def test_compare_writes_json_table_and_plot(tmp_path):
 def test_compare_interleaves_repeats_across_variants(tmp_path):
     """--interleave: every variant on its own model copy, repeats round-robin; the same decisions and columns. An
     offload variant interleaves on its own copy too (on the CPU the slot logic runs with CPU copies)."""
-    variants = "cache-dit,stepcache-aot_eager,stepcache-offload"
+    variants = "cache-dit,stepcache-aot_eager,stepcache-offload-aot_eager"
     command = [sys.executable, "-m", "bench.compare", "--workload", "tiny", "--device", "cpu", "--repeats", "2",
                "--compile-backend", "aot_eager", "--variants", variants, "--interleave", "--offload-blocks", "70KB",
                "--out", str(tmp_path)]
@@ -56,7 +56,7 @@ def test_compare_interleaves_repeats_across_variants(tmp_path):
     assert list(rows) == variants.split(",") and all(r["status"] == "ok" for r in rows.values())
     assert all(r["order"] == "interleaved" and r["compiler_warmup_s"] > 0 and len(r["times_s"]) == 2
                for r in rows.values())
-    for name in ("stepcache-aot_eager", "stepcache-offload"):
+    for name in ("stepcache-aot_eager", "stepcache-offload-aot_eager"):
         assert rows[name]["matches_cache_dit"] is True and rows[name]["recompiles"] == 0, rows[name]
         assert rows[name]["cached_steps"] == rows["cache-dit"]["cached_steps"] == 16
     assert "2 resident blocks, 2 slot(s)" in result.stderr and "3 blocks" in result.stderr  # the offload one streams
