@@ -6,7 +6,7 @@ name in parentheses comes from ``torch._dynamo.funcname_cache``, which tokenizes
 first time a line of it is asked about (Python 3.11's tokenizer is pure Python). A first trace of a diffusers
 DiT reads 11 files that way: on the bench's CPU host (30-block small Wan, warm caches) 0.78 s of a 7-8 s warm
 first call, against 0.41 s for the 7 files of the block that regional compile traces; without it, Dynamo's
-trace took 2.1 s instead of 2.9 s (medians of 4 alternating processes).
+trace took 2.2 s instead of 2.8 s (medians of 4 alternating processes).
 
 While a compile of ours runs and neither the ``trace_call`` nor the ``trace_source`` log is on (their loggers
 are asked at the compile's start), the ``get_funcname`` that ``torch._dynamo.symbolic_convert`` calls answers
