@@ -149,11 +149,11 @@ def stepcache(ctx: Context, inner: str = "inductor", mode: str | None = None, fo
     return Prepared(fn, decisions=decisions)
 
 
-def stepcache_offload(ctx: Context, cudagraphs: str | None = None, inner: str = "inductor") -> Prepared:
+def stepcache_offload(ctx: Context, cudagraphs: str | None = None, inner: str = "inductor", glue: str | None = None) -> Prepared:
     """stepcache streaming the blocks that do not fit ``ctx.shared["offload_block_bytes"]`` from pinned host memory."""
     budget = nonblock_bytes(ctx.model, ctx.workload.block_lists) + ctx.shared["offload_block_bytes"]
     on_cpu = {"allow_cpu": True} if ctx.shared["device"].type == "cpu" else {}  # the slot logic with CPU copies: a smoke run
-    prepared = stepcache(ctx, inner=inner, cudagraphs=cudagraphs, offload={"budget": budget, **on_cpu})
+    prepared = stepcache(ctx, inner=inner, cudagraphs=cudagraphs, glue=glue, offload={"budget": budget, **on_cpu})
     prepared.cleanup = lambda: _rebuild(ctx)
     return prepared
 
@@ -215,6 +215,7 @@ VARIANTS: dict[str, Callable[[Context], Prepared]] = {
     "stepcache-offload-piecewise": lambda ctx: stepcache_offload(ctx, cudagraphs="piecewise"),
     "stepcache-offload-conditional": lambda ctx: stepcache_offload(ctx, cudagraphs="conditional"),
     "stepcache-offload-aot_eager": lambda ctx: stepcache_offload(ctx, inner="aot_eager"),
+    "stepcache-offload-glue-inductor": lambda ctx: stepcache_offload(ctx, glue="inductor"),
     "cache-dit+group-offload": cache_dit_group_offload,  # hooks, then cache
     "cache-dit-first+group-offload": lambda ctx: cache_dit_group_offload(ctx, cache_first=True),
     "ideal": ideal,
