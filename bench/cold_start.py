@@ -276,6 +276,7 @@ def _row(variant: str, cold: dict, warms: list[dict], portable: dict) -> dict:
            "second_call_s": cold["second_call_s"], "new_shape_s": cold["new_shape_s"],
            "cold_backend_s": cold.get("backend_s"),
            "warm_backend_s": warm.get("backend_s"), "cold_backend_log": cold.get("backend_log"),
+           "warm_backend_log": warm.get("backend_log"),
            **{f"{start}_{k}": v for start, out in (("cold", cold), ("warm", warm))
               for k, v in out.items() if k in PHASES + LOGGED}}
     backend = "" if cold.get("backend_s") is None else \
