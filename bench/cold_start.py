@@ -9,8 +9,9 @@ machine would with the first one's compile results shipped: an empty cache folde
 ``torch.compiler.load_cache_artifacts`` with what the cold process saved (``save_cache_artifacts``; the
 load's seconds are reported beside, not in, its first call). ``--interleave`` alternates the variants' processes
 (warm round r of each before round r + 1 of any) and pairs each warm round with regional compile's. Each process
-times its first
-call (trace + compile + run) and a second call; the model is a diffusers Wan transformer with
+times its first call (trace + compile + run), a second call, a call at a new shape (twice the tokens) and one at a
+third shape (three times: Dynamo has made regional compile's block dynamic at the second, while stepcache compiles
+one static program per shape); the model is a diffusers Wan transformer with
 ``--blocks`` blocks and random weights. Two reference rows bound what a whole-model capture costs:
 ``compile`` (plain ``torch.compile``, fullgraph) and ``dynamo-trace`` (Dynamo's trace of the whole
 model with ``backend="eager"``: no compiler at all); ``dynamo-trace-regions`` traces the block class once as torch's
@@ -97,8 +98,9 @@ def child(variant: str, blocks: int, device: str, width: str, save_artifacts: st
         fn = cachepass.compile(model, cfg, form=form, glue=glue)
     times = []
     wider = torch.cat([latents, latents], dim=-1)  # a new resolution mid-session: twice the tokens
+    widest = torch.cat([latents] * 3, dim=-1)  # a third one: regional compile's blocks are dynamic by now
     with torch.no_grad():
-        for t, x in ((999, latents), (874, latents), (999, wider)):
+        for t, x in ((999, latents), (874, latents), (999, wider), (999, widest)):
             profiler = cProfile.Profile() if profile_to and not times else None
             start = time.perf_counter()
             with profiler or contextlib.nullcontext():
@@ -119,6 +121,7 @@ def child(variant: str, blocks: int, device: str, width: str, save_artifacts: st
             f.write(data)
         saved = {"artifacts_mb": len(data) / 1e6}
     return {"variant": variant, "first_call_s": times[0], "second_call_s": times[1], "new_shape_s": times[2],
+            "third_shape_s": times[3],
             "artifacts_load_s": loaded_s, **saved, **phases, **backend_log.found}
 
 
@@ -273,7 +276,9 @@ def _row(variant: str, cold: dict, warms: list[dict], portable: dict) -> dict:
            "artifacts_mb": cold["artifacts_mb"],
            "warm_start_each_s": [w["first_call_s"] for w in warms],
            "warm_new_shape_each_s": [w["new_shape_s"] for w in warms],
+           "warm_third_shape_each_s": [w["third_shape_s"] for w in warms],
            "second_call_s": cold["second_call_s"], "new_shape_s": cold["new_shape_s"],
+           "third_shape_s": cold["third_shape_s"],
            "cold_backend_s": cold.get("backend_s"),
            "warm_backend_s": warm.get("backend_s"), "cold_backend_log": cold.get("backend_log"),
            "warm_backend_log": warm.get("backend_log"),
@@ -283,7 +288,8 @@ def _row(variant: str, cold: dict, warms: list[dict], portable: dict) -> dict:
         f"   backend cold {cold['backend_s']:.1f} s warm {warm['backend_s']:.1f} s"
     print(f"{variant:<22} cold {row['cold_start_s']:7.1f} s   warm {row['warm_start_s']:7.1f} s   "
           f"from artifacts {row['portable_start_s']:7.1f} s (+{row['artifacts_load_s']:.1f} s load)   "
-          f"second call {row['second_call_s'] * 1e3:7.1f} ms   new shape {row['new_shape_s']:6.1f} s{backend}",
+          f"second call {row['second_call_s'] * 1e3:7.1f} ms   new shape {row['new_shape_s']:6.1f} s   "
+          f"third shape {row['third_shape_s']:6.1f} s{backend}",
           flush=True)
     return row
 
@@ -295,7 +301,8 @@ def _write(rows: list[dict], args) -> None:
     base = next((r for r in rows if r["variant"] == "regional-compile"), None)
     for row in rows:
         for column, ratio in (("cold_start_s", "cold_vs_regional"), ("warm_start_s", "warm_vs_regional"),
-                              ("new_shape_s", "new_shape_vs_regional"), ("portable_start_s", "portable_vs_regional")):
+                              ("new_shape_s", "new_shape_vs_regional"), ("third_shape_s", "third_shape_vs_regional"),
+                              ("portable_start_s", "portable_vs_regional")):
             row[ratio] = row[column] / base[column] if base else None
         if args.interleave and base:  # warm process r of this variant ran beside warm process r of regional compile
             row["warm_vs_regional_each"] = [a / b for a, b in zip(row["warm_start_each_s"], base["warm_start_each_s"])]
@@ -312,7 +319,7 @@ def _write(rows: list[dict], args) -> None:
                                                                                       else ""),
         "model": f"diffusers WanTransformer3DModel, {args.blocks} blocks, {args.width} width "
                  f"({WIDTHS[args.width]['num_attention_heads'] * WIDTHS[args.width]['attention_head_dim']}), 256 tokens "
-                 "(512 for the new shape), random weights",
+                 "(512 for the new shape, 768 for the third), random weights",
         "rows": rows,
     }
     os.makedirs(args.out, exist_ok=True)

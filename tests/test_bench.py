@@ -126,7 +126,7 @@ def test_cold_start_interleaves_the_variants_processes_and_pairs_each_warm_round
         calls.append((start, variant))
         seconds = {"stepcache-piecewise": 6.0, "regional-compile": 4.0}[variant] + sum(c[0] == "warm" for c in calls)
         return {"variant": variant, "first_call_s": seconds, "second_call_s": 0.1, "new_shape_s": 2.0,
-                "artifacts_load_s": 0.1 if start == "from artifacts" else None, "artifacts_mb": 1.0}
+                "third_shape_s": 1.0, "artifacts_load_s": 0.1 if start == "from artifacts" else None, "artifacts_mb": 1.0}
 
     monkeypatch.setattr(cold_start, "run", fake_run)
     cold_start.main(["--variants", "stepcache-piecewise,regional-compile", "--warm-repeats", "2", "--interleave",
