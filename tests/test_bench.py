@@ -126,7 +126,8 @@ def test_cold_start_interleaves_the_variants_processes_and_pairs_each_warm_round
         calls.append((start, variant))
         seconds = {"stepcache-piecewise": 6.0, "regional-compile": 4.0}[variant] + sum(c[0] == "warm" for c in calls)
         return {"variant": variant, "first_call_s": seconds, "second_call_s": 0.1, "new_shape_s": 2.0,
-                "third_shape_s": 1.0, "artifacts_load_s": 0.1 if start == "from artifacts" else None, "artifacts_mb": 1.0}
+                "third_shape_s": {"stepcache-piecewise": 3.0, "regional-compile": 0.2}[variant],
+                "artifacts_load_s": 0.1 if start == "from artifacts" else None, "artifacts_mb": 1.0}
 
     monkeypatch.setattr(cold_start, "run", fake_run)
     cold_start.main(["--variants", "stepcache-piecewise,regional-compile", "--warm-repeats", "2", "--interleave",
@@ -141,4 +142,6 @@ def test_cold_start_interleaves_the_variants_processes_and_pairs_each_warm_round
     assert rows["stepcache-piecewise"]["warm_start_each_s"] == [7.0, 9.0]
     assert rows["regional-compile"]["warm_start_each_s"] == [6.0, 8.0]
     assert rows["stepcache-piecewise"]["warm_vs_regional_each"] == [7.0 / 6.0, 9.0 / 8.0]
+    assert rows["stepcache-piecewise"]["warm_third_shape_each_s"] == [3.0, 3.0]
+    assert rows["stepcache-piecewise"]["third_shape_vs_regional"] == 3.0 / 0.2
     assert result["command"].endswith("--interleave")
