@@ -10,8 +10,8 @@ machine would with the first one's compile results shipped: an empty cache folde
 load's seconds are reported beside, not in, its first call). ``--interleave`` alternates the variants' processes
 (warm round r of each before round r + 1 of any) and pairs each warm round with regional compile's. Each process
 times its first call (trace + compile + run), a second call, a call at a new shape (twice the tokens) and one at a
-third shape (three times: Dynamo has made regional compile's block dynamic at the second, while stepcache compiles
-one static program per shape); the model is a diffusers Wan transformer with
+third shape (three times: both have traced the second shape with symbolic sizes, which takes the third without a
+compile); the model is a diffusers Wan transformer with
 ``--blocks`` blocks and random weights. Two reference rows bound what a whole-model capture costs:
 ``compile`` (plain ``torch.compile``, fullgraph) and ``dynamo-trace`` (Dynamo's trace of the whole
 model with ``backend="eager"``: no compiler at all); ``dynamo-trace-regions`` traces the block class once as torch's
@@ -98,7 +98,7 @@ def child(variant: str, blocks: int, device: str, width: str, save_artifacts: st
         fn = cachepass.compile(model, cfg, form=form, glue=glue)
     times = []
     wider = torch.cat([latents, latents], dim=-1)  # a new resolution mid-session: twice the tokens
-    widest = torch.cat([latents] * 3, dim=-1)  # a third one: regional compile's blocks are dynamic by now
+    widest = torch.cat([latents] * 3, dim=-1)  # a third one: the second's symbolic program runs it
     with torch.no_grad():
         for t, x in ((999, latents), (874, latents), (999, wider), (999, widest)):
             profiler = cProfile.Profile() if profile_to and not times else None

@@ -68,6 +68,16 @@ class ModelCase:
         torch.manual_seed(0)
         return self.build().eval()
 
+    def at_size(self, times: int, dim: int = -1) -> "ModelCase":
+        """This case at another resolution: random latents ``times`` as large along ``dim`` (the width)."""
+        def inputs(g):
+            latents, cond, uncond = self.inputs(g)
+            shape = list(latents.shape)
+            shape[dim] *= times
+            return torch.randn(shape, generator=g), cond, uncond
+
+        return dataclasses.replace(self, inputs=inputs)
+
     def two_experts(self) -> tuple[nn.Module, nn.Module]:
         """Two instances of the model class with different weights (Wan 2.2's two experts)."""
         first, second = self.model(), self.model()

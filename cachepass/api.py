@@ -45,8 +45,9 @@ _COMPILED_ORIGINALS: "weakref.WeakKeyDictionary[nn.Module, StepCacheConfig]" = w
 def compile(model: nn.Module, config: Any = None, *, calibrator_config: Any = None, inner: str = "inductor",
             mode: str | None = None, form: str = "piecewise", cudagraphs: str | None = None,
             offload: Any = None, sequence_parallel_group: Any = "auto", fullgraph: bool = True,
-            max_shapes: int | None = None, device: Any = None, glue: str | None = None) -> nn.Module:
-    """``torch.compile(model, backend="stepcache", dynamic=False, ...)`` with the options checked up front.
+            max_shapes: int | None = None, device: Any = None, glue: str | None = None,
+            dynamic: bool | None = None) -> nn.Module:
+    """``torch.compile(model, backend="stepcache", ...)`` with the options checked up front.
 
     ``model`` may also be a diffusers pipeline: its DiT components are compiled in place and the pipeline
     is returned; ``config=None`` then takes cache-dit's defaults with the family's CFG layout
@@ -73,11 +74,14 @@ def compile(model: nn.Module, config: Any = None, *, calibrator_config: Any = No
     ``sequence_parallel_group`` (context parallel, `cachepass.analysis.sequence_parallel`): ``"auto"`` finds
     the group that shards the tokens from the graph's collectives, and every rank then takes the
     same decision from one all-reduce per cache unit; a ``ProcessGroup`` names it; None refuses a
-    sharded graph. Shapes are static: a new
-    resolution or batch size compiles once more, with its own state. Dynamo allows
-    ``torch._dynamo.config.recompile_limit`` (8) graphs per function, shared by every shape and
-    every compile of the model's class in the process; ``max_shapes`` raises that limit
-    (process-wide) when larger, and each compile's first call makes room for its own graph.
+    sharded graph. ``dynamic`` is torch.compile's: None (the default) compiles the first shape with
+    static sizes and, at the first call of another shape, once more with the sizes that changed
+    symbolic: that program runs every later resolution or batch size with no compile (as regional
+    compile's blocks do), each shape with its own cache state (`cachepass.state.sizes`). False compiles
+    every shape with static sizes (the fastest kernels per shape, a compile per shape); True makes sizes
+    symbolic from the first call. Dynamo allows ``torch._dynamo.config.recompile_limit`` (8) graphs per
+    function, shared by every shape and every compile of the model's class in the process; ``max_shapes``
+    raises that limit (process-wide) when larger, and each compile's first call makes room for its own graph.
     Options that cannot run on the model's device raise here.
     """
     if is_pipeline(model) or is_fastvideo(model):
@@ -85,7 +89,9 @@ def compile(model: nn.Module, config: Any = None, *, calibrator_config: Any = No
         return compile_components(model, config, compile, calibrator_config=calibrator_config, inner=inner, mode=mode,
                                   form=form, cudagraphs=cudagraphs, offload=offload, glue=glue,
                                   sequence_parallel_group=sequence_parallel_group, fullgraph=fullgraph,
-                                  max_shapes=max_shapes, device=device)
+                                  max_shapes=max_shapes, device=device, dynamic=dynamic)
+    if dynamic is not None and not isinstance(dynamic, bool):
+        raise ValueError(f"cachepass.compile dynamic={dynamic!r} is invalid; allowed: None, True or False")
     if max_shapes is not None and (isinstance(max_shapes, bool) or not isinstance(max_shapes, int) or max_shapes < 1):
         raise ValueError(f"cachepass.compile max_shapes={max_shapes!r} is invalid; allowed: an integer >= 1 or None")
     model = _original_module(model)
@@ -118,7 +124,7 @@ def compile(model: nn.Module, config: Any = None, *, calibrator_config: Any = No
         model.to(target)
     if max_shapes is not None:
         _raise_recompile_limit(max_shapes, "max_shapes")
-    compiled = torch.compile(model, backend=stepcache, fullgraph=fullgraph, dynamic=False, options=options)
+    compiled = torch.compile(model, backend=stepcache, fullgraph=fullgraph, dynamic=dynamic, options=options)
     compiled.forward = _with_clear_errors(compiled.forward, model)
     _COMPILED_ORIGINALS[model] = parsed.config
     return compiled

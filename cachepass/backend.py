@@ -23,7 +23,7 @@ from torch import fx
 
 from cachepass.config import StepCacheConfig
 from cachepass.cudagraphs.graphed import CudaGraphs, GraphedProgram
-from cachepass.errors import CachepassError, UnsupportedGraphError
+from cachepass.errors import CachepassError
 from cachepass.inner import Inner, asks_for_cudagraphs, inner_compile
 from cachepass.leaf_weights import LeafWeights
 from cachepass.offload.runtime import ProgramOffload
@@ -33,7 +33,9 @@ from cachepass.piecewise.execute import build_program
 from cachepass.piecewise.hooks import NO_HOOKS, ProgramHooks
 from cachepass.piecewise.host_inputs import HostInputs
 from cachepass.pipeline import Rewritten, rewrite, static_example_state
+from cachepass.state.layout import StateLayout
 from cachepass.state.runtime import StateSet
+from cachepass.state.sizes import SizeSymbols
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +51,6 @@ def stepcache(gm: fx.GraphModule, example_inputs: Sequence[Any], *, mode: str | 
             "stepcache compiles inference graphs (its state is updated in place): call the model under "
             "torch.no_grad() or torch.inference_mode(), as diffusers pipelines do"
         )
-    _require_static_shapes(example_inputs)
     host = HostInputs.find(gm, example_inputs, _accelerator_of(example_inputs))
     example_inputs = host.retarget(gm, example_inputs)
     rewritten = rewrite(gm, opts.config, sequence_parallel_group=opts.sequence_parallel_group)
@@ -59,8 +60,11 @@ def stepcache(gm: fx.GraphModule, example_inputs: Sequence[Any], *, mode: str | 
     if parallel is not None:
         log.info("stepcache: %s: one all-reduce per cache unit per call", parallel.describe())
     device = units[0].hidden.device
-    log.info("stepcache: %d cache unit(s) (%s), %.1f MiB of state per model instance, form=%s, inner=%s, %s",
-             len(units), ", ".join(u.name for u in units), layout.nbytes / 2**20, opts.form.value, opts.inner.value,
+    sizes = SizeSymbols.of(example_inputs, layout.symbols)
+    log.info("stepcache: %d cache unit(s) (%s), %.1f MiB of state per model instance%s, form=%s, inner=%s, %s",
+             len(units), ", ".join(u.name for u in units), _state_nbytes(layout, sizes, example_inputs) / 2**20,
+             f" at this shape; sizes symbolic in {', '.join(map(str, sizes.symbols))} (one program for every shape)"
+             if sizes else "", opts.form.value, opts.inner.value,
              timestep.describe() if timestep else "no timestep input: generations counted in calls")
     leaf_weights = LeafWeights.of(rewritten.graph)  # after Dynamo's inputs: the block leaves' weights
     inputs = [*example_inputs, *leaf_weights.compiled_with(example_inputs), *static_example_state(example_inputs, layout, device)]
@@ -69,8 +73,8 @@ def stepcache(gm: fx.GraphModule, example_inputs: Sequence[Any], *, mode: str | 
         compiled = _compile_one_graph(rewritten.graph, inputs, opts)
         log.info("stepcache: one graph; backend %.1f s (passes %.1f s)", time.perf_counter() - start,
                  passes_done - start)
-        return _with_state(compiled, StateSet(layout, device, _anchor_index(example_inputs), rewritten.graph),
-                           leaf_weights, host=host)
+        return _with_state(compiled, StateSet(layout, device, _anchor_index(example_inputs), rewritten.graph,
+                                              sizes=sizes), leaf_weights, host=host)
     cudagraphs = opts.cudagraphs_on(device, sharded=parallel is not None)
     if cudagraphs is CudaGraphs.CONDITIONAL and parallel is not None:
         raise CachepassError("stepcache option cudagraphs='conditional' is not supported on a sharded model: "
@@ -92,10 +96,11 @@ def stepcache(gm: fx.GraphModule, example_inputs: Sequence[Any], *, mode: str | 
     log.info("stepcache: piecewise, %d block pieces, cudagraphs=%s, glue=%s; %s; backend %.1f s (passes %.1f s, "
              "compiles: %s)", len(plan.blocks), cudagraphs.value, glue.value, compiler.count,
              time.perf_counter() - start, passes_done - start, compiler.count.timings())
-    states = StateSet(layout, device, _anchor_index(example_inputs), rewritten.graph, plan, hooks.reset)
+    states = StateSet(layout, device, _anchor_index(example_inputs), rewritten.graph, plan, hooks.reset, sizes)
     if cudagraphs is CudaGraphs.OFF:
         return _with_state(program.forward, states, leaf_weights, hooks, host)
-    graphed = GraphedProgram(program, device, cudagraphs, len(layout.specs), hooks, chosen_by_default=opts.cudagraphs is None)
+    graphed = GraphedProgram(program, device, cudagraphs, len(layout.specs), hooks, chosen_by_default=opts.cudagraphs is None,
+                             sizes=sizes)
     return _with_state(graphed, states, leaf_weights, hooks, host)
 
 
@@ -106,17 +111,9 @@ def _program_hooks(rewritten: Rewritten, opts: CompileOptions, device: torch.dev
     return ProgramOffload(rewritten.graph, rewritten.units, opts.config, opts.offload, device, graphed)
 
 
-def _require_static_shapes(example_inputs: Sequence[Any]) -> None:
-    symbolic = [str(t) for t in example_inputs if isinstance(t, torch.SymInt)]
-    symbolic += [str(tuple(t.shape)) for t in example_inputs
-                 if isinstance(t, torch.Tensor) and any(isinstance(d, torch.SymInt) for d in t.shape)]
-    if symbolic:
-        raise UnsupportedGraphError(
-            f"torch.compile traced this call with symbolic sizes ({', '.join(symbolic[:3])}): dynamic=True, or "
-            "torch.compile's default dynamic=None after a shape change, makes sizes symbolic. stepcache compiles one "
-            "static graph, with its own state, per shape: use cachepass.compile(model, config), or pass "
-            "dynamic=False to torch.compile"
-        )
+def _state_nbytes(layout: StateLayout, sizes: SizeSymbols | None, example_inputs: Sequence[Any]) -> int:
+    """Bytes of one model instance's state at the traced call's shape."""
+    return (layout.concrete(sizes, sizes.hints(example_inputs)) if sizes else layout).nbytes
 
 
 _WARNED_NEVER_CACHES: set[StepCacheConfig] = set()

@@ -136,12 +136,12 @@ def test_graph_sets_beyond_the_bound_are_dropped_least_recently_replayed_first(m
     cuda = torch.device("cuda", 0)
     first, second = _Holder(), _Holder()
     memory.pool_and_stream(cuda)
-    memory.added(first, 1, cuda)
-    memory.added(second, 2, cuda)
-    memory.replayed(first, 1, cuda)  # now the second set is the one replayed longest ago
-    memory.added(first, 3, cuda)
-    assert second.dropped == [2] and first.dropped == [] and memory.graph_sets(cuda) == 2
-    assert memory.release({3}) == 1 and first.dropped == [3] and memory.graph_sets(cuda) == 1
+    memory.added(first, (1, ()), cuda)
+    memory.added(second, (2, ()), cuda)
+    memory.replayed(first, (1, ()), cuda)  # now the second set is the one replayed longest ago
+    memory.added(first, (3, (4,)), cuda)  # a state of a program traced with symbolic sizes, at size 4
+    assert second.dropped == [(2, ())] and first.dropped == [] and memory.graph_sets(cuda) == 2
+    assert memory.release({3}) == 1 and first.dropped == [(3, (4,))] and memory.graph_sets(cuda) == 1
     assert memory.release({1}) == 1 and memory.graph_sets(cuda) == 0 and not memory._DEVICES  # pool given back
     monkeypatch.setenv(memory.MAX_GRAPH_SETS_ENV, "0")
     with pytest.raises(ValueError, match=r"CACHEPASS_MAX_GRAPH_SETS='0' is invalid; allowed: an integer >= 1"):

@@ -96,25 +96,48 @@ def test_counting_calls_without_a_timestep_continues_until_reset():
     assert summary(model) == first_stats
 
 
-def test_shape_change_recompiles_once_with_fresh_state():
+def test_new_resolutions_run_one_symbolic_program_each_with_its_own_state():
+    """The default (dynamic=None): the second resolution compiles once with symbolic sizes and every later one
+    runs that program, each resolution with its own cache state: the outputs and stats of a static compile."""
     model = CASE.model()
     compiled = cachepass.compile(model, cfg(), inner="aot_eager")
+    widths = (1, 2, 3)
     counters.clear()
-    generate(CASE, compiled, STEPS)
-    small_stats = summary(model)
-    wide = lambda fn, x, sigma, kw: CASE.call(fn, torch.cat([x, x], dim=1), sigma, kw)[:, :16]  # noqa: E731
-    wide_case = type(CASE)(**{**CASE.__dict__, "call": wide})
-    wide_out = generate(wide_case, compiled, STEPS)
-    wide_stats = summary(model)
-    assert counters["stats"]["unique_graphs"] == 2
+    outs, stats = {}, {}
+    for times in widths:
+        outs[times] = generate(CASE.at_size(times, dim=1), compiled, STEPS)
+        stats[times] = summary(model)
+    assert counters["stats"]["unique_graphs"] == 2  # the third resolution compiled nothing
 
-    alone = CASE.model()
-    torch.testing.assert_close(generate(wide_case, cachepass.compile(alone, cfg(), inner="aot_eager"), STEPS), wide_out,
-                               atol=0, rtol=0)
-    assert summary(alone) == wide_stats  # no state leaked from the first shape
+    static_model = CASE.model()
+    static = cachepass.compile(static_model, cfg(), inner="aot_eager", dynamic=False)
+    counters.clear()
+    for times in widths:
+        torch.testing.assert_close(generate(CASE.at_size(times, dim=1), static, STEPS), outs[times], atol=0, rtol=0)
+        assert summary(static_model) == stats[times]  # no state leaked between resolutions
+    assert counters["stats"]["unique_graphs"] == 3  # dynamic=False: a static program per resolution
     with torch.compiler.set_stance("fail_on_recompile"):
-        generate(CASE, compiled, STEPS)  # back to the first shape: its graph and its own state
-    assert summary(model) == small_stats
+        generate(CASE.at_size(1, dim=1), compiled, STEPS)  # back to the first resolution: its own state again
+    assert summary(model) == stats[1]
+
+
+def test_symbolic_sizes_from_the_first_call_and_in_the_one_graph_form():
+    """torch.compile(..., dynamic=True) traces symbolic sizes at once; the one-graph form takes them too."""
+    expected = generate(CASE.at_size(2, dim=1), cachepass.compile(CASE.model(), cfg(), inner="aot_eager",
+                                                                  dynamic=False), STEPS)
+    for form in ("piecewise", "one-graph"):
+        model = CASE.model()
+        compiled = torch.compile(model, backend="stepcache", fullgraph=True, dynamic=True,
+                                 options={"config": cfg(), "inner": "aot_eager", "form": form})
+        counters.clear()
+        generate(CASE, compiled, STEPS)
+        torch.testing.assert_close(generate(CASE.at_size(2, dim=1), compiled, STEPS), expected, atol=0, rtol=0)
+        assert counters["stats"]["unique_graphs"] == 1, form
+
+
+def test_dynamic_must_be_a_bool_or_none():
+    with pytest.raises(ValueError, match=r"dynamic='yes' is invalid; allowed: None, True or False"):
+        cachepass.compile(CASE.model(), cfg(), dynamic="yes")
 
 
 def test_two_instances_share_the_graph_but_not_the_state():

@@ -24,6 +24,7 @@ from typing import Any, Iterable
 
 import torch
 from torch import fx
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from cachepass.config import StepCacheConfig
 from cachepass.errors import BlockDiscoveryError, UnsupportedGraphError
@@ -540,13 +541,13 @@ def _require_same_meta(a: fx.Node, b: fx.Node, where_a: str, where_b: str) -> No
     if not isinstance(va, torch.Tensor) or not isinstance(vb, torch.Tensor):
         raise UnsupportedGraphError(f"carried value is not a tensor: {where_a} {describe_value(a)}, {where_b} "
                                     f"{describe_value(b)}")
-    if tuple(va.shape) != tuple(vb.shape) or va.dtype != vb.dtype:
+    if not _same_sizes(va.shape, vb.shape) or va.dtype != vb.dtype:
         raise UnsupportedGraphError(
             f"carried value changes shape or dtype across the cached region: {where_a} is "
             f"{va.dtype}{list(va.shape)}, {where_b} is {vb.dtype}{list(vb.shape)}"
         )
-    if any(not isinstance(d, int) for d in va.shape):
-        raise UnsupportedGraphError(
-            f"{where_a} has a symbolic shape {list(va.shape)}; stepcache needs static shapes "
-            "(torch.compile(..., dynamic=False), which cachepass.compile sets)"
-        )
+
+
+def _same_sizes(a, b) -> bool:
+    """Equal sizes, symbolic ones equal for every shape (no guard is added to the graph)."""
+    return len(a) == len(b) and all(statically_known_true(x == y) for x, y in zip(a, b))

@@ -40,7 +40,7 @@ class TimestepInput:
     @property
     def sample_size(self) -> int:
         """Elements of the latents sample the clock keeps (0: no latents input)."""
-        return min(LATENT_SAMPLE, self.latents_numel) if self.latents else 0
+        return torch.sym_min(LATENT_SAMPLE, self.latents_numel) if self.latents else 0  # no guard on a symbolic size
 
     def describe(self) -> str:
         pairing = f", CFG pairs share {self.latents_name}" if self.latents else ""
@@ -87,7 +87,7 @@ def find_timestep_input(gm: fx.GraphModule, config: StepCacheConfig) -> Timestep
 
 def latents_sample(latents, numel: int, size: int):
     """``size`` evenly strided elements of the flattened latents of ``numel`` elements (a tensor or an FX proxy)."""
-    return latents.reshape(-1)[:: max(1, numel // size)][:size]
+    return latents.reshape(-1)[:: torch.sym_max(1, numel // size)][:size]
 
 
 def follows(sample, last) -> Any:

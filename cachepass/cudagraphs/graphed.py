@@ -39,6 +39,7 @@ from cachepass.errors import CachepassError
 from cachepass.piecewise.execute import CondStep, Piece
 from cachepass.piecewise.hooks import NO_HOOKS, ProgramHooks
 from cachepass.piecewise.static_inputs import has_static_address, pointers_equal
+from cachepass.state.sizes import SizeSymbols
 
 log = logging.getLogger(__name__)
 
@@ -59,30 +60,32 @@ class GraphedProgram:
     """
 
     def __init__(self, program: fx.GraphModule, device: torch.device, mode: CudaGraphs, state_count: int,
-                 hooks: ProgramHooks = NO_HOOKS, chosen_by_default: bool = False):
+                 hooks: ProgramHooks = NO_HOOKS, chosen_by_default: bool = False, sizes: SizeSymbols | None = None):
         if mode is CudaGraphs.OFF:
             raise ValueError("GraphedProgram needs cudagraphs='piecewise' or 'conditional'")
         self.program, self.device, self.mode, self.state_count = program, device, mode, state_count
         self.hooks = hooks  # told as each graph's capture begins (offload joins its copy stream there)
+        self.sizes = sizes  # a program traced with symbolic sizes: graphs per state and per concrete sizes
         # not asked for: a program the graphs cannot take runs without them (logged) instead of failing
         self.chosen_by_default = chosen_by_default
         self.without_graphs: str | None = None  # why it runs without them, once it does
-        # id of the state's first tensor -> (a weak reference to it, the state's graphs). Not a WeakKeyDictionary:
-        # its lookups compare keys with ==, which on tensors is an elementwise op and a host sync
-        self._runners: dict[int, tuple[weakref.ref, _Runner]] = {}
+        # (id of the state's first tensor, the call's sizes) -> (a weak reference to it, the graphs). Not a
+        # WeakKeyDictionary: its lookups compare keys with ==, which on tensors is an elementwise op and a host sync
+        self._runners: dict[tuple[int, tuple[int, ...]], tuple[weakref.ref, _Runner]] = {}
         self.captures = 0  # graph sets captured (one per state, more when weights or state moved or sets were dropped)
         self.moves = 0  # captures dropped because weights or state moved
 
     def __call__(self, *args):
         key = args[len(args) - self.state_count]
-        entry = self._runners.get(id(key))
+        set_key = (id(key), self.sizes.values(args) if self.sizes is not None else ())
+        entry = self._runners.get(set_key)
         runner = entry[1] if entry is not None and entry[0]() is key else None
         if runner is not None:
             moved = runner.moved(args)
             if moved is None:
-                memory.replayed(self, id(key), self.device)
+                memory.replayed(self, set_key, self.device)
                 return runner.replay(args)
-            self.drop(id(key))
+            self.drop(set_key)
             self.moves += 1
             if self.chosen_by_default and self.moves > 1:
                 self.without_graphs = f"{moved} moved again since the last capture"
@@ -94,7 +97,7 @@ class GraphedProgram:
                             "weights replaced); capturing them again (capture %d)", moved, self.captures + 1)
         if self.without_graphs is not None:
             return self.program(*args)
-        return self._capture(key, args)
+        return self._capture(key, set_key, args)
 
     def _give_up(self, error: CachepassError) -> None:
         """Graphs cannot take this program: an error if they were asked for, else no graphs from now on (logged)."""
@@ -103,16 +106,20 @@ class GraphedProgram:
         self.without_graphs = str(error)
         log.warning("stepcache: %s; this program runs without CUDA graphs (they were the default, not asked for)", error)
 
-    def drop(self, key: int) -> None:
-        """Forget the graphs of state ``key``: its next call captures again (`memory.HoldsGraphSets`)."""
+    def drop(self, key: tuple[int, tuple[int, ...]]) -> None:
+        """Forget the graph set ``key`` (state, sizes): its next call captures again (`memory.HoldsGraphSets`)."""
         if self._runners.pop(key, None) is not None:
             memory.forgotten(self, key, self.device)
 
-    def _capture(self, key: torch.Tensor, args: tuple) -> Any:
+    def _drop_state(self, state_id: int) -> None:
+        for key in [k for k in self._runners if k[0] == state_id]:
+            self.drop(key)
+
+    def _capture(self, key: torch.Tensor, set_key: tuple[int, tuple[int, ...]], args: tuple) -> Any:
         """The first call of a state: run it (warming every kernel), then capture its graphs."""
         start = time.perf_counter()
         try:
-            static, copied = _split_inputs(args, self.state_count)
+            static, copied = _split_inputs(args, self.state_count, self.sizes)
         except CachepassError as error:
             self._give_up(error)
             return self.program(*args)
@@ -130,9 +137,9 @@ class GraphedProgram:
             failure.__cause__ = error
             self._give_up(failure)
             return out
-        runners, key_id = self._runners, id(key)
-        runners[key_id] = (weakref.ref(key, lambda _: self.drop(key_id)), runner)  # freed with the state
-        memory.added(self, key_id, self.device)
+        state_id = id(key)
+        self._runners[set_key] = (weakref.ref(key, lambda _: self._drop_state(state_id)), runner)  # freed with the state
+        memory.added(self, set_key, self.device)
         self.captures += 1
         log.info("stepcache: captured CUDA graphs (%s) in %.2f s after a %.2f s warm-up call: %s", self.mode.value,
                  time.perf_counter() - warmed, warmed - start, runner.describe())
@@ -209,11 +216,15 @@ class _Runner:
         return f"{graphs} graphs, {decisions} decision(s) read on the host per call; {len(self.copied)} input(s) copied in"
 
 
-def _split_inputs(args: tuple, state_count: int) -> tuple[list[int], list[int]]:
-    """Graph inputs the graphs read in place (weights, buffers, state), and those copied in per call."""
+def _split_inputs(args: tuple, state_count: int, sizes: SizeSymbols | None) -> tuple[list[int], list[int]]:
+    """Graph inputs the graphs read in place (weights, buffers, state), and those copied in per call.
+
+    Integer sizes of a program traced with symbolic sizes are neither: they key the graph set.
+    """
     first_state = len(args) - state_count
     static = [i for i, a in enumerate(args) if i >= first_state or has_static_address(a)]
-    copied = [i for i in range(len(args)) if i not in set(static)]
+    sized = sizes.integer_inputs if sizes is not None else frozenset()
+    copied = [i for i in range(len(args)) if i not in set(static) and i not in sized]
     for i in copied:
         if not isinstance(args[i], torch.Tensor):
             raise CachepassError(f"CUDA graphs: graph input {i} is a {type(args[i]).__name__}, not a tensor; "

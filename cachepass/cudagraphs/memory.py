@@ -37,16 +37,20 @@ def max_graph_sets() -> int:
     return limit
 
 
+# a graph set's key: (id of its model state's first tensor, the concrete sizes of a symbolic program, or ())
+SetKey = tuple[int, tuple[int, ...]]
+
+
 class HoldsGraphSets(Protocol):
-    def drop(self, key: int) -> None:
-        """Forget the graph set of state ``key`` (its memory returns to the pool)."""
+    def drop(self, key: SetKey) -> None:
+        """Forget the graph set ``key`` (its memory returns to the pool)."""
 
 
 class _Device:
     def __init__(self, index: int):
         self.pool = torch.cuda.graph_pool_handle()
         self.stream = torch.cuda.Stream(index)
-        self.sets: collections.OrderedDict[tuple[int, int], weakref.ref] = collections.OrderedDict()
+        self.sets: collections.OrderedDict[tuple[int, SetKey], weakref.ref] = collections.OrderedDict()
 
 
 _DEVICES: dict[int, _Device] = {}
@@ -64,7 +68,7 @@ def pool_and_stream(device: torch.device) -> tuple[tuple, torch.cuda.Stream]:
     return _DEVICES[index].pool, _DEVICES[index].stream
 
 
-def added(holder: HoldsGraphSets, key: int, device: torch.device) -> None:
+def added(holder: HoldsGraphSets, key: SetKey, device: torch.device) -> None:
     """A graph set was captured; drop the least recently replayed ones beyond the bound."""
     sets = _DEVICES[_index(device)].sets
     sets[(id(holder), key)] = weakref.ref(holder)
@@ -77,23 +81,24 @@ def added(holder: HoldsGraphSets, key: int, device: torch.device) -> None:
             ref().drop(old_key)
 
 
-def replayed(holder: HoldsGraphSets, key: int, device: torch.device) -> None:
+def replayed(holder: HoldsGraphSets, key: SetKey, device: torch.device) -> None:
     """Mark a set as used now (it is dropped last)."""
     _DEVICES[_index(device)].sets.move_to_end((id(holder), key))
 
 
-def forgotten(holder: HoldsGraphSets, key: int, device: torch.device) -> None:
+def forgotten(holder: HoldsGraphSets, key: SetKey, device: torch.device) -> None:
     """A set was dropped by its holder (its state died, or it captures again)."""
     entry = _DEVICES.get(_index(device))
     if entry is not None:
         entry.sets.pop((id(holder), key), None)
 
 
-def release(keys: set[int]) -> int:
-    """Drop every graph set of the states ``keys``; devices left with none give their pool back. Returns sets dropped."""
+def release(states: set[int]) -> int:
+    """Drop every graph set of the states ``states`` (ids of their first tensor), at every size; devices left with
+    none give their pool back. Returns sets dropped."""
     dropped = 0
     for index, entry in list(_DEVICES.items()):
-        here = [(set_key, ref) for set_key, ref in entry.sets.items() if set_key[1] in keys]
+        here = [(set_key, ref) for set_key, ref in entry.sets.items() if set_key[1][0] in states]
         for set_key, ref in here:
             del entry.sets[set_key]
             if ref() is not None:

@@ -61,9 +61,10 @@ def is_standard_contiguous(value: torch.Tensor) -> bool:
     return tuple(value.stride()) == tuple(make_contiguous_strides_for(value.shape))
 
 
-def compute_branch(compute: fx.GraphModule, num_extra: int) -> fx.GraphModule:
+def compute_branch(compute: fx.GraphModule, num_extra: int, sizes: list) -> fx.GraphModule:
     """The middle blocks, taking (and ignoring) the cached branch's extra operands: ``compute`` itself, changed in
     place (the cond replaces the unit it was outlined into; a copy cost a node copy per middle-block node).
+    ``sizes``: the symbolic sizes passed last (`cachepass.state.sizes.size_inputs`), placeholders that bind them.
 
     Outputs must have standard contiguous strides (as the cached branch's) and alias neither an
     input nor each other: such outputs are cloned, the rest returned as computed.
@@ -71,7 +72,9 @@ def compute_branch(compute: fx.GraphModule, num_extra: int) -> fx.GraphModule:
     graph = compute.graph
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
     with graph.inserting_after(placeholders[-1]):
-        for i in reversed(range(num_extra)):  # inserting_after a fixed node: reversed keeps their order
+        for size in reversed(sizes):  # inserting_after a fixed node: reversed keeps their order
+            graph.placeholder(f"size_{size}").meta["example_value"] = size
+        for i in reversed(range(num_extra)):
             graph.placeholder(f"unused_{i}")
     output = graph.output_node()
     taken = {StorageWeakRef(example_value(p).untyped_storage())
@@ -91,8 +94,8 @@ def compute_branch(compute: fx.GraphModule, num_extra: int) -> fx.GraphModule:
     return compute
 
 
-def cached_branch(spec: UnitSpec, layout: StateLayout, region_values: list) -> fx.GraphModule:
-    """``H_F + sum_i dY(i) * elapsed^i / i!`` per carried slot (order 0: ``H_F + R_M``)."""
+def cached_branch(spec: UnitSpec, layout: StateLayout, region_values: list, sizes: list) -> fx.GraphModule:
+    """``H_F + sum_i dY(i) * elapsed^i / i!`` per carried slot (order 0: ``H_F + R_M``); the symbolic ``sizes`` last."""
     graph = fx.Graph()
     tracer = GraphAppendingTracer(graph)
     inputs = [Proxy(graph.placeholder(f"region_{i}"), tracer) for i in range(len(region_values))]
@@ -103,6 +106,8 @@ def cached_branch(spec: UnitSpec, layout: StateLayout, region_values: list) -> f
         taylor.append((terms, valid))
     stream = Proxy(graph.placeholder("stream"), tracer)
     elapsed = Proxy(graph.placeholder("elapsed"), tracer)
+    for size in sizes:
+        graph.placeholder(f"size_{size}").meta["example_value"] = size
     results = []
     for slot, (terms, valid) in zip(spec.slots, taylor):
         order = layout.taylor_order(slot.role)

@@ -9,9 +9,10 @@ import torch
 from torch.fx.proxy import Proxy
 
 from cachepass.analysis.blocks import example_value
-from cachepass.analysis.timestep import follows, latents_sample
+from cachepass.analysis.timestep import LATENT_SAMPLE, follows, latents_sample
 from cachepass.decision.ops import at, set_flag
 from cachepass.state.layout import Mismatch, StateLayout
+from cachepass.state.sizes import is_symbolic
 
 
 @dataclasses.dataclass
@@ -67,7 +68,12 @@ def emit_clock(layout: StateLayout, st: dict[str, Proxy], timestep: Proxy | None
     if latents is not None:
         x = latents.detach().to(layout.float_dtype)
         fingerprint = torch.stack([x.sum(), (x * x).sum()])
-        sample = latents_sample(x, example_value(latents.node).numel(), layout.sample_size)
+        numel = example_value(latents.node).numel()
+        if is_symbolic(numel):  # sizes traced symbolically: the graph computes them from the latents'
+            numel = x.numel()
+            sample = latents_sample(x, numel, torch.sym_min(LATENT_SAMPLE, numel))
+        else:
+            sample = latents_sample(x, numel, layout.sample_size)
         continues = continues & follows(sample, st["clock.last_sample"])
         # every entry's: a NaN or Inf makes a sum NaN or Inf; finite squares cannot overflow float64. A
         # reduction of isfinite over the sample fused into a kernel Triton 3.6 failed to compile.

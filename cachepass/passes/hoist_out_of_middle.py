@@ -3,8 +3,9 @@
 The middle range of a unit can hold nodes that only sit between middle blocks in program order
 (top-level code between blocks that does not depend on them), and the region can index into a
 tuple produced outside it (``getitem`` of a tuple of rotary tables, for instance). ``torch.cond``
-takes tensors only, so both kinds move in front of the region; afterwards every input of the
-region is a tensor defined before its first node.
+takes tensors and symbolic sizes only, so both kinds move in front of the region; afterwards every
+input of the region is a tensor or a symbolic size (a graph traced with symbolic sizes) defined
+before its first node.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from torch import fx
 
 from cachepass.analysis.blocks import CacheUnitPlan, describe_value, example_value
 from cachepass.errors import UnsupportedGraphError
+from cachepass.state.sizes import is_symbolic
 
 log = logging.getLogger(__name__)
 
@@ -54,8 +56,8 @@ def _check_region_inputs(plan: CacheUnitPlan, region: set[fx.Node]) -> None:
         for arg in node.all_input_nodes:
             if arg in region:
                 continue
-            if not isinstance(example_value(arg), torch.Tensor):
+            if not isinstance(example_value(arg), torch.Tensor) and not is_symbolic(example_value(arg)):
                 raise UnsupportedGraphError(
                     f"the middle region of {plan.name} reads {describe_value(arg)} (used by {node.name}), "
-                    "which is not a tensor; torch.cond operands must be tensors"
+                    "which is neither a tensor nor a symbolic size; torch.cond operands must be"
                 )

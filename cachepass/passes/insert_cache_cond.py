@@ -40,6 +40,7 @@ from cachepass.decision.taylorseer import update_taylor
 from cachepass.decision.unit_state import UnitState
 from cachepass.errors import UnsupportedGraphError
 from cachepass.state.layout import StateLayout
+from cachepass.state.sizes import size_inputs, symbol_nodes
 from cachepass.unit import OutlinedUnit
 
 log = logging.getLogger(__name__)
@@ -65,9 +66,10 @@ def insert_cache_cond(gm: fx.GraphModule, layout: StateLayout, timestep: Timeste
         proxies = {k: Proxy(v, tracer) for k, v in state.items()}
         clock = emit_clock(layout, proxies, placeholders[timestep.placeholder] if timestep else None,
                             placeholders[timestep.latents] if timestep and timestep.latents else None)
+    size_nodes = symbol_nodes(graph)
     for call in units:
         unit = gm.get_submodule(call.target)
-        _rewrite_unit(gm, call, unit, layout, clock, state, tracer, parallel)
+        _rewrite_unit(gm, call, unit, layout, clock, state, tracer, parallel, size_nodes)
         gm.delete_submodule(call.target)
     output = next(n for n in graph.nodes if n.op == "output")
     with graph.inserting_before(output):
@@ -93,7 +95,7 @@ def _add_state_placeholders(graph: fx.Graph, layout: StateLayout) -> dict[str, f
 
 
 def _rewrite_unit(gm, call: fx.Node, unit: OutlinedUnit, layout: StateLayout, clock: Clock, state, tracer,
-                  parallel: SequenceParallel | None) -> None:
+                  parallel: SequenceParallel | None, size_nodes: dict) -> None:
     spec, cfg, graph = unit.spec, layout.config, gm.graph
     hidden = spec.hidden
     with graph.inserting_before(call):
@@ -109,9 +111,11 @@ def _rewrite_unit(gm, call: fx.Node, unit: OutlinedUnit, layout: StateLayout, cl
         taylor_operands = []
         for slot in spec.slots:
             taylor_operands += [us.raw(f"slot{slot.slot}.terms").node, us.vector(f"slot{slot.slot}.valid").node]
-        operands = (*region_inputs, *taylor_operands, clock.stream.node, elapsed.node)
-        cached_gm = cached_branch(spec, layout, [example_value(n) for n in region_inputs])
-        compute_gm = compute_branch(unit.compute, len(operands) - len(region_inputs))
+        sizes = size_inputs(region_inputs, size_nodes)  # symbolic sizes: what the branches bind their symbols from
+        operands = (*region_inputs, *taylor_operands, clock.stream.node, elapsed.node, *sizes)
+        size_values = [example_value(n) for n in sizes]
+        cached_gm = cached_branch(spec, layout, [example_value(n) for n in region_inputs], size_values)
+        compute_gm = compute_branch(unit.compute, len(operands) - len(region_inputs) - len(sizes), size_values)
         gm.add_submodule(f"{spec.module_name}_cached", cached_gm)
         gm.add_submodule(f"{spec.module_name}_compute", compute_gm)
         cond = graph.call_function(

@@ -23,6 +23,7 @@ from torch.fx._lazy_graph_module import _LazyGraphModule
 
 from cachepass.analysis.blocks import list_items
 from cachepass.piecewise.compile import arg_key
+from cachepass.state.sizes import hashable, size_inputs, symbol_nodes
 
 
 class PieceKind(str, enum.Enum):
@@ -76,9 +77,11 @@ def split_pieces(gm: fx.GraphModule, block_lists: set[str]) -> tuple[fx.GraphMod
         if node.op == "placeholder":
             env[node] = program.node_copy(node)
     modules, infos, blocks = {}, {}, {}
+    size_nodes = symbol_nodes(gm.graph)
     for i, ((kind, owner), nodes) in enumerate(zip(kinds, pieces)):
         name = f"submod_{i}"
         inputs, outputs = _boundary(nodes)
+        inputs += size_inputs(inputs, size_nodes)
         if kind is PieceKind.BLOCK:  # a block like an earlier one shares its module: no copy of its nodes
             signature = _signature(nodes, inputs, outputs)
             piece = blocks.get(signature)
@@ -133,7 +136,8 @@ def _layout(node: fx.Node) -> tuple | None:
     value = node.meta.get("example_value")
     if not isinstance(value, torch.Tensor):
         return None
-    return tuple(value.shape), value.stride(), value.storage_offset(), value.dtype, value.device
+    sizes = (*value.shape, *value.stride(), value.storage_offset())
+    return hashable(sizes), value.dtype, value.device
 
 
 def _returns_the_cond(outputs: list[fx.Node]) -> bool:

@@ -37,6 +37,7 @@ import torch
 
 from cachepass.analysis.timestep import TimestepInput
 from cachepass.config import MaskPolicy, StepCacheConfig
+from cachepass.state.sizes import SizeSymbols, free_symbols, hashable, is_symbolic
 from cachepass.unit import UnitSpec, tensor_nbytes
 
 DEFAULT_STEP_CAPACITY = 1024
@@ -132,7 +133,7 @@ class StateLayout:
 
     def __init__(self, units: Iterable[UnitSpec], config: StepCacheConfig, narrow: bool = False,
                  timestep: TimestepInput | None = None):
-        self.config = config
+        self.config, self.narrow, self.timestep = config, narrow, timestep
         self.sample_size = timestep.sample_size if timestep is not None else 0
         self.float_dtype = torch.float32 if narrow else torch.float64
         self.int_dtype = torch.int32 if narrow else torch.int64
@@ -142,8 +143,21 @@ class StateLayout:
         for unit in self.units:
             self.specs.extend(self._unit_specs(unit))
         self.index = {s.name: i for i, s in enumerate(self.specs)}
+        # symbolic sizes (a graph traced for every shape): the state is laid out per call by `concrete`
+        self.symbols = free_symbols(size for spec in self.specs for size in spec.shape)
         # equal keys: equal state tensors and semantics, so compiled graphs may share a state
-        self.key = (config, tuple((s.name, s.shape, s.dtype) for s in self.specs))
+        self.key = (config, tuple((s.name, hashable(s.shape), s.dtype) for s in self.specs))
+
+    def concrete(self, sizes: SizeSymbols, values: tuple[int, ...]) -> "StateLayout":
+        """This layout at the size symbols' ``values`` (a symbolic layout's state for one shape)."""
+        def at_values(unit: UnitSpec) -> UnitSpec:
+            slots = tuple(dataclasses.replace(s, shape=sizes.concrete(s.shape, values)) for s in unit.slots)
+            return dataclasses.replace(unit, slots=slots)
+
+        timestep = self.timestep
+        if timestep is not None and is_symbolic(timestep.latents_numel):
+            timestep = dataclasses.replace(timestep, latents_numel=sizes.concrete((timestep.latents_numel,), values)[0])
+        return StateLayout([at_values(u) for u in self.units], self.config, self.narrow, timestep)
 
     def _model_specs(self) -> list[TensorSpec]:
         cfg, cap, s = self.config, self.capacity, self.config.num_streams

@@ -22,6 +22,7 @@ from torch import nn
 
 from cachepass.errors import CachepassError
 from cachepass.state.layout import Mismatch, StateLayout, mismatch_messages
+from cachepass.state.sizes import SizeSymbols
 
 log = logging.getLogger(__name__)
 
@@ -217,26 +218,39 @@ class StateSet:
     """
 
     def __init__(self, layout: StateLayout, device: torch.device, anchor_index: int | None, graph, plan=None,
-                 on_reset: Callable[[RuntimeState], None] = lambda state: None):
+                 on_reset: Callable[[RuntimeState], None] = lambda state: None, sizes: SizeSymbols | None = None):
         self.layout, self.device, self.anchor_index, self.graph = layout, device, anchor_index, graph
         self.plan, self.on_reset = plan, on_reset  # the piecewise executor's plan (None: one graph), reset listener
-        # graphs with equal layouts share states; the number stands for the (large) key in per-call lookups
-        self.key = _LAYOUT_NUMBERS.setdefault((layout.key, str(device)), len(_LAYOUT_NUMBERS))
-        self._single: RuntimeState | None = None
+        self.sizes = sizes  # a symbolic layout: where the call's sizes are read (`cachepass.state.sizes`)
+        if layout.symbols and sizes is None:
+            raise ValueError("a state layout with symbolic sizes needs the SizeSymbols that read them")
+        self._concrete: dict[tuple[int, ...], tuple[int, StateLayout]] = {}  # sizes -> (key, layout)
+        self._single: dict[int, RuntimeState] = {}  # key -> the state, for a graph with no parameter input
+
+    def layout_for(self, args) -> tuple[int, StateLayout]:
+        """The layout of a call's state and its number (graphs with equal layouts share states)."""
+        values = self.sizes.values(args) if self.sizes is not None else ()
+        found = self._concrete.get(values)
+        if found is None:
+            layout = self.layout.concrete(self.sizes, values) if self.sizes is not None else self.layout
+            found = self._concrete[values] = (_LAYOUT_NUMBERS.setdefault((layout.key, str(self.device)),
+                                                                         len(_LAYOUT_NUMBERS)), layout)
+        return found
 
     def for_call(self, args) -> RuntimeState:
+        key, layout = self.layout_for(args)
         if self.anchor_index is None:
-            if self._single is None:
-                self._single = RuntimeState(self.layout, self.device, None, self.graph, self.plan, self.on_reset)
-            return self._single
+            if key not in self._single:
+                self._single[key] = RuntimeState(layout, self.device, None, self.graph, self.plan, self.on_reset)
+            return self._single[key]
         anchor = args[self.anchor_index]
         entry = _REGISTRY.get(id(anchor))
         if entry is None or entry.anchor() is not anchor:
             entry = _REGISTRY[id(anchor)] = _AnchorStates(anchor)
-        state = entry.states.get(self.key)
+        state = entry.states.get(key)
         if state is None:
-            state = entry.states[self.key] = RuntimeState(self.layout, self.device, id(anchor), self.graph, self.plan,
-                                                          self.on_reset)
+            state = entry.states[key] = RuntimeState(layout, self.device, id(anchor), self.graph, self.plan,
+                                                     self.on_reset)
         return state
 
 
@@ -263,7 +277,7 @@ class _AnchorStates:
 
     def __init__(self, anchor: torch.Tensor):
         self.anchor = weakref.ref(anchor)
-        self.states: dict[int, RuntimeState] = {}  # StateSet.key -> state
+        self.states: dict[int, RuntimeState] = {}  # StateSet.layout_for key -> state
         weakref.finalize(anchor, _drop_anchor, id(anchor), self)
 
 
@@ -273,7 +287,7 @@ def _drop_anchor(anchor_id: int, entry: _AnchorStates) -> None:
     _LAST_CALLED.pop(anchor_id, None)
 
 
-_LAYOUT_NUMBERS: dict[tuple, int] = {}  # (layout key, device) -> a number, for StateSet.key
+_LAYOUT_NUMBERS: dict[tuple, int] = {}  # (layout key, device) -> a number, for StateSet.layout_for
 
 # Compiled graphs are found from the model through one of its parameters (the backend never sees
 # the module object): anchor id -> the states of that model instance.
