@@ -170,7 +170,7 @@ def test_a_refused_capture_returns_the_warm_up_call_and_the_default_runs_on_with
     def refuse(*args, **kwargs):
         raise RuntimeError("operation not permitted when stream is capturing")
 
-    monkeypatch.setattr(graphed, "_split_inputs", lambda args, state_count: ([1], [0]))
+    monkeypatch.setattr(graphed, "_split_inputs", lambda args, state_count, sizes: ([1], [0]))
     monkeypatch.setattr(GraphedProgram, "_warm", lambda self, args: self.program(*args))
     monkeypatch.setattr(graphed, "_Runner", refuse)
     program = torch.fx.symbolic_trace(_CountsItsCalls())

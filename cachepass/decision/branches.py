@@ -15,6 +15,7 @@ from torch.multiprocessing.reductions import StorageWeakRef
 from cachepass.analysis.blocks import example_value
 from cachepass.decision.ops import pick_stream
 from cachepass.state.layout import StateLayout
+from cachepass.state.sizes import hint
 from cachepass.unit import UnitSpec
 
 
@@ -31,7 +32,7 @@ def without_aliases(graph: fx.Graph, inputs: list[fx.Node]) -> list[fx.Node]:
             groups.setdefault(StorageWeakRef(value.untyped_storage()), []).append(i)
     result = list(inputs)
     for members in groups.values():
-        members = sorted(members, key=lambda i: example_value(inputs[i]).numel(), reverse=True)
+        members = sorted(members, key=lambda i: hint(example_value(inputs[i]).numel()), reverse=True)  # no guard
         for i in members[1:]:
             clone = graph.call_method("clone", (inputs[i],))
             clone.meta["example_value"] = example_value(inputs[i])

@@ -71,7 +71,7 @@ class SizeSymbols:
 
     def hints(self, example_inputs: Sequence[Any]) -> tuple[int, ...]:
         """The symbols' values in the call Dynamo traced (its example inputs' hints)."""
-        return tuple(_hint(example_inputs[i] if dim is None else example_inputs[i].shape[dim]) for i, dim in self.reads)
+        return tuple(hint(example_inputs[i] if dim is None else example_inputs[i].shape[dim]) for i, dim in self.reads)
 
     def concrete(self, sizes: Iterable[Any], values: tuple[int, ...]) -> tuple[int, ...]:
         """``sizes`` (ints or SymInts) at the symbols' ``values``."""
@@ -111,5 +111,6 @@ def _value(node: fx.Node) -> Any:
     return node.meta.get("example_value", node.meta.get("val"))
 
 
-def _hint(size: Any) -> int:
+def hint(size: Any) -> int:
+    """A size's value in the traced call (a symbolic size's hint): for choices that must not guard on it."""
     return int(size.node.hint) if is_symbolic(size) else int(size)
