@@ -149,6 +149,26 @@ def stepcache(ctx: Context, inner: str = "inductor", mode: str | None = None, fo
     return Prepared(fn, decisions=decisions)
 
 
+def stepcache_symbolic(ctx: Context) -> Prepared:
+    """The default compile called once at another resolution first (two more latent columns of a video latents
+    input): the workload's shape is then its second, and the timed generations run the program Dynamo traced with
+    symbolic sizes (Inductor's dynamic-shape kernels), against the static program of ``stepcache``."""
+    prepared = stepcache(ctx)
+    compiled, first = prepared.fn, [True]
+
+    def fn(*args, **kwargs):
+        if first[0]:
+            first[0] = False
+            x = kwargs.get("hidden_states")
+            if x is None or x.dim() != 5:
+                raise ValueError("stepcache-symbolic needs a video latents input (hidden_states of 5 dimensions)")
+            compiled(*args, **{**kwargs, "hidden_states": torch.cat([x, x[..., :2]], dim=-1)})  # its own state
+        return compiled(*args, **kwargs)
+
+    prepared.fn = fn
+    return prepared
+
+
 def stepcache_offload(ctx: Context, cudagraphs: str | None = None, inner: str = "inductor", glue: str | None = None) -> Prepared:
     """stepcache streaming the blocks that do not fit ``ctx.shared["offload_block_bytes"]`` from pinned host memory."""
     budget = nonblock_bytes(ctx.model, ctx.workload.block_lists) + ctx.shared["offload_block_bytes"]
@@ -202,6 +222,7 @@ VARIANTS: dict[str, Callable[[Context], Prepared]] = {
     "cache-dit+compiled-blocks": lambda ctx: cache_dit_variant(ctx, "blocks"),
     "stepcache": stepcache,  # the default: on CUDA, conditional CUDA graphs
     "stepcache-no-graphs": lambda ctx: stepcache(ctx, cudagraphs="off"),
+    "stepcache-symbolic": stepcache_symbolic,  # the default at its second shape: the program with symbolic sizes
     # the glue pieces' compiler set (the default: as traced under Inductor, cachepass.options.CompileOptions.default_glue)
     "stepcache-glue-inductor": lambda ctx: stepcache(ctx, glue="inductor"),
     "stepcache-glue-aot_eager": lambda ctx: stepcache(ctx, glue="aot_eager"),
