@@ -121,6 +121,34 @@ def test_new_resolutions_run_one_symbolic_program_each_with_its_own_state():
     assert summary(model) == stats[1]
 
 
+def _flux_at_size(times: int):
+    """The FLUX case with ``times`` as many image tokens (packed latents and their position ids)."""
+    case = CASES["flux"]
+
+    def inputs(g):
+        _, cond, uncond = case.inputs(g)
+        ids = torch.randn(16 * times, 3, generator=g)
+        return torch.randn(1, 16 * times, 8, generator=g), {**cond, "img_ids": ids}, {**uncond, "img_ids": ids}
+
+    return dataclasses.replace(case, inputs=inputs)
+
+
+@pytest.mark.parametrize("name", ["sd3", "flux"])
+def test_new_resolutions_of_other_block_patterns_match_static_compiles(name):
+    """SD3's blocks read a size expression Dynamo builds once in the first block (`hoist_size_arithmetic`); FLUX's
+    single blocks split two views of one buffer at a symbolic offset and carry text state."""
+    sized = _flux_at_size if name == "flux" else CASES[name].at_size
+    config = cfg(num_head_blocks=2, num_tail_blocks=1, threshold=CASES[name].threshold)
+    model = CASES[name].model()
+    compiled = cachepass.compile(model, config, inner="aot_eager")
+    for times in (1, 2, 3):
+        out = generate(sized(times), compiled, STEPS)
+        static_model = CASES[name].model()
+        expected = generate(sized(times), cachepass.compile(static_model, config, inner="aot_eager", dynamic=False), STEPS)
+        torch.testing.assert_close(out, expected, atol=0, rtol=0)
+        assert summary(model) == summary(static_model), f"x{times}"
+
+
 def test_symbolic_sizes_from_the_first_call_and_in_the_one_graph_form():
     """torch.compile(..., dynamic=True) traces symbolic sizes at once; the one-graph form takes them too."""
     expected = generate(CASE.at_size(2, dim=1), cachepass.compile(CASE.model(), cfg(), inner="aot_eager",

@@ -18,6 +18,7 @@ from torch import fx
 from cachepass.errors import CachepassError, PassError
 from cachepass.passes.contiguous_block_input import contiguous_block_input
 from cachepass.passes.hoist_out_of_middle import hoist_out_of_middle
+from cachepass.passes.hoist_size_arithmetic import hoist_size_arithmetic
 from cachepass.passes.inline_block_regions import inline_block_regions
 from cachepass.passes.insert_cache_cond import insert_cache_cond
 from cachepass.passes.outline_middle_blocks import outline_middle_blocks
@@ -26,12 +27,12 @@ from cachepass.passes.split_before_first_block import split_before_first_block
 log = logging.getLogger(__name__)
 
 Pass = Callable[[fx.GraphModule], fx.GraphModule]
-PASS_ORDER = ("inline_block_regions", "split_before_first_block", "contiguous_block_input", "hoist_out_of_middle",
-              "outline_middle_blocks", "insert_cache_cond")
+PASS_ORDER = ("inline_block_regions", "hoist_size_arithmetic", "split_before_first_block", "contiguous_block_input",
+              "hoist_out_of_middle", "outline_middle_blocks", "insert_cache_cond")
 
 
 def before_discovery_passes() -> list[Pass]:
-    return [inline_block_regions, split_before_first_block]
+    return [inline_block_regions, hoist_size_arithmetic, split_before_first_block]
 
 
 def outline_passes(plans) -> list[Pass]:
