@@ -1,7 +1,7 @@
 """CUDA graphs over the piecewise program: one graph per stretch between cache decisions, one pool.
 
-Per model state (the state tensors are graph inputs, read and written in place) the program is
-captured as, per cache unit,
+Per model state (the state tensors are graph inputs, read and written in place) and, for a program
+traced with symbolic sizes, per concrete sizes, the program is captured as, per cache unit,
 
     before the cond | cached branch | compute branch | after the cond
 
@@ -56,7 +56,8 @@ class GraphedProgram:
     """The piecewise program run through CUDA graphs; one set of graphs per model state.
 
     Called like the program: graph inputs, then the ``state_count`` state tensors of the state the
-    call belongs to (its first tensor keys the state's graphs).
+    call belongs to (its first tensor keys the state's graphs; with ``sizes``, a program traced with
+    symbolic sizes, the call's concrete sizes key them too: a graph replays the sizes it captured).
     """
 
     def __init__(self, program: fx.GraphModule, device: torch.device, mode: CudaGraphs, state_count: int,
@@ -71,7 +72,7 @@ class GraphedProgram:
         self.without_graphs: str | None = None  # why it runs without them, once it does
         # (id of the state's first tensor, the call's sizes) -> (a weak reference to it, the graphs). Not a
         # WeakKeyDictionary: its lookups compare keys with ==, which on tensors is an elementwise op and a host sync
-        self._runners: dict[tuple[int, tuple[int, ...]], tuple[weakref.ref, _Runner]] = {}
+        self._runners: dict[memory.SetKey, tuple[weakref.ref, _Runner]] = {}
         self.captures = 0  # graph sets captured (one per state, more when weights or state moved or sets were dropped)
         self.moves = 0  # captures dropped because weights or state moved
 
@@ -106,7 +107,7 @@ class GraphedProgram:
         self.without_graphs = str(error)
         log.warning("stepcache: %s; this program runs without CUDA graphs (they were the default, not asked for)", error)
 
-    def drop(self, key: tuple[int, tuple[int, ...]]) -> None:
+    def drop(self, key: memory.SetKey) -> None:
         """Forget the graph set ``key`` (state, sizes): its next call captures again (`memory.HoldsGraphSets`)."""
         if self._runners.pop(key, None) is not None:
             memory.forgotten(self, key, self.device)
@@ -115,7 +116,7 @@ class GraphedProgram:
         for key in [k for k in self._runners if k[0] == state_id]:
             self.drop(key)
 
-    def _capture(self, key: torch.Tensor, set_key: tuple[int, tuple[int, ...]], args: tuple) -> Any:
+    def _capture(self, key: torch.Tensor, set_key: memory.SetKey, args: tuple) -> Any:
         """The first call of a state: run it (warming every kernel), then capture its graphs."""
         start = time.perf_counter()
         try:

@@ -59,5 +59,5 @@ def _check_region_inputs(plan: CacheUnitPlan, region: set[fx.Node]) -> None:
             if not isinstance(example_value(arg), torch.Tensor) and not is_symbolic(example_value(arg)):
                 raise UnsupportedGraphError(
                     f"the middle region of {plan.name} reads {describe_value(arg)} (used by {node.name}), "
-                    "which is neither a tensor nor a symbolic size; torch.cond operands must be"
+                    "which is neither a tensor nor a symbolic size; torch.cond operands must be one of these"
                 )

@@ -6,7 +6,8 @@ symbols (``s22``), and the state shapes the rewrite lays out are expressions in 
 (``[2, 1, 64*s22, 128]``). `SizeSymbols` reads each symbol's value from a call's arguments (an
 integer input or a tensor input's dimension, where Dynamo's graph takes it), so the state set can
 pick, per call, the concrete layout and its state: a third resolution runs the same program, with
-a state of its own, and no compile.
+a state of its own, and no compile. `symbol_nodes` and `size_inputs` hand the pieces and the cond
+branches the size symbols their inputs' sizes need: a compiler binds each symbol from its inputs.
 """
 
 from __future__ import annotations
