@@ -18,6 +18,7 @@ import sympy
 import torch
 from torch import fx
 
+from cachepass.analysis.blocks import example_value
 from cachepass.errors import UnsupportedGraphError
 
 
@@ -84,7 +85,7 @@ def symbol_nodes(graph: fx.Graph) -> dict:
     """Size symbol -> the first node whose value is that symbol alone (Dynamo's SymInt inputs, ``sym_size`` calls)."""
     found = {}
     for node in graph.nodes:
-        value = _value(node)
+        value = example_value(node)
         if is_symbolic(value) and isinstance(value.node.expr, sympy.Symbol):
             found.setdefault(value.node.expr, node)
     return found
@@ -96,7 +97,7 @@ def size_inputs(inputs: list[fx.Node], size_nodes: dict) -> list[fx.Node]:
     piece or a cond branch taking ``inputs`` takes these too. ``size_nodes``: `symbol_nodes` of their graph."""
     bound, needed = set(), set()
     for node in inputs:
-        value = _value(node)
+        value = example_value(node)
         sizes = [value] if is_symbolic(value) else [*value.shape, *value.stride()] if isinstance(value, torch.Tensor) else []
         bound |= {s.node.expr for s in sizes if is_symbolic(s) and isinstance(s.node.expr, sympy.Symbol)}
         needed |= free_symbols(sizes)
@@ -106,10 +107,6 @@ def size_inputs(inputs: list[fx.Node], size_nodes: dict) -> list[fx.Node]:
         raise UnsupportedGraphError(f"no node of the graph carries the size symbol(s) {', '.join(unknown)} "
                                     "that values passed between pieces depend on")
     return [size_nodes[s] for s in missing]
-
-
-def _value(node: fx.Node) -> Any:
-    return node.meta.get("example_value", node.meta.get("val"))
 
 
 def hint(size: Any) -> int:
