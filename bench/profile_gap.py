@@ -1,6 +1,6 @@
 """Where a generation's time goes: device-busy vs idle time of stepcache and the ideal, side by side.
 
-    python -m bench.profile_gap --workload wan-1.3b-1f
+    python -m bench.profile_gap --workload wan-1.3b-1f [--kernels 30]
 
 Each variant is compiled and warmed up with one generation, then one generation runs under
 torch.profiler. Busy = the summed time of device kernels and copies (one stream, so they do not
@@ -40,13 +40,15 @@ from bench.workloads import WORKLOADS
 from cachepass.offload.plan import parse_bytes
 
 
-def profile(ctx: Context, name: str, inputs, device: torch.device, host: bool = False) -> dict:
+def profile(ctx: Context, name: str, inputs, device: torch.device, host: bool = False, kernels: int = 0) -> dict:
     prepared = VARIANTS[name](ctx)
     generation(ctx, prepared, inputs)  # compile and warm up
     _, wall = timed(lambda: generation(ctx, prepared, inputs), device)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]) as prof:
         _, profiled_wall = timed(lambda: generation(ctx, prepared, inputs), device)
-    busy_us = sum(e.self_device_time_total for e in prof.key_averages() if e.device_type == DeviceType.CUDA)
+    device_events = [e for e in prof.key_averages() if e.device_type == DeviceType.CUDA]
+    busy_us = sum(e.self_device_time_total for e in device_events)
+    top = sorted(device_events, key=lambda e: -e.self_device_time_total)[:kernels]
     trace = device_trace.of(prof) if device.type == "cuda" else None
     if name.startswith("stepcache"):
         remember_decisions(ctx, prepared.decisions())
@@ -56,6 +58,7 @@ def profile(ctx: Context, name: str, inputs, device: torch.device, host: bool = 
     prepared.cleanup()
     return {
         "host_top": host_top, "device_trace": trace,
+        "kernels": [{"name": e.key, "count": e.count, "s": e.self_device_time_total / 1e6} for e in top],
         "variant": name, "wall_s": wall, "profiled_wall_s": profiled_wall, "device_busy_s": busy_us / 1e6,
         "device_idle_s": profiled_wall - busy_us / 1e6, "calls": calls,
         "syncs_per_call": None if syncs is None else syncs / calls,
@@ -81,6 +84,8 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", default=None, help="write the rows as JSON here")
     parser.add_argument("--host", action="store_true", help="also profile one generation's host time with cProfile")
+    parser.add_argument("--kernels", type=int, default=0,
+                        help="keep each variant's N device kernels of most time (name, count, seconds) and print them")
     parser.add_argument("--offload-blocks", default="8GB",
                         help="device bytes for block weights in the stepcache-offload variants (resident + slots)")
     parser.add_argument("--compile-backend", default="inductor",
@@ -91,7 +96,7 @@ def main(argv=None) -> int:
     ctx = Context(workload, model, step_config(workload, "static", 0.08), args.compile_backend)
     ctx.shared.update(device=device, offload_block_bytes=parse_bytes(args.offload_blocks))
     with torch.no_grad():
-        rows = [profile(ctx, name, inputs, device, args.host) for name in args.variants.split(",")]
+        rows = [profile(ctx, name, inputs, device, args.host, args.kernels) for name in args.variants.split(",")]
     meta = {"workload": workload.name, "device": device_name(device), "torch": torch.__version__,
             "date": datetime.date.today().isoformat(),
             "command": "python -m bench.profile_gap " + " ".join(argv or sys.argv[1:])}
@@ -103,6 +108,10 @@ def main(argv=None) -> int:
         copies = " | ".join(f"{t[k]:.3f}" if k in t else "" for k in ("kernel_s", "htod_s", "htod_exposed_s", "htod_gbps"))
         print(f"| {r['variant']} | {r['wall_s']:.3f} | {r['device_busy_s']:.3f} | {r['device_idle_s']:.3f} | "
               f"{1e3 * r['device_idle_s'] / r['calls']:.2f} | {r['syncs_per_call']} | {copies} |")
+    for r in rows if args.kernels else ():
+        print(f"device kernels of most time, {r['variant']}, one generation:")
+        for k in r["kernels"]:
+            print(f"  {k['s']:8.4f} s {k['count']:6d}x {k['name'][:110]}")
     for r in rows if args.host else ():
         print(f"host time of {r['variant']}, one generation:\n{r['host_top']}")
     if args.out:
