@@ -261,10 +261,15 @@ def _run_interleaved(names, ctx, inputs, args, device, progress_factory, meta) -
     rows = []
     with torch.no_grad():
         for name in names:
-            held = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
             own = dataclasses.replace(ctx, model=copy.deepcopy(template).to(device), shared=ctx.shared)
+            # measured with the copy on the device, less its bytes: a failed variant's copy, dropped while the next
+            # variant prepared, counted against it (FLUX's cache-dit row on 2026-12-05 read 0.45 GB)
+            held = torch.cuda.memory_allocated(device) - _device_bytes(own.model, device) if device.type == "cuda" else 0
             row, prepared, out = prepare_variant(name, own, inputs, device, progress_factory, fresh_inductor, held)
             rows.append(row)
+            if prepared is None:  # its copy leaves the device now, not while the next variant prepares
+                own = None
+                _release(None, device)
             if prepared is not None:
                 live.append([row, own, prepared, out])
                 decisions = prepared.decisions() if name.startswith(("stepcache", "cache-dit")) else None
