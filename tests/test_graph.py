@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import operator
+
 import pytest
 import torch
 from torch._dynamo.utils import counters
@@ -61,3 +63,22 @@ def test_one_cond_per_block_list_and_no_item_or_host_branch(name):
     assert len(mutations) >= UNITS[name] * 2
     for branch in (gm.get_submodule(c.args[1].target) for c in conds):
         assert not [n for n in branch.graph.nodes if n.op == "call_method" and n.target.endswith("_")]
+
+
+@pytest.mark.parametrize("order", [0, 1])
+def test_the_rewritten_graph_computes_nothing_unused(order):
+    """Glue runs as traced (no compiler removes dead code): every value the passes add must be read. At order 0 no
+    pick of the [streams, ...] Taylor buffer may run (it was one full read of it per call, unused)."""
+    case, model, compiled = compile_case("wan", taylorseer_order=order)
+    generate(case, compiled, 1, separate_cfg=False)
+    gm = current_state(model).graph
+
+    def writes(n):
+        name = n.target if isinstance(n.target, str) else getattr(n.target, "__name__", "")
+        return name.endswith("_") or n.target in (operator.setitem, torch.ops.higher_order.cond)
+
+    unused = [n.name for n in gm.graph.nodes if not n.users and n.op not in ("placeholder", "output") and not writes(n)]
+    assert unused == []
+    terms = next(n for n in gm.graph.nodes if n.op == "placeholder" and "terms" in n.name)
+    rows_read = [n for n in terms.users if n.target is operator.getitem]  # a pick's x[s]; the write takes it whole
+    assert bool(rows_read) == (order > 0)

@@ -17,14 +17,15 @@ def update_taylor(us: UnitState, slot: int, order: int, y: Proxy, computed: Prox
     derivatives start at step 3 (its ``current_step > 1``); matched here.
     """
     terms_state = us.raw(f"slot{slot}.terms")
-    old = pick_stream(terms_state, clock.stream, us.layout.config.num_streams)
     old_valid = us.current(f"slot{slot}.valid")
-    window = clock.step - us.current("last_compute_step")
-    window = torch.where(window < 1, 1, window)  # clamp(min=1); ONNX-TensorRT's Clip takes floats only
     terms, valid = [y], [torch.ones_like(computed)]
-    for i in range(order):
-        terms.append((terms[i] - old[i]) / window)
-        valid.append(valid[i] & old_valid[i] & (clock.step > 2))
-    new = torch.stack(terms)
+    if order > 0:  # order 0 (plain reuse) reads no old term: no pick of the [streams, ...] buffer runs for it
+        old = pick_stream(terms_state, clock.stream, us.layout.config.num_streams)
+        window = clock.step - us.current("last_compute_step")
+        window = torch.where(window < 1, 1, window)  # clamp(min=1); ONNX-TensorRT's Clip takes floats only
+        for i in range(order):
+            terms.append((terms[i] - old[i]) / window)
+            valid.append(valid[i] & old_valid[i] & (clock.step > 2))
+    new = torch.stack(terms) if order > 0 else y.unsqueeze(0)  # a view, not a copy, of the one term
     write_stream(terms_state, clock, new, computed)
     us.set_current(f"slot{slot}.valid", torch.where(computed, torch.stack(valid), old_valid))
