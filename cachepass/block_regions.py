@@ -63,7 +63,7 @@ _CALLING = threading.local()  # .models: this thread's calls in progress, innerm
 _PATH = "_cachepass_block_path"  # on every block of a marked list: its path in the model (a leaf's operand)
 _INLINE = "_cachepass_traced_inline"  # on the first blocks during a call: a value the wrapper reads (equal in two
                                       # models, so that their calls share one graph; an identity would not be)
-_OUTPUTS: dict[str, tuple] = {}  # leaf input signature -> its outputs' layout (fake runs of the calls in progress)
+_OUTPUTS: dict[str, tuple] = {}  # leaf input signature -> its outputs' layout and fake mode (the calls in progress)
 _FIRST_CONFIGURATION: dict[type, tuple] = {}  # class -> `_configuration` of its first block (calls in progress)
 
 
@@ -218,11 +218,13 @@ def leaf(class_name: str, path: str, args: tuple, kwargs: dict):
         return _ORIGINAL[cls](current_model().get_submodule(path), *args, **kwargs)
     signature = repr((cls, [_layout(t) for t in pytree.tree_leaves((args, kwargs))],
                       pytree.tree_structure((args, kwargs))))
-    known = _OUTPUTS.get(signature)
-    if known is not None:
-        layouts, spec = known
-        return pytree.tree_unflatten([_new(layout) for layout in layouts], spec)
     mode = inputs[0].fake_mode
+    known = _OUTPUTS.get(signature)
+    # of this trace's fake mode only: a trace Dynamo restarts within one call has a new one, and its symbolic sizes,
+    # named as the last one's were, are other objects
+    if known is not None and known[2] is mode:
+        layouts, spec, _ = known
+        return pytree.tree_unflatten([_new(layout) for layout in layouts], spec)
     weights = {name: mode.from_tensor(t, static_shapes=True) for name, t in (*block.named_parameters(), *block.named_buffers())}
     with _reparametrize_module(block, weights):
         outputs = _ORIGINAL[cls](block, *args, **kwargs)
@@ -230,7 +232,7 @@ def leaf(class_name: str, path: str, args: tuple, kwargs: dict):
     storages = [_storage(t) for t in flat if isinstance(t, torch.Tensor)]
     aliased = len(storages) != len(flat) or len(set(storages)) != len(flat) or {_storage(t) for t in inputs} & set(storages)
     if not aliased:
-        _OUTPUTS[signature] = ([_layout(t) for t in flat], spec)
+        _OUTPUTS[signature] = ([_layout(t) for t in flat], spec, mode)
     return outputs
 
 

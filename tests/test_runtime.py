@@ -149,6 +149,30 @@ def test_new_resolutions_of_other_block_patterns_match_static_compiles(name):
         assert summary(model) == summary(static_model), f"x{times}"
 
 
+@pytest.mark.parametrize("name", ["wan", "hunyuan", "flux"])
+def test_symbolic_from_the_first_call_with_the_blocks_as_leaves(name):
+    """``cachepass.compile(..., dynamic=True)``: Wan's norms then read their eps as an input (a leaf takes the first
+    block's), HunyuanVideo's middle region takes minus the text length and binds it from the text states, and FLUX's
+    attention reads a float input by ``.item()`` in the first block only (`hoist_size_arithmetic` copies it into each
+    block). All three failed to compile before; now one graph runs both sizes as static compiles do."""
+    sized = _flux_at_size if name == "flux" else CASES[name].at_size
+    config = cfg(num_head_blocks=1, threshold=CASES[name].threshold)
+    model = CASES[name].model()
+    compiled = cachepass.compile(model, config, inner="aot_eager", dynamic=True)
+    counters.clear()
+    outs, stats = [], []
+    widths = (3, 5)  # Dynamo's duck sizing gives sizes equal at the first call one symbol: x1 is square, x2 the text's width
+    for times in widths:
+        outs.append(generate(sized(times), compiled, STEPS))
+        stats.append(summary(model))
+    assert counters["stats"]["unique_graphs"] == 1
+    for times, out, stat in zip(widths, outs, stats):
+        static_model = CASES[name].model()
+        expected = generate(sized(times), cachepass.compile(static_model, config, inner="aot_eager", dynamic=False), STEPS)
+        torch.testing.assert_close(out, expected, atol=0, rtol=0)
+        assert summary(static_model) == stat, f"x{times}"
+
+
 def test_symbolic_sizes_from_the_first_call_and_in_the_one_graph_form():
     """torch.compile(..., dynamic=True) traces symbolic sizes at once; the one-graph form takes them too."""
     expected = generate(CASE.at_size(2, dim=1), cachepass.compile(CASE.model(), cfg(), inner="aot_eager",

@@ -15,7 +15,7 @@ from torch.multiprocessing.reductions import StorageWeakRef
 from cachepass.analysis.blocks import example_value
 from cachepass.decision.ops import pick_stream
 from cachepass.state.layout import StateLayout
-from cachepass.state.sizes import hint
+from cachepass.state.sizes import hint, size_input_name
 from cachepass.unit import UnitSpec
 
 
@@ -74,7 +74,7 @@ def compute_branch(compute: fx.GraphModule, num_extra: int, sizes: list) -> fx.G
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
     with graph.inserting_after(placeholders[-1]):
         for size in reversed(sizes):  # inserting_after a fixed node: reversed keeps their order
-            graph.placeholder(f"size_{size}").meta["example_value"] = size
+            graph.placeholder(size_input_name(size)).meta["example_value"] = size
         for i in reversed(range(num_extra)):
             graph.placeholder(f"unused_{i}")
     output = graph.output_node()
@@ -108,7 +108,7 @@ def cached_branch(spec: UnitSpec, layout: StateLayout, region_values: list, size
     stream = Proxy(graph.placeholder("stream"), tracer)
     elapsed = Proxy(graph.placeholder("elapsed"), tracer)
     for size in sizes:
-        graph.placeholder(f"size_{size}").meta["example_value"] = size
+        graph.placeholder(size_input_name(size)).meta["example_value"] = size
     results = []
     for slot, (terms, valid) in zip(spec.slots, taylor):
         order = layout.taylor_order(slot.role)

@@ -27,12 +27,12 @@ from cachepass.passes.split_before_first_block import split_before_first_block
 log = logging.getLogger(__name__)
 
 Pass = Callable[[fx.GraphModule], fx.GraphModule]
-PASS_ORDER = ("inline_block_regions", "hoist_size_arithmetic", "split_before_first_block", "contiguous_block_input",
+PASS_ORDER = ("hoist_size_arithmetic", "inline_block_regions", "split_before_first_block", "contiguous_block_input",
               "hoist_out_of_middle", "outline_middle_blocks", "insert_cache_cond")
 
 
 def before_discovery_passes() -> list[Pass]:
-    return [inline_block_regions, hoist_size_arithmetic, split_before_first_block]
+    return [hoist_size_arithmetic, inline_block_regions, split_before_first_block]
 
 
 def outline_passes(plans) -> list[Pass]:

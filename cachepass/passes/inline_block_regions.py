@@ -87,8 +87,11 @@ def _body(nodes: list[fx.Node], enter: fx.Node) -> _Body:
             raise BlockLeafError(f"{node.format_node()} inside the block at {_block_path(enter)} is used after it by "
                                  f"{outside[0].format_node()}")
     path = _block_path(enter)
+    # parameters and buffers only: a number the block reads from its modules (a norm's eps: an input of its own
+    # under dynamic=True) is a plain attribute, which `check_leaf` finds equal in every leaf: they take the first's
     weights = {used: within for node in inside for used in node.all_input_nodes
-               if used.op == "placeholder" and (within := _within(used, path)) is not None}
+               if used.op == "placeholder" and (within := _within(used, path)) is not None
+               and within.split(".")[-2:-1] in (["_parameters"], ["_buffers"])}
     return _Body(path, enter, leave, inside, weights)
 
 

@@ -82,13 +82,20 @@ class SizeSymbols:
 
 
 def symbol_nodes(graph: fx.Graph) -> dict:
-    """Size symbol -> the first node whose value is that symbol alone (Dynamo's SymInt inputs, ``sym_size`` calls)."""
-    found = {}
+    """Size symbol -> a node a compiler binds it from: the first whose value is that symbol alone (Dynamo's SymInt
+    inputs, ``sym_size`` calls), else an input tensor with a dimension of that symbol alone. A cond's branch may have
+    only the latter: HunyuanVideo's middle region takes ``-s1`` and the text states of ``s1`` tokens, and a block
+    piece of it a view whose strides hold ``s1``. Inputs only: they are there before any piece runs."""
+    found, tensors = {}, {}
     for node in graph.nodes:
         value = example_value(node)
         if is_symbolic(value) and isinstance(value.node.expr, sympy.Symbol):
             found.setdefault(value.node.expr, node)
-    return found
+        elif node.op == "placeholder" and isinstance(value, torch.Tensor):
+            for size in value.shape:
+                if is_symbolic(size) and isinstance(size.node.expr, sympy.Symbol):
+                    tensors.setdefault(size.node.expr, node)
+    return {**tensors, **found}
 
 
 def size_inputs(inputs: list[fx.Node], size_nodes: dict) -> list[fx.Node]:
@@ -106,7 +113,12 @@ def size_inputs(inputs: list[fx.Node], size_nodes: dict) -> list[fx.Node]:
     if unknown:
         raise UnsupportedGraphError(f"no node of the graph carries the size symbol(s) {', '.join(unknown)} "
                                     "that values passed between pieces depend on")
-    return [size_nodes[s] for s in missing]
+    return list(dict.fromkeys(size_nodes[s] for s in missing))  # a tensor may carry two of them
+
+
+def size_input_name(size: Any) -> str:
+    """A placeholder name for a value `size_inputs` gave: ``size_s18``, or ``size_tensor`` for a tensor carrying it."""
+    return f"size_{size}" if is_symbolic(size) else "size_tensor"
 
 
 def hint(size: Any) -> int:
