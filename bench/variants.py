@@ -151,22 +151,31 @@ def stepcache(ctx: Context, inner: str = "inductor", mode: str | None = None, fo
 
 def stepcache_symbolic(ctx: Context) -> Prepared:
     """The default compile called once at another resolution first (two more latent columns of a video latents
-    input): the workload's shape is then its second, and the timed generations run the program Dynamo traced with
-    symbolic sizes (Inductor's dynamic-shape kernels), against the static program of ``stepcache``."""
+    input, or 32 more image tokens of FLUX's packed latents with their position ids): the workload's shape is then
+    its second, and the timed generations run the program Dynamo traced with symbolic sizes (Inductor's
+    dynamic-shape kernels), against the static program of ``stepcache``."""
     prepared = stepcache(ctx)
     compiled, first = prepared.fn, [True]
 
     def fn(*args, **kwargs):
         if first[0]:
             first[0] = False
-            x = kwargs.get("hidden_states")
-            if x is None or x.dim() != 5:
-                raise ValueError("stepcache-symbolic needs a video latents input (hidden_states of 5 dimensions)")
-            compiled(*args, **{**kwargs, "hidden_states": torch.cat([x, x[..., :2]], dim=-1)})  # its own state
+            compiled(*args, **_another_resolution(kwargs))  # its own state
         return compiled(*args, **kwargs)
 
     prepared.fn = fn
     return prepared
+
+
+def _another_resolution(kwargs: dict) -> dict:
+    x, ids = kwargs.get("hidden_states"), kwargs.get("img_ids")
+    if x is not None and x.dim() == 5:
+        return {**kwargs, "hidden_states": torch.cat([x, x[..., :2]], dim=-1)}
+    if x is not None and x.dim() == 3 and ids is not None:  # FLUX: tokens and their ids along the next-to-last dim
+        return {**kwargs, "hidden_states": torch.cat([x, x[:, :32]], dim=1),
+                "img_ids": torch.cat([ids, ids[..., :32, :]], dim=-2)}
+    raise ValueError("stepcache-symbolic needs video latents (hidden_states of 5 dimensions) or FLUX's packed latents "
+                     "with img_ids")
 
 
 def stepcache_offload(ctx: Context, cudagraphs: str | None = None, inner: str = "inductor", glue: str | None = None) -> Prepared:
