@@ -23,6 +23,7 @@ from torch import fx
 
 from cachepass.config import StepCacheConfig
 from cachepass.cudagraphs.graphed import CudaGraphs, GraphedProgram
+from cachepass.decision.branches import numbers_read_in_branches
 from cachepass.errors import CachepassError
 from cachepass.inner import Inner, asks_for_cudagraphs, inner_compile
 from cachepass.leaf_weights import LeafWeights
@@ -139,7 +140,18 @@ def _anchor_index(example_inputs: Sequence[Any]) -> int | None:
 
 def _compile_one_graph(gm: fx.GraphModule, inputs: list, opts: CompileOptions) -> Callable:
     _warn_if_cudagraphs_asked(opts, "Inductor does not capture a graph that contains torch.cond (torch 2.11-2.14)")
+    read = numbers_read_in_branches(gm)
+    if read:
+        raise CachepassError(
+            f"stepcache form='one-graph' cannot take this graph: the middle blocks read {_some(read)} as numbers "
+            "from tensor inputs (Dynamo does not specialize module floats such as a norm's eps under dynamic=True), "
+            "and inside torch.cond's branches such a read is data-dependent. Use form='piecewise' (the default), or "
+            "dynamic=None / False")
     return inner_compile(gm, inputs, opts.inner, opts.mode)
+
+
+def _some(names: list[str], shown: int = 3) -> str:
+    return ", ".join(names[:shown]) + (f" and {len(names) - shown} more" if len(names) > shown else "")
 
 
 def _warn_if_cudagraphs_asked(opts: CompileOptions, why: str) -> None:

@@ -80,3 +80,15 @@ def test_backend_errors_come_as_cachepass_errors_without_dynamos_wrapper():
 def test_a_device_that_is_not_one_is_named():
     with pytest.raises(ValueError, match=r"cachepass.compile device='gpu0' is invalid; allowed: a torch.device"):
         cachepass.compile(CASE.model(), CFG, device="gpu0")
+
+
+def test_the_one_graph_form_refuses_floats_read_inside_the_cond():
+    """Under dynamic=True Dynamo passes Wan's norm eps as tensor inputs; read inside torch.cond's branch they are
+    data-dependent for the one graph's compile (a guard on ``zuf0`` in layer_norm). Refused, naming the way out."""
+    case = CASES["wan"]
+    compiled = cachepass.compile(case.model(), StepCacheConfig(num_head_blocks=1), inner="aot_eager",
+                                 form="one-graph", dynamic=True)
+    g = torch.Generator().manual_seed(0)
+    x, cond, _ = case.inputs(g)
+    with torch.no_grad(), pytest.raises(CachepassError, match=r"form='one-graph'.*eps.*form='piecewise'"):
+        case.call(compiled, x, torch.tensor(0.9), cond)

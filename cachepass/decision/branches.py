@@ -125,3 +125,17 @@ def cached_branch(spec: UnitSpec, layout: StateLayout, region_values: list, size
         results.append(out.node)
     graph.output(tuple(results))
     return _LazyGraphModule(torch.nn.Module(), graph, class_name=f"StepcacheCached{spec.index}")
+
+
+def numbers_read_in_branches(gm: fx.GraphModule) -> list[str]:
+    """The inputs of ``gm``'s cond branches that a branch reads as a number (``.item()``): one graph's compile cannot
+    guard on such a read inside ``torch.cond`` (a data-dependent value); the piecewise form compiles the branches'
+    blocks as graphs of their own, where it is an input."""
+    read = []
+    for node in gm.graph.nodes:
+        if node.target is not torch.ops.higher_order.cond:
+            continue
+        for branch in (gm.get_submodule(node.args[1].target), gm.get_submodule(node.args[2].target)):
+            read += [n.args[0].name for n in branch.graph.nodes
+                     if n.op == "call_method" and n.target == "item" and n.args[0].op == "placeholder"]
+    return list(dict.fromkeys(read))
