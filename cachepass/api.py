@@ -79,9 +79,10 @@ def compile(model: nn.Module, config: Any = None, *, calibrator_config: Any = No
     symbolic: that program runs every later resolution or batch size with no compile (as regional
     compile's blocks do), each shape with its own cache state (`cachepass.state.sizes`). False compiles
     every shape with static sizes (the fastest kernels per shape, a compile per shape); True makes sizes
-    symbolic from the first call. Dynamo allows ``torch._dynamo.config.recompile_limit`` (8) graphs per
-    function, shared by every shape and every compile of the model's class in the process; ``max_shapes``
-    raises that limit (process-wide) when larger, and each compile's first call makes room for its own graph.
+    symbolic from the first call. With ``form="one-graph"`` None means False (logged). Dynamo allows
+    ``torch._dynamo.config.recompile_limit`` (8) graphs per function, shared by every shape and every compile of
+    the model's class in the process; ``max_shapes`` raises that limit (process-wide) when larger, and each
+    compile's first call makes room for its own graph.
     Options that cannot run on the model's device raise here.
     """
     if is_pipeline(model) or is_fastvideo(model):
@@ -112,6 +113,11 @@ def compile(model: nn.Module, config: Any = None, *, calibrator_config: Any = No
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         trace_functional_all_gather()
     parsed = parse_options(options)
+    if dynamic is None and parsed.form is Form.ONE_GRAPH:
+        dynamic = False
+        log.info("stepcache: form='one-graph' compiles each shape with static sizes (dynamic=False): at a second "
+                 "shape traced with symbolic sizes torch.cond rejected the branches' output strides (Wan, torch 2.13); "
+                 "dynamic=True asks for symbolic sizes from the first call")
     target = _target_device(model, device)
     check_not_offloaded_by_fastvideo(model)
     if parsed.offload is not None:

@@ -147,7 +147,15 @@ def _compile_one_graph(gm: fx.GraphModule, inputs: list, opts: CompileOptions) -
             "from tensor inputs (Dynamo does not specialize module floats such as a norm's eps under dynamic=True), "
             "and inside torch.cond's branches such a read is data-dependent. Use form='piecewise' (the default), or "
             "dynamic=None / False")
-    return inner_compile(gm, inputs, opts.inner, opts.mode)
+    try:
+        return inner_compile(gm, inputs, opts.inner, opts.mode)
+    except RuntimeError as error:
+        if "cond's output stride" not in str(error):
+            raise
+        raise CachepassError(
+            "stepcache form='one-graph' cannot take this graph with symbolic sizes: torch.cond rejected the output "
+            f"strides of its branches ({str(error).split('. ')[0]}). Use form='piecewise' (the default), or "
+            "dynamic=False for one static program per shape") from None
 
 
 def _some(names: list[str], shown: int = 3) -> str:

@@ -280,3 +280,25 @@ def test_reference_has_the_same_stats_and_reset_api():
     assert all(not u.cached_steps for u in cachepass.stats(reference))
     torch.testing.assert_close(generate(CASE, reference, STEPS), out, atol=0, rtol=0)
     assert summary(reference) == stats
+
+
+def test_the_one_graph_form_compiles_each_shape_static_by_default():
+    """torch.cond rejected the branches' symbolic output strides of Wan's second shape (``16*Max(1, ...)``): the
+    one-graph form takes dynamic=None as False (a static program per shape, as before symbolic sizes), and the
+    backend reached with symbolic sizes says what to use instead of failing inside Dynamo."""
+    case = CASES["wan"]
+    config = cfg(num_head_blocks=1, threshold=case.threshold)
+    compiled = cachepass.compile(case.model(), config, inner="aot_eager", form="one-graph")
+    counters.clear()
+    for times in (1, 2):
+        out = generate(case.at_size(times), compiled, STEPS)
+        expected = generate(case.at_size(times), cachepass.compile(case.model(), config, inner="aot_eager"), STEPS)
+        torch.testing.assert_close(out, expected, atol=0, rtol=0)  # the piecewise form's outputs
+    assert counters["stats"]["unique_graphs"] == 2 + 2  # one static graph per shape; the piecewise form's two
+    backend = torch.compile(case.model(), backend="stepcache", fullgraph=True,
+                            options={"config": config, "inner": "aot_eager", "form": "one-graph"})
+    # symbolic at its first call already: Dynamo's automatic-dynamic record of Wan's forward in this process says the
+    # width changed; torch.compile's own wrapper around the error (cachepass.compile unwraps it)
+    with pytest.raises(torch._dynamo.exc.BackendCompilerFailed, match=r"one-graph.*symbolic sizes.*form='piecewise'"):
+        for times in (1, 2):
+            generate(case.at_size(times), backend, STEPS)
