@@ -7,6 +7,7 @@ graphs run in tests/gpu/test_offload_gpu.py.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 
 import pytest
@@ -220,6 +221,23 @@ def _example(model):
 
     case.call(grab, latents, torch.tensor(1.0), cond)
     return captured["args"], captured["kwargs"]
+
+
+def test_offload_runs_new_resolutions_on_the_symbolic_program():
+    """A second and a third width (the second compiles with symbolic sizes, the third runs that program) while
+    blocks stream: latents bit-identical to the resident compile at every width, no compile at the third. (The
+    resident compile's widths make Dynamo trace this model symbolic from its first call: its record of Wan's forward
+    in the process says the width changes.)"""
+    case = CASES["wan"]
+    cfg = toy_config(num_inference_steps=STEPS, threshold=case.threshold * 3, num_head_blocks=1)
+    resident = cachepass.compile(case.model(), cfg, inner="aot_eager")
+    expected = [generate(case.at_size(times), resident, STEPS) for times in (1, 2, 3)]
+    model = case.model()
+    compiled = cachepass.compile(model, cfg, inner="aot_eager", offload={"budget": _budget(model, 0.8), "allow_cpu": True})
+    for times, latents in zip((1, 2, 3), expected):
+        with torch.compiler.set_stance("fail_on_recompile") if times == 3 else contextlib.nullcontext():
+            torch.testing.assert_close(generate(case.at_size(times), compiled, STEPS), latents, atol=0, rtol=0)
+    assert cachepass.offload_stats(model).residency.slot_of  # blocks streamed
 
 
 @pytest.mark.parametrize("name, schedule", [("wan", "static"), ("wan", "dynamic"), ("flux", "dynamic")])
