@@ -71,9 +71,7 @@ def emit_clock(layout: StateLayout, st: dict[str, Proxy], timestep: Proxy | None
         numel = example_value(latents.node).numel()
         if is_symbolic(numel):  # sizes traced symbolically: the graph computes them from the latents'
             numel = x.numel()
-            sample = latents_sample(x, numel, torch.sym_min(LATENT_SAMPLE, numel))
-        else:
-            sample = latents_sample(x, numel, layout.sample_size)
+        sample = latents_sample(x, numel, torch.sym_min(LATENT_SAMPLE, numel))  # layout.sample_size, as graph code
         continues = continues & follows(sample, st["clock.last_sample"])
         # every entry's: a NaN or Inf makes a sum NaN or Inf; finite squares cannot overflow float64. A
         # reduction of isfinite over the sample fused into a kernel Triton 3.6 failed to compile.

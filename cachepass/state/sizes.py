@@ -26,6 +26,11 @@ def is_symbolic(size: Any) -> bool:
     return isinstance(size, torch.SymInt)
 
 
+def bare_symbol(size: Any) -> sympy.Symbol | None:
+    """The symbol a size is by itself (``s18``; not ``2*s18``), else None: what a compiler binds from it."""
+    return size.node.expr if is_symbolic(size) and isinstance(size.node.expr, sympy.Symbol) else None
+
+
 def free_symbols(sizes: Iterable[Any]) -> frozenset:
     """The sympy symbols the sizes ``sizes`` (ints or SymInts) depend on."""
     found: set = set()
@@ -46,12 +51,12 @@ class SizeSymbols:
     def __init__(self, example_inputs: Sequence[Any], needed: Iterable[sympy.Symbol] = ()):
         where: dict[sympy.Symbol, tuple[int, int | None]] = {}
         for i, value in enumerate(example_inputs):
-            if is_symbolic(value) and isinstance(value.node.expr, sympy.Symbol):
-                where.setdefault(value.node.expr, (i, None))
+            if bare_symbol(value) is not None:
+                where.setdefault(bare_symbol(value), (i, None))
             elif isinstance(value, torch.Tensor):
                 for dim, size in enumerate(value.shape):
-                    if is_symbolic(size) and isinstance(size.node.expr, sympy.Symbol):
-                        where.setdefault(size.node.expr, (i, dim))
+                    if bare_symbol(size) is not None:
+                        where.setdefault(bare_symbol(size), (i, dim))
         missing = sorted(str(s) for s in needed if s not in where)
         if missing:
             raise UnsupportedGraphError(
@@ -89,12 +94,12 @@ def symbol_nodes(graph: fx.Graph) -> dict:
     found, tensors = {}, {}
     for node in graph.nodes:
         value = example_value(node)
-        if is_symbolic(value) and isinstance(value.node.expr, sympy.Symbol):
-            found.setdefault(value.node.expr, node)
+        if bare_symbol(value) is not None:
+            found.setdefault(bare_symbol(value), node)
         elif node.op == "placeholder" and isinstance(value, torch.Tensor):
             for size in value.shape:
-                if is_symbolic(size) and isinstance(size.node.expr, sympy.Symbol):
-                    tensors.setdefault(size.node.expr, node)
+                if bare_symbol(size) is not None:
+                    tensors.setdefault(bare_symbol(size), node)
     return {**tensors, **found}
 
 
@@ -106,7 +111,7 @@ def size_inputs(inputs: list[fx.Node], size_nodes: dict) -> list[fx.Node]:
     for node in inputs:
         value = example_value(node)
         sizes = [value] if is_symbolic(value) else [*value.shape, *value.stride()] if isinstance(value, torch.Tensor) else []
-        bound |= {s.node.expr for s in sizes if is_symbolic(s) and isinstance(s.node.expr, sympy.Symbol)}
+        bound |= {bare_symbol(s) for s in sizes} - {None}
         needed |= free_symbols(sizes)
     missing = sorted(needed - bound, key=str)
     unknown = [str(s) for s in missing if s not in size_nodes]
