@@ -75,10 +75,14 @@ def test_the_rewritten_graph_computes_nothing_unused(order):
 
     def writes(n):
         name = n.target if isinstance(n.target, str) else getattr(n.target, "__name__", "")
-        return name.endswith("_") or n.target in (operator.setitem, torch.ops.higher_order.cond)
+        return name.endswith("_") or "out" in n.kwargs or n.target in (operator.setitem, torch.ops.higher_order.cond)
 
     unused = [n.name for n in gm.graph.nodes if not n.users and n.op not in ("placeholder", "output") and not writes(n)]
     assert unused == []
     terms = next(n for n in gm.graph.nodes if n.op == "placeholder" and "terms" in n.name)
     rows_read = [n for n in terms.users if n.target is operator.getitem]  # a pick's x[s]; the write takes it whole
     assert bool(rows_read) == (order > 0)
+    for name in ("terms", "prev_residual"):  # each large buffer is written by one masked where, not copy_(where(...))
+        buffer = next(n for n in gm.graph.nodes if n.op == "placeholder" and n.name.endswith(name))
+        in_place = [n for n in buffer.users if n.op == "call_method" and n.target.endswith("_")]
+        assert not in_place and [n.target for n in buffer.users if n.kwargs.get("out") is buffer] == [torch.where]

@@ -27,9 +27,13 @@ def pick_stream(x: Proxy, stream: Proxy, num_streams: int) -> Proxy:
 
 
 def write_stream(state: Proxy, clock, value: Proxy, when: Proxy) -> None:
-    """``state[stream] = value`` where ``when`` holds, as one masked full-buffer ``copy_``."""
+    """``state[stream] = value`` where ``when`` holds: one masked ``where`` written into ``state`` itself.
+
+    ``out=state`` makes it one kernel where ``copy_(where(...))`` is two; graphs run as traced (CUDA-graph glue)
+    then read and write the buffer once instead of twice, and compiled ones functionalize both forms alike.
+    """
     mask = clock.stream_mask.reshape(-1, *([1] * (len(state.node.meta["stepcache_shape"]) - 1))) & when
-    state.copy_(torch.where(mask, value.unsqueeze(0), state))
+    torch.where(mask, value.unsqueeze(0), state, out=state)
 
 
 def set_flag(flags: Proxy, flag: Mismatch, when: Proxy) -> Proxy:

@@ -18,7 +18,7 @@ class UnitState:
     def __init__(self, layout: StateLayout, unit: UnitSpec, state: dict[str, fx.Node], tracer, clock: Clock):
         self.layout, self.prefix, self.clock = layout, f"u{unit.index}.", clock
         self.state, self.tracer = state, tracer
-        self.writes: list[tuple[str, Proxy]] = []
+        self.writes: list[tuple[str, Proxy, Proxy]] = []  # (name, where to write, value): `flush` writes them
         self.effective: dict[str, Proxy] = {}
 
     def raw(self, name: str) -> Proxy:
@@ -37,21 +37,20 @@ class UnitState:
 
     def set_current(self, name: str, value) -> None:
         """Write ``value`` into the current stream's entry (row for [S, K] tensors)."""
-        vec = self.vector(name)
         mask = self.clock.stream_mask
         if len(self.layout.specs[self.layout.index[self.prefix + name]].shape) == 2:
             mask = mask.unsqueeze(1)
             value = value.unsqueeze(0) if isinstance(value, Proxy) else value
-        self.writes.append((name, torch.where(mask, value, vec)))
+        self.writes.append((name, mask, value))
 
     def record(self, name: str, value, when: Proxy | None = None) -> None:
         """Write ``value`` into (current stream, current step) of a [S, C+1] table (where ``when`` holds)."""
-        vec = self.vector(name)
         cell = self.clock.stream_mask.unsqueeze(1) & self.clock.step_mask.unsqueeze(0)
         if when is not None:
             cell = cell & when
-        self.writes.append((name, torch.where(cell, value, vec)))
+        self.writes.append((name, cell, value))
 
     def flush(self) -> None:
-        for name, value in self.writes:
-            self.raw(name).copy_(value)
+        """The pending writes, each one masked ``where`` into its state tensor (`cachepass.decision.ops.write_stream`)."""
+        for name, mask, value in self.writes:
+            torch.where(mask, value, self.vector(name), out=self.raw(name))
