@@ -69,11 +69,16 @@ class ModelCase:
         return self.build().eval()
 
     def at_size(self, times: int, dim: int = -1) -> "ModelCase":
-        """This case at another resolution: random latents ``times`` as large along ``dim`` (the width)."""
+        """This case at another resolution: random latents ``times`` as large along ``dim`` (the width). FLUX's packed
+        latents (with ``img_ids``): ``times`` as many tokens, each with a position id."""
         def inputs(g):
             latents, cond, uncond = self.inputs(g)
-            shape = list(latents.shape)
-            shape[dim] *= times
+            shape, along = list(latents.shape), dim
+            if "img_ids" in cond:
+                along = 1
+                ids = torch.randn(shape[1] * times, cond["img_ids"].shape[-1], generator=g)
+                cond, uncond = {**cond, "img_ids": ids}, {**uncond, "img_ids": ids}
+            shape[along] *= times
             return torch.randn(shape, generator=g), cond, uncond
 
         return dataclasses.replace(self, inputs=inputs)

@@ -57,6 +57,9 @@ class SizeSymbols:
                 for dim, size in enumerate(value.shape):
                     if bare_symbol(size) is not None:
                         where.setdefault(bare_symbol(size), (i, dim))
+        # every integer input is a size: one symbol may come in twice (FLUX's token count), or as an expression
+        integers = [i for i, value in enumerate(example_inputs) if is_symbolic(value)]
+        needed = set(needed) | free_symbols(example_inputs[i] for i in integers)
         missing = sorted(str(s) for s in needed if s not in where)
         if missing:
             raise UnsupportedGraphError(
@@ -64,7 +67,7 @@ class SizeSymbols:
                 "as an integer or a tensor dimension; compile with cachepass.compile(..., dynamic=False)")
         self.symbols = tuple(sorted(where, key=str))
         self.reads = tuple(where[s] for s in self.symbols)
-        self.integer_inputs = frozenset(i for i, dim in self.reads if dim is None)
+        self.integer_inputs = frozenset(integers)  # the symbols' values key what depends on them: each is set by them
 
     @classmethod
     def of(cls, example_inputs: Sequence[Any], needed: Iterable[sympy.Symbol] = ()) -> "SizeSymbols | None":

@@ -14,9 +14,10 @@ from tests.gpu.test_cuda_graphs import config, decisions, generate_on_gpu
 SIZES = (1, 2, 3, 1)  # widths 8, 16, 24 and the first again
 
 
-@pytest.mark.parametrize("mode", ["piecewise", "conditional"])
-def test_new_resolutions_run_the_symbolic_program_with_the_static_compiles_decisions(mode, caplog):
-    case = CASES["wan"]
+@pytest.mark.parametrize("name, mode", [("wan", "piecewise"), ("wan", "conditional"), ("flux", "conditional")])
+def test_new_resolutions_run_the_symbolic_program_with_the_static_compiles_decisions(name, mode, caplog):
+    """FLUX's symbolic program takes its token count as two integer inputs: both key the graph sets."""
+    case = CASES[name]
     model = case.model().cuda()
     compiled = cachepass.compile(model, config(case), inner="inductor", cudagraphs=mode)
     counters.clear()
