@@ -153,7 +153,13 @@ def stepcache_symbolic(ctx: Context) -> Prepared:
     """The default compile called once at another resolution first (two more latent columns of a video latents
     input, or 32 more image tokens of FLUX's packed latents with their position ids): the workload's shape is then
     its second, and the timed generations run the program Dynamo traced with symbolic sizes (Inductor's
-    dynamic-shape kernels), against the static program of ``stepcache``."""
+    dynamic-shape kernels), against the static program of ``stepcache``.
+
+    Its model copy gets a subclass of its own: Dynamo shares a frame's compiled programs between instances of one
+    class (two experts share one compile), so in one process ``stepcache``'s model would run the symbolic program too.
+    """
+    cls = type(ctx.model)
+    ctx.model.__class__ = type(cls.__name__, (cls,), {"__module__": cls.__module__})
     prepared = stepcache(ctx)
     compiled, first = prepared.fn, [True]
 
