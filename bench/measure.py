@@ -4,6 +4,7 @@ own columns around them."""
 
 from __future__ import annotations
 
+import collections
 import contextlib
 from typing import Any, Callable
 
@@ -73,8 +74,10 @@ def counted(ctx: Context, prepared: Prepared, inputs, device: torch.device, row:
     Recompiles: Dynamo's graphs made since the cold generation, or, when ``row["recompiles"]`` is already
     counted (generations of several variants interleaved, `new_graphs`), those plus this generation's."""
     before = counters["stats"]["unique_graphs"]
-    syncs = count_syncs(lambda: generation(ctx, prepared, inputs), device)
+    sites = collections.Counter()
+    syncs = count_syncs(lambda: generation(ctx, prepared, inputs), device, sites)
     row["syncs_per_call"] = None if syncs is None else syncs / ctx.workload.calls_per_generation
+    row["sync_sites"] = None if syncs is None else dict(sites.most_common(5))  # the Python lines that synced
     if "recompiles" in row:
         row["recompiles"] += counters["stats"]["unique_graphs"] - before
     else:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import statistics
 import time
@@ -41,8 +42,9 @@ def fresh_compile_caches() -> Iterator[None]:
     torch._dynamo.reset()
 
 
-def count_syncs(fn: Callable, device: torch.device) -> int | None:
-    """Host-device synchronisations ``fn()`` triggers (CUDA's sync debug mode); None off CUDA."""
+def count_syncs(fn: Callable, device: torch.device, sites: collections.Counter | None = None) -> int | None:
+    """Host-device synchronisations ``fn()`` triggers (CUDA's sync debug mode); None off CUDA. ``sites``: counts
+    them per Python line (``file:line``) that made them."""
     if device.type != "cuda":
         return None
     with warnings.catch_warnings(record=True) as caught:
@@ -53,7 +55,10 @@ def count_syncs(fn: Callable, device: torch.device) -> int | None:
         finally:
             torch.cuda.set_sync_debug_mode("default")
     synchronize(device)  # outside debug mode: results before 2026-11-28 evening counted this one too
-    return sum("synchroniz" in str(w.message) for w in caught)
+    syncs = [w for w in caught if "synchroniz" in str(w.message)]
+    if sites is not None:
+        sites.update(f"{w.filename}:{w.lineno}" for w in syncs)
+    return len(syncs)
 
 
 def reset_peak_memory(device: torch.device) -> None:
