@@ -124,7 +124,8 @@ def test_new_resolutions_run_one_symbolic_program_each_with_its_own_state():
 def test_every_integer_input_of_a_symbolic_program_is_a_size_its_graph_sets_are_keyed_by(monkeypatch):
     """FLUX's symbolic program takes its token count twice as an integer input. CUDA graphs copy every input that is
     not a size or static into their buffers, and refuse integers: only the first was a size, so FLUX's second
-    resolution ran without graphs (logged, 6% slower on an H200). Every integer input is a size now."""
+    resolution ran without graphs (logged; 6% behind cache-dit + compiled blocks on an H200). Every integer input is a
+    size now."""
     from cachepass.state.sizes import SizeSymbols
 
     found = []
