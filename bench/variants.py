@@ -160,7 +160,11 @@ def stepcache_symbolic(ctx: Context) -> Prepared:
     """
     cls = type(ctx.model)
     ctx.model.__class__ = type(cls.__name__, (cls,), {"__module__": cls.__module__})
-    prepared = stepcache(ctx)
+    try:
+        prepared = stepcache(ctx)
+    except Exception:
+        ctx.model.__class__ = cls
+        raise
     compiled, first = prepared.fn, [True]
 
     def fn(*args, **kwargs):
@@ -170,6 +174,7 @@ def stepcache_symbolic(ctx: Context) -> Prepared:
         return compiled(*args, **kwargs)
 
     prepared.fn = fn
+    prepared.cleanup = lambda: setattr(ctx.model, "__class__", cls)  # the variants after it get the model as it was
     return prepared
 
 
