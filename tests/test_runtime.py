@@ -121,11 +121,12 @@ def test_new_resolutions_run_one_symbolic_program_each_with_its_own_state():
     assert summary(model) == stats[1]
 
 
-def test_every_integer_input_of_a_symbolic_program_is_a_size_its_graph_sets_are_keyed_by(monkeypatch):
-    """FLUX's symbolic program takes its token count twice as an integer input. CUDA graphs copy every input that is
-    not a size or static into their buffers, and refuse integers: only the first was a size, so FLUX's second
-    resolution ran without graphs (logged; 6% behind cache-dit + compiled blocks on an H200). Every integer input is a
-    size now."""
+@pytest.mark.parametrize("name", ["wan", "hunyuan", "sd3", "flux"])
+def test_every_non_tensor_input_of_a_symbolic_program_is_a_size_its_graph_sets_are_keyed_by(name, monkeypatch):
+    """CUDA graphs copy every graph input that is neither static nor a size into their buffers, and refuse one that
+    is not a tensor. FLUX's symbolic program takes its token count twice as an integer input and only the first was a
+    size, so its second resolution ran without graphs (logged; 6% behind cache-dit + compiled blocks on an H200).
+    Every integer input is a size now, and no family's program takes another kind of number."""
     from cachepass.state.sizes import SizeSymbols
 
     found = []
@@ -133,17 +134,18 @@ def test_every_integer_input_of_a_symbolic_program_is_a_size_its_graph_sets_are_
 
     def recording(cls, example_inputs, needed=()):
         sizes = of(cls, example_inputs, needed)
-        found.append((sizes, [i for i, value in enumerate(example_inputs) if isinstance(value, torch.SymInt)]))
+        found.append((sizes, [i for i, value in enumerate(example_inputs) if not isinstance(value, torch.Tensor)]))
         return sizes
 
     monkeypatch.setattr(SizeSymbols, "of", classmethod(recording))
-    case = CASES["flux"]
-    compiled = cachepass.compile(case.model(), cfg(num_head_blocks=2, threshold=case.threshold), inner="aot_eager")
+    case = CASES[name]
+    compiled = cachepass.compile(case.model(), cfg(num_head_blocks=1, threshold=case.threshold), inner="aot_eager")
     for times in (1, 2):
         generate(case.at_size(times), compiled, 2)
-    (static, _), (symbolic, integers) = found
-    assert static is None and len(integers) >= 2
-    assert symbolic.integer_inputs == frozenset(integers)
+    (static, _), (symbolic, numbers) = found
+    assert static is None and numbers
+    assert symbolic.integer_inputs == frozenset(numbers)
+    assert len(numbers) == (2 if name == "flux" else 1)  # FLUX's token count, twice
 
 
 @pytest.mark.parametrize("name", ["sd3", "flux"])
