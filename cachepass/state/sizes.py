@@ -51,12 +51,12 @@ class SizeSymbols:
     def __init__(self, example_inputs: Sequence[Any], needed: Iterable[sympy.Symbol] = ()):
         where: dict[sympy.Symbol, tuple[int, int | None]] = {}
         for i, value in enumerate(example_inputs):
-            if bare_symbol(value) is not None:
-                where.setdefault(bare_symbol(value), (i, None))
+            if (symbol := bare_symbol(value)) is not None:
+                where.setdefault(symbol, (i, None))
             elif isinstance(value, torch.Tensor):
                 for dim, size in enumerate(value.shape):
-                    if bare_symbol(size) is not None:
-                        where.setdefault(bare_symbol(size), (i, dim))
+                    if (symbol := bare_symbol(size)) is not None:
+                        where.setdefault(symbol, (i, dim))
         # every integer input is a size: one symbol may come in twice (FLUX's token count), or as an expression
         integers = [i for i, value in enumerate(example_inputs) if is_symbolic(value)]
         needed = set(needed) | free_symbols(example_inputs[i] for i in integers)
@@ -67,7 +67,7 @@ class SizeSymbols:
                 "as an integer or a tensor dimension; compile with cachepass.compile(..., dynamic=False)")
         self.symbols = tuple(sorted(where, key=str))
         self.reads = tuple(where[s] for s in self.symbols)
-        self.integer_inputs = frozenset(integers)  # the symbols' values key what depends on them: each is set by them
+        self.integer_inputs = frozenset(integers)  # each a function of the symbols, so the symbols' values key them
 
     @classmethod
     def of(cls, example_inputs: Sequence[Any], needed: Iterable[sympy.Symbol] = ()) -> "SizeSymbols | None":
