@@ -170,12 +170,24 @@ class StepCacheConfig:
         return tuple(range(0, limit, self.warmup_interval))
 
     @property
+    def static_schedule(self) -> bool:
+        """Whether warmup and the mask decide every step: the static policy with a mask (cache-dit caches each step
+        the mask does not force, without a similarity test)."""
+        return self.steps_computation_policy is MaskPolicy.STATIC and self.steps_computation_mask is not None
+
+    @property
+    def compares_residuals(self) -> bool:
+        """Whether some step runs the similarity test, which reads the head residual of the last computed step
+        (cache-dit's Fn buffer): a threshold in (0, 1) and no static schedule. Without it that residual is neither
+        kept nor compared (cache-dit records -1.0 for thresholds >= 1 and skips the test at <= 0)."""
+        return 0 < self.threshold < 1 and not self.static_schedule
+
+    @property
     def never_caches(self) -> str | None:
         """Why no step can ever be cached under this config, or None if some can."""
-        static = self.steps_computation_policy is MaskPolicy.STATIC and self.steps_computation_mask is not None
         if self.max_cached_steps == 0:
             return "max_cached_steps=0"
-        if self.threshold <= 0 and not static:
+        if self.threshold <= 0 and not self.static_schedule:
             return "threshold=0 disables threshold caching and no static mask caches steps"
         if self.num_inference_steps is not None:
             forced = set(self.warmup_step_indices)

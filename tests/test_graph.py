@@ -68,6 +68,31 @@ def test_one_cond_per_block_list_and_no_item_or_host_branch(name):
         assert not [n for n in branch.graph.nodes if (n.op == "call_method" and n.target.endswith("_")) or "out" in n.kwargs]
 
 
+MASK = (1, 1, 0, 1, 0, 1, 0, 0, 1, 1)
+
+
+@pytest.mark.parametrize("overrides,compares,records_diffs", [
+    (dict(), True, True),
+    (dict(steps_computation_mask=MASK, steps_computation_policy="dynamic"), True, True),
+    (dict(steps_computation_mask=MASK, steps_computation_policy="static"), False, False),
+    (dict(threshold=0.0, steps_computation_mask=MASK, steps_computation_policy="static"), False, False),
+    (dict(threshold=1.5), False, True),  # cache-dit records -1.0 for each step it considers, and caches it
+], ids=["threshold", "dynamic-mask", "static-mask", "static-no-threshold", "threshold-above-1"])
+def test_the_previous_residual_is_kept_and_compared_only_where_a_step_can_run_the_similarity_test(
+        overrides, compares, records_diffs):
+    """cache-dit compares the head residual with the last computed step's only under a threshold in (0, 1) and no
+    static schedule; elsewhere keeping a [streams, tokens, dim] copy of it, picking and comparing it were three full
+    passes over it per call that decided nothing."""
+    case, model, compiled = compile_case("wan", **overrides)
+    generate(case, compiled, STEPS)
+    gm = current_state(model).graph
+    placeholders = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
+    assert any(name.endswith("prev_residual") for name in placeholders) == compares
+    assert any(n.target in (torch.abs, "abs") for n in gm.graph.nodes) == compares
+    diffs = [d for u in cachepass.stats(model) for d in (*u.residual_diffs.values(), *u.cfg_residual_diffs.values())]
+    assert bool(diffs) == records_diffs and (compares or all(d == -1.0 for d in diffs))
+
+
 @pytest.mark.parametrize("order", [0, 1])
 def test_the_rewritten_graph_computes_nothing_unused(order):
     """Glue runs as traced (no compiler removes dead code): every value the passes add must be read. At order 0 no

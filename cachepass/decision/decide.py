@@ -13,19 +13,25 @@ from cachepass.decision.ranks import agree_across_ranks
 from cachepass.decision.unit_state import UnitState
 
 
-def decide(cfg, us: UnitState, residual: Proxy, prev: Proxy,
+def decide(cfg, us: UnitState, residual: Proxy, prev: Proxy | None,
             parallel: SequenceParallel | None) -> tuple[Proxy, Proxy | None, Proxy | None]:
-    """cache-dit ``CachedContextManager.can_cache``: returns (hit, diff, diff_was_recorded)."""
+    """cache-dit ``CachedContextManager.can_cache``: returns (hit, diff, diff_was_recorded).
+
+    ``prev``: the previous computed step's head residual of this stream, None where the config never compares
+    residuals (`StepCacheConfig.compares_residuals`). With no threshold, or a static schedule, no step reaches the
+    similarity test and no diff is recorded, as in cache-dit.
+    """
     clock = us.clock
+    scheduled = cfg.threshold <= 0 or cfg.static_schedule
     if parallel is not None:  # every rank decides from the same reduced values
-        ok = may_cache(cfg, us) if cfg.threshold > 0 else torch.zeros_like(clock.static_hit)
+        ok = torch.zeros_like(clock.static_hit) if scheduled else may_cache(cfg, us)
         ok, static_hit, relative_diff = agree_across_ranks(cfg, us, residual, prev, ok, parallel)
     else:
-        if cfg.threshold <= 0:  # never reaches the similarity test
+        if scheduled:
             return clock.static_hit, None, None
         ok, static_hit = may_cache(cfg, us), clock.static_hit
-        relative_diff = (prev - residual).abs().mean() / prev.abs().mean() if cfg.threshold < 1 else None
-    if cfg.threshold <= 0:
+        relative_diff = (prev - residual).abs().mean() / prev.abs().mean() if prev is not None else None
+    if scheduled:
         return static_hit, None, None
     if cfg.threshold >= 1:
         diff = torch.full_like(ok, -1.0, dtype=us.layout.float_dtype)  # cache-dit records -1.0 and always caches

@@ -15,7 +15,7 @@ from cachepass.state.layout import Mismatch
 FINGERPRINT_MODULUS = 1 << 16  # in-step checks sum x and x^2 over ranks in float64: exact for x < 2^16
 
 
-def agree_across_ranks(cfg, us: UnitState, residual: Proxy, prev: Proxy, ok: Proxy,
+def agree_across_ranks(cfg, us: UnitState, residual: Proxy, prev: Proxy | None, ok: Proxy,
                         parallel: SequenceParallel) -> tuple[Proxy, Proxy, Proxy]:
     """The decision inputs of the whole sequence, identical on every rank of ``parallel``:
     (every rank may cache, every rank's static mask caches, the whole sequence's residual diff).
@@ -28,7 +28,7 @@ def agree_across_ranks(cfg, us: UnitState, residual: Proxy, prev: Proxy, ok: Pro
     `Mismatch.RANKS_DIVERGED` bit is set.
     """
     clock, f64 = us.clock, torch.float64
-    if 0 < cfg.threshold < 1:
+    if prev is not None:  # the config compares residuals
         local = [(prev - residual).abs().sum(dtype=f64), prev.abs().sum(dtype=f64)]
     else:
         local = [torch.zeros_like(clock.static_hit, dtype=f64)] * 2

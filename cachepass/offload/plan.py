@@ -23,7 +23,7 @@ import logging
 import re
 from typing import Iterator, Protocol, Sequence
 
-from cachepass.config import MaskPolicy, StepCacheConfig
+from cachepass.config import StepCacheConfig
 from cachepass.errors import CachepassError
 from cachepass.unit import UnitSpec
 
@@ -201,7 +201,7 @@ def predicted_decision(config: StepCacheConfig, call: int) -> bool | None:
         return None
     mask = config.steps_computation_mask
     forced = step in config.warmup_step_indices or (mask is not None and mask[step] == 1)
-    static = config.steps_computation_policy is MaskPolicy.STATIC and mask is not None
+    static = config.static_schedule
     if forced or step == 0:
         return False
     if static:

@@ -103,8 +103,10 @@ def _rewrite_unit(gm, call: fx.Node, unit: OutlinedUnit, layout: StateLayout, cl
         us = UnitState(layout, spec, state, tracer, clock)
         h_in = Proxy(call.args[0], tracer)
         h_f = Proxy(region_inputs[hidden.input_position], tracer)
-        residual = h_f - h_in
-        prev = pick_stream(us.raw("prev_residual"), clock.stream, cfg.num_streams)
+        residual, prev = None, None  # kept and compared only where some step runs the similarity test
+        if cfg.compares_residuals:
+            residual = h_f - h_in
+            prev = pick_stream(us.raw("prev_residual"), clock.stream, cfg.num_streams)
         hit, diff, considered = decide(cfg, us, residual, prev, parallel)
 
         elapsed = clock.step - us.current("last_compute_step")
@@ -134,7 +136,8 @@ def _rewrite_unit(gm, call: fx.Node, unit: OutlinedUnit, layout: StateLayout, cl
         update_counters(us, clock, hit, diff, considered)
         us.set_current("has_prev", us.current("has_prev") | computed)
         us.set_current("last_compute_step", torch.where(computed, clock.step, us.current("last_compute_step")))
-        write_stream(us.raw("prev_residual"), clock, residual, computed)
+        if prev is not None:
+            write_stream(us.raw("prev_residual"), clock, residual, computed)
         for slot, out in zip(spec.slots, outs):
             head_out = Proxy(region_inputs[slot.input_position], tracer)
             update_taylor(us, slot.slot, layout.taylor_order(slot.role), out - head_out, computed, clock)

@@ -14,7 +14,8 @@ Layout (S streams, C = step capacity = num_inference_steps, or 1024 without it):
     schedule.{warmup,mask_compute,mask_static}  [C+1]  per-step constants from the config
     schedule.num_steps           []            steps per generation (0: not known); a pipeline call sets it
     schedule.{stream_ids,step_ids}              [S], [C+1]
-    u{i}.prev_residual           [S, *hidden]  head residual of the last computed step
+    u{i}.prev_residual           [S, *hidden]  head residual of the last computed step (only where the config
+                                               compares residuals: `StepCacheConfig.compares_residuals`)
     u{i}.{has_prev,cached_count,streak,last_cached_step,last_compute_step,accumulated_diff}  [S]
     u{i}.{cached_flags,diffs}    [S, C+1]      per-step record for stats (column C is scratch)
     u{i}.slot{k}.terms           [S, K+1, *shape]  TaylorSeer terms dY(0..K) (K=0: plain residual)
@@ -36,7 +37,7 @@ from typing import Iterable
 import torch
 
 from cachepass.analysis.timestep import TimestepInput
-from cachepass.config import MaskPolicy, StepCacheConfig
+from cachepass.config import StepCacheConfig
 from cachepass.state.sizes import SizeSymbols, free_symbols, hashable, is_symbolic
 from cachepass.unit import UnitSpec, tensor_nbytes
 
@@ -164,7 +165,7 @@ class StateLayout:
         steps = range(cap + 1)  # the last column stands for "beyond the mask / warmup"
         warmup = set(cfg.warmup_step_indices)
         mask = cfg.steps_computation_mask or ()
-        static = cfg.steps_computation_policy is MaskPolicy.STATIC and cfg.steps_computation_mask is not None
+        static = cfg.static_schedule
         return [
             TensorSpec("clock.calls", (), self.int_dtype, 0),
             TensorSpec("clock.step", (), self.int_dtype, 0),
@@ -195,8 +196,8 @@ class StateLayout:
     def _unit_specs(self, unit: UnitSpec) -> list[TensorSpec]:
         cap, s, u = self.capacity, self.config.num_streams, f"u{unit.index}"
         hidden = unit.hidden
-        specs = [
-            TensorSpec(f"{u}.prev_residual", (s, *hidden.shape), hidden.dtype, 0),
+        specs = [TensorSpec(f"{u}.prev_residual", (s, *hidden.shape), hidden.dtype, 0)] if self.config.compares_residuals else []
+        specs += [
             TensorSpec(f"{u}.has_prev", (s,), torch.bool, False, reset_each_generation=True),
             TensorSpec(f"{u}.cached_count", (s,), self.int_dtype, 0, reset_each_generation=True),
             TensorSpec(f"{u}.streak", (s,), self.int_dtype, 0, reset_each_generation=True),
