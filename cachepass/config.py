@@ -176,11 +176,18 @@ class StepCacheConfig:
         return self.steps_computation_policy is MaskPolicy.STATIC and self.steps_computation_mask is not None
 
     @property
+    def decides_by_threshold(self) -> bool:
+        """Whether some step takes cache-dit's threshold path (the budgets, then the similarity test): a threshold
+        above 0 and no static schedule. Without it warmup and the mask decide every step, and the counters the
+        budgets read are not kept."""
+        return self.threshold > 0 and not self.static_schedule
+
+    @property
     def compares_residuals(self) -> bool:
         """Whether some step runs the similarity test, which reads the head residual of the last computed step
-        (cache-dit's Fn buffer): a threshold in (0, 1) and no static schedule. Without it that residual is neither
+        (cache-dit's Fn buffer): the threshold path with a threshold below 1. Without it that residual is neither
         kept nor compared (cache-dit records -1.0 for thresholds >= 1 and skips the test at <= 0)."""
-        return 0 < self.threshold < 1 and not self.static_schedule
+        return self.decides_by_threshold and self.threshold < 1
 
     @property
     def never_caches(self) -> str | None:

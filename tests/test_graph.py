@@ -71,23 +71,30 @@ def test_one_cond_per_block_list_and_no_item_or_host_branch(name):
 MASK = (1, 1, 0, 1, 0, 1, 0, 0, 1, 1)
 
 
-@pytest.mark.parametrize("overrides,compares,records_diffs", [
-    (dict(), True, True),
-    (dict(steps_computation_mask=MASK, steps_computation_policy="dynamic"), True, True),
-    (dict(steps_computation_mask=MASK, steps_computation_policy="static"), False, False),
-    (dict(threshold=0.0, steps_computation_mask=MASK, steps_computation_policy="static"), False, False),
-    (dict(threshold=1.5), False, True),  # cache-dit records -1.0 for each step it considers, and caches it
-], ids=["threshold", "dynamic-mask", "static-mask", "static-no-threshold", "threshold-above-1"])
-def test_the_previous_residual_is_kept_and_compared_only_where_a_step_can_run_the_similarity_test(
-        overrides, compares, records_diffs):
+BUDGETS = dict(max_cached_steps=4, max_continuous_cached_steps=2, max_accumulated_residual_diff=0.5)
+EVERY_COUNTER = {"has_prev", "cached_count", "streak", "last_cached_step", "accumulated_diff"}
+
+
+@pytest.mark.parametrize("overrides,compares,counters,records_diffs", [
+    (dict(), True, {"has_prev"}, True),
+    (BUDGETS, True, EVERY_COUNTER, True),
+    (dict(steps_computation_mask=MASK, steps_computation_policy="dynamic"), True, {"has_prev"}, True),
+    (dict(steps_computation_mask=MASK, steps_computation_policy="static", **BUDGETS), False, set(), False),
+    (dict(threshold=0.0, steps_computation_mask=MASK, steps_computation_policy="static"), False, set(), False),
+    (dict(threshold=1.5, **BUDGETS), False, EVERY_COUNTER, True),  # cache-dit records -1.0 per considered step
+], ids=["threshold", "threshold-budgets", "dynamic-mask", "static-mask", "static-no-threshold", "threshold-above-1"])
+def test_the_state_keeps_and_updates_only_what_a_decision_of_the_config_reads(overrides, compares, counters,
+                                                                               records_diffs):
     """cache-dit compares the head residual with the last computed step's only under a threshold in (0, 1) and no
-    static schedule; elsewhere keeping a [streams, tokens, dim] copy of it, picking and comparing it were three full
-    passes over it per call that decided nothing."""
+    static schedule, and reads its counters only for the budgets set; under a static schedule warmup and the mask
+    decide every step. Glue runs as traced, so each value kept for nothing cost kernels every call: the previous
+    residual three full passes over [streams, tokens, dim], each counter about five scalar kernels."""
     case, model, compiled = compile_case("wan", **overrides)
     generate(case, compiled, STEPS)
     gm = current_state(model).graph
-    placeholders = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
-    assert any(name.endswith("prev_residual") for name in placeholders) == compares
+    kept = {n.name.removeprefix("stepcache_u0_") for n in gm.graph.nodes if n.op == "placeholder"
+            and n.name.startswith("stepcache_u0_")}
+    assert ("prev_residual" in kept) == compares and kept & EVERY_COUNTER == counters
     assert any(n.target in (torch.abs, "abs") for n in gm.graph.nodes) == compares
     diffs = [d for u in cachepass.stats(model) for d in (*u.residual_diffs.values(), *u.cfg_residual_diffs.values())]
     assert bool(diffs) == records_diffs and (compares or all(d == -1.0 for d in diffs))

@@ -22,7 +22,7 @@ def decide(cfg, us: UnitState, residual: Proxy, prev: Proxy | None,
     similarity test and no diff is recorded, as in cache-dit.
     """
     clock = us.clock
-    scheduled = cfg.threshold <= 0 or cfg.static_schedule
+    scheduled = not cfg.decides_by_threshold
     if parallel is not None:  # every rank decides from the same reduced values
         ok = torch.zeros_like(clock.static_hit) if scheduled else may_cache(cfg, us)
         ok, static_hit, relative_diff = agree_across_ranks(cfg, us, residual, prev, ok, parallel)
@@ -68,12 +68,16 @@ def cached_streak(us: UnitState) -> Proxy:
 
 
 def update_counters(us: UnitState, clock: Clock, hit: Proxy, diff, considered) -> None:
-    streak = cached_streak(us)
-    us.set_current("cached_count", us.current("cached_count") + hit.to(us.layout.int_dtype))
-    us.set_current("streak", torch.where(hit, streak + 1, streak))
-    us.set_current("last_cached_step", torch.where(hit, clock.step, us.current("last_cached_step")))
+    """The per-step record, and the counters the state keeps (those the config's budgets read: `StateLayout`)."""
+    if us.keeps("cached_count"):
+        us.set_current("cached_count", us.current("cached_count") + hit.to(us.layout.int_dtype))
+    if us.keeps("streak"):
+        streak = cached_streak(us)
+        us.set_current("streak", torch.where(hit, streak + 1, streak))
+        us.set_current("last_cached_step", torch.where(hit, clock.step, us.current("last_cached_step")))
     us.record("cached_flags", hit)
     if diff is not None:
         us.record("diffs", diff.to(torch.float32), considered)
+    if us.keeps("accumulated_diff"):
         gain = torch.where(considered & (diff > 0), diff, 0.0)
         us.set_current("accumulated_diff", us.current("accumulated_diff") + gain)

@@ -21,6 +21,10 @@ class UnitState:
         self.writes: list[tuple[str, Proxy, Proxy]] = []  # (name, where to write, value): `flush` writes them
         self.effective: dict[str, Proxy] = {}
 
+    def keeps(self, name: str) -> bool:
+        """Whether the layout has ``name`` for this unit (some values are kept only for configs that read them)."""
+        return self.prefix + name in self.layout.index
+
     def raw(self, name: str) -> Proxy:
         return Proxy(self.state[self.prefix + name], self.tracer)
 

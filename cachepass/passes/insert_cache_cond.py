@@ -134,7 +134,8 @@ def _rewrite_unit(gm, call: fx.Node, unit: OutlinedUnit, layout: StateLayout, cl
 
         computed = ~hit
         update_counters(us, clock, hit, diff, considered)
-        us.set_current("has_prev", us.current("has_prev") | computed)
+        if us.keeps("has_prev"):
+            us.set_current("has_prev", us.current("has_prev") | computed)
         us.set_current("last_compute_step", torch.where(computed, clock.step, us.current("last_compute_step")))
         if prev is not None:
             write_stream(us.raw("prev_residual"), clock, residual, computed)

@@ -16,7 +16,11 @@ Layout (S streams, C = step capacity = num_inference_steps, or 1024 without it):
     schedule.{stream_ids,step_ids}              [S], [C+1]
     u{i}.prev_residual           [S, *hidden]  head residual of the last computed step (only where the config
                                                compares residuals: `StepCacheConfig.compares_residuals`)
-    u{i}.{has_prev,cached_count,streak,last_cached_step,last_compute_step,accumulated_diff}  [S]
+    u{i}.last_compute_step       [S]           the step each stream last computed (TaylorSeer's elapsed steps)
+    u{i}.has_prev                [S]           a computed step since the generation began (the threshold path only)
+    u{i}.{cached_count,streak,last_cached_step,accumulated_diff}  [S]  what the budgets read, kept for the budgets
+                                               the config sets (max_cached_steps, max_continuous_cached_steps,
+                                               max_accumulated_residual_diff)
     u{i}.{cached_flags,diffs}    [S, C+1]      per-step record for stats (column C is scratch)
     u{i}.slot{k}.terms           [S, K+1, *shape]  TaylorSeer terms dY(0..K) (K=0: plain residual)
     u{i}.slot{k}.valid           [S, K+1]      which terms exist yet
@@ -196,14 +200,19 @@ class StateLayout:
     def _unit_specs(self, unit: UnitSpec) -> list[TensorSpec]:
         cap, s, u = self.capacity, self.config.num_streams, f"u{unit.index}"
         hidden = unit.hidden
-        specs = [TensorSpec(f"{u}.prev_residual", (s, *hidden.shape), hidden.dtype, 0)] if self.config.compares_residuals else []
+        cfg, by_threshold = self.config, self.config.decides_by_threshold
+        kept = {  # per-stream values, each where a decision reads it
+            "has_prev": (torch.bool, False, by_threshold),
+            "cached_count": (self.int_dtype, 0, by_threshold and cfg.max_cached_steps is not None),
+            "streak": (self.int_dtype, 0, by_threshold and cfg.max_continuous_cached_steps is not None),
+            "last_cached_step": (self.int_dtype, -2, by_threshold and cfg.max_continuous_cached_steps is not None),
+            "last_compute_step": (self.int_dtype, 0, True),
+            "accumulated_diff": (self.float_dtype, 0.0, by_threshold and cfg.max_accumulated_residual_diff is not None),
+        }
+        specs = [TensorSpec(f"{u}.prev_residual", (s, *hidden.shape), hidden.dtype, 0)] if cfg.compares_residuals else []
+        specs += [TensorSpec(f"{u}.{name}", (s,), dtype, fill, reset_each_generation=True)
+                  for name, (dtype, fill, wanted) in kept.items() if wanted]
         specs += [
-            TensorSpec(f"{u}.has_prev", (s,), torch.bool, False, reset_each_generation=True),
-            TensorSpec(f"{u}.cached_count", (s,), self.int_dtype, 0, reset_each_generation=True),
-            TensorSpec(f"{u}.streak", (s,), self.int_dtype, 0, reset_each_generation=True),
-            TensorSpec(f"{u}.last_cached_step", (s,), self.int_dtype, -2, reset_each_generation=True),
-            TensorSpec(f"{u}.last_compute_step", (s,), self.int_dtype, 0, reset_each_generation=True),
-            TensorSpec(f"{u}.accumulated_diff", (s,), self.float_dtype, 0.0, reset_each_generation=True),
             TensorSpec(f"{u}.cached_flags", (s, cap + 1), torch.bool, False, reset_each_generation=True),
             TensorSpec(f"{u}.diffs", (s, cap + 1), torch.float32, math.nan, reset_each_generation=True),
         ]
