@@ -1,8 +1,10 @@
-"""The stepcache graph passes, in the order they run (`PASS_ORDER`; `cachepass.pipeline` runs them).
+"""The stepcache graph passes, in the order they run (`cachepass.pipeline` runs them).
 
-``before_discovery_passes`` run before block discovery; ``outline_passes`` turn a Dynamo graph into
-one where each cache unit's middle blocks are a submodule call (what the eager reference runs);
-``cache_passes`` then rewrite those calls into the compiled decision + ``torch.cond`` + state update.
+``before_discovery_passes`` (hoist_size_arithmetic, inline_block_regions, split_before_first_block) run before
+block discovery; ``outline_passes`` (contiguous_block_input, hoist_out_of_middle, outline_middle_blocks) turn a
+Dynamo graph into one where each cache unit's middle blocks are a submodule call (what the eager reference runs);
+``cache_passes`` (insert_cache_cond) then rewrite those calls into the compiled decision + ``torch.cond`` + state
+update.
 ``run_passes`` names a failing pass and the passes that ran before it. The graph invariants every
 pass keeps, and the node metadata they write, are in README.md beside this file.
 """
@@ -27,8 +29,6 @@ from cachepass.passes.split_before_first_block import split_before_first_block
 log = logging.getLogger(__name__)
 
 Pass = Callable[[fx.GraphModule], fx.GraphModule]
-PASS_ORDER = ("hoist_size_arithmetic", "inline_block_regions", "split_before_first_block", "contiguous_block_input",
-              "hoist_out_of_middle", "outline_middle_blocks", "insert_cache_cond")
 
 
 def before_discovery_passes() -> list[Pass]:
