@@ -69,8 +69,6 @@ def test_one_cond_per_block_list_and_no_item_or_host_branch(name):
 
 
 MASK = (1, 1, 0, 1, 0, 1, 0, 0, 1, 1)
-
-
 BUDGETS = dict(max_cached_steps=4, max_continuous_cached_steps=2, max_accumulated_residual_diff=0.5)
 EVERY_COUNTER = {"has_prev", "cached_count", "streak", "last_cached_step", "accumulated_diff"}
 
