@@ -100,8 +100,9 @@ def test_the_state_keeps_and_updates_only_what_a_decision_of_the_config_reads(ov
 
 @pytest.mark.parametrize("order", [0, 1])
 def test_the_rewritten_graph_computes_nothing_unused(order):
-    """Glue runs as traced (no compiler removes dead code): every value the passes add must be read. At order 0 no
-    pick of the [streams, ...] Taylor buffer may run (it was one full read of it per call, unused)."""
+    """Glue runs as traced (no compiler removes dead code): every value the passes add must be read, in the graph and
+    in the cached branch, and computed once. At order 0 no pick of the [streams, ...] Taylor buffer may run (it was
+    one full read of it per call, unused)."""
     case, model, compiled = compile_case("wan", taylorseer_order=order)
     generate(case, compiled, 1, separate_cfg=False)
     gm = current_state(model).graph
@@ -110,8 +111,16 @@ def test_the_rewritten_graph_computes_nothing_unused(order):
         name = n.target if isinstance(n.target, str) else getattr(n.target, "__name__", "")
         return name.endswith("_") or "out" in n.kwargs or n.target in (operator.setitem, torch.ops.higher_order.cond)
 
-    unused = [n.name for n in gm.graph.nodes if not n.users and n.op not in ("placeholder", "output") and not writes(n)]
-    assert unused == []
+    cached_branches = [gm.get_submodule(n.args[1].target) for n in gm.graph.nodes if n.target is torch.ops.higher_order.cond]
+    for graph in (gm.graph, *(branch.graph for branch in cached_branches)):
+        unused = [n.name for n in graph.nodes if not n.users and n.op not in ("placeholder", "output") and not writes(n)]
+        assert unused == []
+    # nor twice: a value the passes read twice is computed once (nodes Dynamo traced carry an nn_module_stack)
+    views = {"reshape", "getitem", "unsqueeze", "squeeze", "view", "expand"}
+    added = [n for n in gm.graph.nodes if n.op in ("call_function", "call_method") and "nn_module_stack" not in n.meta
+             and getattr(n.target, "__name__", n.target) not in views]
+    keys = [(str(n.target), repr(n.args), repr(n.kwargs)) for n in added]
+    assert [n.name for n, key in zip(added, keys) if keys.count(key) > 1] == []
     terms = next(n for n in gm.graph.nodes if n.op == "placeholder" and "terms" in n.name)
     rows_read = [n for n in terms.users if n.target is operator.getitem]  # a pick's x[s]; the write takes it whole
     assert bool(rows_read) == (order > 0)

@@ -13,7 +13,7 @@ from torch.fx.proxy import GraphAppendingTracer, Proxy
 from torch.multiprocessing.reductions import StorageWeakRef
 
 from cachepass.analysis.blocks import example_value
-from cachepass.decision.ops import pick_stream
+from cachepass.decision.ops import pick_stream, stream_selectors
 from cachepass.state.layout import StateLayout
 from cachepass.state.sizes import hint, size_input_name
 from cachepass.unit import UnitSpec
@@ -110,10 +110,12 @@ def cached_branch(spec: UnitSpec, layout: StateLayout, region_values: list, size
     for size in sizes:
         graph.placeholder(size_input_name(size)).meta["example_value"] = size
     results = []
+    selectors = stream_selectors(stream, layout.config.num_streams)
     for slot, (terms, valid) in zip(spec.slots, taylor):
         order = layout.taylor_order(slot.role)
-        streams = layout.config.num_streams
-        terms, valid = pick_stream(terms, stream, streams), pick_stream(valid, stream, streams)
+        terms = pick_stream(terms, selectors)
+        if order > 0:  # order 0 reads no validity flag: no pick of it runs
+            valid = pick_stream(valid, selectors)
         approx = terms[0]
         for i in range(1, order + 1):
             # float Pow: TensorRT has no int Pow

@@ -10,7 +10,7 @@ from torch.fx.proxy import Proxy
 
 from cachepass.analysis.blocks import example_value
 from cachepass.analysis.timestep import LATENT_SAMPLE, follows, latents_sample
-from cachepass.decision.ops import at, set_flag
+from cachepass.decision.ops import at, set_flag, stream_selectors
 from cachepass.state.layout import Mismatch, StateLayout
 from cachepass.state.sizes import is_symbolic
 
@@ -20,11 +20,12 @@ class Clock:
     calls: Proxy  # calls since the state was made or reset, before this one
     first: Proxy  # bool: first call of a generation -> per-stream state resets
     stream: Proxy  # 0 = conditional, 1 = unconditional (CFG) stream
+    stream_selectors: tuple[Proxy, ...]  # stream == 1, ...: what `pick_stream` selects by
     step: Proxy  # denoising step
     step_slot: Proxy  # step clamped to the stats capacity
     stream_mask: Proxy  # [S] bool, the current stream
     step_mask: Proxy  # [C+1] bool, the current step's stats column
-    forced: Proxy  # bool: warmup or mask forces a compute step
+    not_forced: Proxy  # bool: neither warmup nor the mask forces a compute step
     static_hit: Proxy  # bool: the static mask policy caches this step
     flags: Proxy  # `Mismatch` bits, written back after the units (which may add to them)
     ended: Proxy  # steps of the last generation that ended early
@@ -61,9 +62,10 @@ def emit_clock(layout: StateLayout, st: dict[str, Proxy], timestep: Proxy | None
     calls, last_step, pending, last_t = st["clock.calls"], st["clock.step"], st["clock.pending"], st["clock.last_t"]
     t = progress(layout, calls, steps, timestep)
     fresh = calls == 0
-    same_t = ~fresh & (t == last_t)
+    not_fresh = ~fresh  # each value the clock reads twice is computed once: glue runs as traced, a kernel per op
+    same_t = not_fresh & (t == last_t)
     fingerprint, sample = st["clock.last_latents"], st["clock.last_sample"]
-    continues = ~fresh
+    continues = not_fresh
     nonfinite = None
     if latents is not None:
         x = latents.detach().to(layout.float_dtype)
@@ -78,8 +80,9 @@ def emit_clock(layout: StateLayout, st: dict[str, Proxy], timestep: Proxy | None
         nonfinite = ~torch.isfinite(fingerprint).all()
     same_call = same_t & (fingerprint == st["clock.last_latents"]).all()
     partner = pending & same_call if cfg.separate_cfg else torch.zeros_like(same_t)
-    first = fresh | (t > last_t) | (same_t & ~partner) | ((t < last_t) & ~continues)
-    step = torch.where(first, 0, torch.where(partner, last_step, last_step + 1))
+    not_partner, next_step = ~partner, last_step + 1
+    first = fresh | (t > last_t) | (same_t & not_partner) | ((t < last_t) & ~continues)
+    step = torch.where(first, 0, torch.where(partner, last_step, next_step))
     stream = partner.to(layout.int_dtype)
     if cfg.cfg_compute_first:
         stream = 1 - stream
@@ -89,35 +92,37 @@ def emit_clock(layout: StateLayout, st: dict[str, Proxy], timestep: Proxy | None
     if nonfinite is not None:
         flags = set_flag(flags, Mismatch.NONFINITE_LATENTS, nonfinite)
     if cfg.separate_cfg:
-        flags = set_flag(flags, Mismatch.MISSING_CFG_PARTNER, pending & ~first & ~partner)
+        flags = set_flag(flags, Mismatch.MISSING_CFG_PARTNER, pending & ~first & not_partner)
         flags = set_flag(flags, Mismatch.EXTRA_CALLS, same_call & ~pending)  # a third call of one step
     else:
         flags = set_flag(flags, Mismatch.SHARED_TIMESTEP, same_t)
     known = steps > 0
-    ended_early = known & first & ~fresh & (last_step + 1 < steps)
+    ended_early = known & first & not_fresh & (next_step < steps)
     flags = set_flag(flags, Mismatch.MORE_STEPS, known & (step >= steps))
     flags = set_flag(flags, Mismatch.FEWER_STEPS, ended_early)
-    ended = torch.where(ended_early, last_step + 1, ended)
+    ended = torch.where(ended_early, next_step, ended)
 
     # Where, not Clip: ONNX-TensorRT clips floats only
     step_slot = torch.where(step > layout.capacity, layout.capacity, step)
     forced = at(st["schedule.warmup"], step_slot) | at(st["schedule.mask_compute"], step_slot)
+    not_forced = ~forced
     return Clock(
         calls=calls,
         first=first,
         stream=stream,
+        stream_selectors=stream_selectors(stream, cfg.num_streams),
         step=step,
         step_slot=step_slot,
         stream_mask=st["schedule.stream_ids"] == stream,
         step_mask=st["schedule.step_ids"] == step_slot,
-        forced=forced,
-        static_hit=at(st["schedule.mask_static"], step_slot) & ~forced,
+        not_forced=not_forced,
+        static_hit=at(st["schedule.mask_static"], step_slot) & not_forced,
         flags=flags,
         ended=ended,
         updates={
             "clock.calls": calls + 1,
             "clock.step": step,
-            "clock.pending": ~partner if cfg.separate_cfg else partner,
+            "clock.pending": not_partner if cfg.separate_cfg else partner,
             "clock.last_t": t,
             "clock.last_latents": fingerprint,
             "clock.last_sample": sample,

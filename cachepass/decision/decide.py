@@ -43,7 +43,7 @@ def decide(cfg, us: UnitState, residual: Proxy, prev: Proxy | None,
 def may_cache(cfg, us: UnitState) -> Proxy:
     """Everything but the similarity test: not forced, not statically cached, a previous residual, budgets left."""
     clock = us.clock
-    ok = ~clock.forced & ~clock.static_hit & us.current("has_prev")
+    ok = clock.not_forced & ~clock.static_hit & us.current("has_prev")
     if cfg.max_cached_steps is not None:
         ok = ok & (us.current("cached_count") < cfg.max_cached_steps)
     if cfg.max_continuous_cached_steps is not None:

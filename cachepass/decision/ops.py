@@ -14,15 +14,21 @@ def at(x: Proxy, index: Proxy) -> Proxy:
     return torch.index_select(x, 0, index.reshape(1)).squeeze(0)
 
 
-def pick_stream(x: Proxy, stream: Proxy, num_streams: int) -> Proxy:
-    """``x[stream]`` over the (at most two) CFG streams by ``where`` on static slices.
+def stream_selectors(stream: Proxy, num_streams: int) -> tuple[Proxy, ...]:
+    """``stream == s`` for s = 1 .. num_streams - 1: what `pick_stream` selects by, computed once per graph."""
+    return tuple(stream == s for s in range(1, num_streams))
+
+
+def pick_stream(x: Proxy, selectors: tuple[Proxy, ...]) -> Proxy:
+    """``x[stream]`` over the (at most two) CFG streams by ``where`` on static slices (``selectors``:
+    `stream_selectors`).
 
     No indirect indexing into the large buffers: elementwise kernels read them directly (and
     Inductor 2.11's CPU codegen mishandles a gather inside a transposed tile).
     """
     picked = x[0]
-    for s in range(1, num_streams):
-        picked = torch.where(stream == s, x[s], picked)
+    for s, selected in enumerate(selectors, start=1):
+        picked = torch.where(selected, x[s], picked)
     return picked
 
 

@@ -20,7 +20,7 @@ def update_taylor(us: UnitState, slot: int, order: int, y: Proxy, computed: Prox
     old_valid = us.current(f"slot{slot}.valid")
     terms, valid = [y], [torch.ones_like(computed)]
     if order > 0:  # order 0 (plain reuse) reads no old term: no pick of the [streams, ...] buffer runs for it
-        old = pick_stream(terms_state, clock.stream, us.layout.config.num_streams)
+        old = pick_stream(terms_state, clock.stream_selectors)
         window = clock.step - us.current("last_compute_step")
         window = torch.where(window < 1, 1, window)  # clamp(min=1); ONNX-TensorRT's Clip takes floats only
         for i in range(order):

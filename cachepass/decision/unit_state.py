@@ -37,7 +37,7 @@ class UnitState:
         return self.effective[name]
 
     def current(self, name: str) -> Proxy:
-        return pick_stream(self.vector(name), self.clock.stream, self.layout.config.num_streams)
+        return pick_stream(self.vector(name), self.clock.stream_selectors)
 
     def set_current(self, name: str, value) -> None:
         """Write ``value`` into the current stream's entry (row for [S, K] tensors)."""

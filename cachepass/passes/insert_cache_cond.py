@@ -106,7 +106,7 @@ def _rewrite_unit(gm, call: fx.Node, unit: OutlinedUnit, layout: StateLayout, cl
         residual, prev = None, None  # kept and compared only where some step runs the similarity test
         if cfg.compares_residuals:
             residual = h_f - h_in
-            prev = pick_stream(us.raw("prev_residual"), clock.stream, cfg.num_streams)
+            prev = pick_stream(us.raw("prev_residual"), clock.stream_selectors)
         hit, diff, considered = decide(cfg, us, residual, prev, parallel)
 
         elapsed = clock.step - us.current("last_compute_step")
