@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from bench.report import REQUIRED
 
@@ -145,3 +146,16 @@ def test_cold_start_interleaves_the_variants_processes_and_pairs_each_warm_round
     assert rows["stepcache-piecewise"]["warm_third_shape_each_s"] == [3.0, 3.0]
     assert rows["stepcache-piecewise"]["third_shape_vs_regional"] == 3.0 / 0.2
     assert result["command"].endswith("--interleave")
+
+
+def test_op_count_counts_the_outermost_ops_that_launch_work_and_leaves_out_views(tmp_path):
+    from bench import op_count
+
+    x = torch.ones(4, 4)
+    ops = op_count.top_level_ops(lambda: (x.view(-1) + 1).sum())
+    assert ops == {"aten::add": 1, "aten::sum": 1}  # the view is none; add's own inner calls are not counted again
+    out = tmp_path / "ops.json"
+    assert op_count.main(["--case", "toy", "--schedule", "static", "--steps", "6", "--out", str(out)]) == 0
+    row = json.loads(out.read_text())
+    assert (row["case"], row["schedule"], row["calls"]) == ("toy", "static", 12) and row["ops_per_generation"] > 0
+    assert row["ops_per_call"] == row["ops_per_generation"] / 12
