@@ -201,12 +201,11 @@ def predicted_decision(config: StepCacheConfig, call: int) -> bool | None:
         return None
     mask = config.steps_computation_mask
     forced = step in config.warmup_step_indices or (mask is not None and mask[step] == 1)
-    static = config.static_schedule
     if forced or step == 0:
         return False
-    if static:
+    if config.static_schedule:
         return True
-    return False if config.threshold <= 0 else None
+    return None if config.decides_by_threshold else False
 
 
 class Transport(Protocol):

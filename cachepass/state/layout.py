@@ -169,7 +169,6 @@ class StateLayout:
         steps = range(cap + 1)  # the last column stands for "beyond the mask / warmup"
         warmup = set(cfg.warmup_step_indices)
         mask = cfg.steps_computation_mask or ()
-        static = cfg.static_schedule
         return [
             TensorSpec("clock.calls", (), self.int_dtype, 0),
             TensorSpec("clock.step", (), self.int_dtype, 0),
@@ -190,7 +189,7 @@ class StateLayout:
                 "schedule.mask_static",
                 (cap + 1,),
                 torch.bool,
-                values=tuple(static and not (t < len(mask) and mask[t] == 1) for t in steps),
+                values=tuple(cfg.static_schedule and not (t < len(mask) and mask[t] == 1) for t in steps),
             ),
             TensorSpec("schedule.num_steps", (), self.int_dtype, values=(cfg.num_inference_steps or 0,)),
             TensorSpec("schedule.stream_ids", (s,), self.int_dtype, values=tuple(range(s))),

@@ -97,12 +97,12 @@ def symbol_nodes(graph: fx.Graph) -> dict:
     found, tensors = {}, {}
     for node in graph.nodes:
         value = example_value(node)
-        if bare_symbol(value) is not None:
-            found.setdefault(bare_symbol(value), node)
+        if (symbol := bare_symbol(value)) is not None:
+            found.setdefault(symbol, node)
         elif node.op == "placeholder" and isinstance(value, torch.Tensor):
             for size in value.shape:
-                if bare_symbol(size) is not None:
-                    tensors.setdefault(bare_symbol(size), node)
+                if (symbol := bare_symbol(size)) is not None:
+                    tensors.setdefault(symbol, node)
     return {**tensors, **found}
 
 
