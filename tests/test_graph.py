@@ -101,8 +101,8 @@ def test_the_state_keeps_and_updates_only_what_a_decision_of_the_config_reads(ov
 @pytest.mark.parametrize("order", [0, 1])
 def test_the_rewritten_graph_computes_nothing_unused(order):
     """Glue runs as traced (no compiler removes dead code): every value the passes add must be read, in the graph and
-    in the cached branch, and computed once. At order 0 no pick of the [streams, ...] Taylor buffer may run (it was
-    one full read of it per call, unused)."""
+    in the cached branch, and computed once. The Taylor buffer is read one row at a time, in the branches (at order 0
+    the compute branch reads none), and written once, from what the cond returned."""
     case, model, compiled = compile_case("wan", taylorseer_order=order)
     generate(case, compiled, 1, separate_cfg=False)
     gm = current_state(model).graph
@@ -121,10 +121,15 @@ def test_the_rewritten_graph_computes_nothing_unused(order):
              and getattr(n.target, "__name__", n.target) not in views]
     keys = [(str(n.target), repr(n.args), repr(n.kwargs)) for n in added]
     assert [n.name for n, key in zip(added, keys) if keys.count(key) > 1] == []
+    # the Taylor terms: read by the branches (the stream's row), written back once from what the cond returned
     terms = next(n for n in gm.graph.nodes if n.op == "placeholder" and "terms" in n.name)
-    rows_read = [n for n in terms.users if n.target is operator.getitem]  # a pick's x[s]; the write takes it whole
-    assert bool(rows_read) == (order > 0)
-    for name in ("terms", "prev_residual"):  # each large buffer is written by one masked where, not copy_(where(...))
-        buffer = next(n for n in gm.graph.nodes if n.op == "placeholder" and n.name.endswith(name))
-        in_place = [n for n in buffer.users if n.op == "call_method" and n.target.endswith("_")]
-        assert not in_place and [n.target for n in buffer.users if n.kwargs.get("out") is buffer] == [torch.where]
+    assert sorted(str(n.target) for n in terms.users) == sorted(["index_put_", str(torch.ops.higher_order.cond)])
+    cond = next(n for n in gm.graph.nodes if n.target is torch.ops.higher_order.cond)
+    position = list(cond.args[3]).index(terms)
+    for branch, reads in ((gm.get_submodule(cond.args[1].target), True), (gm.get_submodule(cond.args[2].target), order > 0)):
+        placeholder = [n for n in branch.graph.nodes if n.op == "placeholder"][position]
+        assert [n.target for n in placeholder.users] == ([torch.index_select] if reads else [])
+    # the previous residual: one masked where into it, not copy_(where(...))
+    buffer = next(n for n in gm.graph.nodes if n.op == "placeholder" and n.name.endswith("prev_residual"))
+    in_place = [n for n in buffer.users if n.op == "call_method" and n.target.endswith("_")]
+    assert not in_place and [n.target for n in buffer.users if n.kwargs.get("out") is buffer] == [torch.where]

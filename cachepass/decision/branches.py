@@ -1,5 +1,10 @@
 """The two branches of a cache unit's ``torch.cond`` (the middle blocks, or the cached residual with its
-TaylorSeer extrapolation) and the operand fixes ``cond`` needs (no aliases, standard strides)."""
+TaylorSeer extrapolation) and the operand fixes ``cond`` needs (no aliases, standard strides).
+
+Both branches take ``(*region_inputs, *(terms, valid) per slot, stream, elapsed, *sizes)`` and return
+``(*outputs per slot, *terms per slot)``: the compute branch the TaylorSeer terms of the residual it computed, the
+cached branch the stream's terms as they were. The graph writes the returned terms into the stream's row after the
+cond, so a cached call computes no residual and no masked write reads every stream's rows."""
 
 from __future__ import annotations
 
@@ -13,7 +18,8 @@ from torch.fx.proxy import GraphAppendingTracer, Proxy
 from torch.multiprocessing.reductions import StorageWeakRef
 
 from cachepass.analysis.blocks import example_value
-from cachepass.decision.ops import pick_stream, stream_selectors
+from cachepass.decision.ops import at
+from cachepass.decision.taylorseer import stored_terms
 from cachepass.state.layout import StateLayout
 from cachepass.state.sizes import hint, size_input_name
 from cachepass.unit import UnitSpec
@@ -62,22 +68,29 @@ def is_standard_contiguous(value: torch.Tensor) -> bool:
     return tuple(value.stride()) == tuple(make_contiguous_strides_for(value.shape))
 
 
-def compute_branch(compute: fx.GraphModule, num_extra: int, sizes: list) -> fx.GraphModule:
-    """The middle blocks, taking (and ignoring) the cached branch's extra operands: ``compute`` itself, changed in
-    place (the cond replaces the unit it was outlined into; a copy cost a node copy per middle-block node).
-    ``sizes``: the symbolic sizes passed last (`cachepass.state.sizes.size_inputs`), placeholders that bind them.
+def compute_branch(compute: fx.GraphModule, spec: UnitSpec, layout: StateLayout, sizes: list) -> fx.GraphModule:
+    """The middle blocks, then each slot's TaylorSeer terms of the residual they computed (`stored_terms`):
+    ``compute`` itself, changed in place (the cond replaces the unit it was outlined into; a copy cost a node copy
+    per middle-block node). ``sizes``: the symbolic sizes passed last (`cachepass.state.sizes.size_inputs`),
+    placeholders that bind them.
 
     Outputs must have standard contiguous strides (as the cached branch's) and alias neither an
     input nor each other: such outputs are cloned, the rest returned as computed.
     """
     graph = compute.graph
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    tracer = GraphAppendingTracer(graph)
+    names = [f"slot{slot.slot}_{part}" for slot in spec.slots for part in ("terms", "valid")] + ["stream", "elapsed"]
     with graph.inserting_after(placeholders[-1]):
         for size in reversed(sizes):  # inserting_after a fixed node: reversed keeps their order
             graph.placeholder(size_input_name(size)).meta["example_value"] = size
-        for i in reversed(range(num_extra)):
-            graph.placeholder(f"unused_{i}")
+        extra = {name: Proxy(graph.placeholder(name), tracer) for name in reversed(names)}
     output = graph.output_node()
+    with graph.inserting_before(output):
+        terms = [stored_terms(Proxy(out, tracer) - Proxy(placeholders[slot.input_position], tracer),
+                              extra[f"slot{slot.slot}_terms"], extra["stream"], extra["elapsed"],
+                              layout.taylor_order(slot.role)).node
+                 for slot, out in zip(spec.slots, output.args[0])]
     taken = {StorageWeakRef(example_value(p).untyped_storage())
              for p in placeholders if isinstance(example_value(p), torch.Tensor)}
     results = []
@@ -90,13 +103,14 @@ def compute_branch(compute: fx.GraphModule, num_extra: int, sizes: list) -> fx.G
             else:
                 results.append(graph.call_method("clone", (out,), {"memory_format": torch.contiguous_format}))
             taken.add(storage)
-    output.args = (tuple(results),)
+    output.args = (tuple(results + terms),)  # the terms: new tensors (a difference, or a stack of them)
     compute.recompile()
     return compute
 
 
 def cached_branch(spec: UnitSpec, layout: StateLayout, region_values: list, sizes: list) -> fx.GraphModule:
-    """``H_F + sum_i dY(i) * elapsed^i / i!`` per carried slot (order 0: ``H_F + R_M``); the symbolic ``sizes`` last."""
+    """``H_F + sum_i dY(i) * elapsed^i / i!`` per carried slot (order 0: ``H_F + R_M``), then the stream's terms as
+    read (what the graph writes back: a cached step stores nothing new); the symbolic ``sizes`` last."""
     graph = fx.Graph()
     tracer = GraphAppendingTracer(graph)
     inputs = [Proxy(graph.placeholder(f"region_{i}"), tracer) for i in range(len(region_values))]
@@ -109,13 +123,13 @@ def cached_branch(spec: UnitSpec, layout: StateLayout, region_values: list, size
     elapsed = Proxy(graph.placeholder("elapsed"), tracer)
     for size in sizes:
         graph.placeholder(size_input_name(size)).meta["example_value"] = size
-    results = []
-    selectors = stream_selectors(stream, layout.config.num_streams)
+    results, read = [], []
     for slot, (terms, valid) in zip(spec.slots, taylor):
         order = layout.taylor_order(slot.role)
-        terms = pick_stream(terms, selectors)
+        terms = at(terms, stream)  # the stream's row: a new tensor, returned as the terms to store
+        read.append(terms.node)
         if order > 0:  # order 0 reads no validity flag: no pick of it runs
-            valid = pick_stream(valid, selectors)
+            valid = at(valid, stream)
         approx = terms[0]
         for i in range(1, order + 1):
             # float Pow: TensorRT has no int Pow
@@ -125,7 +139,7 @@ def cached_branch(spec: UnitSpec, layout: StateLayout, region_values: list, size
         if not is_standard_contiguous(region_values[slot.input_position]):
             out = out.clone(memory_format=torch.contiguous_format)
         results.append(out.node)
-    graph.output(tuple(results))
+    graph.output(tuple(results + read))
     return _LazyGraphModule(torch.nn.Module(), graph, class_name=f"StepcacheCached{spec.index}")
 
 

@@ -21,6 +21,7 @@ class Clock:
     first: Proxy  # bool: first call of a generation -> per-stream state resets
     stream: Proxy  # 0 = conditional, 1 = unconditional (CFG) stream
     stream_selectors: tuple[Proxy, ...]  # stream == 1, ...: what `pick_stream` selects by
+    stream_row: Proxy  # [stream] as int64: the index `write_row` writes a per-stream buffer's row at (ONNX: ScatterND)
     step: Proxy  # denoising step
     step_slot: Proxy  # step clamped to the stats capacity
     stream_mask: Proxy  # [S] bool, the current stream
@@ -111,6 +112,7 @@ def emit_clock(layout: StateLayout, st: dict[str, Proxy], timestep: Proxy | None
         first=first,
         stream=stream,
         stream_selectors=stream_selectors(stream, cfg.num_streams),
+        stream_row=stream.reshape(1).long(),
         step=step,
         step_slot=step_slot,
         stream_mask=st["schedule.stream_ids"] == stream,

@@ -42,6 +42,12 @@ def write_stream(state: Proxy, clock, value: Proxy, when: Proxy) -> None:
     torch.where(mask, value.unsqueeze(0), state, out=state)
 
 
+def write_row(state: Proxy, row: Proxy, value: Proxy) -> None:
+    """``state[row] = value`` in place for an int64 ``row`` of shape [1] (`Clock.stream_row`): one kernel that reads
+    ``value`` and writes one row, where a masked ``where`` reads and writes every stream's rows."""
+    state.index_put_((row,), value.unsqueeze(0))
+
+
 def set_flag(flags: Proxy, flag: Mismatch, when: Proxy) -> Proxy:
     """``flags | flag`` where ``when`` holds, in plain arithmetic on the non-negative flags.
 

@@ -11,8 +11,9 @@ Output: the same graph with
 * per unit: the head residual ``R = H_F - H_in``, the decision as tensor ops (warmup, mask,
   budgets, ``mean|R_prev - R| / mean|R_prev| < threshold``), then
   ``torch.ops.higher_order.cond(hit, cached, compute, operands)`` where *compute* runs the middle
-  blocks and *cached* returns ``H_F + TaylorSeer(R_M)`` per carried slot, then the state update
-  (``where``-selected new values written back with ``copy_``);
+  blocks and returns their outputs and the TaylorSeer terms of their residual, and *cached* returns
+  ``H_F + TaylorSeer(R_M)`` and the terms as they were, per carried slot; then the state update (the
+  returned terms written into the stream's row by index, the small values ``where``-selected);
 * the clock's state update, last before the output.
 
 No ``.item()`` and no host-side branch is emitted: Dynamo never sees a changing Python value.
@@ -35,8 +36,8 @@ from cachepass.analysis.timestep import TimestepInput
 from cachepass.decision.branches import cached_branch, compute_branch, contiguous, without_aliases
 from cachepass.decision.clock import Clock, emit_clock
 from cachepass.decision.decide import decide, update_counters
-from cachepass.decision.ops import pick_stream, write_stream
-from cachepass.decision.taylorseer import update_taylor
+from cachepass.decision.ops import pick_stream, write_row, write_stream
+from cachepass.decision.taylorseer import update_valid
 from cachepass.decision.unit_state import UnitState
 from cachepass.errors import UnsupportedGraphError
 from cachepass.state.layout import StateLayout
@@ -117,7 +118,7 @@ def _rewrite_unit(gm, call: fx.Node, unit: OutlinedUnit, layout: StateLayout, cl
         operands = (*region_inputs, *taylor_operands, clock.stream.node, elapsed.node, *sizes)
         size_values = [example_value(n) for n in sizes]
         cached_gm = cached_branch(spec, layout, [example_value(n) for n in region_inputs], size_values)
-        compute_gm = compute_branch(unit.compute, len(operands) - len(region_inputs) - len(sizes), size_values)
+        compute_gm = compute_branch(unit.compute, spec, layout, size_values)
         gm.add_submodule(f"{spec.module_name}_cached", cached_gm)
         gm.add_submodule(f"{spec.module_name}_compute", compute_gm)
         cond = graph.call_function(
@@ -130,7 +131,8 @@ def _rewrite_unit(gm, call: fx.Node, unit: OutlinedUnit, layout: StateLayout, cl
             ),
         )
         cond.meta["stepcache_unit"] = spec  # as on the outlined call: the piecewise splitter names cond pieces by it
-        outs = [Proxy(graph.call_function(operator.getitem, (cond, i)), tracer) for i in range(len(spec.slots))]
+        results = [Proxy(graph.call_function(operator.getitem, (cond, i)), tracer) for i in range(2 * len(spec.slots))]
+        outs, terms = results[:len(spec.slots)], results[len(spec.slots):]  # `cachepass.decision.branches`
 
         computed = ~hit
         update_counters(us, clock, hit, diff, considered)
@@ -139,9 +141,9 @@ def _rewrite_unit(gm, call: fx.Node, unit: OutlinedUnit, layout: StateLayout, cl
         us.set_current("last_compute_step", torch.where(computed, clock.step, us.current("last_compute_step")))
         if prev is not None:
             write_stream(us.raw("prev_residual"), clock, residual, computed)
-        for slot, out in zip(spec.slots, outs):
-            head_out = Proxy(region_inputs[slot.input_position], tracer)
-            update_taylor(us, slot.slot, layout.taylor_order(slot.role), out - head_out, computed, clock)
+        for slot, stored in zip(spec.slots, terms):
+            write_row(us.raw(f"slot{slot.slot}.terms"), clock.stream_row, stored)  # a cached call: what was there
+            update_valid(us, slot.slot, layout.taylor_order(slot.role), computed, clock)
         us.flush()
 
     for user in list(call.users):
