@@ -1,6 +1,6 @@
 """Where a generation's time goes: device-busy vs idle time of stepcache and the ideal, side by side.
 
-    python -m bench.profile_gap --workload wan-1.3b-1f [--kernels 30]
+    python -m bench.profile_gap --workload wan-1.3b-1f [--kernels 30] [--schedule dynamic --threshold 0.3]
 
 Each variant is compiled and warmed up with one generation, then one generation runs under
 torch.profiler. Busy = the summed time of device kernels and copies (one stream, so they do not
@@ -86,6 +86,9 @@ def main(argv=None) -> int:
     parser.add_argument("--host", action="store_true", help="also profile one generation's host time with cProfile")
     parser.add_argument("--kernels", type=int, default=0,
                         help="keep each variant's N device kernels of most time (name, count, seconds) and print them")
+    parser.add_argument("--schedule", choices=["static", "dynamic"], default="static",
+                        help="as bench.compare's: the static mask, or the residual threshold")
+    parser.add_argument("--threshold", type=float, default=0.08, help="residual diff threshold (dynamic schedule)")
     parser.add_argument("--offload-blocks", default="8GB",
                         help="device bytes for block weights in the stepcache-offload variants (resident + slots)")
     parser.add_argument("--compile-backend", default="inductor",
@@ -93,11 +96,12 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     device, workload = torch.device(args.device), WORKLOADS[args.workload]
     model, inputs = workload.setup(device)
-    ctx = Context(workload, model, step_config(workload, "static", 0.08), args.compile_backend)
+    ctx = Context(workload, model, step_config(workload, args.schedule, args.threshold), args.compile_backend)
     ctx.shared.update(device=device, offload_block_bytes=parse_bytes(args.offload_blocks))
     with torch.no_grad():
         rows = [profile(ctx, name, inputs, device, args.host, args.kernels) for name in args.variants.split(",")]
-    meta = {"workload": workload.name, "device": device_name(device), "torch": torch.__version__,
+    meta = {"workload": workload.name, "schedule": args.schedule, "threshold": args.threshold,
+            "device": device_name(device), "torch": torch.__version__,
             "date": datetime.date.today().isoformat(),
             "command": "python -m bench.profile_gap " + " ".join(argv or sys.argv[1:])}
     print("| variant | wall s | device busy s | device idle s | idle ms/call | syncs/call | kernel s | HtoD s | "
