@@ -84,7 +84,8 @@ def compute_branch(compute: fx.GraphModule, spec: UnitSpec, layout: StateLayout,
     with graph.inserting_after(placeholders[-1]):
         for size in reversed(sizes):  # inserting_after a fixed node: reversed keeps their order
             graph.placeholder(size_input_name(size)).meta["example_value"] = size
-        extra = {name: Proxy(graph.placeholder(name), tracer) for name in reversed(names)}
+        # prefixed: a placeholder's target is its argument's name, and the blocks' own inputs keep theirs
+        extra = {name: Proxy(graph.placeholder(f"stepcache_{name}"), tracer) for name in reversed(names)}
     output = graph.output_node()
     with graph.inserting_before(output):
         terms = [stored_terms(Proxy(out, tracer) - Proxy(placeholders[slot.input_position], tracer),
