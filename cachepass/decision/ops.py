@@ -23,8 +23,8 @@ def pick_stream(x: Proxy, selectors: tuple[Proxy, ...]) -> Proxy:
     """``x[stream]`` over the (at most two) CFG streams by ``where`` on static slices (``selectors``:
     `stream_selectors`).
 
-    No indirect indexing into the large buffers: elementwise kernels read them directly (and
-    Inductor 2.11's CPU codegen mishandles a gather inside a transposed tile).
+    The small per-stream values and the previous head residual are read this way; the TaylorSeer terms are read
+    by `at` inside the cond's branches (one row, where this reads every stream's).
     """
     picked = x[0]
     for s, selected in enumerate(selectors, start=1):

@@ -36,6 +36,7 @@ def update_valid(us: UnitState, slot: int, order: int, computed: Proxy, clock: C
     """
     old_valid = us.current(f"slot{slot}.valid")
     valid = [torch.ones_like(computed)]
+    derivable = clock.step > 2 if order > 0 else None  # one kernel, not one per order
     for i in range(order):
-        valid.append(valid[i] & old_valid[i] & (clock.step > 2))
+        valid.append(valid[i] & old_valid[i] & derivable)
     us.set_current(f"slot{slot}.valid", torch.where(computed, torch.stack(valid), old_valid))
