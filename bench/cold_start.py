@@ -137,7 +137,9 @@ def _with_block_leaves(fn, model):
 
 
 def _write_profile(profiler: cProfile.Profile, path: str) -> None:
-    """The first call's profile: the 60 functions with the most cumulative time, then the 40 with the most own time."""
+    """The first call's profile: the 60 functions with the most cumulative time, then the 40 with the most own time;
+    the whole profile beside it (``.prof``, for `pstats`)."""
+    profiler.dump_stats(path.removesuffix(".txt") + ".prof")
     with open(path, "w") as f:
         for key, count in (("cumulative", 60), ("tottime", 40)):
             pstats.Stats(profiler, stream=f).strip_dirs().sort_stats(key).print_stats(count)
@@ -157,8 +159,21 @@ def _first_call_phases(first_call_s: float) -> dict:
         return sum(compilation_time_metrics.get(key, ()))
 
     compile_s = total("_compile.compile_inner")
-    return dict(zip(PHASES, (compile_s, total("bytecode_tracing"), total("OutputGraph.call_user_compiler"),
-                             total("build_guards"), first_call_s - compile_s), strict=True))
+    return {**dict(zip(PHASES, (compile_s, total("bytecode_tracing"), total("OutputGraph.call_user_compiler"),
+                                total("build_guards"), first_call_s - compile_s), strict=True)),
+            "first_call_caches": _cache_counts()}
+
+
+def _cache_counts() -> dict:
+    """The compile caches' hits and misses so far in this process (Inductor's FX graph cache, AOTAutograd's):
+    a warm process whose first call misses recompiles what it should have loaded."""
+    from torch._dynamo.utils import counters
+
+    return {f"{group}.{name}": count for group, names in (("inductor", ("fxgraph_cache_hit", "fxgraph_cache_miss",
+                                                                       "fxgraph_cache_bypass")),
+                                                           ("aot_autograd", ("autograd_cache_hit", "autograd_cache_miss",
+                                                                             "autograd_cache_bypass")))
+            for name in names if (count := counters[group][name])}
 
 
 class _BackendLog(logging.Handler):
