@@ -2,7 +2,7 @@
 
 With block regions on, Dynamo traces the first block of each class inline between an ``enter`` call
 (its class name and flattened arguments; the tensors come out of it as ``getitem``s) and a ``leave``
-call (its outputs), and every other block of the class is one ``leaf(class_name, path, args, kwargs)``
+call (its class name and outputs), and every other block of the class is one ``leaf(class_name, path, args, kwargs)``
 call, which Dynamo traced without the block's weights. This pass replaces each leaf by a copy of the
 body: the body's uses of ``enter``'s tensors become the leaf's arguments at the same flat positions,
 its uses of the first block's weights new placeholders for the leaf's block's weights of the same path
@@ -115,7 +115,7 @@ def _inline(gm: fx.GraphModule, leaf: fx.Node, body: _Body, inputs: "_Inputs") -
                                                 for key, (path, cls) in stack.items()}
             env[node] = copy
             copies.append(copy)
-    _replace_uses(gm, leaf, body.leave.args[0], leaf.meta.get("example_value"), env, set(copies))
+    _replace_uses(gm, leaf, body.leave.args[1], leaf.meta.get("example_value"), env, set(copies))
     for copy in reversed(copies):  # what made an output this leaf's caller does not use (Dynamo dropped it there)
         if not copy.users and not copy.is_impure():
             gm.graph.erase_node(copy)
@@ -186,7 +186,7 @@ def _unmark(gm: fx.GraphModule, body: _Body) -> None:
         user.replace_all_uses_with(tensors[user.args[1]])
         gm.graph.erase_node(user)
     gm.graph.erase_node(body.enter)
-    _replace_uses(gm, body.leave, body.leave.args[0], None, {}, set())
+    _replace_uses(gm, body.leave, body.leave.args[1], None, {}, set())
 
 
 def _moved(path: str, traced_on: str, caller: str) -> str:
