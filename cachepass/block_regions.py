@@ -16,10 +16,11 @@ excluded) is replaced on the class by a wrapper:
 
 Dynamo computes each leaf's output by running the first block on fake tensors (its weights made fake
 in Dynamo's mode), once per input signature (later leaves of that signature get new fake outputs of the
-same layout). The marks and the leaves never run: `cachepass.passes.inline_block_regions` replaces each
-leaf by a copy of the first block's traced body before discovery, so every pass sees what an
-unmarked trace gives. It first checks (`check_leaf`) that the leaf's block is configured like the
-first (per submodule: class, plain attributes, the classes of the others, hooks, tensor layouts);
+same layout); a leaf called as the first block was (every leaf of a Wan) takes the layouts of that block's
+traced outputs, which `leave` records, without a fake run. The marks and the leaves never run:
+`cachepass.passes.inline_block_regions` replaces each leaf by a copy of the first block's traced body before
+discovery, so every pass sees what an unmarked trace gives. It first checks (`check_leaf`) that the leaf's
+block is configured like the first (per submodule: class, plain attributes, the classes of the others, hooks, tensor layouts);
 a block that is not, or a trace the marks make fail, runs again without the marks (logged). Two
 models of one class (Wan 2.2's experts) still share one graph: the flag is a value, not an identity.
 
@@ -65,8 +66,8 @@ _INLINE = "_cachepass_traced_inline"  # on the first blocks during a call: a val
                                       # models, so that their calls share one graph; an identity would not be)
 _OUTPUTS: dict[str, tuple] = {}  # leaf input signature -> its outputs' layout and fake mode (the calls in progress)
 _FIRST_CONFIGURATION: dict[type, tuple] = {}  # class -> `_configuration` of its first block (calls in progress)
-_ENTERED: dict[str, tuple] = {}  # qualified class name -> its first block's call signature and input storages, from
-                                 # `enter` to `leave` on Dynamo's fake tensors
+_ENTERED: dict[tuple, tuple] = {}  # (qualified class name, fake mode) -> its first block's call signature and input
+                                   # storages, from `enter` to `leave` on Dynamo's fake tensors
 
 
 def enabled() -> bool:
@@ -200,20 +201,24 @@ def enter(class_name: str, flat: list) -> list:
     used and of the class whose leaves take its body (never run: the pass removes it). On Dynamo's fake tensors it
     also notes the call's signature, under which `leave` records the outputs for the leaves."""
     tensors = [v for v in flat if isinstance(v, torch.Tensor)]
-    if tensors and all(isinstance(t, FakeTensor) for t in tensors):
-        _ENTERED[class_name] = (_signature(_CLASSES[class_name], flat), {_storage(t) for t in tensors})
+    if tensors and all(isinstance(t, FakeTensor) for t in tensors):  # keyed by the trace's fake mode: one per trace
+        _ENTERED[class_name, tensors[0].fake_mode] = (_signature(_CLASSES[class_name], flat),
+                                                      {_storage(t) for t in tensors})
     return [torch.clone(v) for v in tensors]
 
 
 def leave(class_name: str, outputs):
     """The first block's outputs, as the graph's record of them (never run: the pass removes it). On Dynamo's fake
-    tensors, their layouts become what a leaf called as the first block was gives (`leaf`), without running the
-    block on fake tensors again: at symbolic sizes that run costs about a fifth of a second (CPU, small Wan)."""
-    entered = _ENTERED.pop(class_name, None)
+    tensors it records their layouts under the call's signature (noted by `enter`): a leaf called alike then takes
+    new tensors of those layouts and does not run the block on fake tensors (at a new shape's symbolic sizes that
+    run cost about 0.1 s of a 2.5 s recompile: CPU, 30-block small Wan)."""
     flat, spec = pytree.tree_flatten(outputs)
-    if entered is not None and flat and all(isinstance(t, FakeTensor) for t in flat):
-        signature, input_storages = entered
-        _remember(signature, flat, spec, input_storages)
+    if flat and all(isinstance(t, FakeTensor) for t in flat):
+        mode = flat[0].fake_mode
+        entered = _ENTERED.pop((class_name, mode), None)
+        if entered is not None:
+            signature, input_storages = entered
+            _remember(signature, flat, spec, input_storages, mode)
     return pytree.tree_map_only(torch.Tensor, torch.clone, outputs)
 
 
@@ -242,7 +247,7 @@ def leaf(class_name: str, path: str, args: tuple, kwargs: dict):
     with _reparametrize_module(block, weights):
         outputs = _ORIGINAL[cls](block, *args, **kwargs)
     flat, spec = pytree.tree_flatten(outputs)
-    _remember(signature, flat, spec, {_storage(t) for t in inputs})
+    _remember(signature, flat, spec, {_storage(t) for t in inputs}, mode)
     return outputs
 
 
@@ -252,12 +257,12 @@ def _signature(cls: type, flat: list) -> str:
     return repr((cls, [_layout(v) for v in flat]))
 
 
-def _remember(signature: str, flat: list, spec, input_storages: set) -> None:
-    """The layouts of a block call's outputs, for the next calls of ``signature`` in this trace; not where an output
-    is no tensor, or aliases another or an input (new tensors of the layout would not)."""
+def _remember(signature: str, flat: list, spec, input_storages: set, mode) -> None:
+    """The layouts of a block call's outputs, for the next calls of ``signature`` in the trace of the fake ``mode``;
+    not where an output is no tensor, or aliases another or an input (new tensors of the layout would not)."""
     storages = [_storage(t) for t in flat if isinstance(t, torch.Tensor)]
     if len(storages) == len(flat) and len(set(storages)) == len(flat) and not input_storages & set(storages):
-        _OUTPUTS[signature] = ([_layout(t) for t in flat], spec, flat[0].fake_mode)
+        _OUTPUTS[signature] = ([_layout(t) for t in flat], spec, mode)
 
 
 for _fn in (enter, leave, leaf):
