@@ -16,6 +16,7 @@ import collections
 import copy
 import dataclasses
 import itertools
+import operator
 import time
 from typing import Any, Callable, Sequence
 
@@ -117,6 +118,9 @@ def give_example_values(piece: fx.GraphModule, example_inputs: list) -> Any:
     fake propagation calls this for the pieces it runs, so a piece runs on fake tensors once.
     """
     fake_mode = torch._guards.detect_fake_mode(example_inputs)
+    for node in piece.graph.nodes:  # Dynamo leaves a tensor ``__setitem__`` (rotary embeddings) without a value;
+        if node.op == "call_function" and node.target is operator.setitem:  # it is None, nothing to run for
+            node.meta.setdefault("example_value", None)
     if fake_mode is None or all("example_value" in n.meta for n in piece.graph.nodes if n.op != "output"):
         return None
     with torch.no_grad():
