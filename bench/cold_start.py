@@ -16,8 +16,8 @@ compile); the model is a diffusers Wan transformer with
 ``compile`` (plain ``torch.compile``, fullgraph) and ``dynamo-trace`` (Dynamo's trace of the whole
 model with ``backend="eager"``: no compiler at all); ``dynamo-trace-regions`` traces the block class once as torch's
 ``nested_compile_region``, ``dynamo-trace-leaves`` the first block once and the others as leaves (as cachepass does:
-`cachepass/block_regions.py`), ``stepcache-block-scope`` cachepass on the block list alone (the model-level code
-run as it is, as under regional compile; an experiment, the clock counting calls),
+`cachepass/block_regions.py`), ``stepcache-block-scope`` cachepass with ``scope="blocks"`` (each block list compiled alone,
+the model-level code run as it is, as under regional compile: `cachepass.block_scope`),
 ``dynamo-trace-opaque-blocks`` with each block a pass-through (Dynamo's floor if it never traced into a block; its
 output is not the model's). stepcache rows also give the backend's own seconds (passes, split and piece compiles),
 read from its log.
@@ -90,19 +90,16 @@ def child(variant: str, blocks: int, device: str, width: str, save_artifacts: st
         fn = torch.compile(model, fullgraph=True, backend="inductor" if variant == "compile" else "eager")
         if variant == "dynamo-trace-leaves":  # the leaves run as they are (`block_regions.leaf` with real tensors)
             fn = _with_block_leaves(fn, model)
-    elif variant == "stepcache-block-scope":  # the block list compiled alone, the clock counting calls
-        cfg = cachepass.StepCacheConfig(num_head_blocks=1, threshold=0.1, warmup_steps=1, num_inference_steps=8,
-                                        timestep_input=None)
-        model.blocks = torch.nn.ModuleList([cachepass.compile(_block_scope(model.blocks), cfg)])
-        fn = model
     else:
         cfg = cachepass.StepCacheConfig(num_head_blocks=1, threshold=0.1, warmup_steps=1, num_inference_steps=8)
         variant_glue = re.search(r"-glue-(\w+)$", variant)  # the glue pieces' compiler, as the option sets it
         glue = variant_glue.group(1) if variant_glue else None
         if variant.endswith("-inline-trace"):  # Dynamo inlines every block (cachepass/block_regions.py off)
             os.environ["CACHEPASS_BLOCK_REGIONS"] = "0"
-        form = re.sub(r"-glue-\w+$", "", variant).removeprefix("stepcache-").removesuffix("-inline-trace")
-        fn = cachepass.compile(model, cfg, form=form, glue=glue)
+        scope = "blocks" if variant == "stepcache-block-scope" else "model"
+        form = "piecewise" if scope == "blocks" else \
+            re.sub(r"-glue-\w+$", "", variant).removeprefix("stepcache-").removesuffix("-inline-trace")
+        fn = cachepass.compile(model, cfg, form=form, glue=glue, scope=scope)
     times = []
     wider = torch.cat([latents, latents], dim=-1)  # a new resolution mid-session: twice the tokens
     widest = torch.cat([latents] * 3, dim=-1)  # a third one: the second's symbolic program runs it
@@ -130,25 +127,6 @@ def child(variant: str, blocks: int, device: str, width: str, save_artifacts: st
     return {"variant": variant, "first_call_s": times[0], "second_call_s": times[1], "new_shape_s": times[2],
             "third_shape_s": times[3],
             "artifacts_load_s": loaded_s, **saved, **phases, **backend_log.found}
-
-
-def _block_scope(blocks):
-    """The block list as one module, for ``stepcache-block-scope``: the compile then starts at the blocks and the
-    model-level code runs as it is, as under regional compile (a design experiment for #23's new-shape bar, not an
-    API: the clock has no timestep there and counts calls)."""
-    from torch import nn
-
-    class BlockScope(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.blocks = blocks
-
-        def forward(self, hidden_states, encoder_hidden_states, temb, rotary_emb):
-            for block in self.blocks:
-                hidden_states = block(hidden_states, encoder_hidden_states, temb, rotary_emb)
-            return hidden_states
-
-    return BlockScope()
 
 
 def _with_block_leaves(fn, model):

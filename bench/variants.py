@@ -138,10 +138,11 @@ def cache_dit_group_offload(ctx: Context, cache_first: bool = False) -> Prepared
 
 
 def stepcache(ctx: Context, inner: str = "inductor", mode: str | None = None, form: str = "piecewise",
-              cudagraphs: str | None = None, offload: dict | None = None, glue: str | None = None) -> Prepared:
+              cudagraphs: str | None = None, offload: dict | None = None, glue: str | None = None,
+              scope: str = "model") -> Prepared:
     """Outputs need no clone: with CUDA graphs the executor returns copies (see cachepass.cudagraphs.graphed)."""
     fn = cachepass.compile(ctx.model, ctx.config, inner=inner, mode=mode, form=form, cudagraphs=cudagraphs,
-                           offload=offload, glue=glue)
+                           offload=offload, glue=glue, scope=scope)
 
     def decisions():
         return [(u.cached_steps, u.cfg_cached_steps) for u in cachepass.stats(ctx.model)]
@@ -242,6 +243,7 @@ VARIANTS: dict[str, Callable[[Context], Prepared]] = {
     "cache-dit+compiled-blocks": lambda ctx: cache_dit_variant(ctx, "blocks"),
     "stepcache": stepcache,  # the default: on CUDA, conditional CUDA graphs
     "stepcache-no-graphs": lambda ctx: stepcache(ctx, cudagraphs="off"),
+    "stepcache-blocks": lambda ctx: stepcache(ctx, scope="blocks"),  # each block list compiled alone (cachepass.block_scope)
     "stepcache-symbolic": stepcache_symbolic,  # the default at its second shape: the program with symbolic sizes
     # the glue pieces' compiler set (the default: as traced under Inductor, cachepass.options.CompileOptions.default_glue)
     "stepcache-glue-inductor": lambda ctx: stepcache(ctx, glue="inductor"),

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from cachepass import block_regions
+from cachepass import block_regions, block_scope
 from cachepass.analysis.blocks import example_value
 from cachepass.analysis.sequence_parallel import SequenceParallel
 from cachepass.analysis.timestep import TimestepInput
@@ -40,13 +40,14 @@ log = logging.getLogger(__name__)
 
 # original module -> the config cachepass.compile gave it: reset / stats on it are no-ops before its first call
 _COMPILED_ORIGINALS: "weakref.WeakKeyDictionary[nn.Module, StepCacheConfig]" = weakref.WeakKeyDictionary()
+SCOPES = ("model", "blocks")  # cachepass.compile's scope: the whole model, or each block list (`cachepass.block_scope`)
 
 
 def compile(model: nn.Module, config: Any = None, *, calibrator_config: Any = None, inner: str = "inductor",
             mode: str | None = None, form: str = "piecewise", cudagraphs: str | None = None,
             offload: Any = None, sequence_parallel_group: Any = "auto", fullgraph: bool = True,
             max_shapes: int | None = None, device: Any = None, glue: str | None = None,
-            dynamic: bool | None = None) -> nn.Module:
+            dynamic: bool | None = None, scope: str = "model") -> nn.Module:
     """``torch.compile(model, backend="stepcache", ...)`` with the options checked up front.
 
     ``model`` may also be a diffusers pipeline: its DiT components are compiled in place and the pipeline
@@ -83,6 +84,10 @@ def compile(model: nn.Module, config: Any = None, *, calibrator_config: Any = No
     ``torch._dynamo.config.recompile_limit`` (8) graphs per function, shared by every shape and every compile of
     the model's class in the process; ``max_shapes`` raises that limit (process-wide) when larger, and each
     compile's first call makes room for its own graph.
+    ``scope``: ``"model"`` (the default) compiles the whole model as one graph; ``"blocks"`` compiles each block
+    list alone, as regional compile does, and returns ``model`` itself with the model-level code run as it is
+    (`cachepass.block_scope`: a shorter trace at a warm start and at a new shape, no CUDA graph or compiled code
+    around the model-level code; not with ``offload``).
     Options that cannot run on the model's device raise here.
     """
     if is_pipeline(model) or is_fastvideo(model):
@@ -90,7 +95,9 @@ def compile(model: nn.Module, config: Any = None, *, calibrator_config: Any = No
         return compile_components(model, config, compile, calibrator_config=calibrator_config, inner=inner, mode=mode,
                                   form=form, cudagraphs=cudagraphs, offload=offload, glue=glue,
                                   sequence_parallel_group=sequence_parallel_group, fullgraph=fullgraph,
-                                  max_shapes=max_shapes, device=device, dynamic=dynamic)
+                                  max_shapes=max_shapes, device=device, dynamic=dynamic, scope=scope)
+    if scope not in SCOPES:
+        raise ValueError(f"cachepass.compile scope={scope!r} is invalid; allowed: {', '.join(map(repr, SCOPES))}")
     if dynamic is not None and not isinstance(dynamic, bool):
         raise ValueError(f"cachepass.compile dynamic={dynamic!r} is invalid; allowed: None, True or False")
     if max_shapes is not None and (isinstance(max_shapes, bool) or not isinstance(max_shapes, int) or max_shapes < 1):
@@ -118,6 +125,9 @@ def compile(model: nn.Module, config: Any = None, *, calibrator_config: Any = No
         log.info("stepcache: form='one-graph' compiles each shape with static sizes (dynamic=False): at a second "
                  "shape traced with symbolic sizes torch.cond rejected the branches' output strides (Wan, torch 2.13); "
                  "dynamic=True asks for symbolic sizes from the first call")
+    if scope == "blocks" and parsed.offload is not None:
+        raise CachepassError("cachepass.compile scope='blocks' does not take offload: the offload plan streams the "
+                             "blocks of the whole model's program; use scope='model' (the default)")
     target = _target_device(model, device)
     check_not_offloaded_by_fastvideo(model)
     if parsed.offload is not None:
@@ -130,6 +140,14 @@ def compile(model: nn.Module, config: Any = None, *, calibrator_config: Any = No
         model.to(target)
     if max_shapes is not None:
         _raise_recompile_limit(max_shapes, "max_shapes")
+    block_scope.remove(model)
+    if scope == "blocks":
+        runner_options = dict(inner=inner, mode=mode, form=form, cudagraphs=cudagraphs, glue=glue, fullgraph=fullgraph,
+                              sequence_parallel_group=sequence_parallel_group, max_shapes=max_shapes, dynamic=dynamic)
+        scoped = block_scope.compile_block_lists(model, parsed.config,
+                                                 lambda runner, config: compile(runner, config, **runner_options))
+        _COMPILED_ORIGINALS[model] = block_scope.scope_of(model).config
+        return scoped
     compiled = torch.compile(model, backend=stepcache, fullgraph=fullgraph, dynamic=dynamic, options=options)
     compiled.forward = _with_clear_errors(compiled.forward, model)
     _COMPILED_ORIGINALS[model] = parsed.config
@@ -287,6 +305,9 @@ def stats(model: Any) -> list[UnitStats] | dict[str, list[UnitStats]]:
         return {name: stats(dit) for name, dit in dits.items()}
     if hasattr(model, "stepcache_stats"):
         return model.stepcache_stats()
+    scoped = block_scope.scope_of(model)
+    if scoped is not None:  # one program per block list, each with its own units
+        return [unit for program in scoped.programs for unit in stats(program)]
     exported = ExportedState.of(model)
     if exported is not None:
         return exported.stats()

@@ -66,7 +66,7 @@ _INLINE = "_cachepass_traced_inline"  # on the first blocks during a call: a val
                                       # models, so that their calls share one graph; an identity would not be)
 _OUTPUTS: dict[str, tuple] = {}  # leaf input signature -> its outputs' layout and fake mode (the calls in progress)
 _FIRST_CONFIGURATION: dict[type, tuple] = {}  # class -> `_configuration` of its first block (calls in progress)
-_ENTERED: dict[tuple, tuple] = {}  # (qualified class name, fake mode) -> its first block's call signature and input
+_ENTERED: dict[tuple, tuple] = {}  # (qualified class name, fake mode) -> its first block's flat arguments and input
                                    # storages, from `enter` to `leave` on Dynamo's fake tensors
 
 
@@ -75,9 +75,10 @@ def enabled() -> bool:
     return os.environ.get("CACHEPASS_BLOCK_REGIONS", "1") != "0"
 
 
-def block_lists(model: nn.Module) -> tuple[tuple[type, nn.ModuleList], ...]:
+def block_lists(model: nn.Module, with_refused: bool = False) -> tuple[tuple[type, nn.ModuleList], ...]:
     """The model's outermost lists of two or more modules of one class (not torch's own), with that class: found once
-    per compile (walking every module costs about 1 ms, too much for each call)."""
+    per compile (walking every module costs about 1 ms, too much for each call). Lists of a class whose marked trace
+    failed are left out unless ``with_refused``."""
     found: list[tuple[type, nn.ModuleList]] = []
     inside: set[int] = set()  # modules within an item of a list already taken
     for path, module in model.named_modules():
@@ -88,7 +89,7 @@ def block_lists(model: nn.Module) -> tuple[tuple[type, nn.ModuleList], ...]:
         if len(classes) != 1 or cls.__module__.startswith("torch.") or next(module[0].parameters(), None) is None:
             continue
         inside.update(id(m) for item in module for m in item.modules())
-        if cls not in _REFUSED:
+        if with_refused or cls not in _REFUSED:
             for index, block in enumerate(module):
                 block.__dict__[_PATH] = f"{path}.{index}"
             found.append((cls, module))
@@ -202,8 +203,7 @@ def enter(class_name: str, flat: list) -> list:
     also notes the call's signature, under which `leave` records the outputs for the leaves."""
     tensors = [v for v in flat if isinstance(v, torch.Tensor)]
     if tensors and all(isinstance(t, FakeTensor) for t in tensors):  # keyed by the trace's fake mode: one per trace
-        _ENTERED[class_name, tensors[0].fake_mode] = (_signature(_CLASSES[class_name], flat),
-                                                      {_storage(t) for t in tensors})
+        _ENTERED[class_name, tensors[0].fake_mode] = (flat, {_storage(t) for t in tensors})
     return [torch.clone(v) for v in tensors]
 
 
@@ -216,9 +216,9 @@ def leave(class_name: str, outputs):
     if flat and all(isinstance(t, FakeTensor) for t in flat):
         mode = flat[0].fake_mode
         entered = _ENTERED.pop((class_name, mode), None)
-        if entered is not None:
-            signature, input_storages = entered
-            _remember(signature, flat, spec, input_storages, mode)
+        if entered is not None:  # its signature now: the trace may have equated sizes the inputs gave apart
+            arguments, input_storages = entered
+            _remember(_signature(_CLASSES[class_name], arguments), flat, spec, input_storages, mode)
     return pytree.tree_map_only(torch.Tensor, torch.clone, outputs)
 
 
@@ -253,8 +253,17 @@ def leaf(class_name: str, path: str, args: tuple, kwargs: dict):
 
 def _signature(cls: type, flat: list) -> str:
     """A block call's key in `_OUTPUTS`: its class and its flattened arguments' layouts and constants, as the pass
-    matches a leaf's arguments against the first block's (`flat_arguments`)."""
-    return repr((cls, [_layout(v) for v in flat]))
+    matches a leaf's arguments against the first block's (`flat_arguments`). A symbolic size is written as the trace's
+    shape environment knows it now: sizes given as separate inputs (a block list's own program gets the tokens of
+    the hidden states and of the rotary embedding apart) are one symbol once the first block's trace equated them."""
+    return repr((cls, [_layout(v, _known) for v in flat]))
+
+
+def _known(size):
+    """``size`` (an int or a SymInt) with the equalities its shape environment has learned applied."""
+    if isinstance(size, torch.SymInt) and size.node.shape_env is not None:
+        return size.node.shape_env.replace(size.node.expr)
+    return size
 
 
 def _remember(signature: str, flat: list, spec, input_storages: set, mode) -> None:
@@ -342,10 +351,11 @@ def _configuration(block: nn.Module) -> tuple:
                  for path, m in block.named_modules())
 
 
-def _layout(value) -> tuple | object:
+def _layout(value, size=lambda s: s) -> tuple | object:
     if not isinstance(value, torch.Tensor):
         return value
-    return tuple(value.shape), value.stride(), value.dtype, value.device, value.storage_offset()
+    return (tuple(map(size, value.shape)), tuple(map(size, value.stride())), value.dtype, value.device,
+            size(value.storage_offset()))
 
 
 def _new(layout: tuple) -> torch.Tensor:

@@ -294,3 +294,23 @@ def test_weights_that_keep_moving_turn_the_default_graphs_off(caplog):
             torch.testing.assert_close(generate_on_gpu(case, compiled, 2), expected, atol=0, rtol=0)
     assert "capturing them again" in caplog.text
     assert "runs without CUDA graphs from now on" in caplog.text
+
+
+@pytest.mark.parametrize("name", ["wan", "flux"])
+def test_each_block_list_alone_under_the_default_graphs_gives_the_whole_models_outputs(name, caplog):
+    """``scope="blocks"`` (`cachepass.block_scope`) on CUDA: each list's program captures its own conditional graphs
+    and gives the whole-model compile's outputs and decisions, with no host sync per call."""
+    case = CASES[name]
+    whole_model = case.model().cuda()
+    whole = cachepass.compile(whole_model, config(case), inner="aot_eager")
+    expected = [generate_on_gpu(case, whole, seed) for seed in (1, 2)]
+    model = case.model().cuda()
+    with caplog.at_level("INFO", logger="cachepass"):
+        cachepass.compile(model, config(case), inner="aot_eager", scope="blocks")
+        first = generate_on_gpu(case, model, 1)
+        second, measured, where = generate_on_gpu(case, model, 2, count_syncs=True)
+    torch.testing.assert_close(first, expected[0], atol=0, rtol=0)
+    torch.testing.assert_close(second, expected[1], atol=0, rtol=0)
+    assert decisions(model) == decisions(whole_model)
+    assert measured == 0, f"{measured} host syncs per call: {where}"
+    assert caplog.text.count("captured CUDA graphs (conditional)") == len(decisions(model))  # one per list

@@ -1,0 +1,263 @@
+"""``cachepass.compile(model, config, scope="blocks")``: compile each block list, not the whole model.
+
+Regional compile's scope: the model-level code (patch embedding, timestep and text embedders, the output head)
+runs as it is, and each block list of two or more blocks of one class runs as one program `cachepass.compile`
+makes from a `ListRunner` over it, with the list's cache unit, its clock and its CUDA graphs. Dynamo then traces one
+block of the list (the others are leaves, `cachepass.block_regions`) and nothing of the model-level code, whose
+trace cost a whole-model compile a warm start's and every new shape's 0.5-0.65 s (CPU, 30-block Wan; bench/NOTES.md).
+
+How a list is reached: each block's ``_compiled_call_impl`` (torch's own slot for a module's replaced call, which
+``nn.Module.compile`` and so regional compile fill) routes the model's call of the block here. The first block's
+call runs the list's program and returns the list's result; each later block's call checks that the model's loop
+fed it that result as it fed the first call (`feeding.check`) and returns it. The first call of an argument
+structure runs the blocks as they are to learn the feeding (`feeding.learn`), then the program. A forward pre-hook
+on the model hands each program the inputs the clock reads (the model's timestep and latents arguments, found as
+the whole-model compile finds them); a forward hook checks that every list that began also ended.
+
+What the model gives up against ``scope="model"``: CUDA graphs and compiled code around the model-level code
+(a launch per kernel of it per call), and the one-graph export (`cachepass.export` traces the whole model either way).
+Offload and context parallel need the whole model (refused here).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import inspect
+import logging
+import weakref
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from cachepass import block_regions
+from cachepass.analysis.timestep import AUTO_NAMES, LATENT_NAMES
+from cachepass.block_scope.feeding import Feeding, as_outputs, check, learn, structure
+from cachepass.block_scope.runner import ListRunner
+from cachepass.config import StepCacheConfig
+from cachepass.errors import CachepassError
+
+log = logging.getLogger(__name__)
+
+_SCOPES: "weakref.WeakKeyDictionary[nn.Module, BlockScope]" = weakref.WeakKeyDictionary()
+
+
+def scope_of(model: Any) -> BlockScope | None:
+    """The block scope ``cachepass.compile(model, ..., scope="blocks")`` gave ``model``, or None."""
+    return _SCOPES.get(model) if isinstance(model, nn.Module) else None
+
+
+def compile_block_lists(model: nn.Module, config: StepCacheConfig,
+                        compile_runner: Callable[[nn.Module, StepCacheConfig], nn.Module]) -> nn.Module:
+    """``model`` with each block list run by a program ``compile_runner(runner, runner_config)`` makes; returns it.
+
+    Compiling a model again replaces its earlier scope.
+    """
+    remove(model)
+    lists = trunk_lists(model)
+    clock = ClockInputs.of_model(model, config)
+    runner_config = dataclasses.replace(config, timestep_input=clock.runner_timestep_input)
+    scope = BlockScope(clock, runner_config, [ListScope(path, blocks, runner_config, compile_runner)
+                                              for path, blocks in lists.items()])
+    scope.attach(model)
+    _SCOPES[model] = scope
+    log.info("stepcache: scope='blocks': %s compiled as %d program(s), the model-level code runs as it is; %s",
+             ", ".join(s.path for s in scope.lists), len(scope.lists), clock.describe())
+    return model
+
+
+def trunk_lists(model: nn.Module) -> dict[str, nn.ModuleList]:
+    """The block lists the whole-model compile makes cache units of, by path: the shallowest lists of two or more
+    blocks of one class (`cachepass.analysis.blocks`; HunyuanVideo's text-refiner blocks, deeper, run as they are)."""
+    paths = {id(m): path for path, m in model.named_modules() if isinstance(m, nn.ModuleList)}
+    found = {paths[id(blocks)]: blocks for _, blocks in block_regions.block_lists(model, with_refused=True)}
+    if not found:
+        raise CachepassError(f"scope='blocks': {type(model).__name__} has no list of two or more blocks of one class "
+                             "(an nn.ModuleList); scope='model' finds blocks in the traced graph")
+    depth = min(path.count(".") for path in found)
+    for path, blocks in found.items():
+        if path.count(".") > depth:
+            log.info("stepcache: scope='blocks': %s (%d x %s) is nested below the trunk: it runs as it is", path,
+                     len(blocks), type(blocks[0]).__name__)
+    return {path: blocks for path, blocks in found.items() if path.count(".") == depth}
+
+
+def remove(model: nn.Module) -> None:
+    """Undo `compile_block_lists` on ``model`` (nothing if it has no block scope)."""
+    scope = _SCOPES.pop(model, None)
+    if scope is not None:
+        scope.detach()
+        log.info("stepcache: the block scope of %s is removed", type(model).__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class ClockInputs:
+    """Which of the model's forward arguments the clock reads: the timestep and the latents."""
+
+    signature: inspect.Signature
+    timestep: str | None
+    latents: str | None
+    runner_timestep_input: str | None  # `StepCacheConfig.timestep_input` of the list programs
+
+    @classmethod
+    def of_model(cls, model: nn.Module, config: StepCacheConfig) -> ClockInputs:
+        signature = inspect.signature(model.forward)
+        names = [p.name for p in signature.parameters.values() if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+        wanted = config.timestep_input
+        if wanted is None:
+            timestep = None
+        elif wanted == "auto":
+            timestep = next((n for n in AUTO_NAMES if n in names), None)
+        elif wanted in names:
+            timestep = wanted
+        else:
+            raise CachepassError(f"StepCacheConfig.timestep_input={wanted!r} is not an argument of "
+                                 f"{type(model).__name__}.forward; its arguments are {names} (or use 'auto', or None "
+                                 "to count calls)")
+        latents = next((n for n in LATENT_NAMES if n in names and n != timestep), None)
+        runner = None if timestep is None else ("auto" if wanted == "auto" else "timestep")
+        return cls(signature, timestep, latents, runner)
+
+    def values(self, args: tuple, kwargs: dict) -> tuple[Any, Any]:
+        """The call's timestep and latents (None where the model has no such argument, or the call gives none)."""
+        try:
+            given = self.signature.bind_partial(*args, **kwargs).arguments
+        except TypeError:
+            return None, None  # the model's forward raises its own error
+        timestep = given.get(self.timestep) if self.timestep else None
+        latents = given.get(self.latents) if self.latents else None
+        return timestep, latents if isinstance(latents, torch.Tensor) else None
+
+    def describe(self) -> str:
+        if self.timestep is None:
+            return "no timestep argument: the clock counts calls"
+        return f"the clock reads {self.timestep}" + (f" and {self.latents}" if self.latents else "")
+
+
+class BlockScope:
+    """A model's block lists, each run by its program, and the model hooks that bracket each call."""
+
+    def __init__(self, clock: ClockInputs, config: StepCacheConfig, lists: list[ListScope]):
+        self.clock_inputs, self.config, self.lists = clock, config, lists  # config: the list programs'
+        self._hooks: list = []
+
+    @property
+    def programs(self) -> list[nn.Module]:
+        return [s.compiled for s in self.lists]
+
+    def attach(self, model: nn.Module) -> None:
+        self._hooks = [model.register_forward_pre_hook(self._begin, with_kwargs=True),
+                       model.register_forward_hook(self._end, with_kwargs=True)]
+        for s in self.lists:
+            s.attach()
+
+    def detach(self) -> None:
+        for hook in self._hooks:
+            hook.remove()
+        for s in self.lists:
+            s.detach()
+
+    def _begin(self, _model, args, kwargs) -> None:
+        clock = self.clock_inputs.values(args, kwargs)
+        for s in self.lists:
+            s.begin(clock)
+
+    def _end(self, _model, _args, _kwargs, _output) -> None:
+        for s in self.lists:
+            s.end()
+
+
+@dataclasses.dataclass
+class _Call:
+    """One model call's pass over a list."""
+
+    clock: tuple[Any, Any]
+    next: int = 0  # the block expected next
+    first: tuple[tuple, dict] | None = None  # the first block's arguments
+    previous: tuple = ()  # what the block before returned (as a tuple)
+    result: Any = None  # the list's result, from its program
+    learning: Feeding | None | bool = False  # True: the first call of this structure, before block 1 ran
+    running: bool = False  # the list's program is running (its own calls of the blocks are theirs)
+
+
+class ListScope:
+    """One block list: its program, the feedings learned, and the call in progress."""
+
+    def __init__(self, path: str, blocks: nn.ModuleList, config: StepCacheConfig,
+                 compile_runner: Callable[[nn.Module, StepCacheConfig], nn.Module]):
+        self.path, self.blocks = path, blocks
+        self.feedings: dict[tuple, Feeding] = {}
+        self.compiled = compile_runner(ListRunner(path.replace(".", "_"), blocks, self.feedings), config)
+        self._call: _Call | None = None
+
+    def attach(self) -> None:
+        for index, block in enumerate(self.blocks):
+            if block._compiled_call_impl is not None:
+                raise CachepassError(f"scope='blocks': {self.path}.{index} is compiled already (nn.Module.compile, "
+                                     "regional compile); compile the model from its uncompiled blocks")
+            block._compiled_call_impl = functools.partial(self.block_called, index)
+
+    def detach(self) -> None:
+        for block in self.blocks:
+            block._compiled_call_impl = None
+
+    def begin(self, clock: tuple[Any, Any]) -> None:
+        self._call = _Call(clock)
+
+    def end(self) -> None:
+        call, self._call = self._call, None
+        if call is not None and call.next not in (0, len(self.blocks)):
+            raise CachepassError(f"scope='blocks': the model ran {self.path}.0 to {self.path}.{call.next - 1} of "
+                                 f"{len(self.blocks)} blocks; scope='blocks' runs a whole list as one program. "
+                                 "scope='model' compiles a model that skips blocks")
+
+    def block_called(self, index: int, *args, **kwargs):
+        block = self.blocks[index]
+        call = self._call
+        if call is None or call.running or torch.compiler.is_compiling():  # not the model's loop: the block itself
+            return block._call_impl(*args, **kwargs)
+        path = f"{self.path}.{index}"
+        if index != call.next:
+            raise CachepassError(f"scope='blocks': {path} was called where {self.path}.{call.next} was due; a list's "
+                                 "blocks must run in order, each once per call. scope='model' compiles this model")
+        call.next += 1
+        if index == 0:
+            call.first = (args, kwargs)
+            if structure(args, kwargs) not in self.feedings:
+                call.learning = True
+                out = block._call_impl(*args, **kwargs)
+                call.previous = as_outputs(out, path)
+                return out
+            return self._run(call)
+        if call.learning:
+            return self._learn(call, index, path, args, kwargs)
+        check(self.feedings[structure(*call.first)], path, args, kwargs, call.previous, call.first)
+        return call.result
+
+    def _learn(self, call: _Call, index: int, path: str, args: tuple, kwargs: dict):
+        """A block of the first call of an argument structure: it runs as it is, and the last one runs the program."""
+        feeding = learn(path, args, kwargs, call.previous, call.first)
+        if call.learning is not True and feeding != call.learning:
+            raise CachepassError(f"scope='blocks': {path} is fed other outputs of the block before it than "
+                                 f"{self.path}.1 was; scope='model' compiles this model")
+        call.learning = feeding
+        if index < len(self.blocks) - 1:
+            out = self.blocks[index]._call_impl(*args, **kwargs)
+            call.previous = as_outputs(out, path)
+            return out
+        self.feedings[feeding.structure] = feeding
+        log.info("stepcache: scope='blocks': %s feeds %s of each block's outputs to the next block's arguments %s",
+                 self.path, [index for _, index in feeding.fed], [key for key, _ in feeding.fed])
+        call.learning = False
+        return self._run(call)
+
+    def _run(self, call: _Call):
+        args, kwargs = call.first
+        call.running = True
+        try:
+            call.result, _, _ = self.compiled(tuple(args), dict(kwargs), *call.clock)
+        finally:
+            call.running = False
+        call.previous = as_outputs(call.result, self.path)
+        return call.result

@@ -1,0 +1,107 @@
+"""How a model's loop feeds a block list: which arguments of each block are the previous block's outputs.
+
+A DiT's forward runs ``hidden_states = block(hidden_states, encoder_hidden_states, temb, rotary_emb)`` (Wan, LTX)
+or ``encoder_hidden_states, hidden_states = block(hidden_states=..., encoder_hidden_states=..., ...)`` (FLUX): every
+argument of block i > 0 is either an output of block i - 1 or the very object block 0 got. `Feeding` records which,
+learned from the model's own loop (`learn`, by identity of the objects passed) and checked on every later call
+(`check`), so a loop that does anything else between blocks (a ControlNet residual added, a block skipped) is named,
+never run as if it did not.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+
+from cachepass.errors import CachepassError
+
+Key = int | str  # a positional argument's index or a keyword argument's name
+
+
+@dataclasses.dataclass(frozen=True)
+class Feeding:
+    structure: tuple  # (positional argument count, keyword names) of every block call
+    fed: tuple[tuple[Key, int], ...]  # (argument of block i > 0, index of block i - 1's output it is)
+
+    def next_arguments(self, args: list, kwargs: dict, outputs: tuple) -> None:
+        """``args`` / ``kwargs`` of one block call -> the next block's (in place)."""
+        for key, index in self.fed:
+            if isinstance(key, int):
+                args[key] = outputs[index]
+            else:
+                kwargs[key] = outputs[index]
+
+
+def structure(args: tuple, kwargs: dict) -> tuple:
+    return len(args), tuple(kwargs)
+
+
+def as_outputs(out: Any, path: str) -> tuple:
+    """A block's return value as a tuple of its outputs."""
+    if isinstance(out, torch.Tensor):
+        return (out,)
+    if type(out) is tuple and all(o is None or isinstance(o, torch.Tensor) for o in out):
+        return out
+    raise CachepassError(f"scope='blocks': {path} returned a {type(out).__name__}; it needs blocks that return a tensor "
+                         "or a tuple of tensors (and Nones). scope='model' compiles this model")
+
+
+def learn(path: str, args: tuple, kwargs: dict, previous: tuple, first: tuple[tuple, dict]) -> Feeding:
+    """The feeding of block ``path`` (not the list's first) called with ``args`` / ``kwargs`` after the block before it
+    returned ``previous``; ``first`` is the first block's arguments."""
+    _same_structure(path, args, kwargs, first)
+    fed = []
+    for key, value in _items(args, kwargs):
+        index = next((j for j, out in enumerate(previous) if isinstance(out, torch.Tensor) and value is out), None)
+        if index is not None:
+            fed.append((key, index))
+        elif not _same(value, _argument(first, key)):
+            raise CachepassError(
+                f"scope='blocks': argument {key!r} of {path} is neither an output of the block before it nor the "
+                "object the list's first block got (the model computes something between its blocks); scope='model' "
+                "compiles this model")
+    return Feeding(structure(args, kwargs), tuple(fed))
+
+
+def check(feeding: Feeding, path: str, args: tuple, kwargs: dict, previous: tuple, first: tuple[tuple, dict]) -> None:
+    """Raise unless block ``path`` is called as ``feeding`` says (``previous``: what the call before it returned)."""
+    _same_structure(path, args, kwargs, first)
+    fed = dict(feeding.fed)
+    for key, value in _items(args, kwargs):
+        expected = previous[fed[key]] if key in fed else _argument(first, key)
+        if not _same(value, expected):
+            what = "the block before it's output" if key in fed else "the object the list's first block got"
+            raise CachepassError(
+                f"scope='blocks': argument {key!r} of {path} is not {what}, as it was when the list's compiled program "
+                "was made; the model's loop changed between calls (a ControlNet residual, other arguments); "
+                "scope='model' compiles this model")
+
+
+def _same_structure(path: str, args: tuple, kwargs: dict, first: tuple[tuple, dict]) -> None:
+    if structure(args, kwargs) != structure(*first):
+        raise CachepassError(f"scope='blocks': {path} is called with arguments {_describe(args, kwargs)}, the list's first "
+                             f"block with {_describe(*first)}; scope='model' compiles this model")
+
+
+def _items(args: tuple, kwargs: dict):
+    yield from enumerate(args)
+    yield from kwargs.items()
+
+
+def _argument(call: tuple[tuple, dict], key: Key) -> Any:
+    args, kwargs = call
+    return args[key] if isinstance(key, int) else kwargs[key]
+
+
+def _same(value: Any, expected: Any) -> bool:
+    """The same object, or an equal plain value (a number, a string, None)."""
+    if value is expected:
+        return True
+    plain = (bool, int, float, str, type(None))
+    return type(value) in plain and type(value) is type(expected) and value == expected
+
+
+def _describe(args: tuple, kwargs: dict) -> str:
+    return f"({len(args)} positional, keywords {sorted(kwargs)})"

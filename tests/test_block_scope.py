@@ -1,0 +1,159 @@
+"""``scope="blocks"``: each block list compiled alone, the model-level code run as it is (`cachepass.block_scope`).
+
+Every registry model gives the whole-model compile's outputs and cache decisions exactly, with one Dynamo graph per
+list and no recompile over two generations; the clock still reads the model's timestep (an interrupted generation
+does not shift the next one); a new resolution takes one more graph per list; a loop that is not a plain chain of
+the blocks is named, never run as one; the API works in natural order on the model itself.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from torch._dynamo.utils import counters
+
+import cachepass
+from bench.tiny_models import CASES, ToyDiT, generate
+from cachepass.errors import CachepassError
+
+STEPS = 8
+
+
+def config(case, **overrides):
+    base = dict(num_head_blocks=1, threshold=case.threshold, warmup_steps=1, separate_cfg=True, num_inference_steps=STEPS)
+    return cachepass.StepCacheConfig(**{**base, **overrides})
+
+
+def decisions(model):
+    return [(u.name, u.cached_steps, u.cfg_cached_steps) for u in cachepass.stats(model)]
+
+
+def whole_model_run(case):
+    """The default compile's generation of ``case`` and its decisions: what the block scope must give."""
+    whole = cachepass.compile(case.model(), config(case), inner="aot_eager")
+    out = generate(case, whole, STEPS)
+    return out, decisions(whole)
+
+
+@pytest.mark.parametrize("name", ["wan", "flux", "hunyuan", "sd3"])
+def test_each_list_alone_gives_the_whole_model_compiles_outputs_and_decisions(name):
+    case = CASES[name]
+    expected, expected_decisions = whole_model_run(case)
+    assert any(cached for _, cached, _ in expected_decisions)  # the threshold caches steps, computes others
+    torch._dynamo.reset()
+    counters.clear()
+    model = case.model()
+    assert cachepass.compile(model, config(case), inner="aot_eager", scope="blocks") is model
+    for _ in range(2):
+        torch.testing.assert_close(generate(case, model, STEPS), expected, atol=0, rtol=0)
+        assert decisions(model) == expected_decisions
+    # FLUX and HunyuanVideo: double- then single-stream lists (HunyuanVideo's deeper text-refiner list runs as it is)
+    assert counters["stats"]["unique_graphs"] == len(expected_decisions) and not counters["graph_break"]
+
+
+def test_an_interrupted_generation_does_not_shift_the_next_one():
+    case = CASES["wan"]
+    model = cachepass.compile(case.model(), config(case), inner="aot_eager", scope="blocks")
+    fresh, fresh_decisions = generate(case, model, STEPS), decisions(model)
+    calls = 0
+
+    def interrupted(*args, **kwargs):  # Ctrl-C after 5 calls: mid-step, between CFG streams
+        nonlocal calls
+        if calls == 5:
+            raise KeyboardInterrupt
+        calls += 1
+        return model(*args, **kwargs)
+
+    with pytest.raises(KeyboardInterrupt):
+        generate(case, interrupted, STEPS, seed=3)
+    torch.testing.assert_close(generate(case, model, STEPS), fresh, atol=0, rtol=0)  # the timestep tells a new one
+    assert decisions(model) == fresh_decisions
+
+
+def test_a_new_resolution_takes_one_more_graph_and_the_whole_model_compiles_result():
+    wider = CASES["wan"].at_size(2)
+    expected, expected_decisions = whole_model_run(wider)
+    torch._dynamo.reset()
+    counters.clear()
+    model = cachepass.compile(wider.model(), config(wider), inner="aot_eager", scope="blocks")
+    generate(CASES["wan"], model, STEPS)
+    torch.testing.assert_close(generate(wider, model, STEPS), expected, atol=0, rtol=0)
+    assert decisions(model) == expected_decisions
+    assert counters["stats"]["unique_graphs"] == 2
+
+
+class _ControlNetLike(ToyDiT):
+    """Adds a residual to the hidden states between blocks (as ControlNet-conditioned DiTs do) when ``residual``."""
+
+    residual = False
+
+    def forward(self, hidden_states, timestep, encoder_hidden_states):
+        x = self.proj_in(hidden_states)
+        temb = self.time_embed(timestep.float().unsqueeze(-1) / 1000)
+        context = self.text_embed(encoder_hidden_states)
+        for index, block in enumerate(self.blocks):
+            x = block(x, context, temb)
+            if self.residual and index == 2:
+                x = x + 1
+        return self.proj_out(x)
+
+
+class _SkipsABlock(ToyDiT):
+    def forward(self, hidden_states, timestep, encoder_hidden_states):
+        x = self.proj_in(hidden_states)
+        temb = self.time_embed(timestep.float().unsqueeze(-1) / 1000)
+        for block in list(self.blocks)[:3]:
+            x = block(x, self.text_embed(encoder_hidden_states), temb)
+        return self.proj_out(x)
+
+
+def _toy_call(model):
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        return model(torch.randn(1, 16, 4, generator=g), torch.tensor([900.0]), torch.randn(1, 5, 8, generator=g))
+
+
+def test_a_loop_that_is_not_a_chain_of_the_blocks_is_named_not_run_as_one():
+    toy = config(CASES["toy"])
+    model = cachepass.compile(_ControlNetLike(), toy, inner="aot_eager", scope="blocks")
+    _toy_call(model)
+    model.residual = True  # the loop changed after the program was made: block 3 gets another value
+    with pytest.raises(CachepassError, match=r"argument 0 of blocks\.3 is not the block before it's output"):
+        _toy_call(model)
+    # every block is fed a new text embedding (the text embedder runs in the loop): learned as not a chain
+    with pytest.raises(CachepassError, match=r"argument 1 of blocks\.1 is neither an output of the block before it"):
+        _toy_call(cachepass.compile(_SkipsABlock(), toy, inner="aot_eager", scope="blocks"))
+
+
+def test_a_list_the_model_stops_early_is_named():
+    model = _SkipsABlock()
+    model.text_embed = nn.Identity()  # text of the embedder's width: the loop now feeds one object to every block
+    model = cachepass.compile(model, config(CASES["toy"]), inner="aot_eager", scope="blocks")
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad(), pytest.raises(CachepassError, match=r"ran blocks\.0 to blocks\.2 of 6 blocks"):
+        model(torch.randn(1, 16, 4, generator=g), torch.tensor([900.0]), torch.randn(1, 5, 32, generator=g))
+
+
+def test_bad_scope_and_offload_are_refused_by_name():
+    toy = config(CASES["toy"])
+    with pytest.raises(ValueError, match=r"scope='block' is invalid; allowed: 'model', 'blocks'"):
+        cachepass.compile(ToyDiT(), toy, scope="block")
+    with pytest.raises(CachepassError, match="scope='blocks' does not take offload"):
+        cachepass.compile(ToyDiT(), toy, scope="blocks", offload={"budget": "1GB"})
+    with pytest.raises(CachepassError, match="has no list of two or more blocks of one class"):
+        cachepass.compile(nn.Sequential(nn.Linear(2, 2)), toy, scope="blocks")
+
+
+def test_the_api_in_natural_order_and_a_whole_model_compile_after_it():
+    case = CASES["wan"]
+    model = cachepass.compile(case.model(), config(case), inner="aot_eager", scope="blocks")
+    cachepass.reset(model)  # before the first call: nothing to reset
+    assert cachepass.stats(model) == []
+    out = generate(case, model, STEPS)
+    assert decisions(model)[0][1]
+    cachepass.reset(model)
+    assert decisions(model) == [("blocks", [], [])]
+    whole = cachepass.compile(model, config(case), inner="aot_eager")  # scope="model": the block scope is removed
+    assert all(block._compiled_call_impl is None for block in model.blocks)
+    torch.testing.assert_close(generate(case, whole, STEPS), out, atol=0, rtol=0)
