@@ -143,6 +143,9 @@ def test_bad_scope_and_offload_are_refused_by_name():
         cachepass.compile(ToyDiT(), toy, scope="blocks", offload={"budget": "1GB"})
     with pytest.raises(CachepassError, match="has no list of two or more blocks of one class"):
         cachepass.compile(nn.Sequential(nn.Linear(2, 2)), toy, scope="blocks")
+    model = cachepass.compile(ToyDiT(), toy, scope="blocks")
+    with pytest.raises(CachepassError, match=r"reads the argument 'timestep', and this call passes a float"):
+        model(torch.randn(1, 16, 4), 0.5, torch.randn(1, 5, 8))
 
 
 def test_the_api_in_natural_order_and_a_whole_model_compile_after_it():

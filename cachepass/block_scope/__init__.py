@@ -10,7 +10,8 @@ How a list is reached: each block's ``_compiled_call_impl`` (torch's own slot fo
 ``nn.Module.compile`` and so regional compile fill) routes the model's call of the block here. The first block's
 call runs the list's program and returns the list's result; each later block's call checks that the model's loop
 fed it that result as it fed the first call (`feeding.check`) and returns it. The first call of an argument
-structure runs the blocks as they are to learn the feeding (`feeding.learn`), then the program. A forward pre-hook
+structure runs the first block as it is and learns the feeding (`feeding.learn`) from the objects the loop hands on,
+then the program. A forward pre-hook
 on the model hands each program the inputs the clock reads (the model's timestep and latents arguments, found as
 the whole-model compile finds them); a forward hook checks that every list that began also ended.
 
@@ -25,6 +26,7 @@ import dataclasses
 import functools
 import inspect
 import logging
+import threading
 import weakref
 from typing import Any, Callable
 
@@ -126,6 +128,10 @@ class ClockInputs:
         except TypeError:
             return None, None  # the model's forward raises its own error
         timestep = given.get(self.timestep) if self.timestep else None
+        if timestep is not None and not isinstance(timestep, torch.Tensor):
+            raise CachepassError(f"scope='blocks': the clock reads the argument {self.timestep!r}, and this call passes "
+                                 f"a {type(timestep).__name__}; pass a tensor (a Python number would compile a program "
+                                 "per value), or StepCacheConfig(timestep_input=None) to count calls")
         latents = given.get(self.latents) if self.latents else None
         return timestep, latents if isinstance(latents, torch.Tensor) else None
 
@@ -159,11 +165,15 @@ class BlockScope:
             s.detach()
 
     def _begin(self, _model, args, kwargs) -> None:
+        if torch.compiler.is_compiling():  # the whole model traced (export, explain): it sees the plain blocks
+            return
         clock = self.clock_inputs.values(args, kwargs)
         for s in self.lists:
             s.begin(clock)
 
     def _end(self, _model, _args, _kwargs, _output) -> None:
+        if torch.compiler.is_compiling():
+            return
         for s in self.lists:
             s.end()
 
@@ -179,17 +189,27 @@ class _Call:
     result: Any = None  # the list's result, from its program
     learning: Feeding | None | bool = False  # True: the first call of this structure, before block 1 ran
     running: bool = False  # the list's program is running (its own calls of the blocks are theirs)
+    first_returned_tuple: bool = False  # the first block returned a tuple (not one tensor)
 
 
 class ListScope:
-    """One block list: its program, the feedings learned, and the call in progress."""
+    """One block list: its program, the feedings learned, and each thread's call in progress (two threads calling
+    the model at once meet the program's own check: one state serves one call at a time)."""
 
     def __init__(self, path: str, blocks: nn.ModuleList, config: StepCacheConfig,
                  compile_runner: Callable[[nn.Module, StepCacheConfig], nn.Module]):
         self.path, self.blocks = path, blocks
         self.feedings: dict[tuple, Feeding] = {}
         self.compiled = compile_runner(ListRunner(path.replace(".", "_"), blocks, self.feedings), config)
-        self._call: _Call | None = None
+        self._calls = threading.local()  # .call: this thread's `_Call`
+
+    @property
+    def _call(self) -> _Call | None:
+        return getattr(self._calls, "call", None)
+
+    @_call.setter
+    def _call(self, call: _Call | None) -> None:
+        self._calls.call = call
 
     def attach(self) -> None:
         for index, block in enumerate(self.blocks):
@@ -227,7 +247,7 @@ class ListScope:
             if structure(args, kwargs) not in self.feedings:
                 call.learning = True
                 out = block._call_impl(*args, **kwargs)
-                call.previous = as_outputs(out, path)
+                call.previous, call.first_returned_tuple = as_outputs(out, path), isinstance(out, tuple)
                 return out
             return self._run(call)
         if call.learning:
@@ -236,16 +256,17 @@ class ListScope:
         return call.result
 
     def _learn(self, call: _Call, index: int, path: str, args: tuple, kwargs: dict):
-        """A block of the first call of an argument structure: it runs as it is, and the last one runs the program."""
+        """A later block of the first call of an argument structure: it learns how the loop fed it. It returns new
+        tensors of the first block's output layouts without running (the loop only hands them on: `learn` checks
+        it at the next block), and the last one returns the program's result."""
         feeding = learn(path, args, kwargs, call.previous, call.first)
         if call.learning is not True and feeding != call.learning:
             raise CachepassError(f"scope='blocks': {path} is fed other outputs of the block before it than "
                                  f"{self.path}.1 was; scope='model' compiles this model")
         call.learning = feeding
         if index < len(self.blocks) - 1:
-            out = self.blocks[index]._call_impl(*args, **kwargs)
-            call.previous = as_outputs(out, path)
-            return out
+            call.previous = tuple(None if o is None else torch.empty_like(o) for o in call.previous)
+            return call.previous if call.first_returned_tuple else call.previous[0]
         self.feedings[feeding.structure] = feeding
         log.info("stepcache: scope='blocks': %s feeds %s of each block's outputs to the next block's arguments %s",
                  self.path, [index for _, index in feeding.fed], [key for key, _ in feeding.fed])
