@@ -128,6 +128,10 @@ def compile(model: nn.Module, config: Any = None, *, calibrator_config: Any = No
     if scope == "blocks" and parsed.offload is not None:
         raise CachepassError("cachepass.compile scope='blocks' does not take offload: the offload plan streams the "
                              "blocks of the whole model's program; use scope='model' (the default)")
+    if scope == "blocks" and (sequence_parallel_group not in ("auto", None) or torch.distributed.is_available()
+                              and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1):
+        raise CachepassError("cachepass.compile scope='blocks' is not verified under context parallel (a process group "
+                             "of several ranks); use scope='model' (the default), which finds the sharding in the graph")
     target = _target_device(model, device)
     check_not_offloaded_by_fastvideo(model)
     if parsed.offload is not None:

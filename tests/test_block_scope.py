@@ -141,6 +141,17 @@ def test_bad_scope_and_offload_are_refused_by_name():
         cachepass.compile(ToyDiT(), toy, scope="block")
     with pytest.raises(CachepassError, match="scope='blocks' does not take offload"):
         cachepass.compile(ToyDiT(), toy, scope="blocks", offload={"budget": "1GB"})
+    torch.distributed.init_process_group("gloo", store=torch.distributed.HashStore(), rank=0, world_size=1)
+    try:
+        with pytest.raises(CachepassError, match="scope='blocks' is not verified under context parallel"):
+            cachepass.compile(ToyDiT(), toy, scope="blocks", sequence_parallel_group=torch.distributed.group.WORLD)
+    finally:
+        torch.distributed.destroy_process_group()
+    compiled_block = ToyDiT()
+    compiled_block.blocks[2].compile()
+    with pytest.raises(CachepassError, match=r"blocks\.2 is compiled already"):
+        cachepass.compile(compiled_block, toy, scope="blocks")
+    assert all(block._compiled_call_impl is None for i, block in enumerate(compiled_block.blocks) if i != 2)
     with pytest.raises(CachepassError, match="has no list of two or more blocks of one class"):
         cachepass.compile(nn.Sequential(nn.Linear(2, 2)), toy, scope="blocks")
     model = cachepass.compile(ToyDiT(), toy, scope="blocks")

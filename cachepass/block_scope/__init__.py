@@ -17,7 +17,7 @@ the whole-model compile finds them); a forward hook checks that every list that 
 
 What the model gives up against ``scope="model"``: CUDA graphs and compiled code around the model-level code
 (a launch per kernel of it per call), and the one-graph export (`cachepass.export` traces the whole model either way).
-Offload and context parallel need the whole model (refused here).
+Offload needs the whole model's program, and context parallel is not verified with it: both are refused.
 """
 
 from __future__ import annotations
@@ -212,10 +212,11 @@ class ListScope:
         self._calls.call = call
 
     def attach(self) -> None:
+        compiled = [index for index, block in enumerate(self.blocks) if block._compiled_call_impl is not None]
+        if compiled:
+            raise CachepassError(f"scope='blocks': {self.path}.{compiled[0]} is compiled already (nn.Module.compile, "
+                                 "regional compile); compile the model from its uncompiled blocks")
         for index, block in enumerate(self.blocks):
-            if block._compiled_call_impl is not None:
-                raise CachepassError(f"scope='blocks': {self.path}.{index} is compiled already (nn.Module.compile, "
-                                     "regional compile); compile the model from its uncompiled blocks")
             block._compiled_call_impl = functools.partial(self.block_called, index)
 
     def detach(self) -> None:
