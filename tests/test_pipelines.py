@@ -98,6 +98,22 @@ def test_a_new_resolution_mid_session_gives_what_a_fresh_compile_gives():
     assert [u.warnings for u in cachepass.stats(ours)["transformer"]] == [[]]
 
 
+def test_a_pipeline_compiled_with_scope_blocks_gives_the_whole_model_compiles_generations():
+    """``scope="blocks"`` through a pipeline: the DiT is compiled in place (the component itself), each call begins a
+    generation of its step count, and two generations equal the whole-model compile's, decisions included."""
+    cfg = toy_config(num_head_blocks=1, num_tail_blocks=1, threshold=CASES["wan"].threshold * 3,
+                     num_inference_steps=STEPS)
+    whole = cachepass.compile(wan_pipeline(), cfg, inner="aot_eager")
+    expected = [run(whole) for _ in range(2)]
+    pipe = wan_pipeline()
+    transformer = pipe.transformer
+    assert cachepass.compile(pipe, cfg, inner="aot_eager", scope="blocks") is pipe and pipe.transformer is transformer
+    assert cachepass.stats(pipe) == {"transformer": []}
+    for want in expected:
+        assert torch.equal(run(pipe), want)
+    assert cachepass.stats(pipe) == cachepass.stats(whole) and cachepass.stats(pipe)["transformer"][0].cached_steps
+
+
 def test_without_a_config_the_family_gives_the_cfg_layout():
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
 
