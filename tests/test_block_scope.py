@@ -171,3 +171,23 @@ def test_the_api_in_natural_order_and_a_whole_model_compile_after_it():
     whole = cachepass.compile(model, config(case), inner="aot_eager")  # scope="model": the block scope is removed
     assert all(block._compiled_call_impl is None for block in model.blocks)
     torch.testing.assert_close(generate(case, whole, STEPS), out, atol=0, rtol=0)
+
+
+def test_the_feeding_is_learned_by_identity_and_checked_on_each_call():
+    """FLUX's blocks return ``(encoder_hidden_states, hidden_states)`` and take them back swapped, by keyword; the
+    rotary pair may be rebuilt per block around the same tensors; a changed plain argument is named."""
+    from cachepass.block_scope.feeding import check, learn
+
+    hidden, text, cos, sin = (torch.zeros(1) for _ in range(4))
+    first = ((), {"hidden_states": hidden, "encoder_hidden_states": text, "rope": (cos, sin), "scale": 1.0})
+    out = (torch.zeros(1), torch.zeros(1))
+    call = {"hidden_states": out[1], "encoder_hidden_states": out[0], "rope": (cos, sin), "scale": 1.0}
+    feeding = learn("blocks.1", (), call, out, first)
+    assert feeding.fed == (("hidden_states", 1), ("encoder_hidden_states", 0))
+    check(feeding, "blocks.2", (), dict(call, rope=(cos, sin)), out, first)  # a new tuple of the same tensors
+    with pytest.raises(CachepassError, match=r"argument 'scale' of blocks\.2 is not the object the list's first"):
+        check(feeding, "blocks.2", (), dict(call, scale=2.0), out, first)
+    with pytest.raises(CachepassError, match=r"argument 'rope' of blocks\.1 is neither an output"):
+        learn("blocks.1", (), dict(call, rope=(cos, torch.zeros(1))), out, first)
+    with pytest.raises(CachepassError, match=r"blocks\.1 is called with arguments \(0 positional"):
+        learn("blocks.1", (), {"hidden_states": out[1]}, out, first)
