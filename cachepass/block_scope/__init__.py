@@ -187,7 +187,8 @@ class _Call:
     first: tuple[tuple, dict] | None = None  # the first block's arguments
     previous: tuple = ()  # what the block before returned (as a tuple)
     result: Any = None  # the list's result, from its program
-    learning: Feeding | None | bool = False  # True: the first call of this structure, before block 1 ran
+    learning: bool = False  # the first call of this argument structure: its feeding is being learned
+    feeding: Feeding | None = None  # the feeding: learned so far, or the one the program was made for
     running: bool = False  # the list's program is running (its own calls of the blocks are theirs)
     first_returned_tuple: bool = False  # the first block returned a tuple (not one tensor)
 
@@ -245,7 +246,8 @@ class ListScope:
         call.next += 1
         if index == 0:
             call.first = (args, kwargs)
-            if structure(args, kwargs) not in self.feedings:
+            call.feeding = self.feedings.get(structure(args, kwargs))
+            if call.feeding is None:
                 call.learning = True
                 out = block._call_impl(*args, **kwargs)
                 call.previous, call.first_returned_tuple = as_outputs(out, path), isinstance(out, tuple)
@@ -253,7 +255,7 @@ class ListScope:
             return self._run(call)
         if call.learning:
             return self._learn(call, index, path, args, kwargs)
-        check(self.feedings[structure(*call.first)], path, args, kwargs, call.previous, call.first)
+        check(call.feeding, path, args, kwargs, call.previous, call.first)
         return call.result
 
     def _learn(self, call: _Call, index: int, path: str, args: tuple, kwargs: dict):
@@ -261,10 +263,10 @@ class ListScope:
         tensors of the first block's output layouts without running (the loop only hands them on: `learn` checks
         it at the next block), and the last one returns the program's result."""
         feeding = learn(path, args, kwargs, call.previous, call.first)
-        if call.learning is not True and feeding != call.learning:
+        if call.feeding is not None and feeding != call.feeding:
             raise CachepassError(f"scope='blocks': {path} is fed other outputs of the block before it than "
                                  f"{self.path}.1 was; scope='model' compiles this model")
-        call.learning = feeding
+        call.feeding = feeding
         if index < len(self.blocks) - 1:
             call.previous = tuple(None if o is None else torch.empty_like(o) for o in call.previous)
             return call.previous if call.first_returned_tuple else call.previous[0]

@@ -11,6 +11,7 @@ never run as if it did not.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import torch
@@ -24,6 +25,11 @@ Key = int | str  # a positional argument's index or a keyword argument's name
 class Feeding:
     structure: tuple  # (positional argument count, keyword names) of every block call
     fed: tuple[tuple[Key, int], ...]  # (argument of block i > 0, index of block i - 1's output it is)
+
+    @functools.cached_property
+    def output_of(self) -> dict[Key, int]:
+        """``fed`` as a dict, for the check on every block call."""
+        return dict(self.fed)
 
     def next_arguments(self, args: list, kwargs: dict, outputs: tuple) -> None:
         """``args`` / ``kwargs`` of one block call -> the next block's (in place)."""
@@ -68,7 +74,7 @@ def learn(path: str, args: tuple, kwargs: dict, previous: tuple, first: tuple[tu
 def check(feeding: Feeding, path: str, args: tuple, kwargs: dict, previous: tuple, first: tuple[tuple, dict]) -> None:
     """Raise unless block ``path`` is called as ``feeding`` says (``previous``: what the call before it returned)."""
     _same_structure(path, args, kwargs, first)
-    fed = dict(feeding.fed)
+    fed = feeding.output_of
     for key, value in _items(args, kwargs):
         expected = previous[fed[key]] if key in fed else _argument(first, key)
         if not _same(value, expected):
