@@ -58,13 +58,13 @@ class StepCacheReference(nn.Module):
         timestep_index = placeholders.index(timestep.placeholder) if timestep else None
         latents_index = placeholders.index(timestep.latents) if timestep and timestep.latents else None
 
-        sample_size = timestep.sample_size if timestep else 0
+        sample_ids = torch.arange(timestep.sample_size) if timestep else None
 
         def run(*args):
             t = None if timestep_index is None else float(args[timestep_index].double().amax())
             latents = None if latents_index is None else args[latents_index].double()
             clock.advance(t, None if latents is None else (float(latents.sum()), float((latents * latents).sum())),
-                          None if latents is None else latents_sample(latents, latents.numel(), sample_size))
+                          None if latents is None else latents_sample(latents, latents.numel(), sample_ids.to(latents.device)))
             self._last = graph_state
             return gm(*args)
 

@@ -244,7 +244,7 @@ def test_a_step_whose_latents_continue_the_last_ones_is_the_next_step():
     g = torch.Generator().manual_seed(0)
     noise, image, other = (torch.randn(16, 9, 60, 104, generator=g) for _ in range(3))
     n = noise.numel()
-    sample = lambda x: latents_sample(x.double(), n, 4096)  # noqa: E731
+    sample = lambda x: latents_sample(x.double(), n, torch.arange(4096))  # noqa: E731
     for a, b in [(1.0, 0.75), (0.75, 0.0), (0.63, 0.0), (0.5, 0.45)]:  # x_sigma = (1 - sigma) image + sigma noise
         x_a, x_b = (1 - a) * image + a * noise, (1 - b) * image + b * noise
         assert follows(sample(x_b), sample(x_a)), (a, b)

@@ -9,7 +9,7 @@ import torch
 from torch.fx.proxy import Proxy
 
 from cachepass.analysis.blocks import example_value
-from cachepass.analysis.timestep import LATENT_SAMPLE, follows, latents_sample
+from cachepass.analysis.timestep import follows, latents_sample
 from cachepass.decision.ops import at, set_flag, stream_selectors
 from cachepass.state.layout import Mismatch, StateLayout
 from cachepass.state.sizes import is_symbolic
@@ -74,7 +74,7 @@ def emit_clock(layout: StateLayout, st: dict[str, Proxy], timestep: Proxy | None
         numel = example_value(latents.node).numel()
         if is_symbolic(numel):  # sizes traced symbolically: the graph computes them from the latents'
             numel = x.numel()
-        sample = latents_sample(x, numel, torch.sym_min(LATENT_SAMPLE, numel))  # layout.sample_size, as graph code
+        sample = latents_sample(x, numel, st["clock.sample_ids"])
         continues = continues & follows(sample, st["clock.last_sample"])
         # every entry's: a NaN or Inf makes a sum NaN or Inf; finite squares cannot overflow float64. A
         # reduction of isfinite over the sample fused into a kernel Triton 3.6 failed to compile.

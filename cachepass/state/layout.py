@@ -9,7 +9,9 @@ Layout (S streams, C = step capacity = num_inference_steps, or 1024 without it):
     clock.calls                  []            calls since the state was made or reset (0: fresh)
     clock.{step,pending,last_t}  []            step, CFG partner due, timestep of the last call
     clock.last_latents           [2]           sum and sum of squares of the last call's latents
-    clock.last_sample            [L]           an evenly strided sample of the last call's latents (L <= 4096)
+    clock.last_sample            [L]           an evenly strided sample of the last call's latents (L = 4096 with
+                                               a latents input, else 0)
+    clock.sample_ids             [L]           0 .. L - 1: which of them (`cachepass.analysis.timestep.latents_sample`)
     clock.report                 [2]           [Mismatch flags (sticky), steps of the last generation that ended early]
     schedule.{warmup,mask_compute,mask_static}  [C+1]  per-step constants from the config
     schedule.num_steps           []            steps per generation (0: not known); a pipeline call sets it
@@ -42,7 +44,7 @@ import torch
 
 from cachepass.analysis.timestep import TimestepInput
 from cachepass.config import StepCacheConfig
-from cachepass.state.sizes import SizeSymbols, free_symbols, hashable, is_symbolic
+from cachepass.state.sizes import SizeSymbols, free_symbols, hashable
 from cachepass.unit import UnitSpec, tensor_nbytes
 
 DEFAULT_STEP_CAPACITY = 1024
@@ -159,10 +161,7 @@ class StateLayout:
             slots = tuple(dataclasses.replace(s, shape=sizes.concrete(s.shape, values)) for s in unit.slots)
             return dataclasses.replace(unit, slots=slots)
 
-        timestep = self.timestep
-        if timestep is not None and is_symbolic(timestep.latents_numel):
-            timestep = dataclasses.replace(timestep, latents_numel=sizes.concrete((timestep.latents_numel,), values)[0])
-        return StateLayout([at_values(u) for u in self.units], self.config, self.narrow, timestep)
+        return StateLayout([at_values(u) for u in self.units], self.config, self.narrow, self.timestep)
 
     def _model_specs(self) -> list[TensorSpec]:
         cfg, cap, s = self.config, self.capacity, self.config.num_streams
@@ -177,6 +176,7 @@ class StateLayout:
             TensorSpec("clock.last_latents", (2,), self.float_dtype, 0.0),
             TensorSpec("clock.report", (2,), self.int_dtype, 0),
             TensorSpec("clock.last_sample", (self.sample_size,), self.float_dtype, 0.0),
+            TensorSpec("clock.sample_ids", (self.sample_size,), self.int_dtype, values=tuple(range(self.sample_size))),
             TensorSpec("schedule.warmup", (cap + 1,), torch.bool, values=tuple(t in warmup for t in steps)),
             TensorSpec(
                 "schedule.mask_compute",
