@@ -106,6 +106,7 @@ def child(variant: str, blocks: int, device: str, width: str, save_artifacts: st
     with torch.no_grad():
         for t, x in ((999, latents), (874, latents), (999, wider), (999, widest)):
             profiler = cProfile.Profile() if profile_to and not times else None
+            before = _call_phases(0.0)  # Dynamo's timers' totals so far
             start = time.perf_counter()
             with profiler or contextlib.nullcontext():
                 fn(hidden_states=x, timestep=torch.tensor([t], device=device), encoder_hidden_states=text,
@@ -115,6 +116,8 @@ def child(variant: str, blocks: int, device: str, width: str, save_artifacts: st
             times.append(time.perf_counter() - start)
             if len(times) == 1:
                 phases = _first_call_phases(times[0])
+            elif len(times) == 3:
+                new_shape_phases = _call_phases(times[2], since=before)
             if profiler is not None:
                 _write_profile(profiler, profile_to)
     saved = {}
@@ -126,7 +129,8 @@ def child(variant: str, blocks: int, device: str, width: str, save_artifacts: st
         saved = {"artifacts_mb": len(data) / 1e6}
     return {"variant": variant, "first_call_s": times[0], "second_call_s": times[1], "new_shape_s": times[2],
             "third_shape_s": times[3],
-            "artifacts_load_s": loaded_s, **saved, **phases, **backend_log.found}
+            "artifacts_load_s": loaded_s, **saved, **phases, **backend_log.found,
+            **{f"new_shape_{k}": v for k, v in new_shape_phases.items()}}
 
 
 def _with_block_leaves(fn, model):
@@ -157,15 +161,22 @@ def _first_call_phases(first_call_s: float) -> dict:
     """Where the first call went, from Dynamo's own timers: the whole compile (trace, backend, guards), its
     bytecode tracing and backend call, and what is left of the call (the first run: warm-up runs, CUDA graph
     capture, kernel loads)."""
+    return {**_call_phases(first_call_s), "first_call_caches": _cache_counts()}
+
+
+def _call_phases(call_s: float, since: dict | None = None) -> dict:
+    """`PHASES` of a call of ``call_s`` seconds: Dynamo's timers now, less their totals in ``since`` (this function's
+    result before the call)."""
     from torch._dynamo.utils import compilation_time_metrics
 
     def total(key: str) -> float:
         return sum(compilation_time_metrics.get(key, ()))
 
-    compile_s = total("_compile.compile_inner")
-    return {**dict(zip(PHASES, (compile_s, total("bytecode_tracing"), total("OutputGraph.call_user_compiler"),
-                                total("build_guards"), first_call_s - compile_s), strict=True)),
-            "first_call_caches": _cache_counts()}
+    before = {k: (since or {}).get(k, 0.0) for k in PHASES}
+    compile_s = total("_compile.compile_inner") - before["dynamo_compile_s"]
+    return dict(zip(PHASES, (compile_s, total("bytecode_tracing") - before["bytecode_tracing_s"],
+                             total("OutputGraph.call_user_compiler") - before["user_compiler_s"],
+                             total("build_guards") - before["build_guards_s"], call_s - compile_s), strict=True))
 
 
 def _cache_counts() -> dict:
@@ -191,8 +202,10 @@ class _BackendLog(logging.Handler):
     def emit(self, record):
         text = record.getMessage()
         seconds = re.search(r"backend ([0-9.]+) s", text)
-        if seconds and "backend_s" not in self.found:  # the first call's compile, not the new shape's
+        if seconds and "backend_s" not in self.found:  # the first call's compile
             self.found.update(backend_s=float(seconds.group(1)), backend_log=text)
+        elif seconds and "new_shape_backend_s" not in self.found:  # the new shape's
+            self.found.update(new_shape_backend_s=float(seconds.group(1)), new_shape_backend_log=text)
         captured = re.search(r"captured CUDA graphs .* in ([0-9.]+) s after a ([0-9.]+) s warm-up call", text)
         if captured and "capture_s" not in self.found:
             self.found.update(capture_s=float(captured.group(1)), warmup_call_s=float(captured.group(2)))
@@ -296,6 +309,7 @@ def _row(variant: str, cold: dict, warms: list[dict], portable: dict) -> dict:
            "warm_start_each_s": [w["first_call_s"] for w in warms],
            "warm_new_shape_each_s": [w["new_shape_s"] for w in warms],
            "warm_third_shape_each_s": [w["third_shape_s"] for w in warms],
+           "warm_new_shape_phases_each": [{k: w.get(f"new_shape_{k}") for k in (*PHASES, "backend_s")} for w in warms],
            "second_call_s": cold["second_call_s"], "new_shape_s": cold["new_shape_s"],
            "third_shape_s": cold["third_shape_s"],
            "cold_backend_s": cold.get("backend_s"),
@@ -310,6 +324,12 @@ def _row(variant: str, cold: dict, warms: list[dict], portable: dict) -> dict:
           f"second call {row['second_call_s'] * 1e3:7.1f} ms   new shape {row['new_shape_s']:6.1f} s   "
           f"third shape {row['third_shape_s']:6.1f} s{backend}",
           flush=True)
+    for w in warms:
+        if w.get("new_shape_bytecode_tracing_s") is not None:
+            print(f"{'':<22} warm new shape {w['new_shape_s']:.2f} s: bytecode tracing {w['new_shape_bytecode_tracing_s']:.2f}"
+                  f"   compiler {w['new_shape_user_compiler_s']:.2f}"
+                  + (f" (ours {w['new_shape_backend_s']:.2f})" if w.get("new_shape_backend_s") is not None else "")
+                  + f"   guards {w['new_shape_build_guards_s']:.2f}   run {w['new_shape_first_run_s']:.2f}", flush=True)
     return row
 
 
