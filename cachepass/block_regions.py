@@ -18,8 +18,9 @@ Dynamo computes each leaf's output by running the first block on fake tensors (i
 in Dynamo's mode), once per input signature (later leaves of that signature get new fake outputs of the
 same layout); a leaf called as the first block was (every leaf of a Wan) takes the layouts of that block's
 traced outputs, which `leave` records, without a fake run. The marks and the leaves never run:
-`cachepass.passes.inline_block_regions` replaces each leaf by a copy of the first block's traced body before
-discovery, so every pass sees what an unmarked trace gives. It first checks (`check_leaf`) that the leaf's
+`cachepass.passes.call_block_bodies` moves the first block's traced nodes into a submodule (the body) before
+discovery and makes that block and every leaf one call of it, so every pass sees one call per block and the
+piecewise split compiles the body once. It first checks (`check_leaf`) that the leaf's
 block is configured like the first (per submodule: class, plain attributes, the classes of the others, hooks, tensor layouts);
 a block that is not, or a trace the marks make fail, runs again without the marks (logged). Two
 models of one class (Wan 2.2's experts) still share one graph: the flag is a value, not an identity.

@@ -2,8 +2,8 @@
 
 Dynamo's trace of a block leaf (`cachepass.block_regions`) does not touch the block's parameters and buffers:
 wrapping them into graph inputs (a fake tensor, a guard and a placeholder each, about 800 on a 30-block Wan)
-was most of what the leaves still cost Dynamo. The pass that inlines a leaf
-(`cachepass.passes.inline_block_regions`) gives each weight the copied body reads a placeholder of its own,
+was most of what the leaves still cost Dynamo. The pass that makes a leaf a call of the first block's body
+(`cachepass.passes.call_block_bodies`) gives each weight the body reads a placeholder of its own,
 after Dynamo's inputs, marked with the weight's module path (``blocks.7.attn1.to_q._parameters.weight``).
 The backend finds them (`LeafWeights.of`) and appends them to every call, read by attribute path from the
 model of the call in progress, so a replaced weight is seen as with any graph input. Dynamo guards the

@@ -1,13 +1,15 @@
-"""The first block of each class traced once and the others as leaves: the inlined graph equals an unmarked
-trace (for Wan and for FLUX's two classes), the class is marked only during a call, and blocks the leaves cannot
-stand for are traced inline (logged), with the right result."""
+"""The first block of each class traced once and the others as leaves: the graph of body calls, each call expanded,
+equals an unmarked trace (for Wan and for FLUX's two classes), the class is marked only during a call, and blocks
+the leaves cannot stand for are traced inline (logged), with the right result."""
 
 from __future__ import annotations
 
 import logging
+import operator
 
 import pytest
 import torch
+from torch import fx
 from torch._dynamo.utils import counters
 from torch.utils import _pytree as pytree
 
@@ -15,18 +17,20 @@ import cachepass
 from bench.tiny_models import CASES
 from cachepass import block_regions
 from cachepass.leaf_weights import weight_path
-from cachepass.passes.inline_block_regions import inline_block_regions
+from cachepass.passes.call_block_bodies import BODY_PREFIX, call_block_bodies
 from cachepass.pipeline import copy_graph_module
 
 
 def _dynamo_graph(case, model, marked: bool):
-    """Dynamo's graph of ``model`` as the passes get it (with the leaves inlined when ``marked``): its structure, and
-    how many leaves the trace had."""
+    """Dynamo's graph of ``model`` as the passes get it (with the blocks made body calls when ``marked``, then each
+    call expanded): its structure, how many leaves the trace had, and how many body calls the pass made."""
     graphs = []
 
     def backend(gm, example_inputs):  # the structure here: Dynamo drops the inputs' sources after the backend
         leaves = sum(n.target is block_regions.leaf for n in gm.graph.nodes)
-        graphs.append((_structure(inline_block_regions(copy_graph_module(gm))), leaves))
+        called = call_block_bodies(copy_graph_module(gm))
+        calls = sum(n.op == "call_module" and n.target.startswith(BODY_PREFIX) for n in called.graph.nodes)
+        graphs.append((_structure(_expanded(called)), leaves, calls))
         return gm.forward  # the leaves run as they are: each block at its path, with real tensors
 
     x, cond, _ = case.inputs(torch.Generator().manual_seed(0))
@@ -38,7 +42,35 @@ def _dynamo_graph(case, model, marked: bool):
     return graphs[0]
 
 
-def _structure(gm):
+def _expanded(gm):
+    """Each body call replaced by a copy of the body's nodes, module paths moved from the first block to the call's."""
+    traced_at = {}  # body -> the block it was traced in: its first call's
+    for call in [n for n in gm.graph.nodes if n.op == "call_module" and n.target.startswith(BODY_PREFIX)]:
+        body = gm.get_submodule(call.target)
+        caller = max((path for path, _ in call.meta["nn_module_stack"].values()), key=len)
+        traced = traced_at.setdefault(call.target, caller)
+        env = dict(zip([n for n in body.graph.nodes if n.op == "placeholder"], call.args))
+        with gm.graph.inserting_before(call):
+            for node in body.graph.nodes:
+                if node.op == "output":
+                    outputs = [env[n] for n in node.args[0]]
+                elif node.op != "placeholder":
+                    env[node] = copy = gm.graph.node_copy(node, env.__getitem__)
+                    stack = node.meta.get("nn_module_stack") or {}
+                    copy.meta["nn_module_stack"] = {key: (caller + path[len(traced):] if path.startswith(traced) else path,
+                                                          cls) for key, (path, cls) in stack.items()}
+        for user in list(call.users):
+            assert user.target is operator.getitem
+            user.replace_all_uses_with(outputs[user.args[1]])
+            gm.graph.erase_node(user)
+        gm.graph.erase_node(call)
+    for node in reversed(gm.graph.nodes):  # what the caller did not use (Dynamo dropped it there)
+        if node.op in ("call_function", "call_method") and not node.users and not node.is_impure():
+            gm.graph.erase_node(node)
+    return gm
+
+
+def _structure(gm: fx.GraphModule):
     """Per node: op, target and the module paths on its stack; the inputs' paths (Dynamo's sources, or the leaves'
     weights' marks), sorted (node names differ between traces, and the leaves' weights come after Dynamo's inputs)."""
     def paths(node):
@@ -50,15 +82,16 @@ def _structure(gm):
 
 
 @pytest.mark.parametrize("name", ["wan", "flux"])
-def test_the_inlined_leaves_give_the_graph_of_an_unmarked_trace(name):
+def test_the_body_calls_expanded_give_the_graph_of_an_unmarked_trace(name):
     case = CASES[name]
     model = case.model().eval()
-    (inlined, leaves), (unmarked, no_leaves) = _dynamo_graph(case, model, True), _dynamo_graph(case, model, False)
+    (expanded, leaves, calls), (unmarked, no_leaves, _) = _dynamo_graph(case, model, True), _dynamo_graph(case, model, False)
     classes = {cls for cls, _ in block_regions.block_lists(model)}
     blocks = [m for m in model.modules() if type(m) in classes]
     assert leaves == len(blocks) - len(classes) > 0 and no_leaves == 0  # one block per class traced, others leaves
-    assert "None" not in inlined[0] and len(inlined[0]) > len(blocks)  # every input has its path
-    assert inlined == unmarked
+    assert calls == len(blocks)  # one body call per block
+    assert "None" not in expanded[0] and len(expanded[0]) > len(blocks)  # every input has its path
+    assert expanded == unmarked
 
 
 def test_the_mark_is_on_the_class_only_while_a_compiled_call_runs(caplog):
@@ -69,11 +102,11 @@ def test_the_mark_is_on_the_class_only_while_a_compiled_call_runs(caplog):
     compiled = cachepass.compile(model, cachepass.StepCacheConfig(num_head_blocks=1, num_inference_steps=4),
                                  inner="aot_eager")
     x, cond, _ = case.inputs(torch.Generator().manual_seed(0))
-    with torch.no_grad(), caplog.at_level(logging.INFO, logger="cachepass.passes.inline_block_regions"):
+    with torch.no_grad(), caplog.at_level(logging.INFO, logger="cachepass.passes.call_block_bodies"):
         out = case.call(compiled, x, torch.tensor(0.5), cond)
         assert cls.forward is original and "forward" in cls.__dict__
         reference = case.call(model, x, torch.tensor(0.5), cond)
-    assert f"inlined {len(model.blocks) - 1} block leaf call(s) from 1 traced block(s)" in caplog.text
+    assert f"{len(model.blocks) - 1} block leaf call(s) and 1 traced block(s) made calls of 1 body module(s)" in caplog.text
     assert torch.equal(out, reference)
 
 

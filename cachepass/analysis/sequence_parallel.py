@@ -55,7 +55,10 @@ def check_option(value: Any) -> Any:
 
 
 def collectives(gm: fx.GraphModule) -> list[fx.Node]:
-    return [n for n in gm.graph.nodes if n.op == "call_function" and "_c10d_functional" in str(n.target)]
+    """The collectives of ``gm``'s graph and of its submodules' (the blocks' bodies, `cachepass.passes.call_block_bodies`:
+    a sharded attention's all-to-alls are there)."""
+    return [n for module in gm.modules() if isinstance(module, fx.GraphModule) for n in module.graph.nodes
+            if n.op == "call_function" and "_c10d_functional" in str(n.target)]
 
 
 def find_sequence_parallel(gm: fx.GraphModule, discovery: Discovery, option: Any = AUTO) -> SequenceParallel | None:

@@ -5,7 +5,7 @@ fake tensors). CPython's collector runs every few hundred allocations, and each 
 collection walks the whole process heap: torch's and diffusers' modules, the model, every object made
 since the process started. On the bench's CPU host (30-block Wan, warm caches) each full collection
 took 0.2-0.3 s; two fell inside a warm first call's compile (in Dynamo's trace and in the backend's fake
-propagation) and one in the new shape's (in the inline pass). SGLang and vLLM freeze the heap around
+propagation) and one in the new shape's (in the pass that then inlined the block leaves). SGLang and vLLM freeze the heap around
 CUDA-graph capture for the same reason.
 
 ``enter()`` moves the objects that exist to the collector's permanent generation and ``leave()`` moves them

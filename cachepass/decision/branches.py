@@ -153,6 +153,19 @@ def numbers_read_in_branches(gm: fx.GraphModule) -> list[str]:
         if node.target is not torch.ops.higher_order.cond:
             continue
         for branch in (gm.get_submodule(node.args[1].target), gm.get_submodule(node.args[2].target)):
-            read += [n.args[0].name for n in branch.graph.nodes
-                     if n.op == "call_method" and n.target == "item" and n.args[0].op == "placeholder"]
+            read += _read_as_numbers(branch)
     return list(dict.fromkeys(read))
+
+
+def _read_as_numbers(gm: fx.GraphModule) -> list[str]:
+    """The inputs of ``gm`` it reads by ``.item()``, in its graph or through a call of a submodule graph (a block's
+    body, `cachepass.passes.call_block_bodies`), named as ``gm``'s placeholders."""
+    read = []
+    for n in gm.graph.nodes:
+        if n.op == "call_method" and n.target == "item" and n.args[0].op == "placeholder":
+            read.append(n.args[0].name)
+        elif n.op == "call_module" and isinstance(body := gm.get_submodule(n.target), fx.GraphModule):
+            inner = _read_as_numbers(body)
+            read += [arg.name for placeholder, arg in zip((p for p in body.graph.nodes if p.op == "placeholder"), n.args)
+                     if placeholder.name in inner and isinstance(arg, fx.Node) and arg.op == "placeholder"]
+    return read

@@ -1,6 +1,6 @@
 """The stepcache graph passes, in the order they run (`cachepass.pipeline` runs them).
 
-``before_discovery_passes`` (hoist_size_arithmetic, inline_block_regions, split_before_first_block) run before
+``before_discovery_passes`` (hoist_size_arithmetic, call_block_bodies, split_before_first_block) run before
 block discovery; ``outline_passes`` (contiguous_block_input, hoist_out_of_middle, outline_middle_blocks) turn a
 Dynamo graph into one where each cache unit's middle blocks are a submodule call (what the eager reference runs);
 ``cache_passes`` (insert_cache_cond) then rewrite those calls into the compiled decision + ``torch.cond`` + state
@@ -18,10 +18,10 @@ from typing import Callable, Sequence
 from torch import fx
 
 from cachepass.errors import CachepassError, PassError
+from cachepass.passes.call_block_bodies import call_block_bodies
 from cachepass.passes.contiguous_block_input import contiguous_block_input
 from cachepass.passes.hoist_out_of_middle import hoist_out_of_middle
 from cachepass.passes.hoist_size_arithmetic import hoist_size_arithmetic
-from cachepass.passes.inline_block_regions import inline_block_regions
 from cachepass.passes.insert_cache_cond import insert_cache_cond
 from cachepass.passes.outline_middle_blocks import outline_middle_blocks
 from cachepass.passes.split_before_first_block import split_before_first_block
@@ -32,7 +32,7 @@ Pass = Callable[[fx.GraphModule], fx.GraphModule]
 
 
 def before_discovery_passes() -> list[Pass]:
-    return [hoist_size_arithmetic, inline_block_regions, split_before_first_block]
+    return [hoist_size_arithmetic, call_block_bodies, split_before_first_block]
 
 
 def outline_passes(plans) -> list[Pass]:

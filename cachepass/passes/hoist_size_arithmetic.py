@@ -7,7 +7,7 @@ The same holds for a number Dynamo reads once from an input under ``dynamic=True
 reads a default argument of diffusers' ``dispatch_attention_fn``, a 0-dim tensor input, by ``.item()`` in
 the first block). Every node whose value is a symbolic size computed from graph inputs and other such
 sizes alone moves right after the placeholders and loses its ``nn_module_stack`` (no block owns it): each block
-then reads it as a shared outside input. It runs first, before `inline_block_regions`: the traced first block
+then reads it as a shared outside input. It runs first, before `call_block_bodies`: the traced first block
 must not hold a value a later block reads. A float or bool read from inputs is instead copied before each of its
 users, into the user's module (a ``torch.cond`` takes no float operand). The graph's computation is unchanged; a graph traced with
 static sizes has no such node.

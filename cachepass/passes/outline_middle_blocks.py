@@ -42,7 +42,7 @@ def outline_middle_blocks(gm: fx.GraphModule, plans: list[CacheUnitPlan]) -> fx.
 def _outline_unit(gm: fx.GraphModule, plan: CacheUnitPlan) -> dict[fx.Node, fx.Node]:
     region = set(plan.region)
     inputs = _region_inputs(plan.region, region)
-    _reject_input_mutation(plan, region)
+    _reject_input_mutation(gm, plan, region)
     exits = [s.middle_output for s in plan.slots]
 
     sub = fx.Graph()
@@ -110,17 +110,28 @@ def _region_inputs(nodes: list[fx.Node], region: set[fx.Node]) -> list[fx.Node]:
     return list(inputs)
 
 
-def _reject_input_mutation(plan: CacheUnitPlan, region: set[fx.Node]) -> None:
+def _reject_input_mutation(gm: fx.GraphModule, plan: CacheUnitPlan, region: set[fx.Node]) -> None:
     """torch.cond branches may not mutate their inputs: in-place ops must target region values."""
     for node in plan.region:
-        inplace = (node.op == "call_method" and node.target.endswith("_") and not node.target.startswith("_")) or (
-            node.op == "call_function" and node.target in _INPLACE_FUNCTIONS
-        )
-        if inplace and isinstance(node.args[0], fx.Node) and node.args[0] not in region:
-            raise UnsupportedGraphError(
-                f"{node.name} ({node.target}) in the middle region of {plan.name} mutates "
-                f"{node.args[0].name}, which is computed outside it; a cached step could not skip it"
-            )
+        for target in _mutated(gm, node):
+            if isinstance(target, fx.Node) and target not in region:
+                raise UnsupportedGraphError(
+                    f"{node.name} ({node.target}) in the middle region of {plan.name} mutates "
+                    f"{target.name}, which is computed outside it; a cached step could not skip it"
+                )
+
+
+def _mutated(gm: fx.GraphModule, node: fx.Node) -> list:
+    """The arguments ``node`` changes in place: its first for an in-place op, those a block body (a submodule graph,
+    `cachepass.passes.call_block_bodies`) changes in place for a call of it."""
+    if node.op == "call_module" and isinstance(body := gm.get_submodule(node.target), fx.GraphModule):
+        placeholders = [n for n in body.graph.nodes if n.op == "placeholder"]
+        changed = {arg for inner in body.graph.nodes for arg in _mutated(body, inner)}
+        return [arg for placeholder, arg in zip(placeholders, node.args) if placeholder in changed]
+    inplace = (node.op == "call_method" and node.target.endswith("_") and not node.target.startswith("_")) or (
+        node.op == "call_function" and node.target in _INPLACE_FUNCTIONS
+    )
+    return [node.args[0]] if inplace and node.args else []
 
 
 def _remap_plan(plan: CacheUnitPlan, replaced: dict[fx.Node, fx.Node]) -> None:

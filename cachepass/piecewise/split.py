@@ -22,6 +22,7 @@ from torch import fx
 from torch.fx._lazy_graph_module import _LazyGraphModule
 
 from cachepass.analysis.blocks import list_items
+from cachepass.passes.call_block_bodies import BODY_PREFIX
 from cachepass.piecewise.compile import arg_key
 from cachepass.state.sizes import hashable, size_inputs, symbol_nodes
 
@@ -80,7 +81,7 @@ def split_pieces(gm: fx.GraphModule, block_lists: set[str]) -> tuple[fx.GraphMod
     size_nodes = symbol_nodes(gm.graph)
     for i, ((kind, owner), nodes) in enumerate(zip(kinds, pieces)):
         name = f"submod_{i}"
-        inputs, outputs = _boundary(nodes)
+        inputs, outputs = _boundary(nodes, every_block_output=kind is PieceKind.BLOCK)
         inputs += size_inputs(inputs, size_nodes)
         if kind is PieceKind.BLOCK:  # a block like an earlier one shares its module: no copy of its nodes
             signature = _signature(nodes, inputs, outputs)
@@ -100,16 +101,24 @@ def split_pieces(gm: fx.GraphModule, block_lists: set[str]) -> tuple[fx.GraphMod
     return _LazyGraphModule(modules, program), infos
 
 
-def _boundary(nodes: list[fx.Node]) -> tuple[list[fx.Node], list[fx.Node]]:
+def _boundary(nodes: list[fx.Node], every_block_output: bool = False) -> tuple[list[fx.Node], list[fx.Node]]:
     """The outside values ``nodes`` take (in order of first use) and the values they give to later pieces or the
-    output (in definition order: identical blocks make identical pieces)."""
+    output (in definition order: identical blocks make identical pieces). ``every_block_output``: each output of a
+    block body's call too where nothing reads it (FLUX's last single block's text states), so that the block's piece
+    is its list's others'."""
     mine, inputs = set(nodes), {}
     for node in nodes:
         for used in node.all_input_nodes:
             if used not in mine:
                 inputs.setdefault(used, None)
-    outputs = [n for n in nodes if any(user not in mine for user in n.users)]
+    outputs = [n for n in nodes if any(user not in mine for user in n.users)
+               or (every_block_output and not n.users and _takes_a_body_output(n))]
     return list(inputs), outputs
+
+
+def _takes_a_body_output(node: fx.Node) -> bool:
+    return (node.op == "call_function" and node.target is operator.getitem and isinstance(node.args[0], fx.Node)
+            and node.args[0].op == "call_module" and str(node.args[0].target).startswith(BODY_PREFIX))
 
 
 def _piece(gm: fx.GraphModule, nodes: list[fx.Node], inputs: list[fx.Node], outputs: list[fx.Node]) -> fx.GraphModule:
