@@ -16,6 +16,7 @@ from torch.utils import _pytree as pytree
 import cachepass
 from bench.tiny_models import CASES
 from cachepass import block_regions
+from cachepass.analysis.blocks import list_items
 from cachepass.leaf_weights import weight_path
 from cachepass.passes.call_block_bodies import BODY_PREFIX, call_block_bodies
 from cachepass.pipeline import copy_graph_module
@@ -23,13 +24,16 @@ from cachepass.pipeline import copy_graph_module
 
 def _dynamo_graph(case, model, marked: bool):
     """Dynamo's graph of ``model`` as the passes get it (with the blocks made body calls when ``marked``, then each
-    call expanded): its structure, how many leaves the trace had, and how many body calls the pass made."""
+    call expanded): its structure, how many leaves the trace had, and how many body calls the pass made (a block's
+    nodes in the graph are its call and the call's getitems only)."""
     graphs = []
 
     def backend(gm, example_inputs):  # the structure here: Dynamo drops the inputs' sources after the backend
         leaves = sum(n.target is block_regions.leaf for n in gm.graph.nodes)
         called = call_block_bodies(copy_graph_module(gm))
-        calls = sum(n.op == "call_module" and n.target.startswith(BODY_PREFIX) for n in called.graph.nodes)
+        in_blocks = [n for n in called.graph.nodes if n.op.startswith("call_") and list_items(n)]  # of a block's
+        calls = sum(n.op == "call_module" and n.target.startswith(BODY_PREFIX) for n in in_blocks)
+        assert not marked or all(n.target is operator.getitem or n.op == "call_module" for n in in_blocks)  # no copy
         graphs.append((_structure(_expanded(called)), leaves, calls))
         return gm.forward  # the leaves run as they are: each block at its path, with real tensors
 
