@@ -4,7 +4,7 @@ With block regions on, Dynamo traces the first block of each class inline betwee
 (its class name and flattened arguments; the tensors come out of it as ``getitem``s) and a ``leave``
 call (its class name and outputs), and every other block of the class is one ``leaf(class_name, path, args, kwargs)``
 call, which Dynamo traced without the block's weights. This pass moves the first block's traced nodes into a
-submodule of their own (the body: ``cachepass_block_<Class>``, its inputs the values those nodes read from
+submodule of their own (the body: ``cachepass_block_<i>_<Class>``, its inputs the values those nodes read from
 outside them, its outputs the block's flattened outputs) and puts one ``call_module`` of the body, with
 ``getitem``s of its outputs, in place of the first block and of every leaf:
 
@@ -42,7 +42,7 @@ from cachepass.leaf_weights import WEIGHT_PATH, fake_like, weight_path
 
 log = logging.getLogger(__name__)
 
-BODY_PREFIX = "cachepass_block_"  # the bodies' submodule names: cachepass_block_WanTransformerBlock
+BODY_PREFIX = "cachepass_block_"  # the bodies' submodule names: cachepass_block_0_WanTransformerBlock
 
 
 @dataclass
@@ -68,8 +68,8 @@ def call_block_bodies(gm: fx.GraphModule) -> fx.GraphModule:
     if not enters and not leaves:
         return gm
     bodies = {e.args[0]: _body(nodes, e) for e in enters}  # by class name, which enter and leaf both record
-    for name, body in bodies.items():
-        body.module = BODY_PREFIX + re.sub(r"\W", "_", name.rsplit(".", 1)[-1])
+    for index, (name, body) in enumerate(bodies.items()):  # numbered: two classes may share a name
+        body.module = BODY_PREFIX + f"{index}_" + re.sub(r"\W", "_", name.rsplit(".", 1)[-1])
         gm.add_submodule(body.module, _body_module(body))
     inputs = _Inputs(gm)
     for leaf in leaves:
