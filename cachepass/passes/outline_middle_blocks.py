@@ -112,8 +112,9 @@ def _region_inputs(nodes: list[fx.Node], region: set[fx.Node]) -> list[fx.Node]:
 
 def _reject_input_mutation(gm: fx.GraphModule, plan: CacheUnitPlan, region: set[fx.Node]) -> None:
     """torch.cond branches may not mutate their inputs: in-place ops must target region values."""
+    changed_in: dict[str, set[int]] = {}  # a body's placeholder positions it changes, found once per body
     for node in plan.region:
-        for target in _mutated(gm, node):
+        for target in _mutated(gm, node, changed_in):
             if isinstance(target, fx.Node) and target not in region:
                 raise UnsupportedGraphError(
                     f"{node.name} ({node.target}) in the middle region of {plan.name} mutates "
@@ -121,13 +122,15 @@ def _reject_input_mutation(gm: fx.GraphModule, plan: CacheUnitPlan, region: set[
                 )
 
 
-def _mutated(gm: fx.GraphModule, node: fx.Node) -> list:
+def _mutated(gm: fx.GraphModule, node: fx.Node, changed_in: dict[str, set[int]]) -> list:
     """The arguments ``node`` changes in place: its first for an in-place op, those a block body (a submodule graph,
-    `cachepass.passes.call_block_bodies`) changes in place for a call of it."""
+    `cachepass.passes.call_block_bodies`) changes in place for a call of it (``changed_in``: by body, what it changes)."""
     if node.op == "call_module" and isinstance(body := gm.get_submodule(node.target), fx.GraphModule):
-        placeholders = [n for n in body.graph.nodes if n.op == "placeholder"]
-        changed = {arg for inner in body.graph.nodes for arg in _mutated(body, inner)}
-        return [arg for placeholder, arg in zip(placeholders, node.args) if placeholder in changed]
+        if node.target not in changed_in:
+            placeholders = [n for n in body.graph.nodes if n.op == "placeholder"]
+            changed = {arg for inner in body.graph.nodes for arg in _mutated(body, inner, {})}
+            changed_in[node.target] = {i for i, placeholder in enumerate(placeholders) if placeholder in changed}
+        return [arg for i, arg in enumerate(node.args) if i in changed_in[node.target]]
     inplace = (node.op == "call_method" and node.target.endswith("_") and not node.target.startswith("_")) or (
         node.op == "call_function" and node.target in _INPLACE_FUNCTIONS
     )
