@@ -17,7 +17,8 @@ compile); the model is a diffusers Wan transformer with
 model with ``backend="eager"``: no compiler at all); ``dynamo-trace-regions`` traces the block class once as torch's
 ``nested_compile_region``, ``dynamo-trace-leaves`` the first block once and the others as leaves (as cachepass does:
 `cachepass/block_regions.py`), ``stepcache-block-scope`` cachepass with ``scope="blocks"`` (each block list compiled alone,
-the model-level code run as it is, as under regional compile: `cachepass.block_scope`),
+the model-level code run as it is, as under regional compile: `cachepass.block_scope`), ``stepcache-dynamic-latents``
+cachepass with ``dynamic="latents"`` (the latents' sizes symbolic from the first call: `cachepass.symbolic_latents`),
 ``dynamo-trace-opaque-blocks`` with each block a pass-through (Dynamo's floor if it never traced into a block; its
 output is not the model's). stepcache rows also give the backend's own seconds (passes, split and piece compiles),
 read from its log.
@@ -39,7 +40,7 @@ import sys
 import tempfile
 import time
 
-VARIANTS = ("stepcache-piecewise", "stepcache-piecewise-inline-trace", "stepcache-block-scope",
+VARIANTS = ("stepcache-piecewise", "stepcache-piecewise-inline-trace", "stepcache-block-scope", "stepcache-dynamic-latents",
             "stepcache-piecewise-glue-inductor", "stepcache-piecewise-glue-aot_eager", "stepcache-piecewise-glue-eager",
             "stepcache-one-graph", "regional-compile", "compile",
             "dynamo-trace", "dynamo-trace-regions", "dynamo-trace-leaves", "dynamo-trace-opaque-blocks")
@@ -97,9 +98,10 @@ def child(variant: str, blocks: int, device: str, width: str, save_artifacts: st
         if variant.endswith("-inline-trace"):  # Dynamo inlines every block (cachepass/block_regions.py off)
             os.environ["CACHEPASS_BLOCK_REGIONS"] = "0"
         scope = "blocks" if variant == "stepcache-block-scope" else "model"
-        form = "piecewise" if scope == "blocks" else \
+        dynamic = "latents" if variant == "stepcache-dynamic-latents" else None
+        form = "piecewise" if scope == "blocks" or dynamic else \
             re.sub(r"-glue-\w+$", "", variant).removeprefix("stepcache-").removesuffix("-inline-trace")
-        fn = cachepass.compile(model, cfg, form=form, glue=glue, scope=scope)
+        fn = cachepass.compile(model, cfg, form=form, glue=glue, scope=scope, dynamic=dynamic)
     times = []
     wider = torch.cat([latents, latents], dim=-1)  # a new resolution mid-session: twice the tokens
     widest = torch.cat([latents] * 3, dim=-1)  # a third one: the second's symbolic program runs it

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from cachepass import block_regions, block_scope
+from cachepass import block_regions, block_scope, symbolic_latents
 from cachepass.analysis.blocks import example_value
 from cachepass.analysis.sequence_parallel import SequenceParallel
 from cachepass.analysis.timestep import TimestepInput
@@ -47,7 +47,7 @@ def compile(model: nn.Module, config: Any = None, *, calibrator_config: Any = No
             mode: str | None = None, form: str = "piecewise", cudagraphs: str | None = None,
             offload: Any = None, sequence_parallel_group: Any = "auto", fullgraph: bool = True,
             max_shapes: int | None = None, device: Any = None, glue: str | None = None,
-            dynamic: bool | None = None, scope: str = "model") -> nn.Module:
+            dynamic: bool | str | None = None, scope: str = "model") -> nn.Module:
     """``torch.compile(model, backend="stepcache", ...)`` with the options checked up front.
 
     ``model`` may also be a diffusers pipeline: its DiT components are compiled in place and the pipeline
@@ -80,7 +80,10 @@ def compile(model: nn.Module, config: Any = None, *, calibrator_config: Any = No
     symbolic: that program runs every later resolution or batch size with no compile (as regional
     compile's blocks do), each shape with its own cache state (`cachepass.state.sizes`). False compiles
     every shape with static sizes (the fastest kernels per shape, a compile per shape); True makes sizes
-    symbolic from the first call. With ``form="one-graph"`` None means False (logged). Dynamo allows
+    symbolic from the first call. ``"latents"`` makes the sizes of the model's latents argument symbolic from the first
+    call, the others as with None: no compile at a new resolution, the symbolic program's kernels at the first one
+    (`cachepass.symbolic_latents`; ``scope="model"``, piecewise form). With ``form="one-graph"`` None means False
+    (logged). Dynamo allows
     ``torch._dynamo.config.recompile_limit`` (8) graphs per function, shared by every shape and every compile of
     the model's class in the process; ``max_shapes`` raises that limit (process-wide) when larger, and each
     compile's first call makes room for its own graph.
@@ -98,8 +101,9 @@ def compile(model: nn.Module, config: Any = None, *, calibrator_config: Any = No
                                   max_shapes=max_shapes, device=device, dynamic=dynamic, scope=scope)
     if scope not in SCOPES:
         raise ValueError(f"cachepass.compile scope={scope!r} is invalid; allowed: {', '.join(map(repr, SCOPES))}")
-    if dynamic is not None and not isinstance(dynamic, bool):
-        raise ValueError(f"cachepass.compile dynamic={dynamic!r} is invalid; allowed: None, True or False")
+    if dynamic is not None and not isinstance(dynamic, bool) and dynamic != symbolic_latents.OPTION:
+        raise ValueError(f"cachepass.compile dynamic={dynamic!r} is invalid; allowed: None, True, False or "
+                         f"{symbolic_latents.OPTION!r}")
     if max_shapes is not None and (isinstance(max_shapes, bool) or not isinstance(max_shapes, int) or max_shapes < 1):
         raise ValueError(f"cachepass.compile max_shapes={max_shapes!r} is invalid; allowed: an integer >= 1 or None")
     model = _original_module(model)
@@ -125,6 +129,11 @@ def compile(model: nn.Module, config: Any = None, *, calibrator_config: Any = No
         log.info("stepcache: form='one-graph' compiles each shape with static sizes (dynamic=False): at a second "
                  "shape traced with symbolic sizes torch.cond rejected the branches' output strides (Wan, torch 2.13); "
                  "dynamic=True asks for symbolic sizes from the first call")
+    if dynamic == symbolic_latents.OPTION and (scope != "model" or parsed.form is not Form.PIECEWISE):
+        raise CachepassError(f"cachepass.compile dynamic='latents' takes scope='model' and form='piecewise' (here "
+                             f"scope={scope!r}, form={parsed.form.value!r}): a block list's program takes the blocks' "
+                             "tokens, not the latents, and the one-graph form compiles each shape statically. Use "
+                             "dynamic=True or None")
     if scope == "blocks" and parsed.offload is not None:
         raise CachepassError("cachepass.compile scope='blocks' does not take offload: the offload plan streams the "
                              "blocks of the whole model's program; use scope='model' (the default)")
@@ -152,8 +161,10 @@ def compile(model: nn.Module, config: Any = None, *, calibrator_config: Any = No
                                                  lambda runner, config: compile(runner, config, **runner_options))
         _COMPILED_ORIGINALS[model] = block_scope.scope_of(model).config
         return scoped
-    compiled = torch.compile(model, backend=stepcache, fullgraph=fullgraph, dynamic=dynamic, options=options)
-    compiled.forward = _with_clear_errors(compiled.forward, model)
+    latents = symbolic_latents.SymbolicLatents(model) if dynamic == symbolic_latents.OPTION else None
+    compiled = torch.compile(model, backend=stepcache, fullgraph=fullgraph, dynamic=None if latents else dynamic,
+                             options=options)
+    compiled.forward = _with_clear_errors(compiled.forward, model, latents)
     _COMPILED_ORIGINALS[model] = parsed.config
     return compiled
 
@@ -203,19 +214,21 @@ def _graphs_of(model: nn.Module) -> int:
     return len(torch._C._dynamo.eval_frame._debug_get_cache_entry_list(code)) if code is not None else 0
 
 
-def _with_clear_errors(forward, model: nn.Module):
+def _with_clear_errors(forward, model: nn.Module, latents: symbolic_latents.SymbolicLatents | None = None):
     """``forward`` raising cachepass's own errors as they are, not inside Dynamo's wrapper (whose footer asks
     for a PyTorch bug report), and Dynamo's recompile limit with its cause and fix.
 
     Dynamo's limit counts the graphs of the model class's forward over every compile: a compile's first
     call gets room for its own graph (nine configs of one class at one shape need nine graphs), its
-    further shapes count against the limit (``max_shapes``).
+    further shapes count against the limit (``max_shapes``). ``latents``: marks each call's latents dynamic first.
     """
     first = [True]
     regions = block_regions.block_lists(model) if block_regions.enabled() else ()
 
     def call(*args, **kwargs):
         nonlocal regions
+        if latents is not None:
+            latents.mark(args, kwargs)
         if first[0]:
             first[0] = False
             graphs = _graphs_of(model)

@@ -164,6 +164,46 @@ def test_new_resolutions_of_other_block_patterns_match_static_compiles(name):
         assert summary(model) == summary(static_model), f"x{times}"
 
 
+@pytest.mark.parametrize("name", ["wan", "flux"])
+def test_symbolic_latents_compile_once_for_every_resolution(name):
+    """``dynamic="latents"``: the latents' sizes are symbolic from the first call (Wan's frames, height and width; FLUX's
+    packed tokens), so three resolutions, the first square, run one program, each equal to a static compile at its
+    resolution, with its own cache state."""
+    sized = CASES[name].at_size
+    config = cfg(num_head_blocks=1, threshold=CASES[name].threshold)
+    model = CASES[name].model()
+    compiled = cachepass.compile(model, config, inner="aot_eager", dynamic="latents")
+    counters.clear()
+    outs, stats = {}, {}
+    for times in (1, 2, 3):
+        outs[times] = generate(sized(times), compiled, STEPS)
+        stats[times] = summary(model)
+    assert counters["stats"]["unique_graphs"] == 1  # the second and third resolutions compiled nothing
+    for times in (1, 2, 3):
+        static_model = CASES[name].model()
+        expected = generate(sized(times), cachepass.compile(static_model, config, inner="aot_eager", dynamic=False), STEPS)
+        torch.testing.assert_close(outs[times], expected, atol=0, rtol=0)
+        assert summary(static_model) == stats[times], f"x{times}"
+
+
+def test_symbolic_latents_name_what_they_cannot_take():
+    with pytest.raises(ValueError, match=r"dynamic='tokens' is invalid; allowed: None, True, False or 'latents'"):
+        cachepass.compile(CASE.model(), cfg(), dynamic="tokens")
+    with pytest.raises(CachepassError, match=r"dynamic='latents' takes scope='model' and form='piecewise' \(here "
+                                             r"scope='blocks'"):
+        cachepass.compile(CASES["wan"].model(), cfg(), dynamic="latents", scope="blocks")
+    with pytest.raises(CachepassError, match=r"form='one-graph'"):
+        cachepass.compile(CASE.model(), cfg(), dynamic="latents", form="one-graph")
+
+    class NoLatents(torch.nn.Module):
+        def forward(self, image, timestep):
+            return image
+
+    with pytest.raises(CachepassError, match=r"one of hidden_states, latents, .*NoLatents.forward takes \['image', "
+                                             r"'timestep'\]"):
+        cachepass.compile(NoLatents(), cfg(), dynamic="latents")
+
+
 @pytest.mark.parametrize("name", ["wan", "hunyuan", "flux"])
 def test_symbolic_from_the_first_call_with_the_blocks_as_leaves(name):
     """``cachepass.compile(..., dynamic=True)``: Wan's norms then read their eps as an input (a leaf takes the first

@@ -37,3 +37,21 @@ def test_new_resolutions_run_the_symbolic_program_with_the_static_compiles_decis
         expected = generate_on_gpu(case.at_size(times), static)
         torch.testing.assert_close(outs[2 * i], expected, atol=2e-4, rtol=2e-4)
         assert outs[2 * i + 1] == decisions(static_model), f"width x{times}"
+
+
+def test_symbolic_latents_capture_per_resolution_with_one_compile(caplog):
+    """``dynamic="latents"`` under conditional graphs: one compile for every width, a graph set per width (the first
+    width again replays its own), each width's result and decisions those of a static compile."""
+    case = CASES["wan"]
+    model = case.model().cuda()
+    compiled = cachepass.compile(model, config(case), inner="inductor", cudagraphs="conditional", dynamic="latents")
+    counters.clear()
+    with caplog.at_level("INFO", logger="cachepass"):
+        outs = [(generate_on_gpu(case.at_size(times), compiled), decisions(model)) for times in SIZES]
+    assert counters["stats"]["unique_graphs"] == 1, "no resolution after the first may compile"
+    assert caplog.text.count("captured CUDA graphs (conditional)") == 3
+    for (out, decided), times in zip(outs, SIZES):
+        static_model = case.model().cuda()
+        static = cachepass.compile(static_model, config(case), inner="inductor", cudagraphs="off", dynamic=False)
+        torch.testing.assert_close(out, generate_on_gpu(case.at_size(times), static), atol=2e-4, rtol=2e-4)
+        assert decided == decisions(static_model), f"width x{times}"
