@@ -186,6 +186,21 @@ def test_symbolic_latents_compile_once_for_every_resolution(name):
         assert summary(static_model) == stats[times], f"x{times}"
 
 
+def test_symbolic_latents_passed_by_position():
+    """The latents found at their position in the forward's signature when not passed by name: a second token count
+    runs the first call's program, with the results of uncompiled calls."""
+    model = CASE.model()
+    compiled = cachepass.compile(model, cfg(), inner="aot_eager", dynamic="latents")
+    text = torch.randn(1, 5, 8)
+    counters.clear()
+    with torch.no_grad():
+        for tokens in (16, 24):
+            x = torch.randn(1, tokens, 4)
+            torch.testing.assert_close(compiled(x, torch.tensor([999.0]), text), model(x, torch.tensor([999.0]), text))
+            cachepass.reset(model)
+    assert counters["stats"]["unique_graphs"] == 1
+
+
 def test_symbolic_latents_name_what_they_cannot_take():
     with pytest.raises(ValueError, match=r"dynamic='tokens' is invalid; allowed: None, True, False or 'latents'"):
         cachepass.compile(CASE.model(), cfg(), dynamic="tokens")
