@@ -9,6 +9,7 @@ import cache_dit
 import pytest
 import torch
 from cache_dit_helpers import unit_stats
+from torch._dynamo.utils import counters
 
 import cachepass
 from bench.tiny_models import CASES, toy_config
@@ -86,13 +87,17 @@ def test_a_pipeline_compiled_with_offload_streams_its_dits_blocks_and_equals_the
         cachepass.explain(ours)
 
 
-def test_a_new_resolution_mid_session_gives_what_a_fresh_compile_gives():
+@pytest.mark.parametrize("dynamic", [None, "latents"])
+def test_a_new_resolution_mid_session_gives_what_a_fresh_compile_gives(dynamic):
     """64x64, then 32x48, then 64x64 again on one compiled pipeline: each generation equals a fresh compile's at its
-    size (its own state per shape, no leftover from the other), with no warning."""
+    size (its own state per shape, no leftover from the other), with no warning. ``dynamic="latents"`` does it with
+    the first call's compile alone."""
     cfg = toy_config(num_head_blocks=1, num_tail_blocks=1, threshold=CASES["wan"].threshold * 3,
                      num_inference_steps=STEPS)
-    ours = cachepass.compile(wan_pipeline(), cfg, inner="aot_eager")
+    ours = cachepass.compile(wan_pipeline(), cfg, inner="aot_eager", dynamic=dynamic)
+    counters.clear()
     first, other, again = run(ours), run(ours, 32, 48), run(ours)
+    assert counters["stats"]["unique_graphs"] == (2 if dynamic is None else 1)
     assert other.shape != first.shape and torch.equal(again, first)
     assert torch.equal(other, run(cachepass.compile(wan_pipeline(), cfg, inner="aot_eager"), 32, 48))
     assert [u.warnings for u in cachepass.stats(ours)["transformer"]] == [[]]
