@@ -4,8 +4,10 @@
     python -m bench.cold_start --blocks 30 --variants stepcache-piecewise,regional-compile --warm-repeats 3 --interleave
 
 Every variant runs in its own process twice over one new cache folder (TORCHINDUCTOR_CACHE_DIR and
-TRITON_CACHE_DIR): the first process starts cold, the second warm. A third process starts as another
-machine would with the first one's compile results shipped: an empty cache folder filled by
+TRITON_CACHE_DIR): the first process starts cold, the second warm. One uncompiled process of the same model runs
+before all of them (the machine's warm-up: imports, the device's start), so the first cold process does not pay it.
+A third process starts as another machine would with the first one's compile results shipped: an empty cache folder
+filled by
 ``torch.compiler.load_cache_artifacts`` with what the cold process saved (``save_cache_artifacts``; the
 load's seconds are reported beside, not in, its first call). ``--interleave`` alternates the variants' processes
 (warm round r of each before round r + 1 of any) and pairs each warm round with regional compile's. Each process
@@ -79,7 +81,9 @@ def child(variant: str, blocks: int, device: str, width: str, save_artifacts: st
     backend_log = _BackendLog()
     logging.getLogger("cachepass").addHandler(backend_log)
     logging.getLogger("cachepass").setLevel(logging.INFO)
-    if variant == "regional-compile":
+    if variant == "eager":  # the machine's warm-up process (`main`): no compile
+        fn = model
+    elif variant == "regional-compile":
         model.compile_repeated_blocks(fullgraph=True)
         fn = model
     elif variant in ("compile", "dynamo-trace", "dynamo-trace-regions", "dynamo-trace-leaves", "dynamo-trace-opaque-blocks"):
@@ -271,6 +275,11 @@ def main(argv=None) -> int:
 
     rows = []
     variants = args.variants.split(",")
+    with tempfile.TemporaryDirectory() as unused:
+        # one uncompiled process first: the machine's own warm-up (imports read from disk, the device's start, eager
+        # kernels) is then not paid by whichever variant's cold process comes first (a default cold start of 1.70x on
+        # an H100 when it ran first, against 0.99-1.16x in earlier runs: bench/NOTES.md, fourteenth session)
+        args.machine_warmup_s = run("eager", args.blocks, args.device, args.width, unused)["first_call_s"]
     with contextlib.ExitStack() as folders:
         caches = {v: folders.enter_context(tempfile.TemporaryDirectory()) for v in variants}
         other_machines = {v: folders.enter_context(tempfile.TemporaryDirectory()) for v in variants}
@@ -361,6 +370,9 @@ def _write(rows: list[dict], args) -> None:
         "model": f"diffusers WanTransformer3DModel, {args.blocks} blocks, {args.width} width "
                  f"({WIDTHS[args.width]['num_attention_heads'] * WIDTHS[args.width]['attention_head_dim']}), 256 tokens "
                  "(512 for the new shape, 768 for the third), random weights",
+        "machine_warmup": "every process below ran after one uncompiled process of the same model (imports, device "
+                          f"start, eager kernels; its first call {args.machine_warmup_s:.2f} s), so no variant's cold "
+                          "process pays the machine's own warm-up",
         "rows": rows,
     }
     os.makedirs(args.out, exist_ok=True)

@@ -116,8 +116,9 @@ def test_a_variants_held_bytes_count_the_model_on_an_indexed_device():
 
 
 def test_cold_start_interleaves_the_variants_processes_and_pairs_each_warm_round(tmp_path, monkeypatch):
-    """``--interleave``: every cold process first, then warm round r of every variant before round r + 1 of any,
-    then the from-artifacts processes; each row gives each round's warm ratio to regional compile."""
+    """``--interleave``: one uncompiled process (the machine's warm-up), every cold process, then warm round r of every
+    variant before round r + 1 of any, then the from-artifacts processes; each row gives each round's warm ratio to
+    regional compile."""
     from bench import cold_start
 
     calls = []
@@ -125,15 +126,16 @@ def test_cold_start_interleaves_the_variants_processes_and_pairs_each_warm_round
     def fake_run(variant, blocks, device, width, cache, *extra):
         start = "cold" if "--save-artifacts" in extra else "from artifacts" if "--load-artifacts" in extra else "warm"
         calls.append((start, variant))
-        seconds = {"stepcache-piecewise": 6.0, "regional-compile": 4.0}[variant] + sum(c[0] == "warm" for c in calls)
+        timed = sum(c[0] == "warm" and c[1] != "eager" for c in calls)
+        seconds = {"stepcache-piecewise": 6.0, "regional-compile": 4.0, "eager": 0.5}[variant] + timed
         return {"variant": variant, "first_call_s": seconds, "second_call_s": 0.1, "new_shape_s": 2.0,
-                "third_shape_s": {"stepcache-piecewise": 3.0, "regional-compile": 0.2}[variant],
+                "third_shape_s": {"stepcache-piecewise": 3.0, "regional-compile": 0.2}.get(variant, 0.1),
                 "artifacts_load_s": 0.1 if start == "from artifacts" else None, "artifacts_mb": 1.0}
 
     monkeypatch.setattr(cold_start, "run", fake_run)
     cold_start.main(["--variants", "stepcache-piecewise,regional-compile", "--warm-repeats", "2", "--interleave",
                      "--out", str(tmp_path)])
-    assert calls == [("cold", "stepcache-piecewise"), ("cold", "regional-compile"),
+    assert calls == [("warm", "eager"), ("cold", "stepcache-piecewise"), ("cold", "regional-compile"),
                      ("warm", "stepcache-piecewise"), ("warm", "regional-compile"),
                      ("warm", "stepcache-piecewise"), ("warm", "regional-compile"),
                      ("from artifacts", "stepcache-piecewise"), ("from artifacts", "regional-compile")]
@@ -146,6 +148,7 @@ def test_cold_start_interleaves_the_variants_processes_and_pairs_each_warm_round
     assert rows["stepcache-piecewise"]["warm_third_shape_each_s"] == [3.0, 3.0]
     assert rows["stepcache-piecewise"]["third_shape_vs_regional"] == 3.0 / 0.2
     assert result["command"].endswith("--interleave")
+    assert "its first call 0.50 s" in result["machine_warmup"]
 
 
 def test_op_count_counts_the_outermost_ops_that_launch_work_and_leaves_out_views(tmp_path):
