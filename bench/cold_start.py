@@ -21,6 +21,7 @@ model with ``backend="eager"``: no compiler at all); ``dynamo-trace-regions`` tr
 `cachepass/block_regions.py`), ``stepcache-block-scope`` cachepass with ``scope="blocks"`` (each block list compiled alone,
 the model-level code run as it is, as under regional compile: `cachepass.block_scope`), ``stepcache-dynamic-latents``
 cachepass with ``dynamic="latents"`` (the latents' sizes symbolic from the first call: `cachepass.symbolic_latents`),
+``stepcache-block-scope-dynamic-latents`` both,
 ``dynamo-trace-opaque-blocks`` with each block a pass-through (Dynamo's floor if it never traced into a block; its
 output is not the model's). stepcache rows also give the backend's own seconds (passes, split and piece compiles),
 read from its log.
@@ -43,6 +44,7 @@ import tempfile
 import time
 
 VARIANTS = ("stepcache-piecewise", "stepcache-piecewise-inline-trace", "stepcache-block-scope", "stepcache-dynamic-latents",
+            "stepcache-block-scope-dynamic-latents",
             "stepcache-piecewise-glue-inductor", "stepcache-piecewise-glue-aot_eager", "stepcache-piecewise-glue-eager",
             "stepcache-one-graph", "regional-compile", "compile",
             "dynamo-trace", "dynamo-trace-regions", "dynamo-trace-leaves", "dynamo-trace-opaque-blocks")
@@ -101,8 +103,8 @@ def child(variant: str, blocks: int, device: str, width: str, save_artifacts: st
         glue = variant_glue.group(1) if variant_glue else None
         if variant.endswith("-inline-trace"):  # Dynamo inlines every block (cachepass/block_regions.py off)
             os.environ["CACHEPASS_BLOCK_REGIONS"] = "0"
-        scope = "blocks" if variant == "stepcache-block-scope" else "model"
-        dynamic = "latents" if variant == "stepcache-dynamic-latents" else None
+        scope = "blocks" if variant.startswith("stepcache-block-scope") else "model"
+        dynamic = "latents" if variant.endswith("-dynamic-latents") else None
         form = "piecewise" if scope == "blocks" or dynamic else \
             re.sub(r"-glue-\w+$", "", variant).removeprefix("stepcache-").removesuffix("-inline-trace")
         fn = cachepass.compile(model, cfg, form=form, glue=glue, scope=scope, dynamic=dynamic)

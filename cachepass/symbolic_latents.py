@@ -13,9 +13,13 @@ marked too, at every call (FLUX's position ids have a row per token); the other 
 that changes compiles once more, as does a size passed as a Python int (LTX-Video's ``num_frames``, ``height`` and
 ``width``).
 
+Under ``scope="blocks"`` a list's program takes the blocks' arguments (tokens, text, rotary tables), whose sizes
+no name ties to the latents: every dimension of every tensor it takes (and of the tensor a view was taken from,
+which Dynamo guards too) is marked (`mark_every_size`), the text length's included.
+
 The cost is the symbolic program's kernels at the first resolution too (the default runs static kernels until a
-second resolution comes); measured in bench/NOTES.md. Only ``scope="model"`` and the piecewise form take it: a block
-list's program takes the blocks' tokens, not the latents, and the one-graph form compiles each shape statically.
+second resolution comes), and a symbolic first compile; measured in bench/NOTES.md. The one-graph form does not take
+it: it compiles each shape statically.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import inspect
 import torch
 from torch import nn
 
+from cachepass import block_regions
 from cachepass.analysis.timestep import LATENT_NAMES
 from cachepass.errors import CachepassError
 
@@ -70,3 +75,13 @@ class SymbolicLatents:
             value = args[key] if isinstance(key, int) and key < len(args) else kwargs.get(key)
             if isinstance(value, torch.Tensor) and dim < value.dim():
                 torch._dynamo.maybe_mark_dynamic(value, dim)
+
+
+def mark_every_size(values) -> None:
+    """Mark every dimension of each tensor in ``values`` (through tuples, lists and dicts), and of the tensor each view
+    among them was taken from, as maybe dynamic: the same marks at every call, whatever the sizes."""
+    for value in block_regions.flat_arguments(values, {}):
+        if isinstance(value, torch.Tensor):
+            for tensor in (value,) if value._base is None else (value, value._base):
+                for dim in range(tensor.dim()):
+                    torch._dynamo.maybe_mark_dynamic(tensor, dim)

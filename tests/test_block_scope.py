@@ -83,6 +83,26 @@ def test_a_new_resolution_takes_one_more_graph_and_the_whole_model_compiles_resu
     assert counters["stats"]["unique_graphs"] == 2
 
 
+@pytest.mark.parametrize("name", ["wan", "flux"])
+def test_symbolic_sizes_from_the_first_call_take_every_resolution_with_one_compile_per_list(name):
+    """``dynamic="latents"`` under ``scope="blocks"``: each list program's inputs are symbolic from its first call (the
+    rotary tables' bases too), so three resolutions, the first square, compile each list once, and each resolution
+    gives the whole-model static compile's result and decisions."""
+    expected = []
+    for times in (1, 2, 3):
+        sized = CASES[name].at_size(times)
+        static = cachepass.compile(sized.model(), config(sized), inner="aot_eager", dynamic=False)
+        expected.append((generate(sized, static, STEPS), decisions(static)))
+    torch._dynamo.reset()
+    counters.clear()
+    model = cachepass.compile(CASES[name].model(), config(CASES[name]), inner="aot_eager", scope="blocks",
+                              dynamic="latents")
+    for times, (out, decided) in zip((1, 2, 3), expected):
+        torch.testing.assert_close(generate(CASES[name].at_size(times), model, STEPS), out, atol=0, rtol=0)
+        assert decisions(model) == decided, f"x{times}"
+    assert counters["stats"]["unique_graphs"] == len(expected[0][1])  # one program per list, compiled once
+
+
 class _ControlNetLike(ToyDiT):
     """Adds a residual to the hidden states between blocks (as ControlNet-conditioned DiTs do) when ``residual``."""
 

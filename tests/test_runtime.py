@@ -204,10 +204,7 @@ def test_symbolic_latents_passed_by_position():
 def test_symbolic_latents_name_what_they_cannot_take():
     with pytest.raises(ValueError, match=r"dynamic='tokens' is invalid; allowed: None, True, False or 'latents'"):
         cachepass.compile(CASE.model(), cfg(), dynamic="tokens")
-    with pytest.raises(CachepassError, match=r"dynamic='latents' takes scope='model' and form='piecewise' \(here "
-                                             r"scope='blocks'"):
-        cachepass.compile(CASES["wan"].model(), cfg(), dynamic="latents", scope="blocks")
-    with pytest.raises(CachepassError, match=r"form='one-graph'"):
+    with pytest.raises(CachepassError, match=r"dynamic='latents' takes form='piecewise' \(here form='one-graph'\)"):
         cachepass.compile(CASE.model(), cfg(), dynamic="latents", form="one-graph")
 
     class NoLatents(torch.nn.Module):

@@ -39,6 +39,7 @@ from cachepass.block_scope.feeding import Feeding, as_outputs, check, learn, str
 from cachepass.block_scope.runner import ListRunner
 from cachepass.config import StepCacheConfig
 from cachepass.errors import CachepassError
+from cachepass.symbolic_latents import mark_every_size
 
 log = logging.getLogger(__name__)
 
@@ -51,8 +52,11 @@ def scope_of(model: Any) -> BlockScope | None:
 
 
 def compile_block_lists(model: nn.Module, config: StepCacheConfig,
-                        compile_runner: Callable[[nn.Module, StepCacheConfig], nn.Module]) -> nn.Module:
+                        compile_runner: Callable[[nn.Module, StepCacheConfig], nn.Module],
+                        symbolic_sizes: bool = False) -> nn.Module:
     """``model`` with each block list run by a program ``compile_runner(runner, runner_config)`` makes; returns it.
+    ``symbolic_sizes`` (``dynamic="latents"``): every size of each program's inputs symbolic from its first call
+    (`cachepass.symbolic_latents.mark_every_size`).
 
     Compiling a model again replaces its earlier scope.
     """
@@ -60,7 +64,7 @@ def compile_block_lists(model: nn.Module, config: StepCacheConfig,
     lists = trunk_lists(model)
     clock = ClockInputs.of_model(model, config)
     runner_config = dataclasses.replace(config, timestep_input=clock.runner_timestep_input)
-    scope = BlockScope(clock, runner_config, [ListScope(path, blocks, runner_config, compile_runner)
+    scope = BlockScope(clock, runner_config, [ListScope(path, blocks, runner_config, compile_runner, symbolic_sizes)
                                               for path, blocks in lists.items()])
     scope.attach(model)
     _SCOPES[model] = scope
@@ -198,8 +202,8 @@ class ListScope:
     the model at once meet the program's own check: one state serves one call at a time)."""
 
     def __init__(self, path: str, blocks: nn.ModuleList, config: StepCacheConfig,
-                 compile_runner: Callable[[nn.Module, StepCacheConfig], nn.Module]):
-        self.path, self.blocks = path, blocks
+                 compile_runner: Callable[[nn.Module, StepCacheConfig], nn.Module], symbolic_sizes: bool = False):
+        self.path, self.blocks, self.symbolic_sizes = path, blocks, symbolic_sizes
         self.feedings: dict[tuple, Feeding] = {}
         self.compiled = compile_runner(ListRunner(path.replace(".", "_"), blocks, self.feedings), config)
         self._calls = threading.local()  # .call: this thread's `_Call`
@@ -279,6 +283,8 @@ class ListScope:
     def _run(self, call: _Call):
         args, kwargs = call.first
         call.running = True
+        if self.symbolic_sizes:
+            mark_every_size((args, kwargs, call.clock))
         try:
             call.result, _, _ = self.compiled(tuple(args), dict(kwargs), *call.clock)
         finally:
