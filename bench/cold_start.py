@@ -281,14 +281,14 @@ def main(argv=None) -> int:
         # one uncompiled process first: the machine's own warm-up (imports read from disk, the device's start, eager
         # kernels) is then not paid by whichever variant's cold process comes first (a default cold start of 1.70x on
         # an H100 when it ran first, against 0.99-1.16x in earlier runs: bench/NOTES.md, fourteenth session)
-        args.machine_warmup_s = run("eager", args.blocks, args.device, args.width, unused)["first_call_s"]
+        warmup_s = run("eager", args.blocks, args.device, args.width, unused)["first_call_s"]
     with contextlib.ExitStack() as folders:
         caches = {v: folders.enter_context(tempfile.TemporaryDirectory()) for v in variants}
         other_machines = {v: folders.enter_context(tempfile.TemporaryDirectory()) for v in variants}
         for group in ([variants] if args.interleave else [[v] for v in variants]):
             for variant, (cold, warms, portable) in _measure(group, args, caches, other_machines).items():
                 rows.append(_row(variant, cold, warms, portable))
-            _write(rows, args)  # after each group: a run cut short keeps the rows it finished
+            _write(rows, args, warmup_s)  # after each group: a run cut short keeps the rows it finished
     return 0
 
 
@@ -346,7 +346,7 @@ def _row(variant: str, cold: dict, warms: list[dict], portable: dict) -> dict:
     return row
 
 
-def _write(rows: list[dict], args) -> None:
+def _write(rows: list[dict], args, warmup_s: float) -> None:
     """The rows so far, with their ratios to regional compile's where it has run, as one JSON file in ``args.out``."""
     import torch
 
@@ -373,7 +373,7 @@ def _write(rows: list[dict], args) -> None:
                  f"({WIDTHS[args.width]['num_attention_heads'] * WIDTHS[args.width]['attention_head_dim']}), 256 tokens "
                  "(512 for the new shape, 768 for the third), random weights",
         "machine_warmup": "every process below ran after one uncompiled process of the same model (imports, device "
-                          f"start, eager kernels; its first call {args.machine_warmup_s:.2f} s), so no variant's cold "
+                          f"start, eager kernels; its first call {warmup_s:.2f} s), so no variant's cold "
                           "process pays the machine's own warm-up",
         "rows": rows,
     }

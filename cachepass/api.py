@@ -83,8 +83,7 @@ def compile(model: nn.Module, config: Any = None, *, calibrator_config: Any = No
     symbolic from the first call. ``"latents"`` makes the sizes of the model's latents argument symbolic from the first
     call, the others as with None: no compile at a new resolution, the symbolic program's kernels at the first one
     (`cachepass.symbolic_latents`; piecewise form; under ``scope="blocks"`` every size of the list programs' inputs).
-    With ``form="one-graph"`` None means False
-    (logged). Dynamo allows
+    With ``form="one-graph"`` None means False (logged). Dynamo allows
     ``torch._dynamo.config.recompile_limit`` (8) graphs per function, shared by every shape and every compile of
     the model's class in the process; ``max_shapes`` raises that limit (process-wide) when larger, and each
     compile's first call makes room for its own graph.
@@ -130,7 +129,8 @@ def compile(model: nn.Module, config: Any = None, *, calibrator_config: Any = No
         log.info("stepcache: form='one-graph' compiles each shape with static sizes (dynamic=False): at a second "
                  "shape traced with symbolic sizes torch.cond rejected the branches' output strides (Wan, torch 2.13); "
                  "dynamic=True asks for symbolic sizes from the first call")
-    if dynamic == symbolic_latents.OPTION and parsed.form is not Form.PIECEWISE:
+    symbolic = dynamic == symbolic_latents.OPTION
+    if symbolic and parsed.form is not Form.PIECEWISE:
         raise CachepassError(f"cachepass.compile dynamic='latents' takes form='piecewise' (here "
                              f"form={parsed.form.value!r}): the one-graph form compiles each shape statically. Use "
                              "dynamic=True or None")
@@ -155,17 +155,16 @@ def compile(model: nn.Module, config: Any = None, *, calibrator_config: Any = No
         _raise_recompile_limit(max_shapes, "max_shapes")
     block_scope.remove(model)
     if scope == "blocks":
-        symbolic = dynamic == symbolic_latents.OPTION  # the list scope marks its programs' inputs itself
         runner_options = dict(inner=inner, mode=mode, form=form, cudagraphs=cudagraphs, glue=glue, fullgraph=fullgraph,
                               sequence_parallel_group=sequence_parallel_group, max_shapes=max_shapes,
-                              dynamic=None if symbolic else dynamic)
+                              dynamic=None if symbolic else dynamic)  # the list scope marks its programs' inputs
         scoped = block_scope.compile_block_lists(model, parsed.config,
                                                  lambda runner, config: compile(runner, config, **runner_options),
                                                  symbolic_sizes=symbolic)
         _COMPILED_ORIGINALS[model] = block_scope.scope_of(model).config
         return scoped
-    latents = symbolic_latents.SymbolicLatents(model) if dynamic == symbolic_latents.OPTION else None
-    compiled = torch.compile(model, backend=stepcache, fullgraph=fullgraph, dynamic=None if latents else dynamic,
+    latents = symbolic_latents.SymbolicLatents(model) if symbolic else None
+    compiled = torch.compile(model, backend=stepcache, fullgraph=fullgraph, dynamic=None if symbolic else dynamic,
                              options=options)
     compiled.forward = _with_clear_errors(compiled.forward, model, latents)
     _COMPILED_ORIGINALS[model] = parsed.config
