@@ -54,7 +54,8 @@ def stepcache(gm: fx.GraphModule, example_inputs: Sequence[Any], *, mode: str | 
         )
     host = HostInputs.find(gm, example_inputs, _accelerator_of(example_inputs))
     example_inputs = host.retarget(gm, example_inputs)
-    rewritten = rewrite(gm, opts.config, sequence_parallel_group=opts.sequence_parallel_group)
+    rewritten = rewrite(gm, opts.config, sequence_parallel_group=opts.sequence_parallel_group,
+                        bind_weights=opts.form is Form.PIECEWISE)
     units, layout, timestep, parallel = rewritten.units, rewritten.layout, rewritten.timestep, rewritten.discovery.parallel
     for skipped in rewritten.discovery.skipped:
         log.info("stepcache: not a cache unit: %s", skipped)

@@ -35,25 +35,26 @@ class Rewritten:
 
 
 def rewrite(gm: fx.GraphModule, config: StepCacheConfig, *, sequence_parallel_group: Any = None,
-            narrow: bool = False) -> Rewritten:
+            narrow: bool = False, bind_weights: bool = False) -> Rewritten:
     """Outline ``gm``'s cache units, lay out their state and insert the decision and ``torch.cond``.
 
     ``gm`` is not modified (a copy is rewritten). ``narrow``: 32-bit state arithmetic (`StateLayout`).
+    ``bind_weights``: the block calls name their weights (`cachepass.bound_weights`): for the piecewise executor only.
     """
-    outlined, units, discovery = outline(gm, config, sequence_parallel_group)
+    outlined, units, discovery = outline(gm, config, sequence_parallel_group, bind_weights)
     timestep = find_timestep_input(outlined, config)
     layout = StateLayout(units, config, narrow, timestep)
     graph = run_passes(outlined, cache_passes(layout, timestep, discovery.parallel))
     return Rewritten(graph, units, layout, timestep, discovery)
 
 
-def outline(gm: fx.GraphModule, config: StepCacheConfig,
-            sequence_parallel_group: Any = None) -> tuple[fx.GraphModule, list[UnitSpec], Discovery]:
+def outline(gm: fx.GraphModule, config: StepCacheConfig, sequence_parallel_group: Any = None,
+            bind_weights: bool = False) -> tuple[fx.GraphModule, list[UnitSpec], Discovery]:
     """A copy of ``gm`` with each cache unit's middle blocks outlined; returns it, the units and the discovery.
 
     ``sequence_parallel_group`` (see `cachepass.analysis.sequence_parallel`): None refuses a graph with collectives.
     """
-    gm = run_passes(copy_graph_module(gm), before_discovery_passes())
+    gm = run_passes(copy_graph_module(gm), before_discovery_passes(bind_weights))
     plans, discovery = plan_cache_units(gm, config)
     discovery.parallel = sequence_parallel.find_sequence_parallel(gm, discovery, sequence_parallel_group)
     gm = run_passes(gm, outline_passes(plans))

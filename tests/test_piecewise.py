@@ -12,6 +12,10 @@ from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
 import cachepass
 from bench.tiny_models import CASES, generate, toy_config
+from cachepass import bound_weights
+from cachepass.bound_weights import WeightRef
+from cachepass.leaf_weights import weight_path
+from cachepass.passes.call_block_bodies import BODY_PREFIX
 from cachepass.piecewise.compile import PieceCompiler
 from cachepass.piecewise.execute import build_program
 from cachepass.piecewise.split import PieceKind, is_cond, split_pieces
@@ -247,3 +251,40 @@ def test_a_block_piece_is_compiled_from_dynamos_values_without_running_it_on_fak
     setitems = [n for piece in blocks for graph in _graphs(piece) for n in graph.nodes if n.target is operator.setitem]
     assert blocks and setitems  # the case this covers: Dynamo leaves these without a value
     assert not {id(p) for p in blocks} & {id(m) for m in propagated}
+
+
+@pytest.mark.parametrize("name", ["wan", "flux"])
+def test_blocks_name_their_weights_and_only_block_pieces_take_them(name):
+    """In the piecewise form a body call names its weights (`WeightRef`s) instead of taking them as graph values: no
+    cond operand is a weight, and each block piece takes its block's weights as its last inputs, in the body's order.
+    The program then reads them from its own inputs at each call (the model's result, and nothing held after it)."""
+    gm, inputs, block_lists = backend_program_inputs(name)
+    placeholders = {n.name: n for n in gm.graph.nodes if n.op == "placeholder"}
+    graphs = [gm.graph, *(m.graph for _, m in gm.named_modules() if isinstance(m, fx.GraphModule) and m is not gm)]
+    calls = [n for g in graphs for n in g.nodes if n.op == "call_module" and n.target.startswith(BODY_PREFIX)]
+    refs = [a for call in calls for a in call.args if isinstance(a, WeightRef)]
+    assert calls and refs and all(weight_path(placeholders[r.name]) for r in refs)
+    assert not any(weight_path(a) for call in calls for a in call.args if isinstance(a, fx.Node))
+    conds = [n for n in gm.graph.nodes if is_cond(n)]
+    assert conds and not any(a.op == "placeholder" and weight_path(a) for c in conds for a in c.args[3])
+    compiled = []
+
+    def compile_fn(piece, example_inputs, kind):
+        compiled.append((kind, piece, example_inputs))
+        return piece.forward
+
+    build_program(gm, inputs, PieceCompiler(compile_fn), block_lists)
+    blocks = [(piece, examples) for kind, piece, examples in compiled if kind == "block"]
+    assert blocks
+    for piece, examples in blocks:
+        (call,) = [n for n in piece.graph.nodes if n.op == "call_module"]
+        body_weights = [a for a in call.args if isinstance(a, fx.Node) and a.name.startswith("weight_")]
+        taken = [n for n in piece.graph.nodes if n.op == "placeholder"]
+        assert body_weights and taken[-len(body_weights):] == body_weights
+        assert len(examples) == len(taken)
+    case, _, model, compiled_model = compile_case(name)
+    x, cond, _ = case.inputs(torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(case.call(compiled_model, x, torch.tensor(0.5), cond),
+                                   case.call(model, x, torch.tensor(0.5), cond))
+    assert bound_weights._CURRENT.weights == ()

@@ -1,10 +1,10 @@
 """The stepcache graph passes, in the order they run (`cachepass.pipeline` runs them).
 
-``before_discovery_passes`` (hoist_size_arithmetic, call_block_bodies, split_before_first_block) run before
-block discovery; ``outline_passes`` (contiguous_block_input, hoist_out_of_middle, outline_middle_blocks) turn a
-Dynamo graph into one where each cache unit's middle blocks are a submodule call (what the eager reference runs);
-``cache_passes`` (insert_cache_cond) then rewrite those calls into the compiled decision + ``torch.cond`` + state
-update.
+``before_discovery_passes`` (hoist_size_arithmetic, call_block_bodies, for the piecewise form bind_block_weights,
+split_before_first_block) run before block discovery; ``outline_passes`` (contiguous_block_input,
+hoist_out_of_middle, outline_middle_blocks) turn a Dynamo graph into one where each cache unit's middle blocks are a
+submodule call (what the eager reference runs); ``cache_passes`` (insert_cache_cond) then rewrite those calls into
+the compiled decision + ``torch.cond`` + state update.
 ``run_passes`` names a failing pass and the passes that ran before it. The graph invariants every
 pass keeps, and the node metadata they write, are in README.md beside this file.
 """
@@ -18,6 +18,7 @@ from typing import Callable, Sequence
 from torch import fx
 
 from cachepass.errors import CachepassError, PassError
+from cachepass.passes.bind_block_weights import bind_block_weights
 from cachepass.passes.call_block_bodies import call_block_bodies
 from cachepass.passes.contiguous_block_input import contiguous_block_input
 from cachepass.passes.hoist_out_of_middle import hoist_out_of_middle
@@ -31,8 +32,10 @@ log = logging.getLogger(__name__)
 Pass = Callable[[fx.GraphModule], fx.GraphModule]
 
 
-def before_discovery_passes() -> list[Pass]:
-    return [hoist_size_arithmetic, call_block_bodies, split_before_first_block]
+def before_discovery_passes(bind_weights: bool = False) -> list[Pass]:
+    """``bind_weights``: the block calls name their weights (`bind_block_weights`; the piecewise executor runs such a
+    graph, nothing else can)."""
+    return [hoist_size_arithmetic, call_block_bodies, *([bind_block_weights] if bind_weights else []), split_before_first_block]
 
 
 def outline_passes(plans) -> list[Pass]:

@@ -24,6 +24,8 @@ import torch
 from torch import fx
 from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
+from cachepass.bound_weights import WeightRef
+
 
 @dataclasses.dataclass
 class CompileCount:
@@ -198,7 +200,7 @@ def significant_strides(value: torch.Tensor) -> tuple:
 def arg_key(arg: Any, index: dict[fx.Node, int]) -> Any:
     """``arg`` (a node's args or kwargs) with each node replaced by its position in ``index``: the wiring, comparable
     across graphs."""
-    if isinstance(arg, fx.Node):
+    if isinstance(arg, (fx.Node, WeightRef)):  # a weight a piece's nodes name: its position among the piece's weights
         return ("node", index[arg])
     if isinstance(arg, (list, tuple)):
         return (type(arg).__name__, tuple(arg_key(a, index) for a in arg))

@@ -7,6 +7,8 @@ compute branch is itself split, so the middle blocks are block pieces too. The `
 that says what runs: pieces in order, which block each belongs to, which artifact it shares, and
 the two branch plans of every cond. Each call of the program is a `Piece`; block pieces and conds
 report to the program's `ProgramHooks` (offload), and CUDA graphs capture stretches of pieces.
+A piece that takes weights its graph names (`cachepass.bound_weights`) is run with them appended, read
+from the inputs of the top program's call in progress.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from torch import fx
 from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 from torch.multiprocessing.reductions import StorageWeakRef
 
+from cachepass.bound_weights import WeightTable, with_weights
 from cachepass.piecewise.compile import PieceCompiler, give_example_values, in_fake_mode, significant_strides
 from cachepass.piecewise.hooks import NO_HOOKS, ProgramHooks
 from cachepass.piecewise.split import PieceInfo, PieceKind, is_cond, split_pieces
@@ -115,10 +118,18 @@ class Piece:
 
 
 def build_program(gm: fx.GraphModule, example_inputs: list, compiler: PieceCompiler, block_lists: set[str],
-                  hooks: ProgramHooks = NO_HOOKS) -> tuple[fx.GraphModule, Plan]:
-    """Split ``gm``, compile its pieces, and return the runnable program (reporting to ``hooks``) with its plan."""
+                  hooks: ProgramHooks = NO_HOOKS, weights: WeightTable | None = None) -> tuple[fx.GraphModule, Plan]:
+    """Split ``gm``, compile its pieces, and return the runnable program (reporting to ``hooks``) with its plan.
+
+    ``weights``: where the pieces of a cond's branch find the weights their graphs name (the top program's inputs).
+    """
+    top = weights is None
+    if top:
+        weights = WeightTable(gm, example_inputs)
     program, infos = split_pieces(gm, block_lists)
-    _propagate(program, example_inputs, _needed(program, infos, compiler))
+    given = {node: weights.examples(infos[node.target].weights) for node in program.graph.nodes
+             if node.op == "call_module" and infos[node.target].weights}
+    _propagate(program, example_inputs, _needed(program, infos, compiler), given)
     steps = []
     for node in list(program.graph.nodes):
         if node.op != "call_module":
@@ -126,28 +137,32 @@ def build_program(gm: fx.GraphModule, example_inputs: list, compiler: PieceCompi
         info, piece = infos[node.target], program.get_submodule(node.target)
         inputs = [arg.meta.get("val") for arg in node.args]  # None: a value no compile reads (`_needed`)
         if info.kind is PieceKind.COND:
-            fn, branches = _cond_step(piece, inputs, compiler, block_lists, info.owner, hooks)
+            fn, branches = _cond_step(piece, inputs, compiler, block_lists, info.owner, hooks, weights)
             artifact = None
         else:
-            fn, branches = compiler(piece, inputs, info.kind.value), None
+            fn, branches = compiler(piece, inputs + given.get(node, []), info.kind.value), None
             artifact = compiler.number(fn)
+            if info.weights:
+                fn = with_weights(fn, weights.reader(info.weights))
         steps.append(Step(node.target, info.kind, info.owner, artifact, branches))
         node.op, node.target = "call_function", Piece(f"{info.kind.value}_{node.target}", info.kind, info.owner, fn, hooks)
     for name in infos:
         delattr(program, name)
+    if top:
+        weights.add_bind(program)
     program.recompile()
     return program, Plan(tuple(steps))
 
 
 def _cond_step(piece: fx.GraphModule, inputs: list, compiler: PieceCompiler, block_lists: set[str], unit: str,
-               hooks: ProgramHooks) -> tuple[CondStep, tuple[Plan, Plan]]:
+               hooks: ProgramHooks, weights: WeightTable) -> tuple[CondStep, tuple[Plan, Plan]]:
     cond = next(n for n in piece.graph.nodes if is_cond(n))
     position = {n: i for i, n in enumerate(n for n in piece.graph.nodes if n.op == "placeholder")}
     operand_indices = [position[a] for a in cond.args[3]]
     operands = [inputs[i] for i in operand_indices]
     programs, plans = [], []
     for branch in cond.args[1:3]:
-        program, plan = build_program(piece.get_submodule(branch.target), operands, compiler, block_lists, hooks)
+        program, plan = build_program(piece.get_submodule(branch.target), operands, compiler, block_lists, hooks, weights)
         programs.append(_OperandsRead.of(program))
         plans.append(plan)
     return CondStep(unit, position[cond.args[0]], operand_indices, *programs, hooks), tuple(plans)
@@ -230,13 +245,15 @@ def _upstream(nodes: list) -> set[fx.Node]:
     return found
 
 
-def _propagate(program: fx.GraphModule, example_inputs: list, runs: dict[fx.Node, set | None]) -> None:
-    """Fake values for the nodes of the split graph that pieces' compiles read (`_needed`; the others get None)."""
+def _propagate(program: fx.GraphModule, example_inputs: list, runs: dict[fx.Node, set | None],
+               weights: dict[fx.Node, list]) -> None:
+    """Fake values for the nodes of the split graph that pieces' compiles read (`_needed`; the others get None).
+    ``weights``: per piece call, the example values of the weights its piece takes after its arguments."""
     fake_mode = torch._guards.detect_fake_mode(example_inputs)
     if fake_mode is None:
         fake_mode = torch._subclasses.FakeTensorMode()
     with torch.no_grad():
-        _PieceValues(program, runs, mode=fake_mode).propagate_dont_convert_inputs(
+        _PieceValues(program, runs, weights, mode=fake_mode).propagate_dont_convert_inputs(
             *in_fake_mode(fake_mode, example_inputs))
 
 
@@ -266,9 +283,10 @@ class _PieceValues(FakeTensorProp):
     a ``contiguous`` the passes added) reaches every piece downstream.
     """
 
-    def __init__(self, program: fx.GraphModule, runs: dict[fx.Node, set | None], **kwargs):
+    def __init__(self, program: fx.GraphModule, runs: dict[fx.Node, set | None], weights: dict[fx.Node, list],
+                 **kwargs):
         super().__init__(program, **kwargs)
-        self.runs = runs
+        self.runs, self.weights = runs, weights
         self.calling: fx.Node | None = None
 
     def run_node(self, n):
@@ -285,18 +303,21 @@ class _PieceValues(FakeTensorProp):
         piece = self.fetch_attr(target)
         if any(is_cond(n) for n in piece.graph.nodes):
             return _CachedBranchOnly(piece).run(*args)
+        weights = in_fake_mode(self._mode, self.weights.get(self.calling, ()))  # the piece's last inputs
         nodes = self.runs[self.calling]
         if nodes is not None and not nodes >= {n for n in piece.graph.nodes if n.op not in ("placeholder", "output")}:
             if not nodes:  # nothing of it is read
                 return tuple(None for _ in piece.graph.output_node().args[0])
-            return _Partly(piece, nodes, mode=self._mode).propagate_dont_convert_inputs(*args)
+            return _Partly(piece, nodes, mode=self._mode).propagate_dont_convert_inputs(*args, *weights)
         outputs = piece.graph.output_node().args[0]
         placeholders = [n for n in piece.graph.nodes if n.op == "placeholder"]
+        # weights are laid out as traced: the split shares a block's module only where they are (`split._signature`)
         if (isinstance(outputs, tuple) and all(_traced_value(n) is not None for n in outputs)
                 and all(_same_as_traced(p, a) for p, a in zip(placeholders, args))):
             remade = _remade([_traced_value(n) for n in outputs], placeholders, args)
             if remade is not None:
                 return remade
+        args = (*args, *weights)
         outputs = give_example_values(piece, list(args))  # run once: the compiler finds its example values given
         return super().call_module(target, args, kwargs) if outputs is None else outputs
 

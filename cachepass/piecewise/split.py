@@ -9,6 +9,8 @@ module is a lazy GraphModule (its code is generated when it first runs): torch 2
 ``split_module`` built each piece's code at once, about 1 s per compile on a 30-block model.
 A block whose nodes, wiring and traced boundary layouts match an earlier block's shares that
 block's module (`_signature`): the split copies each kind of block once, not once per block.
+Weights a piece's nodes name (`cachepass.bound_weights.WeightRef`) become its last placeholders, and
+the piece's `PieceInfo.weights` names the graph inputs they stand for: the executor appends them.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from torch import fx
 from torch.fx._lazy_graph_module import _LazyGraphModule
 
 from cachepass.analysis.blocks import list_items
+from cachepass.bound_weights import WeightRef, refs_in, replace_refs
 from cachepass.passes.call_block_bodies import BODY_PREFIX
 from cachepass.piecewise.compile import arg_key
 from cachepass.state.sizes import hashable, size_inputs, symbol_nodes
@@ -38,6 +41,7 @@ class PieceInfo:
     name: str  # attribute of the split graph (``submod_3``)
     kind: PieceKind
     owner: str | None  # block path for block pieces, the cache unit (block list) for conds
+    weights: tuple[str, ...] = ()  # the graph inputs its weight placeholders (its last) take, by name
 
 
 def block_owner(node: fx.Node, block_lists: set[str]) -> str | None:
@@ -83,14 +87,15 @@ def split_pieces(gm: fx.GraphModule, block_lists: set[str]) -> tuple[fx.GraphMod
         name = f"submod_{i}"
         inputs, outputs = _boundary(nodes, every_block_output=kind is PieceKind.BLOCK)
         inputs += size_inputs(inputs, size_nodes)
+        refs = list(dict.fromkeys(r for n in nodes for r in refs_in((n.args, n.kwargs))))
         if kind is PieceKind.BLOCK:  # a block like an earlier one shares its module: no copy of its nodes
-            signature = _signature(nodes, inputs, outputs)
+            signature = _signature(nodes, inputs, refs, outputs)
             piece = blocks.get(signature)
             if piece is None:
-                piece = blocks[signature] = _piece(gm, nodes, inputs, outputs)
+                piece = blocks[signature] = _piece(gm, nodes, inputs, refs, outputs)
         else:
-            piece = _piece(gm, nodes, inputs, outputs)
-        modules[name], infos[name] = piece, PieceInfo(name, kind, owner)
+            piece = _piece(gm, nodes, inputs, refs, outputs)
+        modules[name], infos[name] = piece, PieceInfo(name, kind, owner, tuple(r.name for r in refs))
         call = program.call_module(name, tuple(env[n] for n in inputs))
         if _returns_the_cond(outputs):
             env[outputs[0]] = call
@@ -121,24 +126,33 @@ def _takes_a_body_output(node: fx.Node) -> bool:
             and node.args[0].op == "call_module" and str(node.args[0].target).startswith(BODY_PREFIX))
 
 
-def _piece(gm: fx.GraphModule, nodes: list[fx.Node], inputs: list[fx.Node], outputs: list[fx.Node]) -> fx.GraphModule:
-    """The piece of ``nodes`` (in graph order), taking ``inputs`` and returning ``outputs``."""
+def _piece(gm: fx.GraphModule, nodes: list[fx.Node], inputs: list[fx.Node], refs: list[WeightRef],
+           outputs: list[fx.Node]) -> fx.GraphModule:
+    """The piece of ``nodes`` (in graph order), taking ``inputs`` and the weights ``refs`` name, returning ``outputs``."""
     graph, env = fx.Graph(), {}
     for value in inputs:
         env[value] = graph.placeholder(value.name)
         env[value].meta = dict(value.meta)
+    weights = {}
+    for position, ref in enumerate(refs):
+        weights[ref] = graph.placeholder(f"weight_{position}")
+        weights[ref].meta["example_value"] = ref.example_value
     for node in nodes:
         env[node] = graph.node_copy(node, env.__getitem__)
+        if weights:
+            env[node].args, env[node].kwargs = replace_refs(env[node].args, weights), replace_refs(env[node].kwargs, weights)
     graph.output(env[outputs[0]] if _returns_the_cond(outputs) else tuple(env[n] for n in outputs))
     return _LazyGraphModule(gm, graph)
 
 
-def _signature(nodes: list[fx.Node], inputs: list[fx.Node], outputs: list[fx.Node]) -> tuple:
-    """What makes two blocks one module: each node's op, target and wiring (by position), and the layouts of the
-    values Dynamo traced at the boundary, which the executor's fake propagation and the compiler read from it."""
-    index = {n: i for i, n in enumerate([*inputs, *nodes])}
+def _signature(nodes: list[fx.Node], inputs: list[fx.Node], refs: list[WeightRef], outputs: list[fx.Node]) -> tuple:
+    """What makes two blocks one module: each node's op, target and wiring (by position; a weight by its position among
+    ``refs``), and the layouts of the values Dynamo traced at the boundary and of the weights, which the executor's fake
+    propagation and the compiler read from it."""
+    index = {n: i for i, n in enumerate([*inputs, *refs, *nodes])}
     wiring = tuple((n.op, n.target, arg_key(n.args, index), arg_key(n.kwargs, index)) for n in nodes)
-    return wiring, tuple(_layout(n) for n in inputs), tuple(index[n] for n in outputs), tuple(_layout(n) for n in outputs)
+    return (wiring, tuple(_layout(n) for n in inputs), tuple(r.layout for r in refs),
+            tuple(index[n] for n in outputs), tuple(_layout(n) for n in outputs))
 
 
 def _layout(node: fx.Node) -> tuple | None:
