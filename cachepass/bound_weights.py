@@ -78,11 +78,19 @@ class WeightTable:
     def __init__(self, gm: fx.GraphModule, example_inputs: Sequence):
         placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
         self._inputs = {node.name: (node, value) for node, value in zip(placeholders, example_inputs)}
+        self._fake_mode = torch._guards.detect_fake_mode(example_inputs)
+        self._examples: dict[str, torch.Tensor] = {}
         self._slots: dict[str, int] = {}
 
     def examples(self, names: Sequence[str]) -> list:
-        """The example values of the inputs ``names`` (a piece's weights), for its compile."""
-        return [self._inputs[name][1] for name in names]
+        """The example values of the inputs ``names`` (a piece's weights), for its compile: fake tensors of the
+        example inputs' fake mode where they have one (Dynamo may hand a parameter as the real tensor)."""
+        for name in names:
+            if name not in self._examples:
+                value = self._inputs[name][1]
+                real = self._fake_mode is not None and getattr(value, "fake_mode", None) is not self._fake_mode
+                self._examples[name] = self._fake_mode.from_tensor(value) if real else value  # as `in_fake_mode`
+        return [self._examples[name] for name in names]
 
     def reader(self, names: Sequence[str]) -> Callable[[], tuple]:
         """A function returning the current call's values of the inputs ``names``, in order."""

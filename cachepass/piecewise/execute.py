@@ -252,9 +252,11 @@ def _propagate(program: fx.GraphModule, example_inputs: list, runs: dict[fx.Node
     fake_mode = torch._guards.detect_fake_mode(example_inputs)
     if fake_mode is None:
         fake_mode = torch._subclasses.FakeTensorMode()
+    # an input no node reads (a block's weight, bound: `cachepass.bound_weights`) is not converted
+    read = [bool(n.users) for n in program.graph.nodes if n.op == "placeholder"]
+    inputs = in_fake_mode(fake_mode, [v if r else None for v, r in zip(example_inputs, read)])
     with torch.no_grad():
-        _PieceValues(program, runs, weights, mode=fake_mode).propagate_dont_convert_inputs(
-            *in_fake_mode(fake_mode, example_inputs))
+        _PieceValues(program, runs, weights, mode=fake_mode).propagate_dont_convert_inputs(*inputs)
 
 
 class _Partly(FakeTensorProp):
