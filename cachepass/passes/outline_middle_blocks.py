@@ -101,7 +101,7 @@ def _outline_unit(gm: fx.GraphModule, plan: CacheUnitPlan) -> dict[fx.Node, fx.N
 
 
 def _region_inputs(nodes: list[fx.Node], region: set[fx.Node]) -> list[fx.Node]:
-    """The values from outside ``region`` its nodes read, in order of first use (a dict: ~800 weights at 30 blocks)."""
+    """The values from outside ``region`` its nodes read, in order of first use (a dict: ~800 unbound weights at 30 blocks)."""
     inputs: dict[fx.Node, None] = {}
     for node in nodes:
         for arg in node.all_input_nodes:

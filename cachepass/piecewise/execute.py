@@ -171,10 +171,10 @@ def _cond_step(piece: fx.GraphModule, inputs: list, compiler: PieceCompiler, blo
 class _OperandsRead:
     """A branch's program that takes only the operands it reads, called with all of its cond's.
 
-    Both branches of a ``torch.cond`` take the same operands; the cached one reads a few of them and the compute
-    one every middle block's weight too (about 800 at 30 blocks). The cached program's generated code then spelled
-    out all of them, at its first call at every shape (the compute program's, of as many, took 21-26 ms to generate
-    at a new shape on the CPU).
+    Both branches of a ``torch.cond`` take the same operands; the cached one reads a few of them. Its generated code
+    spelled out all of them, at its first call at every shape (before the weights were bound, `cachepass.bound_weights`,
+    the operands held every middle block's weight, about 800 at 30 blocks: 21-26 ms of code generation at a new shape
+    on the CPU).
     """
 
     def __init__(self, program: fx.GraphModule, read: list[int]):
@@ -295,8 +295,8 @@ class _PieceValues(FakeTensorProp):
         if n.op != "placeholder":
             self.calling = n
             return super().run_node(n)
-        # an input as it is: FakeTensorProp stores a detached copy of each (a fake dispatch per weight, about 0.1 ms,
-        # for the 800 weights of a 30-block model in the program and again in a cond's compute branch)
+        # an input as it is: FakeTensorProp stores a detached copy of each (a fake dispatch per input, about 0.1 ms;
+        # the top program takes every block weight, about 800 of a 30-block model, read by no node of it)
         value = self.placeholder(n.target, (), {})
         n.meta["val"] = value
         return value
