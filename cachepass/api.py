@@ -501,7 +501,7 @@ def explain(model: nn.Module, *example_args, config: Any = None, offload: Any = 
                           "sequence_parallel_group": sequence_parallel_group})
     try:
         rewritten = rewrite(capture_graph(model, *example_args, **example_kwargs), opts.config,
-                            sequence_parallel_group=opts.sequence_parallel_group)
+                            sequence_parallel_group=opts.sequence_parallel_group, bind_weights=True)  # as compiled
     except BlockDiscoveryError as error:
         if given:
             raise
