@@ -17,6 +17,7 @@ from torch import fx
 from torch.fx._lazy_graph_module import _LazyGraphModule
 
 from cachepass.analysis.blocks import CacheUnitPlan
+from cachepass.bound_weights import WeightRef
 from cachepass.errors import UnsupportedGraphError
 from cachepass.unit import OutlinedUnit, SlotSpec, UnitSpec
 
@@ -115,7 +116,8 @@ def _reject_input_mutation(gm: fx.GraphModule, plan: CacheUnitPlan, region: set[
     changed_in: dict[str, set[int]] = {}  # a body's placeholder positions it changes, found once per body
     for node in plan.region:
         for target in _mutated(gm, node, changed_in):
-            if isinstance(target, fx.Node) and target not in region:
+            # a block weight named by reference (`cachepass.bound_weights`) is a graph input: outside the region too
+            if isinstance(target, WeightRef) or (isinstance(target, fx.Node) and target not in region):
                 raise UnsupportedGraphError(
                     f"{node.name} ({node.target}) in the middle region of {plan.name} mutates "
                     f"{target.name}, which is computed outside it; a cached step could not skip it"
