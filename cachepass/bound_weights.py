@@ -77,7 +77,7 @@ class WeightTable:
 
     def __init__(self, gm: fx.GraphModule, example_inputs: Sequence):
         placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-        self._inputs = {node.name: (node, value) for node, value in zip(placeholders, example_inputs)}
+        self._inputs = {node.name: value for node, value in zip(placeholders, example_inputs)}  # by placeholder name
         self._fake_mode = torch._guards.detect_fake_mode(example_inputs)
         self._examples: dict[str, torch.Tensor] = {}
         self._slots: dict[str, int] = {}
@@ -87,7 +87,7 @@ class WeightTable:
         example inputs' fake mode where they have one (Dynamo may hand a parameter as the real tensor)."""
         for name in names:
             if name not in self._examples:
-                value = self._inputs[name][1]
+                value = self._inputs[name]
                 real = self._fake_mode is not None and getattr(value, "fake_mode", None) is not self._fake_mode
                 self._examples[name] = self._fake_mode.from_tensor(value) if real else value  # as `in_fake_mode`
         return [self._examples[name] for name in names]
