@@ -69,7 +69,8 @@ def stepcache(gm: fx.GraphModule, example_inputs: Sequence[Any], *, mode: str | 
              if sizes else "", opts.form.value, opts.inner.value,
              timestep.describe() if timestep else "no timestep input: generations counted in calls")
     leaf_weights = LeafWeights.of(rewritten.graph)  # after Dynamo's inputs: the block leaves' weights
-    inputs = [*example_inputs, *leaf_weights.compiled_with(example_inputs), *static_example_state(example_inputs, layout, device)]
+    inputs = [*example_inputs, *leaf_weights.compiled_with(example_inputs, fake=opts.form is not Form.PIECEWISE),
+              *static_example_state(example_inputs, layout, device)]
     passes_done = time.perf_counter()
     if opts.form is Form.ONE_GRAPH:
         compiled = _compile_one_graph(rewritten.graph, inputs, opts)

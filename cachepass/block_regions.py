@@ -275,7 +275,44 @@ def _remember(signature: str, flat: list, spec, input_storages: set, mode) -> No
         _OUTPUTS[signature] = ([_layout(t) for t in flat], spec, mode)
 
 
-for _fn in (enter, leave, leaf):
+def chain(class_name: str, list_path: str, count: int, fed: tuple, args: tuple, kwargs: dict) -> tuple:
+    """Blocks 1 to ``count - 1`` of the list at ``list_path`` (of the class ``class_name``) called in turn, block 1
+    with ``args`` and ``kwargs`` and each later one with them fed the outputs of the one before (`feed`); returns
+    each block's return value, in order. One leaf for a whole list: a list's own program (``scope="blocks"``,
+    `cachepass.block_scope.runner`) calls it after its first block, so Dynamo wraps, calls and guards none of the
+    other blocks (each of which cost it a module wrap walking the block's weights, a module call and its hook guards).
+    Each block runs as `leaf` does; the pass makes each one call of the first block's body."""
+    returned = []
+    args, kwargs = list(args), dict(kwargs)
+    for index in range(1, count):
+        out = leaf(class_name, f"{list_path}.{index}", tuple(args), dict(kwargs))
+        returned.append(out)
+        feed(fed, args, kwargs, out if isinstance(out, tuple) else (out,))
+    return tuple(returned)
+
+
+def feed(fed: tuple, args: list, kwargs: dict, outputs: tuple) -> None:
+    """A block's ``args`` / ``kwargs`` -> the next block's, in place: ``fed`` pairs an argument (a position or a keyword)
+    with the index of the block's output the next block gets there (`cachepass.block_scope.feeding.Feeding.fed`)."""
+    for key, index in fed:
+        if isinstance(key, int):
+            args[key] = outputs[index]
+        else:
+            kwargs[key] = outputs[index]
+
+
+def traced_inline(block: nn.Module) -> bool:
+    """Whether ``block`` is the first block of a marked list during a call (`marked`): traced inline, the list's other
+    blocks leaves."""
+    return getattr(block, _INLINE, False)
+
+
+def block_class_name(cls: type) -> str:
+    """The name `enter`, `leave`, `leaf` and `chain` take a block class by."""
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+for _fn in (enter, leave, leaf, chain):
     torch._dynamo.allow_in_graph(_fn)
 
 
@@ -284,7 +321,7 @@ def _install(cls: type) -> None:
     _OWN[cls] = own
     if cls not in _MARKED:
         _ORIGINAL[cls] = original = own if own is not None else cls.forward
-        name = f"{cls.__module__}.{cls.__qualname__}"
+        name = block_class_name(cls)
         _CLASSES[name] = cls
 
         def forward(self, *args, **kwargs):
@@ -336,8 +373,8 @@ def _restore(cls: type) -> None:
 
 def _configuration(block: nn.Module) -> tuple:
     """What makes two blocks of one class trace alike: per submodule its class, its plain attributes (the classes of
-    the others, such as an attention processor), its hooks and an instance ``forward``; per tensor its name, shape,
-    dtype and device."""
+    the others, such as an attention processor), its hooks (the block's own run around its call, traced apart from
+    its body) and an instance ``forward``; per tensor its name, shape, dtype and device."""
     plain = (bool, int, float, str, type(None))
 
     def attributes(m: nn.Module) -> list:
@@ -347,7 +384,8 @@ def _configuration(block: nn.Module) -> tuple:
     def hooks(m: nn.Module) -> tuple:
         return tuple(len(getattr(m, k, None) or ()) for k in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks"))
 
-    return tuple((path, type(m), attributes(m), hooks(m),
+    # the block's own hooks run around its call, which Dynamo traces for a leaf as for the first block
+    return tuple((path, type(m), attributes(m), hooks(m) if path else (),
                   [(n, _layout(t)) for n, t in (*m._parameters.items(), *m._buffers.items()) if t is not None])
                  for path, m in block.named_modules())
 

@@ -24,6 +24,8 @@ from typing import Callable, Sequence
 import torch
 from torch import fx
 
+from cachepass.leaf_weights import fake_like
+
 
 class WeightRef:
     """A body call's argument standing for the graph input ``name`` (a block's parameter or buffer).
@@ -79,18 +81,24 @@ class WeightTable:
         placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
         self._inputs = {node.name: value for node, value in zip(placeholders, example_inputs)}  # by placeholder name
         self._fake_mode = torch._guards.detect_fake_mode(example_inputs)
-        self._examples: dict[str, torch.Tensor] = {}
+        self._made: dict[tuple, torch.Tensor] = {}  # (position in a piece's weights, layout) -> a fake tensor
         self._slots: dict[str, int] = {}
 
     def examples(self, names: Sequence[str]) -> list:
         """The example values of the inputs ``names`` (a piece's weights), for its compile: fake tensors of the
-        example inputs' fake mode where they have one (Dynamo may hand a parameter as the real tensor)."""
-        for name in names:
-            if name not in self._examples:
-                value = self._inputs[name]
-                real = self._fake_mode is not None and getattr(value, "fake_mode", None) is not self._fake_mode
-                self._examples[name] = self._fake_mode.from_tensor(value) if real else value  # as `in_fake_mode`
-        return [self._examples[name] for name in names]
+        example inputs' fake mode where they have one. An input that is not one of that mode (a parameter Dynamo hands
+        as the real tensor, a leaf weight, `cachepass.leaf_weights`) gets a static fake of its layout (`fake_like`),
+        one per position and layout: the blocks of a list, alike, share their weights' fakes (29 x 26 weights of a
+        30-block Wan take 26), and the weights of one piece stay apart."""
+        return [self._example(position, self._inputs[name]) for position, name in enumerate(names)]
+
+    def _example(self, position: int, value):
+        if self._fake_mode is None or getattr(value, "fake_mode", None) is self._fake_mode:
+            return value
+        key = (position, tuple(value.shape), value.stride(), value.dtype, value.device)
+        if key not in self._made:
+            self._made[key] = fake_like(self._fake_mode, value)
+        return self._made[key]
 
     def reader(self, names: Sequence[str]) -> Callable[[], tuple]:
         """A function returning the current call's values of the inputs ``names``, in order."""

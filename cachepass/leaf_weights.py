@@ -53,17 +53,18 @@ class LeafWeights:
     def of(cls, gm: fx.GraphModule) -> "LeafWeights":
         return cls([n.meta[WEIGHT_PATH] for n in gm.graph.nodes if n.op == "placeholder" and WEIGHT_PATH in n.meta])
 
-    def compiled_with(self, example_inputs: Sequence) -> list[torch.Tensor]:
+    def compiled_with(self, example_inputs: Sequence, fake: bool = True) -> list[torch.Tensor]:
         """The example inputs for the weights of the model being compiled, whose layouts every later call must keep:
-        where Dynamo's ``example_inputs`` have a fake mode (the backend's own, not the trace's), static fake tensors
-        of it laid out as these weights (`fake_like`)."""
+        where Dynamo's ``example_inputs`` have a fake mode (the backend's own, not the trace's) and ``fake``, static
+        fake tensors of it laid out as these weights (`fake_like`); else the weights (the piecewise form's bound
+        weights: its `cachepass.bound_weights.WeightTable` makes the few fakes its compiles read)."""
         if not self.paths:
             return []
         model = block_regions.current_model()
         tensors = self._tensors(model)
         self._ids, self._layouts = {id(model): list(map(id, tensors))}, [_layout(t) for t in tensors]
         fake_mode = torch._guards.detect_fake_mode(example_inputs)
-        if fake_mode is None:
+        if fake_mode is None or not fake:
             return list(tensors)
         made: dict[int, torch.Tensor] = {}  # one fake per weight tensor: weights shared between blocks stay shared
         for tensor in tensors:

@@ -14,8 +14,11 @@ from torch import nn
 from torch._dynamo.utils import counters
 
 import cachepass
+import cachepass.passes
 from bench.tiny_models import CASES, ToyDiT, generate
+from cachepass import block_regions
 from cachepass.errors import CachepassError
+from cachepass.passes.call_block_bodies import call_block_bodies
 
 STEPS = 8
 
@@ -50,6 +53,37 @@ def test_each_list_alone_gives_the_whole_model_compiles_outputs_and_decisions(na
         assert decisions(model) == expected_decisions
     # FLUX and HunyuanVideo: double- then single-stream lists (HunyuanVideo's deeper text-refiner list runs as it is)
     assert counters["stats"]["unique_graphs"] == len(expected_decisions) and not counters["graph_break"]
+
+
+def test_the_blocks_after_the_first_are_one_leaf_and_a_hook_on_one_of_them_runs(monkeypatch):
+    """Dynamo's graph of a list's program has the first block inline and one `block_regions.chain` call for the
+    others (no leaf, no module call per block). A forward hook put on a later block after the compile makes the program
+    run each block as its own call (one more graph), so the hook runs: the whole-model compile's result with the hook;
+    without the hook the chained program runs again, with no compile."""
+    monkeypatch.setattr(block_regions, "_REFUSED", set())
+    traced = []
+    monkeypatch.setattr(cachepass.passes, "call_block_bodies", lambda gm, **kwargs: traced.append(
+        [n.target.__name__ for n in gm.graph.nodes if n.target in (block_regions.leaf, block_regions.chain)]) or
+        call_block_bodies(gm, **kwargs))
+    case = CASES["wan"]
+    hook = lambda _module, _args, out: out * 0.5  # noqa: E731
+    hooked = case.model()
+    hooked.blocks[3].register_forward_hook(hook)
+    expected, expected_decisions = generate(case, cachepass.compile(hooked, config(case), inner="aot_eager"), STEPS), \
+        decisions(hooked)
+    torch._dynamo.reset()
+    counters.clear()
+    traced.clear()
+    model = cachepass.compile(case.model(), config(case), inner="aot_eager", scope="blocks")
+    plain = generate(case, model, STEPS)
+    assert traced == [["chain"]]
+    handle = model.blocks[3].register_forward_hook(hook)
+    torch.testing.assert_close(generate(case, model, STEPS), expected, atol=0, rtol=0)
+    assert decisions(model) == expected_decisions
+    assert traced[1:] == [["leaf"] * (len(model.blocks) - 1)]
+    handle.remove()
+    torch.testing.assert_close(generate(case, model, STEPS), plain, atol=0, rtol=0)
+    assert counters["stats"]["unique_graphs"] == 2 and len(traced) == 2
 
 
 def test_an_interrupted_generation_does_not_shift_the_next_one():

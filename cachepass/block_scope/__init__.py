@@ -205,7 +205,8 @@ class ListScope:
                  compile_runner: Callable[[nn.Module, StepCacheConfig], nn.Module], symbolic_sizes: bool = False):
         self.path, self.blocks, self.symbolic_sizes = path, blocks, symbolic_sizes
         self.feedings: dict[tuple, Feeding] = {}
-        self.compiled = compile_runner(ListRunner(path.replace(".", "_"), blocks, self.feedings), config)
+        self.runner = ListRunner(path.replace(".", "_"), blocks, self.feedings)
+        self.compiled = compile_runner(self.runner, config)
         self._calls = threading.local()  # .call: this thread's `_Call`
 
     @property
@@ -282,6 +283,11 @@ class ListScope:
 
     def _run(self, call: _Call):
         args, kwargs = call.first
+        chained = not any(map(_hooked, self.blocks[1:]))
+        if self.runner.chained != chained:  # a guarded value: the program made for the other is compiled
+            log.info("stepcache: scope='blocks': %s: blocks after the first %s hooks: %s", self.path,
+                     "have no" if chained else "have", "one leaf for them" if chained else "each runs its own call")
+            self.runner.chained = chained
         call.running = True
         if self.symbolic_sizes:
             mark_every_size((args, kwargs, call.clock))
@@ -291,3 +297,11 @@ class ListScope:
             call.running = False
         call.previous = as_outputs(call.result, self.path)
         return call.result
+
+
+def _hooked(block: nn.Module) -> bool:
+    """Whether calling ``block`` runs hooks (as `nn.Module._call_impl` finds them), its own or every module's."""
+    hooks = torch.nn.modules.module
+    return bool(block._forward_hooks or block._forward_pre_hooks or block._backward_hooks or block._backward_pre_hooks
+                or hooks._global_forward_hooks or hooks._global_forward_pre_hooks or hooks._global_backward_hooks
+                or hooks._global_backward_pre_hooks)

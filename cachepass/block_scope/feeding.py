@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from cachepass import block_regions
 from cachepass.errors import CachepassError
 
 Key = int | str  # a positional argument's index or a keyword argument's name
@@ -33,11 +34,7 @@ class Feeding:
 
     def next_arguments(self, args: list, kwargs: dict, outputs: tuple) -> None:
         """``args`` / ``kwargs`` of one block call -> the next block's (in place)."""
-        for key, index in self.fed:
-            if isinstance(key, int):
-                args[key] = outputs[index]
-            else:
-                kwargs[key] = outputs[index]
+        block_regions.feed(self.fed, args, kwargs, outputs)
 
 
 def structure(args: tuple, kwargs: dict) -> tuple:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from cachepass import block_regions
 from cachepass.block_scope.feeding import Feeding, structure
 
 
@@ -15,20 +16,33 @@ class ListRunner(nn.Module):
     ``forward`` takes the first block's arguments and the inputs the clock reads (`cachepass.analysis.timestep`
     finds them by these names), and returns the last block's output with views of those inputs: Dynamo keeps
     an input in the graph only where an op of the graph reads it (an input returned as it is stays out).
+
+    Where the first block is traced inline and the others would be leaves (`cachepass.block_regions`), blocks 1..
+    are one `block_regions.chain` call: Dynamo then wraps, calls and guards the first block only. A leaf's module
+    call traces the block's hooks around it, a chain's blocks have none: ``chained`` (set before each call by the
+    list's scope) is False while any block but the first has hooks, and the blocks then run one by one.
     """
 
     def __init__(self, name: str, blocks: nn.ModuleList, feedings: dict[tuple, Feeding]):
         super().__init__()
         self.add_module(name, blocks)
         self.list_name = name
+        self.block_class = block_regions.block_class_name(type(blocks[0]))
         self.feedings = feedings  # structure of the calls -> Feeding (Dynamo guards it: a new one recompiles)
+        self.chained = True  # blocks 1.. may run as one `block_regions.chain` (none has hooks); Dynamo guards it
 
     def forward(self, block_args: tuple, block_kwargs: dict, timestep: torch.Tensor | None = None,
                 latents: torch.Tensor | None = None):
         feeding = self.feedings[structure(block_args, block_kwargs)]
         args, kwargs = list(block_args), dict(block_kwargs)
+        blocks = getattr(self, self.list_name)
+        if self.chained and block_regions.traced_inline(blocks[0]):  # blocks 1.. are leaves: one `chain` of them
+            out = blocks[0](*args, **kwargs)
+            feeding.next_arguments(args, kwargs, out if isinstance(out, tuple) else (out,))
+            out = block_regions.chain(self.block_class, self.list_name, len(blocks), feeding.fed, tuple(args), kwargs)[-1]
+            return out, _kept(timestep), _kept(latents)
         out = None
-        for block in getattr(self, self.list_name):
+        for block in blocks:
             out = block(*args, **kwargs)  # Dynamo traces the block's own call (`ListScope.block_called` steps aside)
             feeding.next_arguments(args, kwargs, out if isinstance(out, tuple) else (out,))
         return out, _kept(timestep), _kept(latents)

@@ -35,7 +35,10 @@ Pass = Callable[[fx.GraphModule], fx.GraphModule]
 def before_discovery_passes(bind_weights: bool = False) -> list[Pass]:
     """``bind_weights``: the block calls name their weights (`bind_block_weights`; the piecewise executor runs such a
     graph, nothing else can)."""
-    return [hoist_size_arithmetic, call_block_bodies, *([bind_block_weights] if bind_weights else []), split_before_first_block]
+    if bind_weights:
+        return [hoist_size_arithmetic, functools.partial(call_block_bodies, shared_weight_values=True), bind_block_weights,
+                split_before_first_block]
+    return [hoist_size_arithmetic, call_block_bodies, split_before_first_block]
 
 
 def outline_passes(plans) -> list[Pass]:

@@ -61,28 +61,38 @@ class _Body:
         return list(self.enter.args[1])
 
 
-def call_block_bodies(gm: fx.GraphModule) -> fx.GraphModule:
+def call_block_bodies(gm: fx.GraphModule, shared_weight_values: bool = False) -> fx.GraphModule:
+    """``shared_weight_values``: a leaf's weight placeholder takes the first block's weight's fake value as its
+    ``example_value`` instead of one of its own (783 fewer fake tensors at a new shape of a 30-block Wan). Only where
+    the weights are bound next (`bind_block_weights`): a graph that passes them as values clones cond operands that
+    share a storage (`cachepass.decision.branches.without_aliases`), and would clone those weights."""
     nodes = list(gm.graph.nodes)
     enters = [n for n in nodes if _calls(n, block_regions.enter)]
     leaves = [n for n in nodes if _calls(n, block_regions.leaf)]
-    if not enters and not leaves:
+    chains = [n for n in nodes if _calls(n, block_regions.chain)]
+    if not enters and not leaves and not chains:
         return gm
     bodies = {e.args[0]: _body(nodes, e) for e in enters}  # by class name, which enter and leaf both record
     for index, (name, body) in enumerate(bodies.items()):  # numbered: two classes may share a name
         body.module = BODY_PREFIX + f"{index}_" + re.sub(r"\W", "_", name.rsplit(".", 1)[-1])
         gm.add_submodule(body.module, _body_module(body))
-    inputs = _Inputs(gm)
+    inputs = _Inputs(gm, shared_weight_values)
     for leaf in leaves:
         body = bodies.get(leaf.args[0])
         if body is None:
             raise BlockLeafError(f"the block leaf at {_block_path(leaf)} has no block of its class traced inline")
         _call_for_leaf(gm, leaf, body, inputs)
+    for chain in chains:
+        body = bodies.get(chain.args[0])
+        if body is None:
+            raise BlockLeafError(f"the blocks of {chain.args[1]} chained have no block of their class traced inline")
+        _calls_for_chain(gm, chain, body, inputs)
     for body in bodies.values():
         _call_for_first(gm, body)
     gm.graph.lint()
     gm.recompile()
-    log.info("stepcache: %d block leaf call(s) and %d traced block(s) made calls of %d body module(s)", len(leaves),
-             len(bodies), len(bodies))
+    log.info("stepcache: %d block leaf call(s), %d chain(s) of blocks and %d traced block(s) made calls of %d body "
+             "module(s)", len(leaves), len(chains), len(bodies), len(bodies))
     return gm
 
 
@@ -152,6 +162,53 @@ def _call_for_leaf(gm: fx.GraphModule, leaf: fx.Node, body: _Body, inputs: "_Inp
     gm.graph.erase_node(leaf)
 
 
+def _calls_for_chain(gm: fx.GraphModule, chain: fx.Node, body: _Body, inputs: "_Inputs") -> None:
+    """A `block_regions.chain` of blocks 1.. of a list -> one call of the body per block, each fed the outputs of the
+    call before it as the chain feeds them, with the module stack of its block (the first block's, its entry made the
+    block's)."""
+    _, list_path, count, fed, args, kwargs = chain.args
+    traced = chain.meta.get("example_value")
+    args, kwargs = list(args), dict(kwargs)
+    returned = []  # each block's return value, its tensors the getitems of its call
+    for index in range(1, count):
+        block = f"{list_path}.{index}"
+        block_regions.check_leaf(block)
+        env = _argument_map(body, chain, block_regions.flat_arguments(args, kwargs), block)
+        env.update({used: inputs.weight(f"{block}.{within}", used) for used, within in body.weights.items()})
+        value = traced[index - 1] if isinstance(traced, tuple) and len(traced) == count - 1 else None
+        meta = {**_chained_meta(chain), "nn_module_stack": _stack_of(body, block)}
+        outputs = _call(gm, chain, body, [env.get(a, a) for a in body.inputs], meta,
+                        _flat_values(body.leave.args[1], value))
+        new = dict(zip(body.outputs, outputs))
+        out = pytree.tree_map_only(fx.Node, new.__getitem__, body.leave.args[1])
+        returned.append(out)
+        block_regions.feed(fed, args, kwargs, out if isinstance(out, tuple) else (out,))
+    for user in list(chain.users):
+        if user.target is not operator.getitem or not isinstance(user.args[1], int):
+            raise BlockLeafError(f"the outputs of the blocks of {list_path} chained are used by {user.format_node()}")
+        out = returned[user.args[1]]
+        _replace_uses(user, out, {n: n for n in pytree.tree_leaves(out) if isinstance(n, fx.Node)})
+        gm.graph.erase_node(user)
+    gm.graph.erase_node(chain)
+
+
+def _chained_meta(chain: fx.Node) -> dict:
+    return {k: chain.meta[k] for k in ("stack_trace", "source_fn_stack") if k in chain.meta}
+
+
+def _stack_of(body: _Body, block: str) -> dict:
+    """The first block's module stack with its block's entry made ``block``'s (``blocks.7``): the entries outside the
+    block, then the block."""
+    stack = body.enter.meta.get("nn_module_stack") or {}
+    first = normalize_module_path(body.path)
+    outer = {}
+    for key, (path, cls) in stack.items():
+        if normalize_module_path(path) == first:
+            return {**outer, f"cachepass_chain.{block}": (block, cls)}
+        outer[key] = (path, cls)
+    raise BlockLeafError(f"the module stack of the block traced at {body.path} has no entry for it")
+
+
 def _call_for_first(gm: fx.GraphModule, body: _Body) -> None:
     """The first block's nodes, its marks and ``enter``'s getitems -> one call of the body."""
     tensors = [a for a in body.arguments if isinstance(a, fx.Node)]
@@ -198,9 +255,10 @@ def _call(gm: fx.GraphModule, before: fx.Node, body: _Body, args: list, meta: di
 class _Inputs:
     """New placeholders for the leaves' weights, after the graph's last input, in the order they are asked for."""
 
-    def __init__(self, gm: fx.GraphModule):
+    def __init__(self, gm: fx.GraphModule, shared_values: bool):
         self.graph = gm.graph
         self.last = [n for n in gm.graph.nodes if n.op == "placeholder"][-1]
+        self.shared_values = shared_values
 
     def weight(self, path: str, like: fx.Node) -> fx.Node:
         """The input for the weight at ``path`` (``blocks.7.attn1.to_q._parameters.weight``), laid out as ``like``
@@ -208,18 +266,19 @@ class _Inputs:
         with self.graph.inserting_after(self.last):
             node = self.last = self.graph.placeholder("leaf_" + re.sub(r"\W", "_", path))
         value = like.meta["example_value"]
-        node.meta["example_value"] = fake_like(value.fake_mode, value)  # a fake tensor of its own
+        node.meta["example_value"] = value if self.shared_values else fake_like(value.fake_mode, value)
         node.meta[WEIGHT_PATH] = path
         return node
 
 
-def _argument_map(body: _Body, leaf: fx.Node, flat: list) -> dict:
-    """enter's getitems -> the leaf's arguments at the same flat tensor positions (constants must agree)."""
+def _argument_map(body: _Body, leaf: fx.Node, flat: list, path: str | None = None) -> dict:
+    """enter's getitems -> the leaf's arguments at the same flat tensor positions (constants must agree). ``path``:
+    the block's, where ``leaf`` stands for more than one (a chain)."""
     ours = body.arguments
     if len(ours) != len(flat) or any(isinstance(a, fx.Node) != isinstance(b, fx.Node) or
                                      (not isinstance(a, fx.Node) and a != b) for a, b in zip(ours, flat)):
-        raise BlockLeafError(f"the block at {_block_path(leaf)} is called with other arguments than the block traced "
-                             f"at {body.path}")
+        raise BlockLeafError(f"the block at {path or _block_path(leaf)} is called with other arguments than the block "
+                             f"traced at {body.path}")
     theirs = [b for b in flat if isinstance(b, fx.Node)]
     return {user: theirs[user.args[1]] for user in body.enter.users}
 
