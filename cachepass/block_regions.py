@@ -10,9 +10,10 @@ excluded) is replaced on the class by a wrapper:
   traced inline, between two marks (`enter` and `leave`, functions Dynamo puts in the graph as
   calls) that record its arguments and its outputs;
 - every other block becomes one call of `leaf` (also put in the graph as it is) with the block's path
-  and arguments. Dynamo never touches that block's parameters and buffers: the pass gives the body it
-  copies in placeholders of their own, which the backend fills on every call from the called model
-  (`cachepass.leaf_weights`), so offload still streams them and a replaced weight is still seen.
+  and arguments (a list's own program, ``scope="blocks"``, calls blocks 1.. as one `chain` instead: Dynamo
+  then does not even wrap or call those modules). Dynamo never touches that block's parameters and buffers: the
+  pass gives the body it copies in placeholders of their own, which the backend fills on every call from the
+  called model (`cachepass.leaf_weights`), so offload still streams them and a replaced weight is still seen.
 
 Dynamo computes each leaf's output by running the first block on fake tensors (its weights made fake
 in Dynamo's mode), once per input signature (later leaves of that signature get new fake outputs of the
