@@ -283,7 +283,7 @@ class ListScope:
 
     def _run(self, call: _Call):
         args, kwargs = call.first
-        chained = not any(map(_hooked, self.blocks[1:]))
+        chained = not _hooks_run(self.blocks[1:])
         if self.runner.chained != chained:  # a guarded value: the program made for the other is compiled
             log.info("stepcache: scope='blocks': %s: blocks after the first %s hooks: %s", self.path,
                      "have no" if chained else "have", "one leaf for them" if chained else "each runs its own call")
@@ -299,9 +299,10 @@ class ListScope:
         return call.result
 
 
-def _hooked(block: nn.Module) -> bool:
-    """Whether calling ``block`` runs hooks (as `nn.Module._call_impl` finds them), its own or every module's."""
-    hooks = torch.nn.modules.module
-    return bool(block._forward_hooks or block._forward_pre_hooks or block._backward_hooks or block._backward_pre_hooks
-                or hooks._global_forward_hooks or hooks._global_forward_pre_hooks or hooks._global_backward_hooks
-                or hooks._global_backward_pre_hooks)
+def _hooks_run(blocks) -> bool:
+    """Whether calling any of ``blocks`` runs hooks (as `nn.Module._call_impl` finds them): its own or every module's."""
+    every = torch.nn.modules.module
+    if (every._global_forward_hooks or every._global_forward_pre_hooks or every._global_backward_hooks
+            or every._global_backward_pre_hooks):
+        return True
+    return any(b._forward_hooks or b._forward_pre_hooks or b._backward_hooks or b._backward_pre_hooks for b in blocks)
