@@ -3,7 +3,9 @@
 With block regions on, Dynamo traces the first block of each class inline between an ``enter`` call
 (its class name and flattened arguments; the tensors come out of it as ``getitem``s) and a ``leave``
 call (its class name and outputs), and every other block of the class is one ``leaf(class_name, path, args, kwargs)``
-call, which Dynamo traced without the block's weights. This pass moves the first block's traced nodes into a
+call, which Dynamo traced without the block's weights (under ``scope="blocks"`` blocks 1.. of a list are one
+``chain(class_name, list_path, count, fed, args, kwargs)`` call, which this pass expands into one call per block,
+each fed the outputs of the one before as the list's loop feeds them). This pass moves the first block's traced nodes into a
 submodule of their own (the body: ``cachepass_block_<i>_<Class>``, its inputs the values those nodes read from
 outside them, its outputs the block's flattened outputs) and puts one ``call_module`` of the body, with
 ``getitem``s of its outputs, in place of the first block and of every leaf:
