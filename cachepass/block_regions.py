@@ -92,10 +92,34 @@ def block_lists(model: nn.Module, with_refused: bool = False) -> tuple[tuple[typ
             continue
         inside.update(id(m) for item in module for m in item.modules())
         if with_refused or cls not in _REFUSED:
-            for index, block in enumerate(module):
-                block.__dict__[_PATH] = f"{path}.{index}"
+            _mark_paths(path, module)
             found.append((cls, module))
     return tuple(found)
+
+
+def _mark_paths(path: str, blocks: nn.ModuleList) -> None:
+    """Each block of ``blocks`` gets its path (it becomes a leaf), but a last block configured apart from the first
+    (SD3's, built with ``context_pre_only``): it is traced inline, as the first is, so that its class is not refused
+    for it (every block inline). Block discovery takes a list whose last block differs; one that differs elsewhere
+    keeps its path, and its leaf's check (`check_leaf`) refuses the class."""
+    last = blocks[len(blocks) - 1]
+    for index, block in enumerate(blocks):
+        block.__dict__[_PATH] = f"{path}.{index}"
+    if _configuration(last) != _configuration(blocks[0]):
+        del last.__dict__[_PATH]
+        log.info("stepcache: %s.%d is configured apart from %s.0: traced inline, the blocks before it as leaves",
+                 path, len(blocks) - 1, path)
+
+
+def leaf_count(blocks: nn.ModuleList) -> int:
+    """How many of ``blocks`` from the second on are leaves (`block_lists` gave them a path), before the first that
+    is traced inline; a list's own program chains that many (`chain`)."""
+    count = 0
+    for block in list(blocks)[1:]:
+        if _PATH not in block.__dict__:
+            break
+        count += 1
+    return count
 
 
 @contextlib.contextmanager

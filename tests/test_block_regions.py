@@ -118,23 +118,32 @@ def test_the_mark_is_on_the_class_only_while_a_compiled_call_runs(caplog):
 @pytest.mark.parametrize("difference", ["attribute", "hook"])
 def test_blocks_of_another_configuration_are_traced_inline_with_the_right_result(difference, caplog, monkeypatch):
     """A leaf stands for the first block's trace: a block that differs (one norm's ``eps``, or a hook on one of its
-    submodules) must not take that trace. Its leaf's trace fails, and the call is traced inline."""
+    submodules) must not take that trace. A middle block that differs makes its leaf's trace fail, and the call is
+    traced with every block inline; a last block that differs (SD3's) is traced inline alone, found at the compile,
+    the blocks before it staying leaves."""
     monkeypatch.setattr(block_regions, "_REFUSED", set())
     case = CASES["wan"]
-    model = case.model().eval()
-    if difference == "attribute":
-        norm = next(m for m in model.blocks[2].modules() if isinstance(m, torch.nn.LayerNorm))
-        norm.eps = 0.5
-    else:
-        model.blocks[1].attn1.register_forward_hook(lambda module, args, output: output * 2)
-    compiled = cachepass.compile(model, cachepass.StepCacheConfig(num_head_blocks=1, num_inference_steps=4),
-                                 inner="aot_eager")
+    config = cachepass.StepCacheConfig(num_head_blocks=1, num_inference_steps=4)
     x, cond, _ = case.inputs(torch.Generator().manual_seed(0))
-    with torch.no_grad(), caplog.at_level(logging.INFO, logger="cachepass.block_regions"):
-        out = case.call(compiled, x, torch.tensor(0.5), cond)
-        reference = case.call(model, x, torch.tensor(0.5), cond)
-    assert "differ in configuration" in caplog.text and "tracing every block inline" in caplog.text
-    assert torch.equal(out, reference)
+    for odd in (2, len(case.model().blocks) - 1):
+        model = case.model().eval()
+        block = model.blocks[odd]
+        if difference == "attribute":
+            next(m for m in block.modules() if isinstance(m, torch.nn.LayerNorm)).eps = 0.5
+        else:
+            block.attn1.register_forward_hook(lambda module, args, output: output * 2)
+        caplog.clear()
+        with torch.no_grad(), caplog.at_level(logging.INFO, logger="cachepass.block_regions"):
+            out = case.call(cachepass.compile(model, config, inner="aot_eager"), x, torch.tensor(0.5), cond)
+            reference = case.call(model, x, torch.tensor(0.5), cond)
+        if odd == 2:
+            assert "differ in configuration" in caplog.text and "tracing every block inline" in caplog.text
+            assert block_regions._REFUSED
+            block_regions._REFUSED.clear()
+        else:
+            assert f"blocks.{odd} is configured apart from blocks.0: traced inline" in caplog.text
+            assert not block_regions._REFUSED
+        assert torch.equal(out, reference)
 
 
 def test_a_leaf_block_weight_is_read_from_the_model_on_every_call_and_a_new_layout_refused():

@@ -283,10 +283,10 @@ class ListScope:
 
     def _run(self, call: _Call):
         args, kwargs = call.first
-        chained = not _hooks_run(self.blocks[1:])
+        chained = 0 if _hooks_run(self.blocks[1:]) else block_regions.leaf_count(self.blocks)
         if self.runner.chained != chained:  # a guarded value: the program made for the other is compiled
-            log.info("stepcache: scope='blocks': %s: blocks after the first %s hooks: %s", self.path,
-                     "have no" if chained else "have", "one leaf for them" if chained else "each runs its own call")
+            log.info("stepcache: scope='blocks': %s: %d block(s) after the first run as one leaf (%s)", self.path,
+                     chained, "blocks after the first have hooks" if _hooks_run(self.blocks[1:]) else "blocks alike")
             self.runner.chained = chained
         call.running = True
         if self.symbolic_sizes:

@@ -18,9 +18,10 @@ class ListRunner(nn.Module):
     an input in the graph only where an op of the graph reads it (an input returned as it is stays out).
 
     Where the first block is traced inline and the others would be leaves (`cachepass.block_regions`), blocks 1..
-    are one `block_regions.chain` call: Dynamo then wraps, calls and guards the first block only. A leaf's module
-    call traces the block's hooks around it, a chain's blocks have none: ``chained`` (set before each call by the
-    list's scope) is False while any block but the first has hooks, and the blocks then run one by one.
+    are one `block_regions.chain` call: Dynamo then wraps, calls and guards the first block only. ``chained`` (set
+    before each call by the list's scope) is how many blocks after the first the chain takes: up to a block traced
+    inline (configured apart, `block_regions.leaf_count`), the others then called one by one; and 0 while any block
+    but the first has hooks (a leaf's module call traces the block's hooks around it, a chain's blocks have none).
     """
 
     def __init__(self, name: str, blocks: nn.ModuleList, feedings: dict[tuple, Feeding]):
@@ -29,21 +30,23 @@ class ListRunner(nn.Module):
         self.list_name = name
         self.block_class = block_regions.block_class_name(type(blocks[0]))
         self.feedings = feedings  # structure of the calls -> Feeding (Dynamo guards it: a new one recompiles)
-        self.chained = True  # blocks 1.. may run as one `block_regions.chain` (none has hooks); Dynamo guards it
+        self.chained = len(blocks) - 1  # blocks 1 to this one run as one `block_regions.chain` (0: none); Dynamo guards it
 
     def forward(self, block_args: tuple, block_kwargs: dict, timestep: torch.Tensor | None = None,
                 latents: torch.Tensor | None = None):
         feeding = self.feedings[structure(block_args, block_kwargs)]
         args, kwargs = list(block_args), dict(block_kwargs)
         blocks = getattr(self, self.list_name)
+        first = 0
+        out = None
         if self.chained and block_regions.traced_inline(blocks[0]):  # blocks 1.. are leaves: one `chain` of them
             out = blocks[0](*args, **kwargs)
             feeding.next_arguments(args, kwargs, out if isinstance(out, tuple) else (out,))
-            out = block_regions.chain(self.block_class, self.list_name, len(blocks), feeding.fed, tuple(args), kwargs)[-1]
-            return out, _kept(timestep), _kept(latents)
-        out = None
-        for block in blocks:
-            out = block(*args, **kwargs)  # Dynamo traces the block's own call (`ListScope.block_called` steps aside)
+            first = self.chained + 1
+            out = block_regions.chain(self.block_class, self.list_name, first, feeding.fed, tuple(args), kwargs)[-1]
+            feeding.next_arguments(args, kwargs, out if isinstance(out, tuple) else (out,))
+        for index in range(first, len(blocks)):
+            out = blocks[index](*args, **kwargs)  # Dynamo traces the block's own call (`ListScope.block_called` steps aside)
             feeding.next_arguments(args, kwargs, out if isinstance(out, tuple) else (out,))
         return out, _kept(timestep), _kept(latents)
 
