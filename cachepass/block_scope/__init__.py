@@ -25,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
+import itertools
 import logging
 import threading
 import weakref
@@ -283,10 +284,11 @@ class ListScope:
 
     def _run(self, call: _Call):
         args, kwargs = call.first
-        chained = 0 if _hooks_run(self.blocks[1:]) else block_regions.leaf_count(self.blocks)
+        hooked = _hooks_run(itertools.islice(self.blocks, 1, None))  # not blocks[1:]: a new ModuleList, 80 us a call
+        chained = 0 if hooked else block_regions.leaf_count(self.blocks)
         if self.runner.chained != chained:  # a guarded value: the program made for the other is compiled
             log.info("stepcache: scope='blocks': %s: %d block(s) after the first run as one leaf (%s)", self.path,
-                     chained, "blocks after the first have hooks" if _hooks_run(self.blocks[1:]) else "blocks alike")
+                     chained, "blocks after the first have hooks" if hooked else "blocks alike")
             self.runner.chained = chained
         call.running = True
         if self.symbolic_sizes:
