@@ -22,6 +22,8 @@ model with ``backend="eager"``: no compiler at all); ``dynamo-trace-regions`` tr
 the model-level code run as it is, as under regional compile: `cachepass.block_scope`), ``stepcache-dynamic-latents``
 cachepass with ``dynamic="latents"`` (the latents' sizes symbolic from the first call: `cachepass.symbolic_latents`),
 ``stepcache-block-scope-dynamic-latents`` both,
+``stepcache`` is the default call (``cachepass.compile(model, cfg)``: the block scope where it fits),
+``stepcache-piecewise`` the whole model's program (``scope="model"``),
 ``dynamo-trace-opaque-blocks`` with each block a pass-through (Dynamo's floor if it never traced into a block; its
 output is not the model's). stepcache rows also give the backend's own seconds (passes, split and piece compiles),
 read from its log.
@@ -43,7 +45,8 @@ import sys
 import tempfile
 import time
 
-VARIANTS = ("stepcache-piecewise", "stepcache-piecewise-inline-trace", "stepcache-block-scope", "stepcache-dynamic-latents",
+VARIANTS = ("stepcache", "stepcache-piecewise", "stepcache-piecewise-inline-trace", "stepcache-block-scope",
+            "stepcache-dynamic-latents",
             "stepcache-block-scope-dynamic-latents",
             "stepcache-piecewise-glue-inductor", "stepcache-piecewise-glue-aot_eager", "stepcache-piecewise-glue-eager",
             "stepcache-one-graph", "regional-compile", "compile",
@@ -107,7 +110,8 @@ def child(variant: str, blocks: int, device: str, width: str, save_artifacts: st
         dynamic = "latents" if variant.endswith("-dynamic-latents") else None
         form = "piecewise" if scope == "blocks" or dynamic else \
             re.sub(r"-glue-\w+$", "", variant).removeprefix("stepcache-").removesuffix("-inline-trace")
-        fn = cachepass.compile(model, cfg, form=form, glue=glue, scope=scope, dynamic=dynamic)
+        fn = cachepass.compile(model, cfg) if variant == "stepcache" else \
+            cachepass.compile(model, cfg, form=form, glue=glue, scope=scope, dynamic=dynamic)
     times = []
     wider = torch.cat([latents, latents], dim=-1)  # a new resolution mid-session: twice the tokens
     widest = torch.cat([latents] * 3, dim=-1)  # a third one: the second's symbolic program runs it

@@ -139,7 +139,7 @@ def cache_dit_group_offload(ctx: Context, cache_first: bool = False) -> Prepared
 
 def stepcache(ctx: Context, inner: str = "inductor", mode: str | None = None, form: str = "piecewise",
               cudagraphs: str | None = None, offload: dict | None = None, glue: str | None = None,
-              scope: str = "model") -> Prepared:
+              scope: str | None = None) -> Prepared:
     """Outputs need no clone: with CUDA graphs the executor returns copies (see cachepass.cudagraphs.graphed)."""
     fn = cachepass.compile(ctx.model, ctx.config, inner=inner, mode=mode, form=form, cudagraphs=cudagraphs,
                            offload=offload, glue=glue, scope=scope)
@@ -244,6 +244,7 @@ VARIANTS: dict[str, Callable[[Context], Prepared]] = {
     "stepcache": stepcache,  # the default: on CUDA, conditional CUDA graphs
     "stepcache-no-graphs": lambda ctx: stepcache(ctx, cudagraphs="off"),
     "stepcache-blocks": lambda ctx: stepcache(ctx, scope="blocks"),  # each block list compiled alone (cachepass.block_scope)
+    "stepcache-model": lambda ctx: stepcache(ctx, scope="model"),  # the whole model's program
     "stepcache-symbolic": stepcache_symbolic,  # the default at its second shape: the program with symbolic sizes
     # the glue pieces' compiler set (the default: as traced under Inductor, cachepass.options.CompileOptions.default_glue)
     "stepcache-glue-inductor": lambda ctx: stepcache(ctx, glue="inductor"),

@@ -15,12 +15,13 @@ from cachepass.analysis.blocks import example_value
 from cachepass.analysis.sequence_parallel import SequenceParallel
 from cachepass.analysis.timestep import TimestepInput
 from cachepass.backend import stepcache
+from cachepass.block_scope.chosen import ChosenBlocks
 from cachepass.compat import trace_functional_all_gather
 from cachepass.compile_scope import calls_of_compiled_model
 from cachepass.config import StepCacheConfig
 from cachepass.cudagraphs import memory as graph_memory
 from cachepass.cudagraphs.graphed import CudaGraphs
-from cachepass.errors import BlockDiscoveryError, CachepassError
+from cachepass.errors import BlockDiscoveryError, BlockScopeUnfitError, CachepassError
 from cachepass.exported.program import ExportedState, capture
 from cachepass.fastvideo_stages import compile_fastvideo, is_fastvideo
 from cachepass.fastvideo_stages import dits as fastvideo_dits
@@ -41,13 +42,14 @@ log = logging.getLogger(__name__)
 # original module -> the config cachepass.compile gave it: reset / stats on it are no-ops before its first call
 _COMPILED_ORIGINALS: "weakref.WeakKeyDictionary[nn.Module, StepCacheConfig]" = weakref.WeakKeyDictionary()
 SCOPES = ("model", "blocks")  # cachepass.compile's scope: the whole model, or each block list (`cachepass.block_scope`)
+_CHOSEN: "weakref.WeakKeyDictionary[nn.Module, ChosenBlocks]" = weakref.WeakKeyDictionary()  # default compile -> its blocks
 
 
 def compile(model: nn.Module, config: Any = None, *, calibrator_config: Any = None, inner: str = "inductor",
             mode: str | None = None, form: str = "piecewise", cudagraphs: str | None = None,
             offload: Any = None, sequence_parallel_group: Any = "auto", fullgraph: bool = True,
             max_shapes: int | None = None, device: Any = None, glue: str | None = None,
-            dynamic: bool | str | None = None, scope: str = "model") -> nn.Module:
+            dynamic: bool | str | None = None, scope: str | None = None) -> nn.Module:
     """``torch.compile(model, backend="stepcache", ...)`` with the options checked up front.
 
     ``model`` may also be a diffusers pipeline: its DiT components are compiled in place and the pipeline
@@ -87,10 +89,12 @@ def compile(model: nn.Module, config: Any = None, *, calibrator_config: Any = No
     ``torch._dynamo.config.recompile_limit`` (8) graphs per function, shared by every shape and every compile of
     the model's class in the process; ``max_shapes`` raises that limit (process-wide) when larger, and each
     compile's first call makes room for its own graph.
-    ``scope``: ``"model"`` (the default) compiles the whole model as one graph; ``"blocks"`` compiles each block
-    list alone, as regional compile does, and returns ``model`` itself with the model-level code run as it is
+    ``scope``: ``"model"`` compiles the whole model as one graph; ``"blocks"`` compiles each block list alone, as
+    regional compile does, and returns ``model`` itself with the model-level code run as it is
     (`cachepass.block_scope`: a shorter trace at a warm start and at a new shape, no CUDA graph or compiled code
-    around the model-level code; not with ``offload``).
+    around the model-level code; not with ``offload``). None (the default) chooses (`_chosen_scope`, logged): the
+    block scope where it can run, inside a whole-model compile that takes over where a list's loop does not fit it
+    (`cachepass.block_scope.chosen`).
     Options that cannot run on the model's device raise here.
     """
     if is_pipeline(model) or is_fastvideo(model):
@@ -99,8 +103,9 @@ def compile(model: nn.Module, config: Any = None, *, calibrator_config: Any = No
                                   form=form, cudagraphs=cudagraphs, offload=offload, glue=glue,
                                   sequence_parallel_group=sequence_parallel_group, fullgraph=fullgraph,
                                   max_shapes=max_shapes, device=device, dynamic=dynamic, scope=scope)
-    if scope not in SCOPES:
-        raise ValueError(f"cachepass.compile scope={scope!r} is invalid; allowed: {', '.join(map(repr, SCOPES))}")
+    if scope is not None and scope not in SCOPES:
+        raise ValueError(f"cachepass.compile scope={scope!r} is invalid; allowed: None (chosen), "
+                         f"{', '.join(map(repr, SCOPES))}")
     if dynamic is not None and not isinstance(dynamic, bool) and dynamic != symbolic_latents.OPTION:
         raise ValueError(f"cachepass.compile dynamic={dynamic!r} is invalid; allowed: None, True, False or "
                          f"{symbolic_latents.OPTION!r}")
@@ -137,8 +142,7 @@ def compile(model: nn.Module, config: Any = None, *, calibrator_config: Any = No
     if scope == "blocks" and parsed.offload is not None:
         raise CachepassError("cachepass.compile scope='blocks' does not take offload: the offload plan streams the "
                              "blocks of the whole model's program; use scope='model' (the default)")
-    if scope == "blocks" and (sequence_parallel_group not in ("auto", None) or torch.distributed.is_available()
-                              and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1):
+    if scope == "blocks" and _sharded(sequence_parallel_group):
         raise CachepassError("cachepass.compile scope='blocks' is not verified under context parallel (a process group "
                              "of several ranks); use scope='model' (the default), which finds the sharding in the graph")
     target = _target_device(model, device)
@@ -154,21 +158,60 @@ def compile(model: nn.Module, config: Any = None, *, calibrator_config: Any = No
     if max_shapes is not None:
         _raise_recompile_limit(max_shapes, "max_shapes")
     block_scope.remove(model)
+    chosen = scope is None
+    if chosen:
+        scope = _chosen_scope(parsed, sequence_parallel_group)
     if scope == "blocks":
         runner_options = dict(inner=inner, mode=mode, form=form, cudagraphs=cudagraphs, glue=glue, fullgraph=fullgraph,
-                              sequence_parallel_group=sequence_parallel_group, max_shapes=max_shapes,
+                              sequence_parallel_group=sequence_parallel_group, max_shapes=max_shapes, scope="model",
                               dynamic=None if symbolic else dynamic)  # the list scope marks its programs' inputs
-        scoped = block_scope.compile_block_lists(model, parsed.config,
-                                                 lambda runner, config: compile(runner, config, **runner_options),
-                                                 symbolic_sizes=symbolic)
-        _COMPILED_ORIGINALS[model] = block_scope.scope_of(model).config
-        return scoped
+        try:
+            scoped = block_scope.compile_block_lists(model, parsed.config,
+                                                     lambda runner, config: compile(runner, config, **runner_options),
+                                                     symbolic_sizes=symbolic, only_entered=chosen)
+        except BlockScopeUnfitError as unfit:
+            if not chosen:
+                raise
+            log.info("stepcache: scope='model' (chosen: %s)", unfit)
+        else:
+            if not chosen:
+                _COMPILED_ORIGINALS[model] = block_scope.scope_of(model).config
+                return scoped
+            log.info("stepcache: scope='blocks' (chosen: each block list compiled alone, as regional compile does; the "
+                     "whole model is compiled instead where a list's loop does not fit; scope='model' compiles it "
+                     "always)")
     latents = symbolic_latents.SymbolicLatents(model) if symbolic else None
     compiled = torch.compile(model, backend=stepcache, fullgraph=fullgraph, dynamic=None if symbolic else dynamic,
                              options=options)
-    compiled.forward = _with_clear_errors(compiled.forward, model, latents)
+    blocks = ChosenBlocks(model) if block_scope.scope_of(model) is not None else None
+    if blocks is not None:
+        _CHOSEN[compiled] = blocks
+    compiled.forward = _with_clear_errors(compiled.forward, model, latents, blocks)
     _COMPILED_ORIGINALS[model] = parsed.config
     return compiled
+
+
+def _chosen_scope(options: CompileOptions, sequence_parallel_group: Any) -> str:
+    """The scope a compile with none given takes before any call: ``"blocks"`` unless an option needs the whole
+    model's program (logged); `cachepass.block_scope.chosen` gives way to the whole model at a call that does not
+    fit, and `compile` where the model has no block list."""
+    if options.form is Form.ONE_GRAPH:
+        why = "form='one-graph' is the whole model's graph"
+    elif options.offload is not None:
+        why = "offload plans the copies of the whole model's program"
+    elif _sharded(sequence_parallel_group):
+        why = "context parallel: the whole model's graph names the sharding"
+    else:
+        return "blocks"
+    log.info("stepcache: scope='model' (chosen: %s)", why)
+    return "model"
+
+
+def _sharded(sequence_parallel_group: Any) -> bool:
+    """A process group is named, or this process is one of several ranks."""
+    return sequence_parallel_group not in ("auto", None) or (
+        torch.distributed.is_available() and torch.distributed.is_initialized()
+        and torch.distributed.get_world_size() > 1)
 
 
 def _original_module(model: nn.Module) -> nn.Module:
@@ -216,19 +259,25 @@ def _graphs_of(model: nn.Module) -> int:
     return len(torch._C._dynamo.eval_frame._debug_get_cache_entry_list(code)) if code is not None else 0
 
 
-def _with_clear_errors(forward, model: nn.Module, latents: symbolic_latents.SymbolicLatents | None = None):
+def _with_clear_errors(forward, model: nn.Module, latents: symbolic_latents.SymbolicLatents | None = None,
+                       blocks: ChosenBlocks | None = None):
     """``forward`` raising cachepass's own errors as they are, not inside Dynamo's wrapper (whose footer asks
     for a PyTorch bug report), and Dynamo's recompile limit with its cause and fix.
 
     Dynamo's limit counts the graphs of the model class's forward over every compile: a compile's first
     call gets room for its own graph (nine configs of one class at one shape need nine graphs), its
     further shapes count against the limit (``max_shapes``). ``latents``: marks each call's latents dynamic first.
+    ``blocks`` (the default scope): the model runs under its block scope while that lasts, ``forward`` after it.
     """
     first = [True]
     regions = block_regions.block_lists(model) if block_regions.enabled() else ()
 
     def call(*args, **kwargs):
         nonlocal regions
+        if blocks is not None and blocks.active:
+            done, out = blocks.call(args, kwargs)
+            if done:
+                return out
         if latents is not None:
             latents.mark(args, kwargs)
         if first[0]:
@@ -324,7 +373,7 @@ def stats(model: Any) -> list[UnitStats] | dict[str, list[UnitStats]]:
         return {name: stats(dit) for name, dit in dits.items()}
     if hasattr(model, "stepcache_stats"):
         return model.stepcache_stats()
-    scoped = block_scope.scope_of(model)
+    scoped = _block_scope_of(model)
     if scoped is not None:  # one program per block list, each with its own units
         return [unit for program in scoped.programs for unit in stats(program)]
     exported = ExportedState.of(model)
@@ -410,6 +459,9 @@ def _scoped_states(model: Any) -> list[RuntimeState]:
     keeps two scopes; none before the first call). Another original module: all its states, and an
     error if it has none (it was never compiled with stepcache, or never called).
     """
+    scoped = _block_scope_of(model)
+    if scoped is not None:  # the list programs' states (their config's clock input is the list scope's)
+        return [s for s in states_of(model) if s.layout.config == scoped.config]
     options = compile_options(model)
     config = options.config if options is not None else (
         _COMPILED_ORIGINALS.get(model) if isinstance(model, nn.Module) else None)
@@ -417,6 +469,14 @@ def _scoped_states(model: Any) -> list[RuntimeState]:
         current_state(model)  # raises the "no stepcache state" error if there is none
         return states_of(model)
     return [s for s in states_of(model) if s.layout.config == config]
+
+
+def _block_scope_of(model: Any) -> block_scope.BlockScope | None:
+    """The block scope that runs ``model`` (the original module, or the default compile while its block scope lasts)."""
+    chosen = _CHOSEN.get(model) if isinstance(model, nn.Module) else None
+    if chosen is not None:
+        return chosen.scope if chosen.active else None
+    return block_scope.scope_of(model)
 
 
 def compile_options(model: Any) -> CompileOptions | None:

@@ -20,3 +20,8 @@ class UnsupportedGraphError(CachepassError):
 
 class PassError(CachepassError):
     """A graph pass failed; the message names the pass and the passes that ran before it."""
+
+
+class BlockScopeUnfitError(CachepassError):
+    """The model's loop does not run a block list as one chain (``scope="blocks"``): a block skipped, fed something
+    else or called out of order. The default scope then compiles the whole model instead."""

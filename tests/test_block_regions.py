@@ -104,7 +104,7 @@ def test_the_mark_is_on_the_class_only_while_a_compiled_call_runs(caplog):
     original = cls.forward
     model = case.model().eval()
     compiled = cachepass.compile(model, cachepass.StepCacheConfig(num_head_blocks=1, num_inference_steps=4),
-                                 inner="aot_eager")
+                                 inner="aot_eager", scope="model")
     x, cond, _ = case.inputs(torch.Generator().manual_seed(0))
     with torch.no_grad(), caplog.at_level(logging.INFO, logger="cachepass.passes.call_block_bodies"):
         out = case.call(compiled, x, torch.tensor(0.5), cond)

@@ -8,6 +8,8 @@ the blocks is named, never run as one; the API works in natural order on the mod
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
 from torch import nn
@@ -16,8 +18,8 @@ from torch._dynamo.utils import counters
 import cachepass
 import cachepass.passes
 from bench.tiny_models import CASES, ToyDiT, generate
-from cachepass import block_regions
-from cachepass.errors import CachepassError
+from cachepass import block_regions, block_scope
+from cachepass.errors import CachepassError, UnsupportedGraphError
 from cachepass.passes.call_block_bodies import call_block_bodies
 
 STEPS = 8
@@ -33,8 +35,8 @@ def decisions(model):
 
 
 def whole_model_run(case):
-    """The default compile's generation of ``case`` and its decisions: what the block scope must give."""
-    whole = cachepass.compile(case.model(), config(case), inner="aot_eager")
+    """The whole-model compile's generation of ``case`` and its decisions: what the block scope must give."""
+    whole = cachepass.compile(case.model(), config(case), inner="aot_eager", scope="model")
     out = generate(case, whole, STEPS)
     return out, decisions(whole)
 
@@ -162,6 +164,20 @@ class _SkipsABlock(ToyDiT):
         return self.proj_out(x)
 
 
+class _KeepsEachOutput(ToyDiT):
+    """Adds every block's output to the last one's (as a model returning each block's features would)."""
+
+    def forward(self, hidden_states, timestep, encoder_hidden_states):
+        x = self.proj_in(hidden_states)
+        temb = self.time_embed(timestep.float().unsqueeze(-1) / 1000)
+        context = self.text_embed(encoder_hidden_states)
+        features = []
+        for block in self.blocks:
+            x = block(x, context, temb)
+            features.append(x)
+        return self.proj_out(sum(features))
+
+
 def _toy_call(model):
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
@@ -173,11 +189,15 @@ def test_a_loop_that_is_not_a_chain_of_the_blocks_is_named_not_run_as_one():
     model = cachepass.compile(_ControlNetLike(), toy, inner="aot_eager", scope="blocks")
     _toy_call(model)
     model.residual = True  # the loop changed after the program was made: block 3 gets another value
-    with pytest.raises(CachepassError, match=r"argument 0 of blocks\.3 is not the block before it's output"):
+    with pytest.raises(CachepassError, match=r"the model uses the output of a block of blocks before its last "
+                                             r"\(torch\.Tensor\.add\) besides handing it to the next block"):
         _toy_call(model)
     # every block is fed a new text embedding (the text embedder runs in the loop): learned as not a chain
     with pytest.raises(CachepassError, match=r"argument 1 of blocks\.1 is neither an output of the block before it"):
         _toy_call(cachepass.compile(_SkipsABlock(), toy, inner="aot_eager", scope="blocks"))
+    # a loop that keeps each block's output: only the last block's call returns values (the others placeholders)
+    with pytest.raises(CachepassError, match=r"uses the output of a block of blocks before its last \(torch\.Tensor"):
+        _toy_call(cachepass.compile(_KeepsEachOutput(), toy, inner="aot_eager", scope="blocks"))
 
 
 def test_a_list_the_model_stops_early_is_named():
@@ -185,13 +205,18 @@ def test_a_list_the_model_stops_early_is_named():
     model.text_embed = nn.Identity()  # text of the embedder's width: the loop now feeds one object to every block
     model = cachepass.compile(model, config(CASES["toy"]), inner="aot_eager", scope="blocks")
     g = torch.Generator().manual_seed(0)
+    inputs = torch.randn(1, 16, 4, generator=g), torch.tensor([900.0]), torch.randn(1, 5, 32, generator=g)
+    with torch.no_grad(), pytest.raises(CachepassError, match=r"the model uses the output of a block of blocks before "
+                                                            r"its last \(torch\.nn\.functional\.linear\)"):
+        model(*inputs)
+    model.proj_out = nn.Identity()  # the block's output returned as it is: the model's forward hook names the short list
     with torch.no_grad(), pytest.raises(CachepassError, match=r"ran blocks\.0 to blocks\.2 of 6 blocks"):
-        model(torch.randn(1, 16, 4, generator=g), torch.tensor([900.0]), torch.randn(1, 5, 32, generator=g))
+        model(*inputs)
 
 
 def test_bad_scope_and_offload_are_refused_by_name():
     toy = config(CASES["toy"])
-    with pytest.raises(ValueError, match=r"scope='block' is invalid; allowed: 'model', 'blocks'"):
+    with pytest.raises(ValueError, match=r"scope='block' is invalid; allowed: None \(chosen\), 'model', 'blocks'"):
         cachepass.compile(ToyDiT(), toy, scope="block")
     with pytest.raises(CachepassError, match="scope='blocks' does not take offload"):
         cachepass.compile(ToyDiT(), toy, scope="blocks", offload={"budget": "1GB"})
@@ -222,9 +247,71 @@ def test_the_api_in_natural_order_and_a_whole_model_compile_after_it():
     assert decisions(model)[0][1]
     cachepass.reset(model)
     assert decisions(model) == [("blocks", [], [])]
-    whole = cachepass.compile(model, config(case), inner="aot_eager")  # scope="model": the block scope is removed
+    whole = cachepass.compile(model, config(case), inner="aot_eager", scope="model")  # the block scope is removed
     assert all(block._compiled_call_impl is None for block in model.blocks)
     torch.testing.assert_close(generate(case, whole, STEPS), out, atol=0, rtol=0)
+
+
+def test_the_default_runs_each_list_alone_and_the_whole_model_where_a_loop_does_not_fit(caplog):
+    """No scope given: the block scope runs Wan (the whole-model compile's outputs and decisions, Dynamo's one graph the
+    list's program); a loop that is not a chain at the first call runs that call under the whole-model compile
+    (logged); one that stops being a chain at a later call hands over from that call, with a warning; options that
+    need the whole model's program choose it before any call (logged)."""
+    case = CASES["wan"]
+    expected, expected_decisions = whole_model_run(case)
+    torch._dynamo.reset()
+    counters.clear()
+    model = case.model()
+    fn = cachepass.compile(model, config(case), inner="aot_eager")
+    assert fn is not model and block_scope.scope_of(model) is not None
+    cachepass.reset(fn)  # natural order: before the first call
+    assert cachepass.stats(fn) == []
+    for _ in range(2):
+        torch.testing.assert_close(generate(case, fn, STEPS), expected, atol=0, rtol=0)
+        assert decisions(fn) == decisions(model) == expected_decisions
+    assert counters["stats"]["unique_graphs"] == 1 and not counters["graph_break"]  # the list's program only
+    cachepass.reset(fn)
+    assert decisions(fn) == [("blocks", [], [])]
+
+    toy = config(CASES["toy"])
+    net = _ControlNetLike()
+    net.residual = True  # not a chain from the first call on
+    with torch.no_grad():
+        eager = _toy_call(net)
+    with caplog.at_level(logging.INFO, logger="cachepass"):
+        fn = cachepass.compile(net, toy, inner="aot_eager")
+        torch.testing.assert_close(_toy_call(fn), eager)  # the first call computes every block
+    assert block_scope.scope_of(net) is None and cachepass.stats(fn)[0].name == "blocks"
+    assert any("cannot run its block lists as one program each (scope='blocks': the model uses the output of a block"
+               in r.getMessage() and r.levelno == logging.INFO for r in caplog.records)
+
+    net = _KeepsEachOutput()  # the whole model's compile names what it cannot cache, as scope="model" does
+    with pytest.raises(UnsupportedGraphError, match=r"the middle region of blocks \(blocks 1\.\.5\) exports"):
+        _toy_call(cachepass.compile(net, toy, inner="aot_eager"))
+    assert block_scope.scope_of(net) is None
+
+    net = _ControlNetLike()
+    fn = cachepass.compile(net, toy, inner="aot_eager")
+    _toy_call(fn)
+    assert block_scope.scope_of(net) is not None
+    net.residual = True  # a ControlNet from the second generation on
+    with torch.no_grad():
+        eager = _toy_call(net)
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="cachepass"):
+        torch.testing.assert_close(_toy_call(fn), eager)  # the whole model's first call: every block computed
+        torch.testing.assert_close(_toy_call(fn), eager)  # a new generation (the timestep did not decrease)
+    assert block_scope.scope_of(net) is None
+    assert [r.levelno for r in caplog.records if "no longer runs its block lists" in r.getMessage()] == [logging.WARNING]
+
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="cachepass"):
+        cachepass.compile(ToyDiT(), toy, form="one-graph")
+        fn = cachepass.compile(nn.Sequential(nn.Linear(2, 2)), toy)
+    assert block_scope.scope_of(fn._orig_mod) is None
+    chosen = [r.getMessage() for r in caplog.records if "(chosen:" in r.getMessage()]
+    assert chosen[0] == "stepcache: scope='model' (chosen: form='one-graph' is the whole model's graph)"
+    assert "scope='model' (chosen: scope='blocks': Sequential has no list of two or more blocks" in chosen[1]
 
 
 def test_the_feeding_is_learned_by_identity_and_checked_on_each_call():

@@ -57,7 +57,7 @@ def test_passes_log_what_they_rewrite(caplog):
     case = CASES["flux"]
     cfg = cachepass.StepCacheConfig(num_head_blocks=1, threshold=0.2, separate_cfg=True, num_inference_steps=2)
     with caplog.at_level(logging.DEBUG, logger="cachepass"):
-        generate(case, cachepass.compile(case.model(), cfg, inner="eager"), 2)
+        generate(case, cachepass.compile(case.model(), cfg, inner="eager", scope="model"), 2)
     messages = [r.getMessage() for r in caplog.records if r.name.startswith("cachepass")]
     assert any(m.startswith("cache unit transformer_blocks: 4 blocks, head range(0, 1) middle range(1, 4)") for m in messages)
     assert any(m.startswith("outline_middle_blocks: single_transformer_blocks:") and "stepcache_unit_1" in m for m in messages)

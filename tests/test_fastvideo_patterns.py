@@ -60,7 +60,7 @@ def test_transposed_carried_state_compiles_under_inductor_as_one_block(caplog):
     torch.manual_seed(0)
     model = TransposedTokens().eval()
     with caplog.at_level("INFO", logger="cachepass"):
-        out = run(cachepass.compile(model, cfg, inner="inductor"))
+        out = run(cachepass.compile(model, cfg, inner="inductor", scope="model"))
     assert "blocks.0 takes hidden states of strides (512, 1, 16)" in caplog.text and "copied contiguous" in caplog.text
     assert "block: 1 compiled for 4 pieces" in caplog.text
     reference = StepCacheReference(model, cfg)
@@ -189,7 +189,7 @@ def test_a_table_cache_filled_by_the_first_call_gives_two_graphs_and_the_referen
     reference = StepCacheReference(CachedTable().eval(), cfg)
     _TABLES.clear()
     torch._dynamo.reset()
-    compiled = cachepass.compile(model, cfg, inner="aot_eager", max_shapes=2)
+    compiled = cachepass.compile(model, cfg, inner="aot_eager", max_shapes=2, scope="model")
     with torch.no_grad(), caplog.at_level("INFO", logger="cachepass"):
         for _ in range(2):
             torch.testing.assert_close(generate(compiled), generate(reference), atol=1e-5, rtol=1e-5)

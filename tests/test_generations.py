@@ -20,6 +20,7 @@ import cachepass
 from bench.tiny_models import CASES, generate
 from bench.tiny_models import toy_config as cfg
 from cachepass.demo.sampling import sample
+from cachepass.errors import CachepassError
 from cachepass.reference import StepCacheReference
 from cachepass.state.runtime import current_state
 
@@ -159,11 +160,13 @@ def test_reference_tells_generations_apart_the_same_way(fresh_run):
 
 def test_timestep_input_is_found_from_the_graph_and_reported(caplog):
     with caplog.at_level(logging.INFO, logger="cachepass"):
-        generate(CASE, compiled_model()[1], 1)
+        generate(CASE, cachepass.compile(CASE.model(), cfg(), inner="aot_eager", scope="model"), 1)  # the graph's names
     assert any("timestep input: timestep (float32[1])" in r.getMessage() for r in caplog.records)
     with pytest.raises(Exception, match=r"timestep_input='t' is not a tensor input of the model; its tensor "
                                         r"inputs are \['encoder_hidden_states', 'hidden_states', 'timestep'\]"):
-        generate(CASE, compiled_model(cfg(timestep_input="t"))[1], 1)
+        generate(CASE, cachepass.compile(CASE.model(), cfg(timestep_input="t"), inner="aot_eager", scope="model"), 1)
+    with pytest.raises(CachepassError, match=r"timestep_input='t' is not an argument of ToyDiT\.forward; its arguments"):
+        cachepass.compile(CASE.model(), cfg(timestep_input="t"), inner="aot_eager")  # the default: named before any call
 
 
 # ---------------------------------------------------------------------------- the API in natural order

@@ -25,7 +25,7 @@ def compile_case(name, form="piecewise", **overrides):
     # the one-graph form's facts here are Dynamo's: its AOTAutograd run (25-33 s of a tiny FLUX's first call, torch
     # tracing cond's branches again) is the parity tests' (test_parity_cache_dit.py)
     inner = "eager" if form == "one-graph" else "aot_eager"
-    return case, model, cachepass.compile(model, cfg, inner=inner, form=form)
+    return case, model, cachepass.compile(model, cfg, inner=inner, form=form, scope="model")  # the whole model's graph
 
 
 FORMS = [(name, "piecewise") for name in UNITS] + [("flux", "one-graph")]

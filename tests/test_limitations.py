@@ -55,10 +55,10 @@ def test_more_configs_of_one_class_than_the_recompile_limit_raise_it_and_say_so(
             for i in range(limit + 1):
                 config = StepCacheConfig(num_head_blocks=1, threshold=0.04 + i / 1000, num_inference_steps=8)
                 with torch.no_grad():
-                    call_once(cachepass.compile(CASE.model(), config, inner="eager"))
+                    call_once(cachepass.compile(CASE.model(), config, inner="eager", scope="model"))
         assert torch._dynamo.config.recompile_limit == limit + 1
         assert f"a new config of ToyDiT: {limit} graphs of its forward exist" in caplog.text
-        compiled = cachepass.compile(CASE.model(), CFG, inner="eager")
+        compiled = cachepass.compile(CASE.model(), CFG, inner="eager", scope="model")
         with torch.no_grad():
             call_once(compiled)  # its first call: room made for its graph
             with pytest.raises(CachepassError, match=r"recompile limit .* every input shape of every config compiled "

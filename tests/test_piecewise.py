@@ -30,7 +30,7 @@ def compile_case(name, model=None, **overrides):
     cfg = toy_config(num_head_blocks=1, num_tail_blocks=1, threshold=case.threshold * 3, num_inference_steps=STEPS,
                      **overrides)
     model = model or case.model()
-    return case, cfg, model, cachepass.compile(model, cfg, inner="aot_eager", form="piecewise")
+    return case, cfg, model, cachepass.compile(model, cfg, inner="aot_eager", form="piecewise", scope="model")
 
 
 def artifacts_per_list(plan) -> dict[str, set[int]]:

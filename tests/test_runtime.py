@@ -139,7 +139,8 @@ def test_every_non_tensor_input_of_a_symbolic_program_is_a_size_its_graph_sets_a
 
     monkeypatch.setattr(SizeSymbols, "of", classmethod(recording))
     case = CASES[name]
-    compiled = cachepass.compile(case.model(), cfg(num_head_blocks=1, threshold=case.threshold), inner="aot_eager")
+    compiled = cachepass.compile(case.model(), cfg(num_head_blocks=1, threshold=case.threshold), inner="aot_eager",
+                                 scope="model")
     for times in (1, 2):
         generate(case.at_size(times), compiled, 2)
     (static, _), (symbolic, numbers) = found
@@ -172,7 +173,7 @@ def test_symbolic_latents_compile_once_for_every_resolution(name):
     sized = CASES[name].at_size
     config = cfg(num_head_blocks=1, threshold=CASES[name].threshold)
     model = CASES[name].model()
-    compiled = cachepass.compile(model, config, inner="aot_eager", dynamic="latents")
+    compiled = cachepass.compile(model, config, inner="aot_eager", dynamic="latents", scope="model")
     counters.clear()
     outs, stats = {}, {}
     for times in (1, 2, 3):
@@ -225,7 +226,7 @@ def test_symbolic_from_the_first_call_with_the_blocks_as_leaves(name):
     sized = CASES[name].at_size
     config = cfg(num_head_blocks=1, threshold=CASES[name].threshold)
     model = CASES[name].model()
-    compiled = cachepass.compile(model, config, inner="aot_eager", dynamic=True)
+    compiled = cachepass.compile(model, config, inner="aot_eager", dynamic=True, scope="model")
     counters.clear()
     outs, stats = [], []
     widths = (3, 5)  # Dynamo's duck sizing gives sizes equal at the first call one symbol: x1 is square, x2 the text's width

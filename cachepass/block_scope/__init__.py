@@ -8,8 +8,10 @@ trace cost a whole-model compile a warm start's and every new shape's 0.5-0.65 s
 
 How a list is reached: each block's ``_compiled_call_impl`` (torch's own slot for a module's replaced call, which
 ``nn.Module.compile`` and so regional compile fill) routes the model's call of the block here. The first block's
-call runs the list's program and returns the list's result; each later block's call checks that the model's loop
-fed it that result as it fed the first call (`feeding.check`) and returns it. The first call of an argument
+call runs the list's program; each later block's call checks that the model's loop fed it what the block before
+returned, as it fed the first call (`feeding.check`). The last block's call returns the list's result, the others
+placeholders of its layout with no data (`feeding.HandedOn`: any use of them but handing them on is named, so a loop
+that keeps each block's output is never given wrong values). The first call of an argument
 structure runs the first block as it is and learns the feeding (`feeding.learn`) from the objects the loop hands on,
 then the program. A forward pre-hook
 on the model hands each program the inputs the clock reads (the model's timestep and latents arguments, found as
@@ -18,10 +20,12 @@ the whole-model compile finds them); a forward hook checks that every list that 
 What the model gives up against ``scope="model"``: CUDA graphs and compiled code around the model-level code
 (a launch per kernel of it per call), and the one-graph export (`cachepass.export` traces the whole model either way).
 Offload needs the whole model's program, and context parallel is not verified with it: both are refused.
+``cachepass.compile`` with no scope takes this one where it fits (`cachepass.block_scope.chosen`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import inspect
@@ -29,17 +33,17 @@ import itertools
 import logging
 import threading
 import weakref
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
 
 from cachepass import block_regions
 from cachepass.analysis.timestep import AUTO_NAMES, LATENT_NAMES
-from cachepass.block_scope.feeding import Feeding, as_outputs, check, learn, structure
+from cachepass.block_scope.feeding import Feeding, as_outputs, check, handed_on, learn, structure
 from cachepass.block_scope.runner import ListRunner
 from cachepass.config import StepCacheConfig
-from cachepass.errors import CachepassError
+from cachepass.errors import BlockScopeUnfitError, CachepassError
 from cachepass.symbolic_latents import mark_every_size
 
 log = logging.getLogger(__name__)
@@ -54,19 +58,20 @@ def scope_of(model: Any) -> BlockScope | None:
 
 def compile_block_lists(model: nn.Module, config: StepCacheConfig,
                         compile_runner: Callable[[nn.Module, StepCacheConfig], nn.Module],
-                        symbolic_sizes: bool = False) -> nn.Module:
+                        symbolic_sizes: bool = False, only_entered: bool = False) -> nn.Module:
     """``model`` with each block list run by a program ``compile_runner(runner, runner_config)`` makes; returns it.
     ``symbolic_sizes`` (``dynamic="latents"``): every size of each program's inputs symbolic from its first call
-    (`cachepass.symbolic_latents.mark_every_size`).
+    (`cachepass.symbolic_latents.mark_every_size`). ``only_entered``: see `BlockScope`.
 
     Compiling a model again replaces its earlier scope.
     """
     remove(model)
     lists = trunk_lists(model)
+    _check_uncompiled(lists)
     clock = ClockInputs.of_model(model, config)
     runner_config = dataclasses.replace(config, timestep_input=clock.runner_timestep_input)
     scope = BlockScope(clock, runner_config, [ListScope(path, blocks, runner_config, compile_runner, symbolic_sizes)
-                                              for path, blocks in lists.items()])
+                                              for path, blocks in lists.items()], only_entered)
     scope.attach(model)
     _SCOPES[model] = scope
     log.info("stepcache: scope='blocks': %s compiled as %d program(s), the model-level code runs as it is; %s",
@@ -80,7 +85,7 @@ def trunk_lists(model: nn.Module) -> dict[str, nn.ModuleList]:
     paths = {id(m): path for path, m in model.named_modules() if isinstance(m, nn.ModuleList)}
     found = {paths[id(blocks)]: blocks for _, blocks in block_regions.block_lists(model, with_refused=True)}
     if not found:
-        raise CachepassError(f"scope='blocks': {type(model).__name__} has no list of two or more blocks of one class "
+        raise BlockScopeUnfitError(f"scope='blocks': {type(model).__name__} has no list of two or more blocks of one class "
                              "(an nn.ModuleList); scope='model' finds blocks in the traced graph")
     depth = min(path.count(".") for path in found)
     for path, blocks in found.items():
@@ -88,6 +93,15 @@ def trunk_lists(model: nn.Module) -> dict[str, nn.ModuleList]:
             log.info("stepcache: scope='blocks': %s (%d x %s) is nested below the trunk: it runs as it is", path,
                      len(blocks), type(blocks[0]).__name__)
     return {path: blocks for path, blocks in found.items() if path.count(".") == depth}
+
+
+def _check_uncompiled(lists: dict[str, nn.ModuleList]) -> None:
+    """Raise unless every block of ``lists`` is uncompiled (the scope fills each block's compiled-call slot)."""
+    for path, blocks in lists.items():
+        compiled = [index for index, block in enumerate(blocks) if block._compiled_call_impl is not None]
+        if compiled:
+            raise BlockScopeUnfitError(f"scope='blocks': {path}.{compiled[0]} is compiled already (nn.Module.compile, "
+                                       "regional compile); compile the model from its uncompiled blocks")
 
 
 def remove(model: nn.Module) -> None:
@@ -134,7 +148,7 @@ class ClockInputs:
             return None, None  # the model's forward raises its own error
         timestep = given.get(self.timestep) if self.timestep else None
         if timestep is not None and not isinstance(timestep, torch.Tensor):
-            raise CachepassError(f"scope='blocks': the clock reads the argument {self.timestep!r}, and this call passes "
+            raise BlockScopeUnfitError(f"scope='blocks': the clock reads the argument {self.timestep!r}, and this call passes "
                                  f"a {type(timestep).__name__}; pass a tensor (a Python number would compile a program "
                                  "per value), or StepCacheConfig(timestep_input=None) to count calls")
         latents = given.get(self.latents) if self.latents else None
@@ -147,11 +161,23 @@ class ClockInputs:
 
 
 class BlockScope:
-    """A model's block lists, each run by its program, and the model hooks that bracket each call."""
+    """A model's block lists, each run by its program, and the model hooks that bracket each call. ``only_entered``:
+    only calls made within `entered` (the default scope's, through the module `cachepass.compile` returned); the
+    model called as it is then runs its blocks as they are."""
 
-    def __init__(self, clock: ClockInputs, config: StepCacheConfig, lists: list[ListScope]):
+    def __init__(self, clock: ClockInputs, config: StepCacheConfig, lists: list[ListScope], only_entered: bool = False):
         self.clock_inputs, self.config, self.lists = clock, config, lists  # config: the list programs'
+        self.only_entered = only_entered
+        self._entered = threading.local()  # .on: this thread's call is within `entered`
         self._hooks: list = []
+
+    @contextlib.contextmanager
+    def entered(self) -> Iterator[None]:
+        outer, self._entered.on = getattr(self._entered, "on", False), True
+        try:
+            yield
+        finally:
+            self._entered.on = outer
 
     @property
     def programs(self) -> list[nn.Module]:
@@ -172,6 +198,8 @@ class BlockScope:
     def _begin(self, _model, args, kwargs) -> None:
         if torch.compiler.is_compiling():  # the whole model traced (export, explain): it sees the plain blocks
             return
+        if self.only_entered and not getattr(self._entered, "on", False):
+            return
         clock = self.clock_inputs.values(args, kwargs)
         for s in self.lists:
             s.begin(clock)
@@ -191,7 +219,8 @@ class _Call:
     next: int = 0  # the block expected next
     first: tuple[tuple, dict] | None = None  # the first block's arguments
     previous: tuple = ()  # what the block before returned (as a tuple)
-    result: Any = None  # the list's result, from its program
+    result: Any = None  # the list's result, from its program (the last block's call returns it)
+    handed: Any = None  # `HandedOn` placeholders of its layout (the other blocks' calls return them)
     learning: bool = False  # the first call of this argument structure: its feeding is being learned
     feeding: Feeding | None = None  # the feeding: learned so far, or the one the program was made for
     running: bool = False  # the list's program is running (its own calls of the blocks are theirs)
@@ -219,10 +248,6 @@ class ListScope:
         self._calls.call = call
 
     def attach(self) -> None:
-        compiled = [index for index, block in enumerate(self.blocks) if block._compiled_call_impl is not None]
-        if compiled:
-            raise CachepassError(f"scope='blocks': {self.path}.{compiled[0]} is compiled already (nn.Module.compile, "
-                                 "regional compile); compile the model from its uncompiled blocks")
         for index, block in enumerate(self.blocks):
             block._compiled_call_impl = functools.partial(self.block_called, index)
 
@@ -236,7 +261,7 @@ class ListScope:
     def end(self) -> None:
         call, self._call = self._call, None
         if call is not None and call.next not in (0, len(self.blocks)):
-            raise CachepassError(f"scope='blocks': the model ran {self.path}.0 to {self.path}.{call.next - 1} of "
+            raise BlockScopeUnfitError(f"scope='blocks': the model ran {self.path}.0 to {self.path}.{call.next - 1} of "
                                  f"{len(self.blocks)} blocks; scope='blocks' runs a whole list as one program. "
                                  "scope='model' compiles a model that skips blocks")
 
@@ -247,7 +272,7 @@ class ListScope:
             return block._call_impl(*args, **kwargs)
         path = f"{self.path}.{index}"
         if index != call.next:
-            raise CachepassError(f"scope='blocks': {path} was called where {self.path}.{call.next} was due; a list's "
+            raise BlockScopeUnfitError(f"scope='blocks': {path} was called where {self.path}.{call.next} was due; a list's "
                                  "blocks must run in order, each once per call. scope='model' compiles this model")
         call.next += 1
         if index == 0:
@@ -258,31 +283,33 @@ class ListScope:
                 out = block._call_impl(*args, **kwargs)
                 call.previous, call.first_returned_tuple = as_outputs(out, path), isinstance(out, tuple)
                 return out
-            return self._run(call)
+            self._run(call)
+            return call.handed
         if call.learning:
             return self._learn(call, index, path, args, kwargs)
         check(call.feeding, path, args, kwargs, call.previous, call.first)
-        return call.result
+        return call.result if index == len(self.blocks) - 1 else call.handed
 
     def _learn(self, call: _Call, index: int, path: str, args: tuple, kwargs: dict):
-        """A later block of the first call of an argument structure: it learns how the loop fed it. It returns new
-        tensors of the first block's output layouts without running (the loop only hands them on: `learn` checks
-        it at the next block), and the last one returns the program's result."""
+        """A later block of the first call of an argument structure: it learns how the loop fed it. It returns
+        placeholders of the first block's output layouts without running (`HandedOn`: the loop only hands them on,
+        `learn` checks it at the next block), and the last one returns the program's result."""
         feeding = learn(path, args, kwargs, call.previous, call.first)
         if call.feeding is not None and feeding != call.feeding:
-            raise CachepassError(f"scope='blocks': {path} is fed other outputs of the block before it than "
+            raise BlockScopeUnfitError(f"scope='blocks': {path} is fed other outputs of the block before it than "
                                  f"{self.path}.1 was; scope='model' compiles this model")
         call.feeding = feeding
         if index < len(self.blocks) - 1:
-            call.previous = tuple(None if o is None else torch.empty_like(o) for o in call.previous)
+            call.previous = handed_on(call.previous, self.path)
             return call.previous if call.first_returned_tuple else call.previous[0]
         self.feedings[feeding.structure] = feeding
         log.info("stepcache: scope='blocks': %s feeds %s of each block's outputs to the next block's arguments %s",
                  self.path, [index for _, index in feeding.fed], [key for key, _ in feeding.fed])
         call.learning = False
-        return self._run(call)
+        self._run(call)
+        return call.result
 
-    def _run(self, call: _Call):
+    def _run(self, call: _Call) -> None:
         args, kwargs = call.first
         hooked = _hooks_run(itertools.islice(self.blocks, 1, None))  # not blocks[1:]: a new ModuleList, 80 us a call
         chained = 0 if hooked else block_regions.leaf_count(self.blocks)
@@ -297,8 +324,10 @@ class ListScope:
             call.result, _, _ = self.compiled(tuple(args), dict(kwargs), *call.clock)
         finally:
             call.running = False
-        call.previous = as_outputs(call.result, self.path)
-        return call.result
+        call.handed = handed_on(as_outputs(call.result, self.path), self.path)
+        call.previous = call.handed
+        if not isinstance(call.result, tuple):
+            call.handed = call.handed[0]
 
 
 def _hooks_run(blocks) -> bool:

@@ -15,9 +15,10 @@ import functools
 from typing import Any
 
 import torch
+from torch.utils import _pytree as pytree
 
 from cachepass import block_regions
-from cachepass.errors import CachepassError
+from cachepass.errors import BlockScopeUnfitError
 
 Key = int | str  # a positional argument's index or a keyword argument's name
 
@@ -37,6 +38,52 @@ class Feeding:
         block_regions.feed(self.fed, args, kwargs, outputs)
 
 
+class HandedOn(torch.Tensor):
+    """What a block's call returns to the model's loop where the list's program has computed the whole list (every
+    block but the last): the output's shape, dtype and device, and no data. The loop may read that and hand it to the
+    next block (`check` matches it by identity); any other use raises `BlockScopeUnfitError` (a loop that keeps each
+    block's output, as a list of features, or computes with it cannot run as one program: only the last block's output
+    holds values)."""
+
+    list_path: str
+
+    @staticmethod
+    def __new__(cls, like: torch.Tensor, list_path: str):
+        handed = torch.Tensor._make_wrapper_subclass(cls, like.shape, strides=like.stride(), dtype=like.dtype,
+                                                     device=like.device)
+        handed.list_path = list_path
+        return handed
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        if func in _METADATA:
+            with torch._C.DisableTorchFunctionSubclass():
+                return func(*args, **(kwargs or {}))
+        handed = next(a for a in pytree.tree_leaves((args, kwargs)) if isinstance(a, HandedOn))
+        raise BlockScopeUnfitError(
+            f"scope='blocks': the model uses the output of a block of {handed.list_path} before its last "
+            f"({torch.overrides.resolve_name(func) or func}) besides handing it to the next block; the list's program "
+            "computes the whole list at once. scope='model' compiles this model")
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):  # below torch functions (a C++ op): no data either
+        raise BlockScopeUnfitError(f"scope='blocks': {func} reached a block's output handed on by the model's loop; the "
+                                   "list's program computes the whole list at once. scope='model' compiles this model")
+
+
+_METADATA = {torch.Tensor.shape.__get__, torch.Tensor.dtype.__get__, torch.Tensor.device.__get__,
+             torch.Tensor.ndim.__get__, torch.Tensor.layout.__get__, torch.Tensor.requires_grad.__get__,
+             torch.Tensor.is_cuda.__get__, torch.Tensor.size, torch.Tensor.dim, torch.Tensor.numel,
+             torch.Tensor.stride, torch.Tensor.is_floating_point, torch.Tensor.__len__}
+
+
+def handed_on(outputs: Any, list_path: str) -> Any:
+    """``outputs`` (a tensor, or a tuple of tensors and Nones) as `HandedOn` placeholders of their layouts."""
+    if isinstance(outputs, torch.Tensor):
+        return HandedOn(outputs, list_path)
+    return tuple(None if o is None else HandedOn(o, list_path) for o in outputs)
+
+
 def structure(args: tuple, kwargs: dict) -> tuple:
     return len(args), tuple(kwargs)
 
@@ -47,7 +94,7 @@ def as_outputs(out: Any, path: str) -> tuple:
         return (out,)
     if type(out) is tuple and all(o is None or isinstance(o, torch.Tensor) for o in out):
         return out
-    raise CachepassError(f"scope='blocks': {path} returned a {type(out).__name__}; it needs blocks that return a tensor "
+    raise BlockScopeUnfitError(f"scope='blocks': {path} returned a {type(out).__name__}; it needs blocks that return a tensor "
                          "or a tuple of tensors (and Nones). scope='model' compiles this model")
 
 
@@ -61,7 +108,7 @@ def learn(path: str, args: tuple, kwargs: dict, previous: tuple, first: tuple[tu
         if index is not None:
             fed.append((key, index))
         elif not _same(value, _argument(first, key)):
-            raise CachepassError(
+            raise BlockScopeUnfitError(
                 f"scope='blocks': argument {key!r} of {path} is neither an output of the block before it nor the "
                 "object the list's first block got (the model computes something between its blocks); scope='model' "
                 "compiles this model")
@@ -76,7 +123,7 @@ def check(feeding: Feeding, path: str, args: tuple, kwargs: dict, previous: tupl
         expected = previous[fed[key]] if key in fed else _argument(first, key)
         if not _same(value, expected):
             what = "the block before it's output" if key in fed else "the object the list's first block got"
-            raise CachepassError(
+            raise BlockScopeUnfitError(
                 f"scope='blocks': argument {key!r} of {path} is not {what}, as it was when the list's compiled program "
                 "was made; the model's loop changed between calls (a ControlNet residual, other arguments); "
                 "scope='model' compiles this model")
@@ -84,7 +131,7 @@ def check(feeding: Feeding, path: str, args: tuple, kwargs: dict, previous: tupl
 
 def _same_structure(path: str, args: tuple, kwargs: dict, first: tuple[tuple, dict]) -> None:
     if structure(args, kwargs) != structure(*first):
-        raise CachepassError(f"scope='blocks': {path} is called with arguments {_describe(args, kwargs)}, the list's first "
+        raise BlockScopeUnfitError(f"scope='blocks': {path} is called with arguments {_describe(args, kwargs)}, the list's first "
                              f"block with {_describe(*first)}; scope='model' compiles this model")
 
 

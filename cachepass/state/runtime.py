@@ -335,6 +335,14 @@ def states_of(model: Any) -> list[RuntimeState]:
     return sorted(found, key=lambda s: s.last_used)
 
 
+def drop_states(model: nn.Module) -> None:
+    """Forget every state of ``model`` (a program no longer called: stats and resets then skip it)."""
+    for param in itertools.chain(model.parameters(), model.buffers()):
+        entry = _REGISTRY.get(id(param))
+        if entry is not None and entry.anchor() is param:
+            _drop_anchor(id(param), entry)
+
+
 def current_state(model: Any) -> RuntimeState:
     """The most recently used state of ``model``."""
     states = states_of(model)

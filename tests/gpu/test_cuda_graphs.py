@@ -188,7 +188,7 @@ def test_a_program_the_default_graphs_cannot_take_runs_without_them(caplog):
     for cudagraphs in ("off", None, "conditional"):
         torch.manual_seed(0)
         model = ScaledByAHostScalar().eval().cuda()
-        compiled = cachepass.compile(model, cfg, inner="aot_eager", cudagraphs=cudagraphs)
+        compiled = cachepass.compile(model, cfg, inner="aot_eager", cudagraphs=cudagraphs, scope="model")  # the scale: an input
         latents, cond, uncond = case.inputs(torch.Generator().manual_seed(1))
         outs = []
         for scale in (1.0, 0.5):
@@ -236,7 +236,7 @@ def test_a_host_table_the_model_moves_keeps_the_default_graphs_and_its_changes_a
 
     expected = session(lambda model: StepCacheReference(model, cfg))
     with caplog.at_level("INFO", logger="cachepass"):
-        got = session(lambda model: cachepass.compile(model, cfg, inner="aot_eager"))
+        got = session(lambda model: cachepass.compile(model, cfg, inner="aot_eager", scope="model"))  # the table: an input
     assert "are CPU tensors the model moves to cuda" in caplog.text
     assert caplog.text.count("captured CUDA graphs (conditional)") == 1
     assert "runs without CUDA graphs" not in caplog.text
@@ -297,18 +297,19 @@ def test_weights_that_keep_moving_turn_the_default_graphs_off(caplog):
 
 
 @pytest.mark.parametrize("name", ["wan", "flux"])
-def test_each_block_list_alone_under_the_default_graphs_gives_the_whole_models_outputs(name, caplog):
-    """``scope="blocks"`` (`cachepass.block_scope`) on CUDA: each list's program captures its own conditional graphs
-    and gives the whole-model compile's outputs and decisions, with no host sync per call."""
+def test_the_default_scope_under_the_default_graphs_gives_the_whole_models_outputs(name, caplog):
+    """The default scope (each block list alone, `cachepass.block_scope`) on CUDA: each list's program captures its
+    own conditional graphs and gives the whole-model compile's outputs and decisions, with no host sync per call."""
     case = CASES[name]
     whole_model = case.model().cuda()
-    whole = cachepass.compile(whole_model, config(case), inner="aot_eager")
+    whole = cachepass.compile(whole_model, config(case), inner="aot_eager", scope="model")
     expected = [generate_on_gpu(case, whole, seed) for seed in (1, 2)]
     model = case.model().cuda()
     with caplog.at_level("INFO", logger="cachepass"):
-        cachepass.compile(model, config(case), inner="aot_eager", scope="blocks")
-        first = generate_on_gpu(case, model, 1)
-        second, measured, where = generate_on_gpu(case, model, 2, count_syncs=True)
+        fn = cachepass.compile(model, config(case), inner="aot_eager")
+        first = generate_on_gpu(case, fn, 1)
+        second, measured, where = generate_on_gpu(case, fn, 2, count_syncs=True)
+    assert "scope='blocks' (chosen" in caplog.text
     torch.testing.assert_close(first, expected[0], atol=0, rtol=0)
     torch.testing.assert_close(second, expected[1], atol=0, rtol=0)
     assert decisions(model) == decisions(whole_model)
