@@ -34,8 +34,8 @@ def budget(model, name: str, fraction: float) -> int:
 def test_offload_matches_the_resident_model_with_and_without_cuda_graphs(name, tmp_path):
     case = CASES[name]
     resident_model = case.model().cuda()
-    resident = cachepass.compile(resident_model, config(case), inner="aot_eager", cudagraphs="off")
-    expected = [generate_on_gpu(case, resident, seed) for seed in (1, 2, 3)]
+    resident = cachepass.compile(resident_model, config(case), inner="aot_eager", cudagraphs="off", scope="model")
+    expected = [generate_on_gpu(case, resident, seed) for seed in (1, 2, 3)]  # the whole model's layout, as offload's
     expected_decisions = decisions(resident_model)
     units = len(expected_decisions)
     layout = states_of(resident_model)[-1].layout
