@@ -141,10 +141,12 @@ def compile(model: nn.Module, config: Any = None, *, calibrator_config: Any = No
                              "dynamic=True or None")
     if scope == "blocks" and parsed.offload is not None:
         raise CachepassError("cachepass.compile scope='blocks' does not take offload: the offload plan streams the "
-                             "blocks of the whole model's program; use scope='model' (the default)")
+                             "blocks of the whole model's program; use scope='model' or no scope (the default then "
+                             "compiles the whole model)")
     if scope == "blocks" and _sharded(sequence_parallel_group):
         raise CachepassError("cachepass.compile scope='blocks' is not verified under context parallel (a process group "
-                             "of several ranks); use scope='model' (the default), which finds the sharding in the graph")
+                             "of several ranks); use scope='model' or no scope (the default then compiles the whole "
+                             "model, which finds the sharding in the graph)")
     target = _target_device(model, device)
     check_not_offloaded_by_fastvideo(model)
     if parsed.offload is not None:

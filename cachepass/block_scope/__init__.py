@@ -86,7 +86,7 @@ def trunk_lists(model: nn.Module) -> dict[str, nn.ModuleList]:
     found = {paths[id(blocks)]: blocks for _, blocks in block_regions.block_lists(model, with_refused=True)}
     if not found:
         raise BlockScopeUnfitError(f"scope='blocks': {type(model).__name__} has no list of two or more blocks of one class "
-                             "(an nn.ModuleList); scope='model' finds blocks in the traced graph")
+                                   "(an nn.ModuleList); scope='model' finds blocks in the traced graph")
     depth = min(path.count(".") for path in found)
     for path, blocks in found.items():
         if path.count(".") > depth:
@@ -149,8 +149,8 @@ class ClockInputs:
         timestep = given.get(self.timestep) if self.timestep else None
         if timestep is not None and not isinstance(timestep, torch.Tensor):
             raise BlockScopeUnfitError(f"scope='blocks': the clock reads the argument {self.timestep!r}, and this call passes "
-                                 f"a {type(timestep).__name__}; pass a tensor (a Python number would compile a program "
-                                 "per value), or StepCacheConfig(timestep_input=None) to count calls")
+                                       f"a {type(timestep).__name__}; pass a tensor (a Python number would compile a program "
+                                       "per value), or StepCacheConfig(timestep_input=None) to count calls")
         latents = given.get(self.latents) if self.latents else None
         return timestep, latents if isinstance(latents, torch.Tensor) else None
 
@@ -262,8 +262,8 @@ class ListScope:
         call, self._call = self._call, None
         if call is not None and call.next not in (0, len(self.blocks)):
             raise BlockScopeUnfitError(f"scope='blocks': the model ran {self.path}.0 to {self.path}.{call.next - 1} of "
-                                 f"{len(self.blocks)} blocks; scope='blocks' runs a whole list as one program. "
-                                 "scope='model' compiles a model that skips blocks")
+                                       f"{len(self.blocks)} blocks; scope='blocks' runs a whole list as one program. "
+                                       "scope='model' compiles a model that skips blocks")
 
     def block_called(self, index: int, *args, **kwargs):
         block = self.blocks[index]
@@ -273,7 +273,7 @@ class ListScope:
         path = f"{self.path}.{index}"
         if index != call.next:
             raise BlockScopeUnfitError(f"scope='blocks': {path} was called where {self.path}.{call.next} was due; a list's "
-                                 "blocks must run in order, each once per call. scope='model' compiles this model")
+                                       "blocks must run in order, each once per call. scope='model' compiles this model")
         call.next += 1
         if index == 0:
             call.first = (args, kwargs)
@@ -297,7 +297,7 @@ class ListScope:
         feeding = learn(path, args, kwargs, call.previous, call.first)
         if call.feeding is not None and feeding != call.feeding:
             raise BlockScopeUnfitError(f"scope='blocks': {path} is fed other outputs of the block before it than "
-                                 f"{self.path}.1 was; scope='model' compiles this model")
+                                       f"{self.path}.1 was; scope='model' compiles this model")
         call.feeding = feeding
         if index < len(self.blocks) - 1:
             call.previous = handed_on(call.previous, self.path)

@@ -95,7 +95,7 @@ def as_outputs(out: Any, path: str) -> tuple:
     if type(out) is tuple and all(o is None or isinstance(o, torch.Tensor) for o in out):
         return out
     raise BlockScopeUnfitError(f"scope='blocks': {path} returned a {type(out).__name__}; it needs blocks that return a tensor "
-                         "or a tuple of tensors (and Nones). scope='model' compiles this model")
+                               "or a tuple of tensors (and Nones). scope='model' compiles this model")
 
 
 def learn(path: str, args: tuple, kwargs: dict, previous: tuple, first: tuple[tuple, dict]) -> Feeding:
@@ -132,7 +132,7 @@ def check(feeding: Feeding, path: str, args: tuple, kwargs: dict, previous: tupl
 def _same_structure(path: str, args: tuple, kwargs: dict, first: tuple[tuple, dict]) -> None:
     if structure(args, kwargs) != structure(*first):
         raise BlockScopeUnfitError(f"scope='blocks': {path} is called with arguments {_describe(args, kwargs)}, the list's first "
-                             f"block with {_describe(*first)}; scope='model' compiles this model")
+                                   f"block with {_describe(*first)}; scope='model' compiles this model")
 
 
 def _items(args: tuple, kwargs: dict):
