@@ -272,6 +272,11 @@ def test_the_default_runs_each_list_alone_and_the_whole_model_where_a_loop_does_
     assert counters["stats"]["unique_graphs"] == 1 and not counters["graph_break"]  # the list's program only
     cachepass.reset(fn)
     assert decisions(fn) == [("blocks", [], [])]
+    latents, cond, _ = case.inputs(torch.Generator().manual_seed(0))
+    with pytest.raises(CachepassError, match=r"compiles inference graphs .* torch\.no_grad\(\)"):
+        case.call(cachepass.compile(grad_model := case.model(), config(case), inner="aot_eager"), latents,
+                  torch.tensor(0.5), cond)  # the call's own error, raised as it is: the block scope stays
+    assert block_scope.scope_of(grad_model) is not None
 
     toy = config(CASES["toy"])
     net = _ControlNetLike()

@@ -4,9 +4,10 @@
 trace at a warm start and at a new shape: bench/NOTES.md, seventeenth session) and returns the whole-model compile,
 which runs only once the block scope gives way (`ChosenBlocks.call`):
 
-- at the first call, any cachepass or Dynamo error of the block scope (a loop that adds something between blocks,
-  skips one or stops early, a list program that fails to compile): nothing of the call's cache state was kept, so
-  the call runs again under the whole-model compile, logged;
+- at the first call, a loop the block scope cannot run (one that adds something between blocks, skips one, stops
+  early or keeps a block's output) or a list program that fails to trace or rewrite: nothing of the call's cache
+  state was kept, so the call runs again under the whole-model compile, logged. Errors that are the call's (gradients
+  enabled, a device, Dynamo's recompile limit) are raised as they are, the block scope kept;
 - at a later call, a loop that no longer runs a list as the chain its program was made for (a ControlNet residual
   from the second generation on): the whole-model compile takes over from that call, with a warning, since its
   cache state starts there (the generation in progress computes every block until its warm-up steps have passed).
@@ -25,7 +26,7 @@ from torch import nn
 
 from cachepass.block_scope import remove, scope_of
 from cachepass.cudagraphs import memory as graph_memory
-from cachepass.errors import BlockScopeUnfitError, CachepassError
+from cachepass.errors import BlockDiscoveryError, BlockScopeUnfitError, PassError, UnsupportedGraphError
 from cachepass.state.runtime import drop_states, states_of
 
 log = logging.getLogger(__name__)
@@ -52,10 +53,10 @@ class ChosenBlocks:
         except BlockScopeUnfitError as error:
             self._fall_back(error)
             return False, None
-        except (CachepassError, torch._dynamo.exc.TorchDynamoException) as error:
+        except (BlockDiscoveryError, UnsupportedGraphError, PassError, torch._dynamo.exc.TorchDynamoException) as error:
             if self.ran:
                 raise
-            self._fall_back(error)
+            self._fall_back(error)  # the list's program failed where the whole model's may not
             return False, None
         self.ran = True
         return True, out
