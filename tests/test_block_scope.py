@@ -270,6 +270,9 @@ def test_the_default_runs_each_list_alone_and_the_whole_model_where_a_loop_does_
         torch.testing.assert_close(generate(case, fn, STEPS), expected, atol=0, rtol=0)
         assert decisions(fn) == decisions(model) == expected_decisions
     assert counters["stats"]["unique_graphs"] == 1 and not counters["graph_break"]  # the list's program only
+    with torch.no_grad():  # the original module called as it is runs as it is: no cache, its state untouched
+        torch.testing.assert_close(generate(case, model, STEPS), generate(case, case.model(), STEPS), atol=0, rtol=0)
+    assert decisions(fn) == expected_decisions
     cachepass.reset(fn)
     assert decisions(fn) == [("blocks", [], [])]
     latents, cond, _ = case.inputs(torch.Generator().manual_seed(0))
