@@ -237,6 +237,7 @@ class ListScope:
         self.feedings: dict[tuple, Feeding] = {}
         self.runner = ListRunner(path.replace(".", "_"), blocks, self.feedings)
         self.compiled = compile_runner(self.runner, config)
+        self.leaves = block_regions.leaf_count(blocks)  # blocks 1.. the compile marked as leaves: what a chain takes
         self._calls = threading.local()  # .call: this thread's `_Call`
 
     @property
@@ -312,7 +313,7 @@ class ListScope:
     def _run(self, call: _Call) -> None:
         args, kwargs = call.first
         hooked = _hooks_run(itertools.islice(self.blocks, 1, None))  # not blocks[1:]: a new ModuleList, 80 us a call
-        chained = 0 if hooked else block_regions.leaf_count(self.blocks)
+        chained = 0 if hooked else self.leaves
         if self.runner.chained != chained:  # a guarded value: the program made for the other is compiled
             log.info("stepcache: scope='blocks': %s: %d block(s) after the first run as one leaf (%s)", self.path,
                      chained, "blocks after the first have hooks" if hooked else "blocks alike")
