@@ -10,7 +10,30 @@ from cachepass import block_regions
 from cachepass.block_scope.feeding import Feeding, structure
 
 
-class ListRunner(nn.Module):
+class _ReadWeightsOnly:
+    """``named_parameters`` / ``named_buffers`` as `nn.Module`'s, but not its own functions: where they are, Dynamo's wrap
+    of the module walks every weight under it (marking each a static input, recording its name), while the trace reads
+    a few. A list's program reads the first block's (the others are one `block_regions.chain`, their weights the
+    backend's: `cachepass.leaf_weights`); the walk took 1 707 weights of a 30-block Wan at every trace, its new shapes
+    included, against 87. Dynamo still marks every weight the trace reads as it reads it."""
+
+    def named_parameters(self, *args, **kwargs):
+        return super().named_parameters(*args, **kwargs)
+
+    def named_buffers(self, *args, **kwargs):
+        return super().named_buffers(*args, **kwargs)
+
+
+class _ListView(_ReadWeightsOnly, nn.ModuleList):
+    """The model's block list as the runner registers it: the same blocks (one ``_modules`` dict: a block the model's
+    list is given later is this one's too), its weights not walked by Dynamo's wrap."""
+
+    def __init__(self, blocks: nn.ModuleList):
+        super().__init__()
+        self._modules = blocks._modules
+
+
+class ListRunner(_ReadWeightsOnly, nn.Module):
     """Runs ``blocks`` (the model's own list, registered under ``name``: discovery names the cache unit after it).
 
     ``forward`` takes the first block's arguments and the inputs the clock reads (`cachepass.analysis.timestep`
@@ -26,7 +49,7 @@ class ListRunner(nn.Module):
 
     def __init__(self, name: str, blocks: nn.ModuleList, feedings: dict[tuple, Feeding]):
         super().__init__()
-        self.add_module(name, blocks)
+        self.add_module(name, _ListView(blocks))
         self.list_name = name
         self.block_class = block_regions.block_class_name(type(blocks[0]))
         self.feedings = feedings  # structure of the calls -> Feeding (Dynamo guards it: a new one recompiles)
