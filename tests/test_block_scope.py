@@ -8,18 +8,20 @@ the blocks is named, never run as one; the API works in natural order on the mod
 
 from __future__ import annotations
 
+import copy
 import logging
 
 import pytest
 import torch
 from torch import nn
 from torch._dynamo.utils import counters
+from torch._dynamo.variables.builder import VariableBuilder
 
 import cachepass
 import cachepass.passes
 from bench.tiny_models import CASES, ToyDiT, generate
 from cachepass import block_regions, block_scope
-from cachepass.errors import CachepassError, UnsupportedGraphError
+from cachepass.errors import BlockScopeUnfitError, CachepassError, UnsupportedGraphError
 from cachepass.passes.call_block_bodies import call_block_bodies
 
 STEPS = 8
@@ -59,7 +61,8 @@ def test_each_list_alone_gives_the_whole_model_compiles_outputs_and_decisions(na
 
 def test_the_blocks_after_the_first_are_one_leaf_and_a_hook_on_one_of_them_runs(monkeypatch):
     """Dynamo's graph of a list's program has the first block inline and one `block_regions.chain` call for the
-    others (no leaf, no module call per block). A forward hook put on a later block after the compile makes the program
+    others (no leaf, no module call per block); Dynamo reads the first block's weights only (it would walk every
+    block's when it wraps the list: `runner._ReadWeightsOnly`). A forward hook put on a later block after the compile makes the program
     run each block as its own call (one more graph), so the hook runs: the whole-model compile's result with the hook;
     without the hook the chained program runs again, with no compile."""
     monkeypatch.setattr(block_regions, "_REFUSED", set())
@@ -76,9 +79,15 @@ def test_the_blocks_after_the_first_are_one_leaf_and_a_hook_on_one_of_them_runs(
     torch._dynamo.reset()
     counters.clear()
     traced.clear()
+    marked = []
+    mark = VariableBuilder.mark_static_input
+    monkeypatch.setattr(VariableBuilder, "mark_static_input",
+                        lambda self, value, guard: marked.append(value) or mark(self, value, guard))
     model = cachepass.compile(case.model(), config(case), inner="aot_eager", scope="blocks")
     plain = generate(case, model, STEPS)
     assert traced == [["chain"]]
+    first = {id(t) for t in (*model.blocks[0].parameters(), *model.blocks[0].buffers())}
+    assert marked and {id(t) for t in marked} <= first
     handle = model.blocks[3].register_forward_hook(hook)
     torch.testing.assert_close(generate(case, model, STEPS), expected, atol=0, rtol=0)
     assert decisions(model) == expected_decisions
@@ -250,6 +259,35 @@ def test_the_api_in_natural_order_and_a_whole_model_compile_after_it():
     whole = cachepass.compile(model, config(case), inner="aot_eager", scope="model")  # the block scope is removed
     assert all(block._compiled_call_impl is None for block in model.blocks)
     torch.testing.assert_close(generate(case, whole, STEPS), out, atol=0, rtol=0)
+
+
+def test_a_block_replaced_after_the_compile_is_named_and_the_default_hands_over(caplog):
+    """A block module replaced in the list after the compile (its program and marks were made for the old one): under
+    ``scope="blocks"`` the call names it; under the default it runs under the whole-model compile (a warning), which
+    gives the eager model's result with the new block; compiling again takes the new block."""
+    case = CASES["wan"]
+
+    def replaced(model, called=None):
+        generate(case, model if called is None else called, 2)
+        new = copy.deepcopy(model.blocks[2])
+        with torch.no_grad():
+            for weight in new.parameters():
+                weight.mul_(0.5)
+        model.blocks[2] = new
+        return model
+
+    reference = replaced(case.model())
+    expected = generate(case, cachepass.compile(reference, config(case), inner="aot_eager", scope="model"), STEPS)
+    model = replaced(cachepass.compile(case.model(), config(case), inner="aot_eager", scope="blocks"))
+    with pytest.raises(BlockScopeUnfitError, match=r"blocks holds another module at blocks\.2 than at the compile"):
+        generate(case, model, STEPS)
+    model = cachepass.compile(model, config(case), inner="aot_eager", scope="blocks")
+    torch.testing.assert_close(generate(case, model, STEPS), expected, atol=0, rtol=0)
+    fn = cachepass.compile(case.model(), config(case), inner="aot_eager")
+    replaced(fn._orig_mod, fn)
+    with caplog.at_level(logging.WARNING, logger="cachepass"):
+        torch.testing.assert_close(generate(case, fn, STEPS), expected, atol=0, rtol=0)
+    assert "blocks holds another module at blocks.2" in caplog.text
 
 
 def test_the_default_runs_each_list_alone_and_the_whole_model_where_a_loop_does_not_fit(caplog):

@@ -238,6 +238,7 @@ class ListScope:
         self.runner = ListRunner(path.replace(".", "_"), blocks, self.feedings)
         self.compiled = compile_runner(self.runner, config)
         self.leaves = block_regions.leaf_count(blocks)  # blocks 1.. the compile marked as leaves: what a chain takes
+        self._attached: list[nn.Module] = []  # the blocks at `attach`: the ones the program was made for
         self._calls = threading.local()  # .call: this thread's `_Call`
 
     @property
@@ -249,15 +250,30 @@ class ListScope:
         self._calls.call = call
 
     def attach(self) -> None:
-        for index, block in enumerate(self.blocks):
+        self._attached = list(self.blocks)
+        for index, block in enumerate(self._attached):
             block._compiled_call_impl = functools.partial(self.block_called, index)
 
     def detach(self) -> None:
-        for block in self.blocks:
+        for block in self._attached:
             block._compiled_call_impl = None
 
     def begin(self, clock: tuple[Any, Any]) -> None:
+        if len(self.blocks) != len(self._attached) or any(a is not b for a, b in zip(self._attached, self.blocks)):
+            self._refuse_new_blocks()
         self._call = _Call(clock)
+
+    def _refuse_new_blocks(self) -> None:
+        """The list holds other blocks than at the compile (a block module replaced, one added or removed): its program
+        and the blocks' marks were made for the blocks it had (a block of another configuration would run as the
+        first). Its weights replaced in place are read at each call (`cachepass.leaf_weights`)."""
+        if len(self.blocks) != len(self._attached):
+            change = f"has {len(self.blocks)} blocks, {len(self._attached)} at the compile"
+        else:
+            index = next(i for i, (a, b) in enumerate(zip(self._attached, self.blocks)) if a is not b)
+            change = f"holds another module at {self.path}.{index} than at the compile"
+        raise BlockScopeUnfitError(f"scope='blocks': {self.path} {change}; its program was made for the blocks it had. "
+                                   "Compile the model again, or use scope='model' (it compiles for new blocks)")
 
     def end(self) -> None:
         call, self._call = self._call, None
