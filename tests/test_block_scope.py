@@ -62,9 +62,9 @@ def test_each_list_alone_gives_the_whole_model_compiles_outputs_and_decisions(na
 def test_the_blocks_after_the_first_are_one_leaf_and_a_hook_on_one_of_them_runs(monkeypatch):
     """Dynamo's graph of a list's program has the first block inline and one `block_regions.chain` call for the
     others (no leaf, no module call per block); Dynamo reads the first block's weights only (it would walk every
-    block's when it wraps the list: `runner._ReadWeightsOnly`). A forward hook put on a later block after the compile makes the program
-    run each block as its own call (one more graph), so the hook runs: the whole-model compile's result with the hook;
-    without the hook the chained program runs again, with no compile."""
+    block's when it wraps the list: `runner._ReadWeightsOnly`). A forward hook put on a later block after the compile
+    makes the program run each block as its own call (one more graph), so the hook runs: the whole-model compile's
+    result with the hook; without the hook the chained program runs again, with no compile."""
     monkeypatch.setattr(block_regions, "_REFUSED", set())
     traced = []
     monkeypatch.setattr(cachepass.passes, "call_block_bodies", lambda gm, **kwargs: traced.append(
