@@ -208,12 +208,34 @@ def _sd3_inputs(g):
     return torch.randn(1, 4, 8, 8, generator=g), prompt(), prompt()
 
 
+def _ltx():
+    from diffusers import LTXVideoTransformer3DModel
+
+    return LTXVideoTransformer3DModel(in_channels=8, out_channels=8, num_attention_heads=2, attention_head_dim=8,
+                                      cross_attention_dim=16, num_layers=4, caption_channels=12)
+
+
+def _ltx_inputs(g):
+    """Packed latents of a 2 x 3 x 4 latent grid (patch size 1), as LTXPipeline feeds them, with the grid and the
+    rotary scale as arguments."""
+    def prompt():
+        return {"encoder_hidden_states": torch.randn(1, 6, 12, generator=g), "encoder_attention_mask": torch.ones(1, 6),
+                "num_frames": 2, "height": 3, "width": 4, "rope_interpolation_scale": (8 / 25, 32, 32)}
+
+    return torch.randn(1, 24, 8, generator=g), prompt(), prompt()
+
+
+def _ltx_call(fn, x, sigma, kw):
+    return fn(hidden_states=x, timestep=(sigma * 1000).reshape(1), return_dict=False, **kw)[0]
+
+
 CASES = {
     "toy": ModelCase("toy", ToyDiT, _toy_inputs, _toy_call, depth=6, threshold=0.025),
     "wan": ModelCase("wan", _wan, _wan_inputs, _wan_call, depth=5, threshold=0.06),
     "flux": ModelCase("flux", _flux, _flux_inputs, _flux_call, depth=4, threshold=0.22),
     "hunyuan": ModelCase("hunyuan", _hunyuan, _hunyuan_inputs, _hunyuan_call, depth=4, threshold=0.2),
     "sd3": ModelCase("sd3", _sd3, _sd3_inputs, _flux_call, depth=4, threshold=0.1),
+    "ltx": ModelCase("ltx", _ltx, _ltx_inputs, _ltx_call, depth=4, threshold=0.1),
 }
 
 

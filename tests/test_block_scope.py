@@ -43,7 +43,7 @@ def whole_model_run(case):
     return out, decisions(whole)
 
 
-@pytest.mark.parametrize("name", ["wan", "flux", "hunyuan", "sd3"])
+@pytest.mark.parametrize("name", ["wan", "flux", "hunyuan", "sd3", "ltx"])
 def test_each_list_alone_gives_the_whole_model_compiles_outputs_and_decisions(name):
     case = CASES[name]
     expected, expected_decisions = whole_model_run(case)

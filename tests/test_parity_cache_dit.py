@@ -72,6 +72,8 @@ PARITY = [
     # SD3's last block (context_pre_only) returns only the hidden states: in the tail, then in the middle
     ("sd3", "F2B1-taylor2"),
     ("sd3", "F1B0"),
+    ("ltx", "F1B0"),
+    ("ltx", "static-mask-taylor1"),
 ]
 
 
