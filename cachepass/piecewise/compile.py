@@ -180,7 +180,7 @@ def graph_key(gm: fx.GraphModule) -> tuple:
 
 def _value_key(value: Any) -> Any:
     if isinstance(value, torch.Tensor):
-        return (tuple(value.shape), value.dtype, significant_strides(value), str(value.device))
+        return (tuple(map(size_key, value.shape)), value.dtype, significant_strides(value), str(value.device))
     if isinstance(value, (list, tuple)):
         return (type(value).__name__, tuple(_value_key(v) for v in value))
     return repr(value)
@@ -194,7 +194,14 @@ def significant_strides(value: torch.Tensor) -> tuple:
     contiguous tensors of the same shape. Inductor's input checks (``assert_size_stride``) skip
     size-1 dimensions too, so one compiled block serves both.
     """
-    return tuple(s if n != 1 else None for n, s in zip(value.shape, value.stride()))
+    return tuple(size_key(s) if size_key(n) != 1 else None for n, s in zip(value.shape, value.stride()))
+
+
+def size_key(size: Any) -> Any:
+    """An int as it is; a symbolic size as its expression, compared by structure. Comparing a ``SymInt`` asks its shape
+    environment (a guard evaluation, 20-80 us each at a new shape's symbolic sizes, thousands per new shape); two
+    expressions alike are the same size, and two that are not may still be equal under the environment's facts."""
+    return size.node.expr if isinstance(size, torch.SymInt) else size
 
 
 def arg_key(arg: Any, index: dict[fx.Node, int]) -> Any:

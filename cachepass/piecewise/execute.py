@@ -23,7 +23,7 @@ from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 from torch.multiprocessing.reductions import StorageWeakRef
 
 from cachepass.bound_weights import WeightTable, with_weights
-from cachepass.piecewise.compile import PieceCompiler, give_example_values, in_fake_mode, significant_strides
+from cachepass.piecewise.compile import PieceCompiler, give_example_values, in_fake_mode, significant_strides, size_key
 from cachepass.piecewise.hooks import NO_HOOKS, ProgramHooks
 from cachepass.piecewise.split import PieceInfo, PieceKind, is_cond, split_pieces
 
@@ -330,11 +330,19 @@ def _traced_value(node: Any) -> torch.Tensor | None:
 
 
 def _same_as_traced(placeholder: fx.Node, value: Any) -> bool:
+    """``value`` laid out as the placeholder's traced value: compared by structure first (`size_key`), as the shape
+    environment decides where the expressions differ."""
     if not isinstance(value, torch.Tensor):
         return True
     traced = _traced_value(placeholder)
-    layout = lambda t: (t.shape, significant_strides(t), t.storage_offset(), t.dtype)  # noqa: E731
-    return traced is not None and layout(traced) == layout(value)
+    if traced is None:
+        return False
+    layout = lambda t: (tuple(map(size_key, t.shape)), significant_strides(t), size_key(t.storage_offset()), t.dtype)  # noqa: E731
+    if layout(traced) == layout(value):
+        return True
+    evaluated = lambda t: (t.shape, tuple(s if n != 1 else None for n, s in zip(t.shape, t.stride())),  # noqa: E731
+                           t.storage_offset(), t.dtype)
+    return evaluated(traced) == evaluated(value)
 
 
 def _remade(traced: list[torch.Tensor], placeholders: list[fx.Node], args: tuple) -> tuple | None:
