@@ -199,8 +199,8 @@ def significant_strides(value: torch.Tensor) -> tuple:
 
 def size_key(size: Any) -> Any:
     """An int as it is; a symbolic size as its expression, compared by structure. Comparing a ``SymInt`` asks its shape
-    environment (a guard evaluation, 20-80 us each at a new shape's symbolic sizes, thousands per new shape); two
-    expressions alike are the same size, and two that are not may still be equal under the environment's facts."""
+    environment (a guard evaluation, tens of microseconds at a new shape's symbolic sizes); two expressions alike are
+    the same size, and two that are not may still be equal under the environment's facts."""
     return size.node.expr if isinstance(size, torch.SymInt) else size
 
 
