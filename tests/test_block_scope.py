@@ -261,33 +261,50 @@ def test_the_api_in_natural_order_and_a_whole_model_compile_after_it():
     torch.testing.assert_close(generate(case, whole, STEPS), out, atol=0, rtol=0)
 
 
-def test_a_block_replaced_after_the_compile_is_named_and_the_default_hands_over(caplog):
-    """A block module replaced in the list after the compile (its program and marks were made for the old one): under
-    ``scope="blocks"`` the call names it; under the default it runs under the whole-model compile (a warning), which
-    gives the eager model's result with the new block; compiling again takes the new block."""
-    case = CASES["wan"]
+class _Halved(nn.Module):
+    """A block's feed-forward, its output halved: a submodule of another class, same weights."""
 
-    def replaced(model, called=None):
+    def __init__(self, inner: nn.Module):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, *args, **kwargs):
+        return self.inner(*args, **kwargs) * 0.5
+
+
+@pytest.mark.parametrize("change", ["block", "submodule"])
+def test_a_module_set_in_a_list_after_the_compile_is_named_and_the_default_hands_over(caplog, change):
+    """A block replaced, or a submodule of a later block replaced (its program and the blocks' marks were made for the
+    old ones; the later blocks run the first block's code): under ``scope="blocks"`` the next call names it; under the
+    default that call runs under the whole-model compile (a warning), which gives the eager model's result with the
+    change; compiling again takes the change into the block scope."""
+    case = CASES["wan"]
+    where = {"block": "blocks.2", "submodule": "blocks.3.ffn"}[change]
+
+    def changed(model, called=None):
         generate(case, model if called is None else called, 2)
-        new = copy.deepcopy(model.blocks[2])
-        with torch.no_grad():
-            for weight in new.parameters():
-                weight.mul_(0.5)
-        model.blocks[2] = new
+        if change == "block":
+            new = copy.deepcopy(model.blocks[2])
+            with torch.no_grad():
+                for weight in new.parameters():
+                    weight.mul_(0.5)
+            model.blocks[2] = new
+        else:
+            model.blocks[3].ffn = _Halved(model.blocks[3].ffn)
         return model
 
-    reference = replaced(case.model())
+    reference = changed(case.model())
     expected = generate(case, cachepass.compile(reference, config(case), inner="aot_eager", scope="model"), STEPS)
-    model = replaced(cachepass.compile(case.model(), config(case), inner="aot_eager", scope="blocks"))
-    with pytest.raises(BlockScopeUnfitError, match=r"blocks holds another module at blocks\.2 than at the compile"):
+    model = changed(cachepass.compile(case.model(), config(case), inner="aot_eager", scope="blocks"))
+    with pytest.raises(BlockScopeUnfitError, match=f"{where} was set after the compile"):
         generate(case, model, STEPS)
     model = cachepass.compile(model, config(case), inner="aot_eager", scope="blocks")
     torch.testing.assert_close(generate(case, model, STEPS), expected, atol=0, rtol=0)
     fn = cachepass.compile(case.model(), config(case), inner="aot_eager")
-    replaced(fn._orig_mod, fn)
+    changed(fn._orig_mod, fn)
     with caplog.at_level(logging.WARNING, logger="cachepass"):
         torch.testing.assert_close(generate(case, fn, STEPS), expected, atol=0, rtol=0)
-    assert "blocks holds another module at blocks.2" in caplog.text
+    assert f"{where} was set after the compile" in caplog.text
 
 
 def test_the_default_runs_each_list_alone_and_the_whole_model_where_a_loop_does_not_fit(caplog):

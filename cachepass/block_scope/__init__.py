@@ -40,6 +40,7 @@ from torch import nn
 
 from cachepass import block_regions
 from cachepass.analysis.timestep import AUTO_NAMES, LATENT_NAMES
+from cachepass.block_scope import replaced
 from cachepass.block_scope.feeding import Feeding, as_outputs, check, handed_on, learn, structure
 from cachepass.block_scope.runner import ListRunner
 from cachepass.config import StepCacheConfig
@@ -239,6 +240,7 @@ class ListScope:
         self.compiled = compile_runner(self.runner, config)
         self.leaves = block_regions.leaf_count(blocks)  # blocks 1.. the compile marked as leaves: what a chain takes
         self._attached: list[nn.Module] = []  # the blocks at `attach`: the ones the program was made for
+        self.changed: str | None = None  # the first module set in the list since `attach` (`replaced.watch`)
         self._calls = threading.local()  # .call: this thread's `_Call`
 
     @property
@@ -250,30 +252,32 @@ class ListScope:
         self._calls.call = call
 
     def attach(self) -> None:
-        self._attached = list(self.blocks)
+        self._attached, self.changed = list(self.blocks), None
         for index, block in enumerate(self._attached):
             block._compiled_call_impl = functools.partial(self.block_called, index)
+        replaced.watch(self, ((f"{self.path}.{p}" if p else self.path, m) for p, m in self.blocks.named_modules()))
 
     def detach(self) -> None:
+        replaced.unwatch(self)
         for block in self._attached:
             block._compiled_call_impl = None
 
     def begin(self, clock: tuple[Any, Any]) -> None:
-        if len(self.blocks) != len(self._attached) or any(a is not b for a, b in zip(self._attached, self.blocks)):
-            self._refuse_new_blocks()
+        if self.changed is not None or len(self.blocks) != len(self._attached):
+            self._refuse_changed_modules()
         self._call = _Call(clock)
 
-    def _refuse_new_blocks(self) -> None:
-        """The list holds other blocks than at the compile (a block module replaced, one added or removed): its program
-        and the blocks' marks were made for the blocks it had (a block of another configuration would run as the
-        first). Its weights replaced in place are read at each call (`cachepass.leaf_weights`)."""
-        if len(self.blocks) != len(self._attached):
-            change = f"has {len(self.blocks)} blocks, {len(self._attached)} at the compile"
+    def _refuse_changed_modules(self) -> None:
+        """A module set in the list after the compile (a block replaced or added, a submodule of a block replaced:
+        `cachepass.block_scope.replaced`), or a block removed: the program and the blocks' marks were made for the
+        modules the list had (another block or submodule would run the first block's code). Weights replaced are read
+        at each call (`cachepass.leaf_weights`)."""
+        if self.changed is not None:
+            change = f"{self.changed} was set after the compile"
         else:
-            index = next(i for i, (a, b) in enumerate(zip(self._attached, self.blocks)) if a is not b)
-            change = f"holds another module at {self.path}.{index} than at the compile"
-        raise BlockScopeUnfitError(f"scope='blocks': {self.path} {change}; its program was made for the blocks it had. "
-                                   "Compile the model again, or use scope='model' (it compiles for new blocks)")
+            change = f"{self.path} has {len(self.blocks)} blocks, {len(self._attached)} at the compile"
+        raise BlockScopeUnfitError(f"scope='blocks': {change}; the list's program was made for the modules it had. "
+                                   "Compile the model again, or use scope='model' (it compiles for new modules)")
 
     def end(self) -> None:
         call, self._call = self._call, None
