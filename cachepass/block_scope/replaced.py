@@ -7,8 +7,8 @@ guarding their modules. A block of another class, or a submodule of another clas
 first block's code: a wrong result with no message. One global module registration hook
 (``torch.nn.modules.module.register_module_module_registration_hook``, which every ``setattr`` of a module and every
 ``ModuleList`` item assignment runs) records the first such change per list, and the list refuses its next call
-(`ListScope.begin`). Nothing is checked per call but one attribute; a weight replaced is not a module set, and is
-read at each call as before (`cachepass.leaf_weights`).
+(`ListScope.begin`, which per call reads that record and the list's length: a block removed runs no hook). A weight
+replaced is not a module set; it is read at each call as before (`cachepass.leaf_weights`).
 """
 
 from __future__ import annotations
