@@ -186,15 +186,17 @@ def _value_key(value: Any) -> Any:
     return repr(value)
 
 
-def significant_strides(value: torch.Tensor) -> tuple:
+def significant_strides(value: torch.Tensor, size: Callable[[Any], Any] | None = None) -> tuple:
     """Strides with those of size-1 dimensions left out: no index ever moves along them.
 
     FLUX's single blocks return views of their joint text+image buffer, shaped [1, tokens, dim]
     with the batch stride of the whole buffer; the blocks after a glue piece or a cond get
     contiguous tensors of the same shape. Inductor's input checks (``assert_size_stride``) skip
-    size-1 dimensions too, so one compiled block serves both.
+    size-1 dimensions too, so one compiled block serves both. ``size``: how a size is read (`size_key` by default; a
+    function returning the ``SymInt`` itself compares as the shape environment decides).
     """
-    return tuple(size_key(s) if size_key(n) != 1 else None for n, s in zip(value.shape, value.stride()))
+    size = size or size_key
+    return tuple(size(s) if size(n) != 1 else None for n, s in zip(value.shape, value.stride()))
 
 
 def size_key(size: Any) -> Any:

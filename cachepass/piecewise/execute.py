@@ -337,12 +337,15 @@ def _same_as_traced(placeholder: fx.Node, value: Any) -> bool:
     traced = _traced_value(placeholder)
     if traced is None:
         return False
-    layout = lambda t: (tuple(map(size_key, t.shape)), significant_strides(t), size_key(t.storage_offset()), t.dtype)  # noqa: E731
-    if layout(traced) == layout(value):
-        return True
-    evaluated = lambda t: (t.shape, tuple(s if n != 1 else None for n, s in zip(t.shape, t.stride())),  # noqa: E731
-                           t.storage_offset(), t.dtype)
-    return evaluated(traced) == evaluated(value)
+    return any(_layout(traced, size) == _layout(value, size) for size in (size_key, _as_is))
+
+
+def _layout(value: torch.Tensor, size: Callable[[Any], Any]) -> tuple:
+    return tuple(map(size, value.shape)), significant_strides(value, size), size(value.storage_offset()), value.dtype
+
+
+def _as_is(size: Any) -> Any:
+    return size
 
 
 def _remade(traced: list[torch.Tensor], placeholders: list[fx.Node], args: tuple) -> tuple | None:
