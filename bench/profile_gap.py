@@ -12,6 +12,8 @@ one more generation under cProfile, its top functions by own time (``host_top``)
 
 On CUDA the same trace also gives (`bench.device_trace`) the seconds of kernels, of host-to-device
 copies and of the copies that ran beside no kernel (``HtoD exposed``): the overlap offload lives on.
+``--kernels N`` keeps each variant's N kernels of most device time and, for Inductor's Triton kernels, the
+launch config their autotuning kept.
 
     python -m bench.profile_gap --workload wan-1.3b-9f --offload-blocks 1.2GB \
         --variants stepcache-offload,stepcache-offload-piecewise,stepcache-offload-conditional
@@ -29,6 +31,7 @@ import pstats
 import sys
 
 import torch
+from torch._inductor.codecache import PyCodeCache
 from torch.autograd import DeviceType
 
 from bench import device_trace
@@ -41,6 +44,7 @@ from cachepass.offload.plan import parse_bytes
 
 
 def profile(ctx: Context, name: str, inputs, device: torch.device, host: bool = False, kernels: int = 0) -> dict:
+    loaded_before = {id(m) for m in PyCodeCache.modules}
     prepared = VARIANTS[name](ctx)
     generation(ctx, prepared, inputs)  # compile and warm up
     _, wall = timed(lambda: generation(ctx, prepared, inputs), device)
@@ -55,14 +59,30 @@ def profile(ctx: Context, name: str, inputs, device: torch.device, host: bool = 
     calls = ctx.workload.calls_per_generation
     syncs = count_syncs(lambda: generation(ctx, prepared, inputs), device)
     host_top = _host_profile(lambda: generation(ctx, prepared, inputs), device) if host else None
+    picked = _autotuned(loaded_before)
     prepared.cleanup()
     return {
         "host_top": host_top, "device_trace": trace,
-        "kernels": [{"name": e.key, "count": e.count, "s": e.self_device_time_total / 1e6} for e in top],
+        "kernels": [{"name": e.key, "count": e.count, "s": e.self_device_time_total / 1e6, "configs": picked.get(e.key)}
+                    for e in top],
         "variant": name, "wall_s": wall, "profiled_wall_s": profiled_wall, "device_busy_s": busy_us / 1e6,
         "device_idle_s": profiled_wall - busy_us / 1e6, "calls": calls,
         "syncs_per_call": None if syncs is None else syncs / calls,
     }
+
+
+def _autotuned(loaded_before: set[int]) -> dict[str, list[str]]:
+    """Per Triton kernel of the Inductor modules loaded since (this variant's compiles), the launch configs its
+    autotuning kept, one per module that defines a kernel of that name. A kernel of one name and code that runs
+    slower in one variant than in another shows here whether the pick differed (bench/NOTES.md)."""
+    picked: dict[str, list[str]] = {}
+    for module in PyCodeCache.modules:
+        if id(module) in loaded_before:
+            continue
+        for name, value in vars(module).items():
+            if name.startswith("triton_") and getattr(value, "launchers", None):
+                picked.setdefault(name, []).extend(str(launcher.config) for launcher in value.launchers)
+    return picked
 
 
 def _host_profile(fn, device: torch.device, top: int = 25) -> str:
@@ -116,6 +136,8 @@ def main(argv=None) -> int:
         print(f"device kernels of most time, {r['variant']}, one generation:")
         for k in r["kernels"]:
             print(f"  {k['s']:8.4f} s {k['count']:6d}x {k['name'][:110]}")
+            for config in k["configs"] or ():
+                print(f"{'':28s}autotuned: {config}")
     for r in rows if args.host else ():
         print(f"host time of {r['variant']}, one generation:\n{r['host_top']}")
     if args.out:

@@ -82,6 +82,27 @@ def test_profile_gap_reports_busy_and_idle_time_per_variant(tmp_path):
     assert "| stepcache-aot_eager |" in result.stdout
 
 
+def test_profile_gap_names_the_autotuned_config_of_each_triton_kernel_a_variant_loaded(monkeypatch):
+    import types
+
+    from torch._inductor.codecache import PyCodeCache
+
+    from bench.profile_gap import _autotuned
+
+    def module(**kernels):
+        loaded = types.ModuleType("output_code")
+        for name, configs in kernels.items():
+            setattr(loaded, name, types.SimpleNamespace(launchers=[types.SimpleNamespace(config=c) for c in configs]))
+        return loaded
+
+    earlier = module(triton_red_fused_1=["XBLOCK: 1, R0_BLOCK: 2048"])
+    monkeypatch.setattr(PyCodeCache, "modules", [earlier])
+    before = {id(m) for m in PyCodeCache.modules}
+    PyCodeCache.modules.append(module(triton_red_fused_1=["XBLOCK: 8, R0_BLOCK: 512"], call=["not a kernel"]))
+    PyCodeCache.modules.append(module(triton_red_fused_1=["XBLOCK: 1, R0_BLOCK: 2048"], triton_poi_fused_2=[]))
+    assert _autotuned(before) == {"triton_red_fused_1": ["XBLOCK: 8, R0_BLOCK: 512", "XBLOCK: 1, R0_BLOCK: 2048"]}
+
+
 def test_device_trace_counts_only_the_copy_time_no_kernel_ran_beside_as_exposed():
     from bench.device_trace import summarize
 
