@@ -13,7 +13,7 @@ one more generation under cProfile, its top functions by own time (``host_top``)
 On CUDA the same trace also gives (`bench.device_trace`) the seconds of kernels, of host-to-device
 copies and of the copies that ran beside no kernel (``HtoD exposed``): the overlap offload lives on.
 ``--kernels N`` keeps each variant's N kernels of most device time and, for Inductor's Triton kernels, the
-launch config their autotuning kept.
+launch config their autotuning kept (of how many) and a hash of their source.
 
     python -m bench.profile_gap --workload wan-1.3b-9f --offload-blocks 1.2GB \
         --variants stepcache-offload,stepcache-offload-piecewise,stepcache-offload-conditional
@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import cProfile
 import datetime
+import hashlib
 import io
 import json
 import os
@@ -71,17 +72,22 @@ def profile(ctx: Context, name: str, inputs, device: torch.device, host: bool = 
     }
 
 
-def _autotuned(loaded_before: set[int]) -> dict[str, list[str]]:
-    """Per Triton kernel of the Inductor modules loaded since (this variant's compiles), the launch configs its
-    autotuning kept, one per module that defines a kernel of that name. A kernel of one name and code that runs
-    slower in one variant than in another shows here whether the pick differed (bench/NOTES.md)."""
-    picked: dict[str, list[str]] = {}
+def _autotuned(loaded_before: set[int]) -> dict[str, list[dict]]:
+    """Per Triton kernel of the Inductor modules loaded since (this variant's compiles), one entry per module that
+    defines a kernel of that name: the launch config its autotuning kept, of how many candidates, and a hash of
+    its source. A kernel of one name that runs slower in one variant than in another shows here whether its code
+    or only the pick differed (bench/NOTES.md, nineteenth session)."""
+    picked: dict[str, list[dict]] = {}
     for module in PyCodeCache.modules:
         if id(module) in loaded_before:
             continue
         for name, value in vars(module).items():
             if name.startswith("triton_") and getattr(value, "launchers", None):
-                picked.setdefault(name, []).extend(str(launcher.config) for launcher in value.launchers)
+                source = getattr(getattr(value, "fn", None), "src", None)
+                picked.setdefault(name, []).extend(
+                    {"config": str(launcher.config), "candidates": len(getattr(value, "configs", ())),
+                     "source": hashlib.sha1(source.encode()).hexdigest()[:12] if isinstance(source, str) else None}
+                    for launcher in value.launchers)
     return picked
 
 
@@ -136,8 +142,8 @@ def main(argv=None) -> int:
         print(f"device kernels of most time, {r['variant']}, one generation:")
         for k in r["kernels"]:
             print(f"  {k['s']:8.4f} s {k['count']:6d}x {k['name'][:110]}")
-            for config in k["configs"] or ():
-                print(f"{'':28s}autotuned: {config}")
+            for pick in k["configs"] or ():
+                print(f"{'':28s}source {pick['source']}, kept of {pick['candidates']}: {pick['config']}")
     for r in rows if args.host else ():
         print(f"host time of {r['variant']}, one generation:\n{r['host_top']}")
     if args.out:

@@ -83,6 +83,7 @@ def test_profile_gap_reports_busy_and_idle_time_per_variant(tmp_path):
 
 
 def test_profile_gap_names_the_autotuned_config_of_each_triton_kernel_a_variant_loaded(monkeypatch):
+    import hashlib
     import types
 
     from torch._inductor.codecache import PyCodeCache
@@ -91,16 +92,22 @@ def test_profile_gap_names_the_autotuned_config_of_each_triton_kernel_a_variant_
 
     def module(**kernels):
         loaded = types.ModuleType("output_code")
-        for name, configs in kernels.items():
-            setattr(loaded, name, types.SimpleNamespace(launchers=[types.SimpleNamespace(config=c) for c in configs]))
+        for name, (source, kept) in kernels.items():
+            setattr(loaded, name, types.SimpleNamespace(fn=types.SimpleNamespace(src=source), configs=[1, 2, 3],
+                                                        launchers=[types.SimpleNamespace(config=c) for c in kept]))
         return loaded
 
-    earlier = module(triton_red_fused_1=["XBLOCK: 1, R0_BLOCK: 2048"])
+    earlier = module(triton_red_fused_1=("def k(): pass", ["XBLOCK: 1, R0_BLOCK: 2048"]))
     monkeypatch.setattr(PyCodeCache, "modules", [earlier])
     before = {id(m) for m in PyCodeCache.modules}
-    PyCodeCache.modules.append(module(triton_red_fused_1=["XBLOCK: 8, R0_BLOCK: 512"], call=["not a kernel"]))
-    PyCodeCache.modules.append(module(triton_red_fused_1=["XBLOCK: 1, R0_BLOCK: 2048"], triton_poi_fused_2=[]))
-    assert _autotuned(before) == {"triton_red_fused_1": ["XBLOCK: 8, R0_BLOCK: 512", "XBLOCK: 1, R0_BLOCK: 2048"]}
+    PyCodeCache.modules.append(module(triton_red_fused_1=("def k(): pass", ["XBLOCK: 8, R0_BLOCK: 512"]),
+                                      call=("", ["not a kernel"])))
+    PyCodeCache.modules.append(module(triton_red_fused_1=("def k(): return", ["XBLOCK: 1, R0_BLOCK: 2048"]),
+                                      triton_poi_fused_2=("", [])))
+    sha = {src: hashlib.sha1(src.encode()).hexdigest()[:12] for src in ("def k(): pass", "def k(): return")}
+    assert _autotuned(before) == {"triton_red_fused_1": [
+        {"config": "XBLOCK: 8, R0_BLOCK: 512", "candidates": 3, "source": sha["def k(): pass"]},
+        {"config": "XBLOCK: 1, R0_BLOCK: 2048", "candidates": 3, "source": sha["def k(): return"]}]}
 
 
 def test_device_trace_counts_only_the_copy_time_no_kernel_ran_beside_as_exposed():
