@@ -26,7 +26,8 @@ cachepass with ``dynamic="latents"`` (the latents' sizes symbolic from the first
 ``stepcache-piecewise`` the whole model's program (``scope="model"``),
 ``dynamo-trace-opaque-blocks`` with each block a pass-through (Dynamo's floor if it never traced into a block; its
 output is not the model's). stepcache rows also give the backend's own seconds (passes, split and piece compiles),
-read from its log.
+read from its log. The new shape's call is split into Dynamo's phases (bytecode tracing, the compiler, guards, the
+first run) in the cold process (``new_shape_phases``) and in each warm one.
 """
 
 from __future__ import annotations
@@ -326,8 +327,9 @@ def _row(variant: str, cold: dict, warms: list[dict], portable: dict) -> dict:
            "warm_start_each_s": [w["first_call_s"] for w in warms],
            "warm_new_shape_each_s": [w["new_shape_s"] for w in warms],
            "warm_third_shape_each_s": [w["third_shape_s"] for w in warms],
-           "warm_new_shape_phases_each": [{k: w.get(f"new_shape_{k}") for k in (*PHASES, "backend_s")} for w in warms],
+           "warm_new_shape_phases_each": [_new_shape_phases(w) for w in warms],
            "second_call_s": cold["second_call_s"], "new_shape_s": cold["new_shape_s"],
+           "new_shape_phases": _new_shape_phases(cold), "new_shape_backend_log": cold.get("new_shape_backend_log"),
            "third_shape_s": cold["third_shape_s"],
            "cold_backend_s": cold.get("backend_s"),
            "warm_backend_s": warm.get("backend_s"), "cold_backend_log": cold.get("backend_log"),
@@ -341,13 +343,22 @@ def _row(variant: str, cold: dict, warms: list[dict], portable: dict) -> dict:
           f"second call {row['second_call_s'] * 1e3:7.1f} ms   new shape {row['new_shape_s']:6.1f} s   "
           f"third shape {row['third_shape_s']:6.1f} s{backend}",
           flush=True)
-    for w in warms:
-        if w.get("new_shape_bytecode_tracing_s") is not None:
-            print(f"{'':<22} warm new shape {w['new_shape_s']:.2f} s: bytecode tracing {w['new_shape_bytecode_tracing_s']:.2f}"
-                  f"   compiler {w['new_shape_user_compiler_s']:.2f}"
-                  + (f" (ours {w['new_shape_backend_s']:.2f})" if w.get("new_shape_backend_s") is not None else "")
-                  + f"   guards {w['new_shape_build_guards_s']:.2f}   run {w['new_shape_first_run_s']:.2f}", flush=True)
+    for start, process in (("new shape in the cold process", cold), *(("warm new shape", w) for w in warms)):
+        if process.get("new_shape_bytecode_tracing_s") is not None:
+            print(f"{'':<22} {start} {process['new_shape_s']:.2f} s: {_phases_text(process)}", flush=True)
     return row
+
+
+def _new_shape_phases(process: dict) -> dict:
+    """Where a process's new-shape call went: Dynamo's `PHASES` and our backend's seconds (None for regional compile)."""
+    return {k: process.get(f"new_shape_{k}") for k in (*PHASES, "backend_s")}
+
+
+def _phases_text(process: dict) -> str:
+    ours = process.get("new_shape_backend_s")
+    return (f"bytecode tracing {process['new_shape_bytecode_tracing_s']:.2f}   compiler "
+            f"{process['new_shape_user_compiler_s']:.2f}" + (f" (ours {ours:.2f})" if ours is not None else "")
+            + f"   guards {process['new_shape_build_guards_s']:.2f}   run {process['new_shape_first_run_s']:.2f}")
 
 
 def _write(rows: list[dict], args, warmup_s: float) -> None:

@@ -143,10 +143,10 @@ def test_a_variants_held_bytes_count_the_model_on_an_indexed_device():
     assert _device_bytes(model, torch.device("meta")) == 0
 
 
-def test_cold_start_interleaves_the_variants_processes_and_pairs_each_warm_round(tmp_path, monkeypatch):
+def test_cold_start_interleaves_the_variants_processes_and_pairs_each_warm_round(tmp_path, monkeypatch, capsys):
     """``--interleave``: one uncompiled process (the machine's warm-up), every cold process, then warm round r of every
     variant before round r + 1 of any, then the from-artifacts processes; each row gives each round's warm ratio to
-    regional compile."""
+    regional compile, and where the new shape's call went in the cold process and in each warm one."""
     from bench import cold_start
 
     calls = []
@@ -156,9 +156,13 @@ def test_cold_start_interleaves_the_variants_processes_and_pairs_each_warm_round
         calls.append((start, variant))
         timed = sum(c[0] == "warm" and c[1] != "eager" for c in calls)
         seconds = {"stepcache-piecewise": 6.0, "regional-compile": 4.0, "eager": 0.5}[variant] + timed
-        return {"variant": variant, "first_call_s": seconds, "second_call_s": 0.1, "new_shape_s": 2.0,
+        compiler = 5.0 if start == "cold" else 0.3  # the new shape's: kernels compiled, or loaded from the caches
+        phases = {"new_shape_dynamo_compile_s": compiler + 1.0, "new_shape_bytecode_tracing_s": 0.8,
+                  "new_shape_user_compiler_s": compiler, "new_shape_build_guards_s": 0.1, "new_shape_first_run_s": 0.2}
+        ours = {"new_shape_backend_s": compiler - 0.1} if variant.startswith("stepcache") else {}
+        return {"variant": variant, "first_call_s": seconds, "second_call_s": 0.1, "new_shape_s": compiler + 1.2,
                 "third_shape_s": {"stepcache-piecewise": 3.0, "regional-compile": 0.2}.get(variant, 0.1),
-                "artifacts_load_s": 0.1 if start == "from artifacts" else None, "artifacts_mb": 1.0}
+                "artifacts_load_s": 0.1 if start == "from artifacts" else None, "artifacts_mb": 1.0, **phases, **ours}
 
     monkeypatch.setattr(cold_start, "run", fake_run)
     cold_start.main(["--variants", "stepcache-piecewise,regional-compile", "--warm-repeats", "2", "--interleave",
@@ -175,6 +179,13 @@ def test_cold_start_interleaves_the_variants_processes_and_pairs_each_warm_round
     assert rows["stepcache-piecewise"]["warm_vs_regional_each"] == [7.0 / 6.0, 9.0 / 8.0]
     assert rows["stepcache-piecewise"]["warm_third_shape_each_s"] == [3.0, 3.0]
     assert rows["stepcache-piecewise"]["third_shape_vs_regional"] == 3.0 / 0.2
+    assert rows["stepcache-piecewise"]["new_shape_phases"]["user_compiler_s"] == 5.0
+    assert rows["stepcache-piecewise"]["new_shape_phases"]["backend_s"] == 4.9
+    assert rows["regional-compile"]["new_shape_phases"]["backend_s"] is None
+    assert [p["user_compiler_s"] for p in rows["regional-compile"]["warm_new_shape_phases_each"]] == [0.3, 0.3]
+    printed = capsys.readouterr().out
+    assert "new shape in the cold process 6.20 s: bytecode tracing 0.80   compiler 5.00 (ours 4.90)" in printed
+    assert printed.count("warm new shape 1.50 s: bytecode tracing 0.80   compiler 0.30   guards") == 2  # regional's
     assert result["command"].endswith("--interleave")
     assert "its first call 0.50 s" in result["machine_warmup"]
 
