@@ -76,7 +76,8 @@ def _autotuned(loaded_before: set[int]) -> dict[str, list[dict]]:
     """Per Triton kernel of the Inductor modules loaded since (this variant's compiles), one entry per module that
     defines a kernel of that name: the launch config its autotuning kept, of how many candidates, and a hash of
     its source. A kernel of one name that runs slower in one variant than in another shows here whether its code
-    or only the pick differed (bench/NOTES.md, nineteenth session)."""
+    or only the pick differed (bench/NOTES.md, nineteenth session). A module an earlier variant of the process
+    loaded (a cache hit: one module, one pick for both) is not this variant's: its kernels have no entry."""
     picked: dict[str, list[dict]] = {}
     for module in PyCodeCache.modules:
         if id(module) in loaded_before:
