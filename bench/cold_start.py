@@ -118,7 +118,7 @@ def child(variant: str, blocks: int, device: str, width: str, save_artifacts: st
     widest = torch.cat([latents] * 3, dim=-1)  # a third one: the second's symbolic program runs it
     with torch.no_grad():
         for t, x in ((999, latents), (874, latents), (999, wider), (999, widest)):
-            profiler = cProfile.Profile() if profile_to and not times else None
+            profiler = cProfile.Profile() if profile_to and len(times) in PROFILED else None
             before = _call_phases(0.0)  # Dynamo's timers' totals so far
             start = time.perf_counter()
             with profiler or contextlib.nullcontext():
@@ -132,7 +132,7 @@ def child(variant: str, blocks: int, device: str, width: str, save_artifacts: st
             elif len(times) == 3:
                 new_shape_phases = _call_phases(times[2], since=before)
             if profiler is not None:
-                _write_profile(profiler, profile_to)
+                _write_profile(profiler, profile_to.removesuffix(".txt") + PROFILED[len(times) - 1] + ".txt")
     saved = {}
     if save_artifacts:
         saved_artifacts = torch.compiler.save_cache_artifacts()  # None where nothing went through the caches
@@ -157,8 +157,11 @@ def _with_block_leaves(fn, model):
     return call
 
 
+PROFILED = {0: "", 2: "-new-shape"}  # the calls of a child that ``--profile-to`` profiles (the first, the new shape's)
+
+
 def _write_profile(profiler: cProfile.Profile, path: str) -> None:
-    """The first call's profile: the 60 functions with the most cumulative time, then the 40 with the most own time;
+    """A call's profile: the 60 functions with the most cumulative time, then the 40 with the most own time;
     the whole profile beside it (``.prof``, for `pstats`)."""
     profiler.dump_stats(path.removesuffix(".txt") + ".prof")
     with open(path, "w") as f:
@@ -244,14 +247,14 @@ def _reported(start: str, out: dict) -> dict:
 
 
 def _profile(variant: str, args, warm_cache: str) -> None:
-    """One more cold process (a fresh cache folder) and one more warm one (``warm_cache``), their first calls under
-    cProfile: ``cold_start-profile-<variant>-{cold,warm}.txt`` in ``args.out``."""
+    """One more cold process (a fresh cache folder) and one more warm one (``warm_cache``), their first calls and
+    new-shape calls under cProfile: ``cold_start-profile-<variant>-{cold,warm}[-new-shape].txt`` in ``args.out``."""
     os.makedirs(args.out, exist_ok=True)
     with tempfile.TemporaryDirectory() as fresh:
         for start, cache in (("cold", fresh), ("warm", warm_cache)):
             path = os.path.abspath(os.path.join(args.out, f"cold_start-profile-{variant}-{start}.txt"))
             run(variant, args.blocks, args.device, args.width, cache, "--profile-to", path)
-            print(f"wrote {path}", flush=True)
+            print(f"wrote {path} and its -new-shape.txt", flush=True)
 
 
 def main(argv=None) -> int:
@@ -269,8 +272,8 @@ def main(argv=None) -> int:
                         "round's warm ratio to regional compile")
     p.add_argument("--child", help=argparse.SUPPRESS)
     p.add_argument("--profile", default="",
-                   help="comma-separated variants whose first call is also profiled (cProfile), in one more cold and "
-                        "one more warm process, untimed; the reports go to --out")
+                   help="comma-separated variants whose first and new-shape calls are also profiled (cProfile), in one "
+                        "more cold and one more warm process, untimed; the reports go to --out")
     p.add_argument("--profile-to", help=argparse.SUPPRESS)
     p.add_argument("--save-artifacts", help=argparse.SUPPRESS)
     p.add_argument("--load-artifacts", help=argparse.SUPPRESS)
