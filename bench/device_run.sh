@@ -4,7 +4,9 @@
 #   bash bench/device_run.sh start "--workload wan-1.3b-33f --schedule static;--workload wan-1.3b-1f"
 #   bash bench/device_run.sh exec "torchrun --nproc-per-node 2 -m bench.context_parallel --workload wan-1.3b-1f"
 #                                          # any commands, as given; --out $RESULTS keeps their files
-#   bash bench/device_run.sh wait 560      # repeat until it prints "done"; copies results to $OUT
+#   bash bench/device_run.sh wait 560      # repeat until it prints "done"; packs the results into $OUT/results.tgz
+#                                          # (one file: $OUT brings back 8 at most; no .png or .prof) beside bench.log;
+#                                          # here: tar xzf /work/.device/N/results.tgz -C DIR
 # A run's own --out (a folder under /tmp/stepcache-bench/results) keeps two runs of one workload apart.
 set -u
 dir=/tmp/stepcache-bench
@@ -25,6 +27,6 @@ case "$1" in
     end=$((SECONDS + $2))
     while [ ! -f "$dir/done" ] && [ $SECONDS -lt $end ]; do sleep 5; done
     grep -av "call/s\|it/s\]" "$dir/log" | grep -E "^\||INFO (rank0 )?bench|ERROR|wrote|Traceback|[Ww]atchdog" | tail -n 60
-    cp -r "$dir"/results/* "${OUT:?}/" 2>/dev/null; cp "$dir/log" "$OUT/bench.log"
+    tar czf "${OUT:?}/results.tgz" -C "$dir" --exclude='*.png' --exclude='*.prof' results; cp "$dir/log" "$OUT/bench.log"
     if [ -f "$dir/done" ]; then echo done; else echo running; fi ;;
 esac
