@@ -186,7 +186,14 @@ def _value_key(value: Any) -> Any:
     return repr(value)
 
 
-def significant_strides(value: torch.Tensor, size: Callable[[Any], Any] | None = None) -> tuple:
+def size_key(size: Any) -> Any:
+    """An int as it is; a symbolic size as its expression, compared by structure. Comparing a ``SymInt`` asks its shape
+    environment (a guard evaluation, tens of microseconds at a new shape's symbolic sizes); two expressions alike are
+    the same size, and two that are not may still be equal under the environment's facts."""
+    return size.node.expr if isinstance(size, torch.SymInt) else size
+
+
+def significant_strides(value: torch.Tensor, size: Callable[[Any], Any] = size_key) -> tuple:
     """Strides with those of size-1 dimensions left out: no index ever moves along them.
 
     FLUX's single blocks return views of their joint text+image buffer, shaped [1, tokens, dim]
@@ -195,15 +202,7 @@ def significant_strides(value: torch.Tensor, size: Callable[[Any], Any] | None =
     size-1 dimensions too, so one compiled block serves both. ``size``: how a size is read (`size_key` by default; a
     function returning the ``SymInt`` itself compares as the shape environment decides).
     """
-    size = size or size_key
     return tuple(size(s) if size(n) != 1 else None for n, s in zip(value.shape, value.stride()))
-
-
-def size_key(size: Any) -> Any:
-    """An int as it is; a symbolic size as its expression, compared by structure. Comparing a ``SymInt`` asks its shape
-    environment (a guard evaluation, tens of microseconds at a new shape's symbolic sizes); two expressions alike are
-    the same size, and two that are not may still be equal under the environment's facts."""
-    return size.node.expr if isinstance(size, torch.SymInt) else size
 
 
 def arg_key(arg: Any, index: dict[fx.Node, int]) -> Any:
