@@ -86,7 +86,7 @@ def _autotuned(loaded_before: set[int]) -> dict[str, list[dict]]:
             if name.startswith("triton_") and getattr(value, "launchers", None):
                 source = getattr(getattr(value, "fn", None), "src", None)
                 picked.setdefault(name, []).extend(
-                    {"config": str(launcher.config), "candidates": len(getattr(value, "configs", ())),
+                    {"config": str(launcher.config), "candidates": len(getattr(value, "configs", None) or ()),
                      "source": hashlib.sha1(source.encode()).hexdigest()[:12] if isinstance(source, str) else None}
                     for launcher in value.launchers)
     return picked
