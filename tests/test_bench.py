@@ -92,8 +92,9 @@ def test_profile_gap_names_the_autotuned_config_of_each_triton_kernel_a_variant_
 
     def module(**kernels):
         loaded = types.ModuleType("output_code")
-        for name, (source, kept) in kernels.items():
-            setattr(loaded, name, types.SimpleNamespace(fn=types.SimpleNamespace(src=source), configs=[1, 2, 3],
+        for name, (source, kept, *configs) in kernels.items():  # configs: the autotuner's list, None once it kept one
+            setattr(loaded, name, types.SimpleNamespace(fn=types.SimpleNamespace(src=source),
+                                                        configs=configs[0] if configs else [1, 2, 3],
                                                         launchers=[types.SimpleNamespace(config=c) for c in kept]))
         return loaded
 
@@ -103,11 +104,13 @@ def test_profile_gap_names_the_autotuned_config_of_each_triton_kernel_a_variant_
     PyCodeCache.modules.append(module(triton_red_fused_1=("def k(): pass", ["XBLOCK: 8, R0_BLOCK: 512"]),
                                       call=("", ["not a kernel"])))
     PyCodeCache.modules.append(module(triton_red_fused_1=("def k(): return", ["XBLOCK: 1, R0_BLOCK: 2048"]),
-                                      triton_poi_fused_2=("", [])))
+                                      triton_poi_fused_2=("", []),
+                                      triton_per_fused_3=("def k(): pass", ["XBLOCK: 2, R0_BLOCK: 512"], None)))
     sha = {src: hashlib.sha1(src.encode()).hexdigest()[:12] for src in ("def k(): pass", "def k(): return")}
     assert _autotuned(before) == {"triton_red_fused_1": [
         {"config": "XBLOCK: 8, R0_BLOCK: 512", "candidates": 3, "source": sha["def k(): pass"]},
-        {"config": "XBLOCK: 1, R0_BLOCK: 2048", "candidates": 3, "source": sha["def k(): return"]}]}
+        {"config": "XBLOCK: 1, R0_BLOCK: 2048", "candidates": 3, "source": sha["def k(): return"]}],
+        "triton_per_fused_3": [{"config": "XBLOCK: 2, R0_BLOCK: 512", "candidates": 0, "source": sha["def k(): pass"]}]}
 
 
 def test_device_trace_counts_only_the_copy_time_no_kernel_ran_beside_as_exposed():
