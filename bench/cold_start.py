@@ -27,7 +27,9 @@ cachepass with ``dynamic="latents"`` (the latents' sizes symbolic from the first
 ``dynamo-trace-opaque-blocks`` with each block a pass-through (Dynamo's floor if it never traced into a block; its
 output is not the model's). stepcache rows also give the backend's own seconds (passes, split and piece compiles),
 read from its log. The new shape's call is split into Dynamo's phases (bytecode tracing, the compiler, guards, the
-first run) in the cold process (``new_shape_phases``) and in each warm one.
+first run) in the cold process (``new_shape_phases``) and in each warm one, with Inductor's Triton work: kernels
+compiled, those compiled in this process because the compile pool was not ready, the waits on the pool, and the
+kernels autotuned at their first launch (`TRITON_TIMERS`); the cold process's first call is split the same way.
 """
 
 from __future__ import annotations
@@ -169,7 +171,13 @@ def _write_profile(profiler: cProfile.Profile, path: str) -> None:
             pstats.Stats(profiler, stream=f).strip_dirs().sort_stats(key).print_stats(count)
 
 
-PHASES = ("dynamo_compile_s", "bytecode_tracing_s", "user_compiler_s", "build_guards_s", "first_run_s")
+TRITON_TIMERS = (  # Inductor's own timers of its Triton work (`dynamo_timed` keys), as seconds and counts
+    ("triton_in_process", "async_compile.precompile"),  # kernels compiled in this process (the compile pool not ready)
+    ("triton_pool_wait", "async_compile.wait"),  # waits on the compile pool's workers (once per compiled graph)
+    ("autotune", "CachingAutotuner.benchmark_all_configs"),  # kernels whose launch configs were timed at a first launch
+)
+PHASES = ("dynamo_compile_s", "bytecode_tracing_s", "user_compiler_s", "build_guards_s", "first_run_s",
+          "triton_compiled_n", *(f"{name}_{unit}" for name, _ in TRITON_TIMERS for unit in ("s", "n")))
 LOGGED = ("capture_s", "warmup_call_s")
 
 
@@ -181,18 +189,22 @@ def _first_call_phases(first_call_s: float) -> dict:
 
 
 def _call_phases(call_s: float, since: dict | None = None) -> dict:
-    """`PHASES` of a call of ``call_s`` seconds: Dynamo's timers now, less their totals in ``since`` (this function's
-    result before the call)."""
-    from torch._dynamo.utils import compilation_time_metrics
+    """`PHASES` of a call of ``call_s`` seconds: Dynamo's and Inductor's timers now, less their totals in ``since``
+    (this function's result before the call). ``first_run_s`` is what the compile leaves of the call; the Triton
+    entries are how many kernels Inductor compiled (a cache miss of its in-process kernel cache), how many of them in
+    this process, what it waited on its compile pool, and how many kernels had their configs timed (`TRITON_TIMERS`)."""
+    from torch._dynamo.utils import compilation_time_metrics, counters
 
-    def total(key: str) -> float:
-        return sum(compilation_time_metrics.get(key, ()))
+    def total(key: str, unit: str = "s") -> float:
+        timed = compilation_time_metrics.get(key, ())
+        return sum(timed) if unit == "s" else len(timed)
 
-    before = {k: (since or {}).get(k, 0.0) for k in PHASES}
-    compile_s = total("_compile.compile_inner") - before["dynamo_compile_s"]
-    return dict(zip(PHASES, (compile_s, total("bytecode_tracing") - before["bytecode_tracing_s"],
-                             total("OutputGraph.call_user_compiler") - before["user_compiler_s"],
-                             total("build_guards") - before["build_guards_s"], call_s - compile_s), strict=True))
+    now = {"dynamo_compile_s": total("_compile.compile_inner"), "bytecode_tracing_s": total("bytecode_tracing"),
+           "user_compiler_s": total("OutputGraph.call_user_compiler"), "build_guards_s": total("build_guards"),
+           "triton_compiled_n": counters["inductor"]["async_compile_cache_miss"],
+           **{f"{name}_{unit}": total(key, unit) for name, key in TRITON_TIMERS for unit in ("s", "n")}}
+    phases = {k: v - (since or {}).get(k, 0) for k, v in now.items()}
+    return {**phases, "first_run_s": call_s - phases["dynamo_compile_s"]}
 
 
 def _cache_counts() -> dict:
@@ -346,9 +358,12 @@ def _row(variant: str, cold: dict, warms: list[dict], portable: dict) -> dict:
           f"second call {row['second_call_s'] * 1e3:7.1f} ms   new shape {row['new_shape_s']:6.1f} s   "
           f"third shape {row['third_shape_s']:6.1f} s{backend}",
           flush=True)
-    for start, process in (("new shape in the cold process", cold), *(("warm new shape", w) for w in warms)):
-        if process.get("new_shape_bytecode_tracing_s") is not None:
-            print(f"{'':<22} {start} {process['new_shape_s']:.2f} s: {_phases_text(process)}", flush=True)
+    calls = (("first call in the cold process", "", cold["first_call_s"], cold),
+             ("new shape in the cold process", "new_shape_", cold["new_shape_s"], cold),
+             *(("warm new shape", "new_shape_", w["new_shape_s"], w) for w in warms))
+    for name, prefix, seconds, process in calls:
+        if process.get(f"{prefix}bytecode_tracing_s") is not None:
+            print(f"{'':<22} {name} {seconds:.2f} s: {_phases_text(process, prefix)}", flush=True)
     return row
 
 
@@ -357,11 +372,17 @@ def _new_shape_phases(process: dict) -> dict:
     return {k: process.get(f"new_shape_{k}") for k in (*PHASES, "backend_s")}
 
 
-def _phases_text(process: dict) -> str:
-    ours = process.get("new_shape_backend_s")
-    return (f"bytecode tracing {process['new_shape_bytecode_tracing_s']:.2f}   compiler "
-            f"{process['new_shape_user_compiler_s']:.2f}" + (f" (ours {ours:.2f})" if ours is not None else "")
-            + f"   guards {process['new_shape_build_guards_s']:.2f}   run {process['new_shape_first_run_s']:.2f}")
+def _phases_text(process: dict, prefix: str) -> str:
+    """A call's phases (``prefix`` "" for the first call, "new_shape_" for the new shape's) as one line."""
+    phase = {k: process.get(f"{prefix}{k}") for k in (*PHASES, "backend_s")}
+    text = (f"bytecode tracing {phase['bytecode_tracing_s']:.2f}   compiler {phase['user_compiler_s']:.2f}"
+            + (f" (ours {phase['backend_s']:.2f})" if phase["backend_s"] is not None else "")
+            + f"   guards {phase['build_guards_s']:.2f}   run {phase['first_run_s']:.2f}")
+    if phase["triton_compiled_n"]:
+        text += (f"   Triton: {phase['triton_compiled_n']} kernels compiled, {phase['triton_in_process_n']} in this "
+                 f"process ({phase['triton_in_process_s']:.2f} s), pool waits {phase['triton_pool_wait_s']:.2f} s, "
+                 f"{phase['autotune_n']} autotuned ({phase['autotune_s']:.2f} s)")
+    return text
 
 
 def _write(rows: list[dict], args, warmup_s: float) -> None:

@@ -163,6 +163,10 @@ def test_cold_start_interleaves_the_variants_processes_and_pairs_each_warm_round
         phases = {"new_shape_dynamo_compile_s": compiler + 1.0, "new_shape_bytecode_tracing_s": 0.8,
                   "new_shape_user_compiler_s": compiler, "new_shape_build_guards_s": 0.1, "new_shape_first_run_s": 0.2}
         ours = {"new_shape_backend_s": compiler - 0.1} if variant.startswith("stepcache") else {}
+        if start == "cold":  # Inductor's Triton work at the new shape (none in the warm processes: their caches hit)
+            phases.update(new_shape_triton_compiled_n=8, new_shape_triton_in_process_n=0, new_shape_triton_in_process_s=0.0,
+                          new_shape_triton_pool_wait_n=1, new_shape_triton_pool_wait_s=compiler - 2.0,
+                          new_shape_autotune_n=6, new_shape_autotune_s=1.5)
         return {"variant": variant, "first_call_s": seconds, "second_call_s": 0.1, "new_shape_s": compiler + 1.2,
                 "third_shape_s": {"stepcache-piecewise": 3.0, "regional-compile": 0.2}.get(variant, 0.1),
                 "artifacts_load_s": 0.1 if start == "from artifacts" else None, "artifacts_mb": 1.0, **phases, **ours}
@@ -187,10 +191,38 @@ def test_cold_start_interleaves_the_variants_processes_and_pairs_each_warm_round
     assert rows["regional-compile"]["new_shape_phases"]["backend_s"] is None
     assert [p["user_compiler_s"] for p in rows["regional-compile"]["warm_new_shape_phases_each"]] == [0.3, 0.3]
     printed = capsys.readouterr().out
-    assert "new shape in the cold process 6.20 s: bytecode tracing 0.80   compiler 5.00 (ours 4.90)" in printed
+    assert ("new shape in the cold process 6.20 s: bytecode tracing 0.80   compiler 5.00 (ours 4.90)   guards 0.10   "
+            "run 0.20   Triton: 8 kernels compiled, 0 in this process (0.00 s), pool waits 3.00 s, 6 autotuned (1.50 s)"
+            in printed)
+    assert rows["regional-compile"]["new_shape_phases"]["triton_pool_wait_s"] == 3.0
     assert printed.count("warm new shape 1.50 s: bytecode tracing 0.80   compiler 0.30   guards") == 2  # regional's
     assert result["command"].endswith("--interleave")
     assert "its first call 0.50 s" in result["machine_warmup"]
+
+
+def test_cold_start_phases_of_a_call_are_the_timers_growth_over_it(monkeypatch):
+    """A call's phases: Dynamo's and Inductor's timers (seconds and counts) and Inductor's compiled-kernel counter,
+    less what they held before the call; the first run is what the compile leaves of the call."""
+    import collections
+
+    from torch._dynamo import utils
+
+    from bench import cold_start
+
+    timers = {"_compile.compile_inner": [2.0], "async_compile.precompile": [0.5, 0.25], "async_compile.wait": [1.0]}
+    monkeypatch.setattr(utils, "compilation_time_metrics", timers)
+    monkeypatch.setitem(utils.counters, "inductor", collections.Counter(async_compile_cache_miss=2))
+    before = cold_start._call_phases(0.0)
+    timers["_compile.compile_inner"].append(3.0)
+    timers["async_compile.wait"].append(2.5)
+    timers["CachingAutotuner.benchmark_all_configs"] = [0.4, 0.1, 0.2]
+    utils.counters["inductor"]["async_compile_cache_miss"] += 5
+    phases = cold_start._call_phases(4.0, since=before)
+    assert phases == {"dynamo_compile_s": 3.0, "bytecode_tracing_s": 0, "user_compiler_s": 0, "build_guards_s": 0,
+                      "first_run_s": 1.0, "triton_compiled_n": 5, "triton_in_process_s": 0, "triton_in_process_n": 0,
+                      "triton_pool_wait_s": 2.5, "triton_pool_wait_n": 1, "autotune_s": pytest.approx(0.7),
+                      "autotune_n": 3}
+    assert set(phases) == set(cold_start.PHASES)
 
 
 def test_op_count_counts_the_outermost_ops_that_launch_work_and_leaves_out_views(tmp_path):
