@@ -44,6 +44,15 @@ def test_compare_writes_json_table_and_plot(tmp_path):
     assert json_path.with_suffix(".png").stat().st_size > 10_000
 
 
+def test_the_table_gives_medians_spreads_and_gpu_time_to_four_places():
+    """A 0.2% difference between two 2.9 s medians must be readable in the table, not only in the JSON."""
+    from bench.report import table
+
+    row = {"variant": "stepcache", "status": "ok", "median_s": 2.946057, "times_s": [2.913641, 2.946057, 2.955912],
+           "gpu_busy_s": 2.936815}
+    assert "| stepcache | ok | 2.9461 | 2.9136-2.9559 | 2.9368 |" in table([row])
+
+
 def test_compare_interleaves_repeats_across_variants(tmp_path):
     """--interleave: every variant on its own model copy, repeats round-robin; the same decisions and columns. An
     offload variant interleaves on its own copy too (on the CPU the slot logic runs with CPU copies)."""
