@@ -406,8 +406,8 @@ def _write(rows: list[dict], args, warmup_s: float) -> None:
         "torch": torch.__version__,
         "date": datetime.date.today().isoformat(),
         "command": f"python -m bench.cold_start --blocks {args.blocks} --device {args.device} --width {args.width} "
-                   f"--variants {args.variants} --warm-repeats {args.warm_repeats}" + (" --interleave" if args.interleave
-                                                                                      else ""),
+                   f"--variants {args.variants} --warm-repeats {args.warm_repeats}"
+                   + (f" --profile {args.profile}" if args.profile else "") + (" --interleave" if args.interleave else ""),
         "model": f"diffusers WanTransformer3DModel, {args.blocks} blocks, {args.width} width "
                  f"({WIDTHS[args.width]['num_attention_heads'] * WIDTHS[args.width]['attention_head_dim']}), 256 tokens "
                  "(512 for the new shape, 768 for the third), random weights",

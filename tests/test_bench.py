@@ -209,6 +209,25 @@ def test_cold_start_interleaves_the_variants_processes_and_pairs_each_warm_round
     assert "its first call 0.50 s" in result["machine_warmup"]
 
 
+def test_cold_start_rows_name_the_profiled_variants_in_their_command(tmp_path, monkeypatch):
+    """``--profile``'s extra processes are part of the run a row comes from: its command says so."""
+    from bench import cold_start
+
+    profiled = []
+
+    def fake_run(variant, blocks, device, width, cache, *extra):
+        if "--profile-to" in extra:
+            profiled.append(variant)
+        return {"variant": variant, "first_call_s": 1.0, "second_call_s": 0.1, "new_shape_s": 0.5, "third_shape_s": 0.1,
+                "artifacts_load_s": 0.1 if "--load-artifacts" in extra else None, "artifacts_mb": 1.0}
+
+    monkeypatch.setattr(cold_start, "run", fake_run)
+    cold_start.main(["--variants", "stepcache,regional-compile", "--profile", "stepcache", "--out", str(tmp_path)])
+    (path,) = tmp_path.glob("cold_start-cpu-*.json")
+    assert json.loads(path.read_text())["command"].endswith("--warm-repeats 1 --profile stepcache")
+    assert profiled == ["stepcache", "stepcache"]  # a cold and a warm process
+
+
 def test_cold_start_phases_of_a_call_are_the_timers_growth_over_it(monkeypatch):
     """A call's phases: Dynamo's and Inductor's timers (seconds and counts) and Inductor's compiled-kernel counter,
     less what they held before the call; the first run is what the compile leaves of the call."""
