@@ -139,10 +139,10 @@ def cache_dit_group_offload(ctx: Context, cache_first: bool = False) -> Prepared
 
 def stepcache(ctx: Context, inner: str = "inductor", mode: str | None = None, form: str = "piecewise",
               cudagraphs: str | None = None, offload: dict | None = None, glue: str | None = None,
-              scope: str | None = None) -> Prepared:
+              scope: str | None = None, dynamic: str | None = None) -> Prepared:
     """Outputs need no clone: with CUDA graphs the executor returns copies (see cachepass.cudagraphs.graphed)."""
     fn = cachepass.compile(ctx.model, ctx.config, inner=inner, mode=mode, form=form, cudagraphs=cudagraphs,
-                           offload=offload, glue=glue, scope=scope)
+                           offload=offload, glue=glue, scope=scope, dynamic=dynamic)
 
     def decisions():
         return [(u.cached_steps, u.cfg_cached_steps) for u in cachepass.stats(ctx.model)]
@@ -246,6 +246,8 @@ VARIANTS: dict[str, Callable[[Context], Prepared]] = {
     "stepcache-blocks": lambda ctx: stepcache(ctx, scope="blocks"),  # each block list compiled alone (cachepass.block_scope)
     "stepcache-model": lambda ctx: stepcache(ctx, scope="model"),  # the whole model's program
     "stepcache-symbolic": stepcache_symbolic,  # the default at its second shape: the program with symbolic sizes
+    # the latents' sizes symbolic from the first call (cachepass.symbolic_latents): a new resolution needs no compile
+    "stepcache-dynamic-latents": lambda ctx: stepcache(ctx, dynamic="latents"),
     # the glue pieces' compiler set (the default: as traced under Inductor, cachepass.options.CompileOptions.default_glue)
     "stepcache-glue-inductor": lambda ctx: stepcache(ctx, glue="inductor"),
     "stepcache-glue-aot_eager": lambda ctx: stepcache(ctx, glue="aot_eager"),

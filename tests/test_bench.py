@@ -44,6 +44,20 @@ def test_compare_writes_json_table_and_plot(tmp_path):
     assert json_path.with_suffix(".png").stat().st_size > 10_000
 
 
+def test_compare_runs_the_default_with_symbolic_latents_on_one_program(tmp_path):
+    """``stepcache-dynamic-latents``: the default call with ``dynamic="latents"`` caches what the default caches, in one
+    graph, with no recompile (its first compile is already symbolic)."""
+    command = [sys.executable, "-m", "bench.compare", "--workload", "tiny", "--device", "cpu", "--repeats", "1",
+               "--variants", "stepcache,stepcache-dynamic-latents", "--out", str(tmp_path)]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = {r["variant"]: r for r in json.loads(next(tmp_path.glob("cpu-*.json")).read_text())}
+    symbolic = rows["stepcache-dynamic-latents"]
+    assert symbolic["status"] == "ok", symbolic.get("error")
+    assert symbolic["cached_steps"] == rows["stepcache"]["cached_steps"] == 16
+    assert (symbolic["graph_count"], symbolic["graph_breaks"], symbolic["recompiles"]) == (1, 0, 0)
+
+
 def test_the_table_gives_medians_spreads_and_gpu_time_to_four_places():
     """A 0.2% difference between two 2.9 s medians must be readable in the table, not only in the JSON."""
     from bench.report import table
