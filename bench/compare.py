@@ -39,7 +39,13 @@ import cachepass  # noqa: E402
 from bench import device_trace, offload, report  # noqa: E402
 from bench.measure import counted, generation, new_graphs  # noqa: E402
 from bench.timing import fresh_compile_caches, median, peak_memory_gb, reset_peak_memory, synchronize, timed  # noqa: E402
-from bench.variants import VARIANTS, Context, cache_dit_compile_settings, remember_decisions  # noqa: E402
+from bench.variants import (  # noqa: E402
+    VARIANTS,
+    Context,
+    cache_dit_compile_settings,
+    remember_decisions,
+    shared_program_conflict,
+)
 from bench.workloads import STATIC_MASK, WORKLOADS  # noqa: E402
 from cachepass.demo.quality import compare  # noqa: E402
 from cachepass.offload.plan import parse_bytes  # noqa: E402
@@ -195,6 +201,8 @@ def main(argv=None) -> int:
     unknown = [v for v in names if v not in VARIANTS]
     if unknown:
         parser.error(f"unknown variant(s) {unknown}; choose from {list(VARIANTS)}")
+    if conflict := shared_program_conflict(names):
+        parser.error(conflict)
     if args.repeats < 1:
         parser.error("--repeats must be >= 1")
 

@@ -154,18 +154,8 @@ def stepcache_symbolic(ctx: Context) -> Prepared:
     """The default compile called once at another resolution first (two more latent columns of a video latents
     input, or 32 more image tokens of FLUX's packed latents with their position ids): the workload's shape is then
     its second, and the timed generations run the program Dynamo traced with symbolic sizes (Inductor's
-    dynamic-shape kernels), against the static program of ``stepcache``.
-
-    Its model copy gets a subclass of its own: Dynamo shares a frame's compiled programs between instances of one
-    class (two experts share one compile), so in one process ``stepcache``'s model would run the symbolic program too.
-    """
-    cls = type(ctx.model)
-    ctx.model.__class__ = type(cls.__name__, (cls,), {"__module__": cls.__module__})
-    try:
-        prepared = stepcache(ctx)
-    except Exception:
-        ctx.model.__class__ = cls
-        raise
+    dynamic-shape kernels), against the static program of ``stepcache`` (in a process of its own: `SYMBOLIC`)."""
+    prepared = stepcache(ctx)
     compiled, first = prepared.fn, [True]
 
     def fn(*args, **kwargs):
@@ -175,7 +165,6 @@ def stepcache_symbolic(ctx: Context) -> Prepared:
         return compiled(*args, **kwargs)
 
     prepared.fn = fn
-    prepared.cleanup = lambda: setattr(ctx.model, "__class__", cls)  # the variants after it get the model as it was
     return prepared
 
 
@@ -232,6 +221,24 @@ def call_schedule(decisions: list[tuple[list[int], list[int]]], num_steps: int, 
         for stream in range(streams):
             schedule.append(all(step in unit[stream] for unit in decisions))
     return schedule
+
+
+SYMBOLIC = ("stepcache-symbolic", "stepcache-dynamic-latents")  # variants whose programs have symbolic sizes
+
+
+def shared_program_conflict(names: list[str]) -> str | None:
+    """Why ``names`` cannot run in one process, or None. Dynamo keeps a frame's compiled programs per code object and
+    runs the first whose guards pass, so every stepcache variant's model of one class shares the programs of the
+    others (a block list's program is `cachepass.block_scope`'s runner's frame whatever the model). A program with
+    symbolic sizes passes the guards of every shape: once a `SYMBOLIC` variant has compiled, the other stepcache
+    variants' calls would run it, and their rows would time its kernels under their names."""
+    symbolic = [n for n in names if n in SYMBOLIC]
+    others = [n for n in names if n.startswith("stepcache") and n not in SYMBOLIC]
+    if symbolic and (others or len(symbolic) > 1):
+        return (f"--variants: {', '.join(symbolic)} compile(s) a program with symbolic sizes, which Dynamo would also "
+                f"run for {', '.join(others + symbolic[1:])} in this process (one class's compiled programs are "
+                f"shared); run each in a process of its own, e.g. --variants {symbolic[0]},cache-dit+compiled-blocks")
+    return None
 
 
 VARIANTS: dict[str, Callable[[Context], Prepared]] = {

@@ -45,17 +45,29 @@ def test_compare_writes_json_table_and_plot(tmp_path):
 
 
 def test_compare_runs_the_default_with_symbolic_latents_on_one_program(tmp_path):
-    """``stepcache-dynamic-latents``: the default call with ``dynamic="latents"`` caches what the default caches, in one
-    graph, with no recompile (its first compile is already symbolic)."""
+    """``stepcache-dynamic-latents``: the default call with ``dynamic="latents"`` caches what the default caches (the
+    static mask: 8 of 16 steps per CFG stream), in one graph, with no recompile (its first compile is symbolic)."""
     command = [sys.executable, "-m", "bench.compare", "--workload", "tiny", "--device", "cpu", "--repeats", "1",
-               "--variants", "stepcache,stepcache-dynamic-latents", "--out", str(tmp_path)]
+               "--variants", "stepcache-dynamic-latents", "--out", str(tmp_path)]
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
-    rows = {r["variant"]: r for r in json.loads(next(tmp_path.glob("cpu-*.json")).read_text())}
-    symbolic = rows["stepcache-dynamic-latents"]
-    assert symbolic["status"] == "ok", symbolic.get("error")
-    assert symbolic["cached_steps"] == rows["stepcache"]["cached_steps"] == 16
-    assert (symbolic["graph_count"], symbolic["graph_breaks"], symbolic["recompiles"]) == (1, 0, 0)
+    (row,) = json.loads(next(tmp_path.glob("cpu-*.json")).read_text())
+    assert row["status"] == "ok", row.get("error")
+    assert (row["cached_steps"], row["graph_count"], row["graph_breaks"], row["recompiles"]) == (16, 1, 0, 0)
+
+
+@pytest.mark.parametrize("variants", ["stepcache,stepcache-dynamic-latents", "stepcache-dynamic-latents,stepcache-model",
+                                      "stepcache-symbolic,stepcache-dynamic-latents"])
+def test_compare_refuses_a_symbolic_variant_beside_another_stepcache_variant(variants, capsys):
+    """A program with symbolic sizes passes every shape's guards and is shared by the models of one class: in one
+    process the other stepcache variants' calls would run it (seen on the CPU: a static model compiled after a
+    ``dynamic="latents"`` one compiled nothing and ran the symbolic program). Refused before any model is built."""
+    from bench import compare
+
+    with pytest.raises(SystemExit) as exit_:
+        compare.main(["--workload", "tiny", "--device", "cpu", "--variants", variants])
+    assert exit_.value.code == 2
+    assert "in a process of its own" in capsys.readouterr().err
 
 
 def test_the_table_gives_medians_spreads_and_gpu_time_to_four_places():
