@@ -39,7 +39,7 @@ from bench import device_trace
 from bench.compare import device_name, step_config
 from bench.measure import generation
 from bench.timing import count_syncs, timed
-from bench.variants import VARIANTS, Context, remember_decisions
+from bench.variants import VARIANTS, Context, remember_decisions, shared_program_conflict
 from bench.workloads import WORKLOADS
 from cachepass.offload.plan import parse_bytes
 
@@ -121,6 +121,8 @@ def main(argv=None) -> int:
     parser.add_argument("--compile-backend", default="inductor",
                         help="backend of the non-stepcache torch.compile variants (the ideal's two models)")
     args = parser.parse_args(argv)
+    if conflict := shared_program_conflict(args.variants.split(",")):
+        parser.error(conflict)
     device, workload = torch.device(args.device), WORKLOADS[args.workload]
     model, inputs = workload.setup(device)
     ctx = Context(workload, model, step_config(workload, args.schedule, args.threshold), args.compile_backend)

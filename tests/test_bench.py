@@ -56,16 +56,19 @@ def test_compare_runs_the_default_with_symbolic_latents_on_one_program(tmp_path)
     assert (row["cached_steps"], row["graph_count"], row["graph_breaks"], row["recompiles"]) == (16, 1, 0, 0)
 
 
+@pytest.mark.parametrize("entry", ["compare", "profile_gap"])
 @pytest.mark.parametrize("variants", ["stepcache,stepcache-dynamic-latents", "stepcache-dynamic-latents,stepcache-model",
                                       "stepcache-symbolic,stepcache-dynamic-latents"])
-def test_compare_refuses_a_symbolic_variant_beside_another_stepcache_variant(variants, capsys):
+def test_compare_refuses_a_symbolic_variant_beside_another_stepcache_variant(entry, variants, capsys):
     """A program with symbolic sizes passes every shape's guards and is shared by the models of one class: in one
     process the other stepcache variants' calls would run it (seen on the CPU: a static model compiled after a
-    ``dynamic="latents"`` one compiled nothing and ran the symbolic program). Refused before any model is built."""
-    from bench import compare
+    ``dynamic="latents"`` one compiled nothing and ran the symbolic program). Refused before any model is built, by
+    both scripts that run several variants in one process."""
+    import importlib
 
+    script = importlib.import_module(f"bench.{entry}")
     with pytest.raises(SystemExit) as exit_:
-        compare.main(["--workload", "tiny", "--device", "cpu", "--variants", variants])
+        script.main(["--workload", "tiny", "--device", "cpu", "--variants", variants])
     assert exit_.value.code == 2
     assert "in a process of its own" in capsys.readouterr().err
 
