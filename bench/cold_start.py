@@ -342,9 +342,9 @@ def _row(variant: str, cold: dict, warms: list[dict], portable: dict) -> dict:
            "warm_start_each_s": [w["first_call_s"] for w in warms],
            "warm_new_shape_each_s": [w["new_shape_s"] for w in warms],
            "warm_third_shape_each_s": [w["third_shape_s"] for w in warms],
-           "warm_new_shape_phases_each": [_new_shape_phases(w) for w in warms],
+           "warm_new_shape_phases_each": [_phases_of(w, "new_shape_") for w in warms],
            "second_call_s": cold["second_call_s"], "new_shape_s": cold["new_shape_s"],
-           "new_shape_phases": _new_shape_phases(cold), "new_shape_backend_log": cold.get("new_shape_backend_log"),
+           "new_shape_phases": _phases_of(cold, "new_shape_"), "new_shape_backend_log": cold.get("new_shape_backend_log"),
            "third_shape_s": cold["third_shape_s"],
            "cold_backend_s": cold.get("backend_s"),
            "warm_backend_s": warm.get("backend_s"), "cold_backend_log": cold.get("backend_log"),
@@ -367,14 +367,15 @@ def _row(variant: str, cold: dict, warms: list[dict], portable: dict) -> dict:
     return row
 
 
-def _new_shape_phases(process: dict) -> dict:
-    """Where a process's new-shape call went: Dynamo's `PHASES` and our backend's seconds (None for regional compile)."""
-    return {k: process.get(f"new_shape_{k}") for k in (*PHASES, "backend_s")}
+def _phases_of(process: dict, prefix: str) -> dict:
+    """Where a process's call went (``prefix`` "" for the first call, "new_shape_" for the new shape's): `PHASES` and
+    our backend's seconds (None for regional compile)."""
+    return {k: process.get(f"{prefix}{k}") for k in (*PHASES, "backend_s")}
 
 
 def _phases_text(process: dict, prefix: str) -> str:
-    """A call's phases (``prefix`` "" for the first call, "new_shape_" for the new shape's) as one line."""
-    phase = {k: process.get(f"{prefix}{k}") for k in (*PHASES, "backend_s")}
+    """A call's `_phases_of` as one line."""
+    phase = _phases_of(process, prefix)
     text = (f"bytecode tracing {phase['bytecode_tracing_s']:.2f}   compiler {phase['user_compiler_s']:.2f}"
             + (f" (ours {phase['backend_s']:.2f})" if phase["backend_s"] is not None else "")
             + f"   guards {phase['build_guards_s']:.2f}   run {phase['first_run_s']:.2f}")
