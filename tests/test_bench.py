@@ -56,6 +56,31 @@ def test_compare_runs_the_default_with_symbolic_latents_on_one_program(tmp_path)
     assert (row["cached_steps"], row["graph_count"], row["graph_breaks"], row["recompiles"]) == (16, 1, 0, 0)
 
 
+def test_a_default_compile_after_a_dynamic_latents_one_of_its_class_runs_the_symbolic_program():
+    """What the refusal below guards against: Dynamo shares one class's compiled programs, and a program with symbolic
+    sizes passes every shape's guards, so a model compiled by default after a ``dynamic="latents"`` copy compiles
+    nothing at its first call. Each keeps its own cache state: their first calls (every block computed) agree."""
+    import copy
+
+    from torch._dynamo.utils import counters
+
+    import cachepass
+    from bench.workloads import WORKLOADS, _wan_call
+
+    cfg = cachepass.StepCacheConfig(num_head_blocks=2, threshold=0.1, warmup_steps=1, num_inference_steps=8)
+    symbolic_model, (latents, cond, _) = WORKLOADS["tiny"].setup(torch.device("cpu"))
+    default_model = copy.deepcopy(symbolic_model)
+    symbolic = cachepass.compile(symbolic_model, cfg, inner="aot_eager", dynamic="latents")
+    default = cachepass.compile(default_model, cfg, inner="aot_eager")
+    with torch.no_grad():
+        before = counters["stats"]["unique_graphs"]
+        first = _wan_call(symbolic, latents, torch.tensor(0.9), cond)
+        assert counters["stats"]["unique_graphs"] == before + 1
+        second = _wan_call(default, latents, torch.tensor(0.9), cond)
+        assert counters["stats"]["unique_graphs"] == before + 1  # no compile of its own
+    torch.testing.assert_close(second, first, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("entry", ["compare", "profile_gap"])
 @pytest.mark.parametrize("variants", ["stepcache,stepcache-dynamic-latents", "stepcache-dynamic-latents,stepcache-model",
                                       "stepcache-symbolic,stepcache-dynamic-latents"])
